@@ -1,0 +1,10 @@
+"""offload_engine: run Mixture-of-Experts models on GPUs too small to hold them, with exact output."""
+
+from .errors import (
+    CheckpointError,
+    GenerationInputError,
+    MemoryBudgetError,
+    OffloadEngineError,
+    TraceFormatError,
+    UnsupportedModelError,
+)

@@ -1,0 +1,28 @@
+"""The engine's own exceptions: each message is one line saying what is wrong and what to do.
+
+The CLI prints `error: <message>` for any of these and exits with code 2; anything else is a bug.
+"""
+
+
+class OffloadEngineError(Exception):
+    """Base of every error the engine raises on purpose (bad input, not bugs)."""
+
+
+class CheckpointError(OffloadEngineError):
+    """The checkpoint is missing, incomplete, corrupt or has no config.json."""
+
+
+class UnsupportedModelError(OffloadEngineError):
+    """The architecture or the tensor format (e.g. quantized experts) is not one the engine can serve."""
+
+
+class MemoryBudgetError(OffloadEngineError):
+    """The memory budget cannot be parsed or is too small for the model."""
+
+
+class GenerationInputError(OffloadEngineError):
+    """A prompt or a sampling setting is invalid (too long, negative temperature, no tokenizer...)."""
+
+
+class TraceFormatError(OffloadEngineError):
+    """A routing-trace file is malformed: wrong keys, shapes, dtypes or expert ids."""
