@@ -199,8 +199,10 @@ def hit_rate(trace: RoutingTrace, policy: str, capacity: int, m: int | None = No
         raise ValueError(f"cache capacity must be >= 0, got {capacity}")
     if layer is not None and not 0 <= layer < trace.num_layers:
         raise ValueError(f"layer must be in 0..{trace.num_layers - 1}, got {layer}")
-    hits, reqs = simulate(trace.expert_ids, trace.lengths(), trace.num_experts,
-                          -1 if layer is None else layer, capacity, m if policy == "sch" else 0,
+    group = trace.num_experts * (1 if layer is not None else trace.num_layers)
+    hits, reqs = simulate(trace.expert_ids, trace.lengths(), trace.num_experts, -1 if layer is None else layer,
+                          min(capacity, group),  # a cache of >= G experts never evicts: same as G
+                          m if policy == "sch" else 0,
                           POLICY_CODES[policy])
     used = reqs > 0
     rate = float(np.mean(hits[used] / reqs[used])) if used.any() else 0.0
