@@ -12,6 +12,7 @@ from offload_engine.consistency import (
     capacity_for_ratio,
     domain_specialisation,
     hit_rate,
+    hit_rates,
     load_balance,
     sch,
     srp,
@@ -62,10 +63,25 @@ def test_hit_counts_match_brute_force_on_random_traces():
             capacity = int(rng.integers(0, group + 3))  # includes C >= every distinct expert
             m = int(rng.integers(1, trace.num_tokens + 3))
             for policy in POLICIES:
-                fast = hit_rate(trace, policy, capacity, m=m, layer=layer)
                 hits, reqs = ref_hits(trace, policy, capacity, m if policy == "sch" else None, layer)
-                assert (list(fast.hits), list(fast.requests)) == (hits, reqs), (policy, capacity, m, layer)
+                for method in ("tree", "stack"):
+                    fast = hit_rate(trace, policy, capacity, m=m, layer=layer, method=method)
+                    assert (list(fast.hits), list(fast.requests)) == (hits, reqs), (policy, capacity, m, layer, method)
                 assert fast.hit_rate == pytest.approx(ref_hit_rate(trace, policy, capacity, m, layer), rel=1e-12)
+
+
+def test_one_stack_pass_equals_one_tree_pass_per_size():
+    rng = np.random.default_rng(4)
+    for _ in range(150):
+        trace = random_trace(rng)
+        layer = [None, int(rng.integers(0, trace.num_layers))][int(rng.integers(0, 2))]
+        group = trace.num_experts * (1 if layer is not None else trace.num_layers)
+        sizes = list(range(group + 2))
+        m = int(rng.integers(1, trace.num_tokens + 2))
+        for policy in POLICIES:
+            stack = hit_rates(trace, policy, sizes, m=m, layer=layer, method="stack")
+            tree = hit_rates(trace, policy, sizes, m=m, layer=layer, method="tree")
+            assert [h.hits for h in stack] == [h.hits for h in tree]
 
 
 def test_edge_cases_single_expert_k1_and_all_padding():
@@ -142,7 +158,7 @@ def test_srp_properties(trace, m):
 def test_hits_grow_with_cache_size_and_saturate(trace, m, policy):
     # every policy here is a priority policy with content-independent keys: caches nest as C grows
     group = trace.num_experts * trace.num_layers
-    hits = [sum(hit_rate(trace, policy, c, m=m).hits) for c in range(group + 2)]
+    hits = [sum(h.hits) for h in hit_rates(trace, policy, list(range(group + 2)), m=m, method="tree")]
     assert hits == sorted(hits)
     full = hit_rate(trace, policy, group, m=m)
     assert full.hits == full.requests  # C >= distinct experts: everything is warm and never evicted

@@ -4,7 +4,7 @@ Every function takes a loaded `offload_engine.trace_file.RoutingTrace` and retur
 """
 
 from .cache_policies import belady, lfu, lru
-from .cache_sim import HitRate, capacity_for_ratio, hit_rate
+from .cache_sim import HitRate, capacity_for_ratio, hit_rate, hit_rates
 from .report import ConsistencyReport, consistency_report, format_report, plot_report, report_to_json
 from .segment_cache import sch
 from .specialisation import (
@@ -21,6 +21,6 @@ from .srp import SrpResult, srp, srp_from_histogram, srp_histograms
 __all__ = [
     "ConsistencyReport", "DomainSpecialisation", "HitRate", "LoadBalance", "SrpResult",
     "VocabularySpecialisation", "belady", "capacity_for_ratio", "consistency_report", "domain_specialisation",
-    "expert_act_r", "format_report", "hit_rate", "lfu", "load_balance", "lru", "plot_report", "report_to_json",
+    "expert_act_r", "format_report", "hit_rate", "hit_rates", "lfu", "load_balance", "lru", "plot_report", "report_to_json",
     "sch", "srp", "srp_from_histogram", "srp_histograms", "vocabulary_specialisation",
 ]

@@ -7,7 +7,7 @@ from fractions import Fraction
 from typing import Sequence
 
 from ..trace_file import RoutingTrace
-from .cache_sim import HitRate, capacity_for_ratio, hit_rate
+from .cache_sim import HitRate, capacity_for_ratio, hit_rates
 from .specialisation import (
     DomainSpecialisation,
     LoadBalance,
@@ -49,10 +49,10 @@ def _group(trace: RoutingTrace, hist, ms, ratios, layer: int | None) -> GroupFig
     caps = [capacity_for_ratio(trace, r, layer) for r in ratios]
     return GroupFigures(
         srp=tuple(srp_from_histogram(hist[i, : m + 1], m) for i, m in enumerate(ms)),
-        sch=tuple(tuple(hit_rate(trace, "sch", c, m=m, layer=layer) for c in caps) for m in ms),
-        lru=tuple(hit_rate(trace, "lru", c, layer=layer) for c in caps),
-        lfu=tuple(hit_rate(trace, "lfu", c, layer=layer) for c in caps),
-        belady=tuple(hit_rate(trace, "belady", c, layer=layer) for c in caps),
+        sch=tuple(hit_rates(trace, "sch", caps, m=m, layer=layer) for m in ms),
+        lru=hit_rates(trace, "lru", caps, layer=layer),
+        lfu=hit_rates(trace, "lfu", caps, layer=layer),
+        belady=hit_rates(trace, "belady", caps, layer=layer),
     )
 
 
