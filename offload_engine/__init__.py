@@ -2,6 +2,7 @@
 
 from .errors import (
     CheckpointError,
+    ConfigError,
     GenerationInputError,
     MemoryBudgetError,
     OffloadEngineError,

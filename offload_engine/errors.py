@@ -16,6 +16,10 @@ class UnsupportedModelError(OffloadEngineError):
     """The architecture or the tensor format (e.g. quantized experts) is not one the engine can serve."""
 
 
+class ConfigError(OffloadEngineError):
+    """A run setting (device, dtype, slot count, host memory mode, policy...) is invalid."""
+
+
 class MemoryBudgetError(OffloadEngineError):
     """The memory budget cannot be parsed or is too small for the model."""
 

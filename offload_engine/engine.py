@@ -1,0 +1,307 @@
+"""OffloadEngine: the Python API. Load a checkpoint under a memory budget, then generate or stream.
+
+>>> engine = OffloadEngine.from_pretrained("path/to/moe", memory_budget="6GiB")   # doctest: +SKIP
+>>> result = engine.generate("The capital of France is", max_new_tokens=16)      # doctest: +SKIP
+>>> result.text, result.stats.hit_rate                                            # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import GenerationInputError
+from .generation import SamplingConfig, decode_stream
+from .loading import Inspected, inspect_checkpoint, load, make_plan
+from .memory_plan import MemoryPlan, kv_bytes_per_token
+from .offloaded_experts import RoutingRecorder
+from .run_config import RunConfig
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+@dataclass(frozen=True)
+class GenerationStats:
+    prompt_tokens: int
+    generated_tokens: int
+    hits: int
+    misses: int
+    bytes_to_device: int
+    ttft_s: float  # prefill and first token
+    decode_tokens_per_s: float  # tokens after the first, per second of decoding (prefill excluded)
+    peak_device_bytes: int  # CUDA: max_memory_allocated; CPU: the engine's accounted tensors (see README)
+
+    @property
+    def hit_rate(self) -> float:
+        lookups = self.hits + self.misses
+        return self.hits / lookups if lookups else 0.0
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "hit_rate": self.hit_rate}
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One step of a stream: each sequence's new token and the text it completed (batch order)."""
+
+    index: int
+    token_ids: tuple[int, ...]
+    texts: tuple[str, ...]
+    finished: tuple[bool, ...]
+    stats: GenerationStats | None = None  # set on the last event only
+
+    @property
+    def token_id(self) -> int:
+        return self.token_ids[0]
+
+    @property
+    def text(self) -> str:
+        return self.texts[0]
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    text: str
+    token_ids: list[int]  # generated tokens only (an EOS that ended the sequence included)
+    stats: GenerationStats
+    routing: RoutingRecorder | None = None  # raw routing calls when record_trace=True
+
+
+class _TextDelta:
+    """Incremental detokenisation: emit only text that no later token can change."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.emitted = tokenizer, [], ""
+
+    def push(self, token_id: int) -> str:
+        if self.tokenizer is None:
+            return ""
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # a multi-byte character is not complete yet
+            return ""
+        delta, self.emitted = text[len(self.emitted):], text
+        return delta
+
+
+class OffloadEngine:
+    def __init__(self, inspected: Inspected, run: RunConfig, plan: MemoryPlan, tokenizer=None):
+        self.run, self.plan, self.spec = run, plan, inspected.spec
+        self.directory: Path = inspected.directory
+        self.config = inspected.config
+        self.model, self.store, self.cache = load(inspected, run, plan)
+        self.tokenizer = tokenizer
+        self.bindings = [self.model.get_submodule(p)._offload for p in self.spec.experts_paths]
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | Path,
+        memory_budget: str | int | None = None,
+        expert_slots: int | None = None,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        host_memory: str | None = None,
+        max_context: int | None = None,
+        max_batch: int = 1,
+        policy: str = "lru",
+        progress: bool = True,
+    ) -> "OffloadEngine":
+        run = RunConfig.build(device, dtype, memory_budget, expert_slots, host_memory, max_context, max_batch,
+                              policy, progress)
+        return cls.from_run_config(name_or_path, run)
+
+    @classmethod
+    def from_run_config(cls, name_or_path: str | Path, run: RunConfig) -> "OffloadEngine":
+        inspected = inspect_checkpoint(name_or_path, run)
+        plan = make_plan(inspected, run)
+        return cls(inspected, run, plan, load_tokenizer(inspected.directory))
+
+    # -- prompts ------------------------------------------------------------------------------------------
+    def _encode(self, prompt: str | Sequence[int], chat: bool) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise GenerationInputError(
+                    f"{self.directory} has no tokenizer, so text prompts cannot be encoded; pass token ids "
+                    "or add the tokenizer files to the model directory"
+                )
+            if chat:
+                if not getattr(self.tokenizer, "chat_template", None):
+                    raise GenerationInputError("this tokenizer has no chat template; drop --chat / chat=True")
+                ids = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                         add_generation_prompt=True, tokenize=True)
+                ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+            else:
+                ids = self.tokenizer(prompt)["input_ids"]
+        else:
+            ids = [int(t) for t in prompt]
+        if not ids:
+            raise GenerationInputError("the prompt is empty; give at least one token")
+        bad = [t for t in ids if not 0 <= t < self.spec.vocab_size]
+        if bad:
+            raise GenerationInputError(f"token id {bad[0]} is outside the vocabulary (0..{self.spec.vocab_size - 1})")
+        return list(ids)
+
+    def _batch(self, prompts, chat: bool, max_new_tokens: int):
+        encoded = [self._encode(p, chat) for p in prompts]
+        longest = max(len(ids) for ids in encoded)
+        needed = longest + max_new_tokens
+        if self.spec.max_position_embeddings and needed > self.spec.max_position_embeddings:
+            raise GenerationInputError(
+                f"prompt of {longest} tokens plus {max_new_tokens} new tokens exceeds the model's context of "
+                f"{self.spec.max_position_embeddings} tokens; shorten the prompt or lower max_new_tokens"
+            )
+        if needed > self.plan.max_context:
+            raise GenerationInputError(
+                f"prompt of {longest} tokens plus {max_new_tokens} new tokens exceeds the {self.plan.max_context} "
+                "tokens the memory plan reserved KV cache for; load with a larger max_context (--max-context)"
+            )
+        if len(encoded) > self.run.max_batch:
+            raise GenerationInputError(
+                f"{len(encoded)} prompts exceed the batch of {self.run.max_batch} the memory plan reserved; "
+                "load with max_batch (--max-batch) at least that large"
+            )
+        pad = self.pad_id()
+        input_ids = torch.full((len(encoded), longest), pad, dtype=torch.long)
+        mask = torch.zeros((len(encoded), longest), dtype=torch.long)
+        for row, ids in enumerate(encoded):  # left padding: every sequence ends at the last column
+            input_ids[row, longest - len(ids):] = torch.tensor(ids)
+            mask[row, longest - len(ids):] = 1
+        return encoded, input_ids.to(self.run.device), mask.to(self.run.device)
+
+    def eos_ids(self) -> set[int]:
+        ids = getattr(self.model.generation_config, "eos_token_id", None)
+        if ids is None:
+            ids = getattr(self.config, "eos_token_id", None)
+        if ids is None and self.tokenizer is not None:
+            ids = self.tokenizer.eos_token_id
+        return set(ids if isinstance(ids, (list, tuple)) else [] if ids is None else [ids])
+
+    def pad_id(self) -> int:
+        for value in (getattr(self.config, "pad_token_id", None),
+                      getattr(self.tokenizer, "pad_token_id", None) if self.tokenizer is not None else None,
+                      *sorted(self.eos_ids())):
+            if value is not None:
+                return int(value)
+        return 0
+
+    # -- generation ---------------------------------------------------------------------------------------
+    def stream(
+        self,
+        prompt,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        chat: bool = False,
+        recorder: RoutingRecorder | None = None,
+    ) -> Iterator[TokenEvent]:
+        """Yield each step's tokens as they are produced; the last event carries the stats.
+
+        `prompt`: a string, a list of token ids, or a list of either (a padded batch).
+        """
+        cfg = SamplingConfig(max_new_tokens, temperature, top_p, top_k, seed)
+        prompts = list(prompt) if _is_batch(prompt) else [prompt]
+        encoded, input_ids, mask = self._batch(prompts, chat, max_new_tokens)
+        deltas = [_TextDelta(self.tokenizer) for _ in prompts]
+        for binding in self.bindings:
+            binding.recorder = recorder
+        cuda = self.run.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.run.device)
+        before = self.cache.stats()
+        try:
+            steps = decode_stream(self.model, input_ids, mask, cfg, self.eos_ids(), self.pad_id())
+            first = last = None
+            done = [False] * len(prompts)
+            count = 0
+            for step in steps:
+                first = step.time_s if first is None else first
+                last = step.time_s
+                tokens = step.tokens.tolist()
+                texts = tuple("" if was_done else d.push(t) for d, t, was_done in zip(deltas, tokens, done))
+                count += sum(not was_done for was_done in done)
+                finished = tuple(step.finished.tolist())
+                is_last = all(finished) or step.index + 1 == cfg.max_new_tokens
+                stats = None
+                if is_last:
+                    stats = self._stats(before, encoded, count, first, last, step.index + 1, cuda)
+                yield TokenEvent(step.index, tuple(tokens), texts, finished, stats)
+                done = list(finished)
+        finally:
+            for binding in self.bindings:
+                binding.recorder = None
+
+    def generate(
+        self,
+        prompt,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        chat: bool = False,
+        record_trace: bool = False,
+    ) -> GenerationResult | list[GenerationResult]:
+        """Generate for one prompt (a string or token ids), or for a list of prompts as one padded batch."""
+        recorder = RoutingRecorder() if record_trace else None
+        batch = _is_batch(prompt)
+        rows: list[list[int]] = []
+        stats = None
+        for event in self.stream(prompt, max_new_tokens, temperature, top_p, top_k, seed, chat, recorder):
+            rows = rows or [[] for _ in event.token_ids]
+            for row, token, done_before in zip(rows, event.token_ids, _finished_before(rows, self.eos_ids())):
+                if not done_before:
+                    row.append(token)
+            stats = event.stats
+        results = [GenerationResult(self._decode(ids), ids, stats, recorder) for ids in rows]
+        return results if batch else results[0]
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None else ""
+
+    def _stats(self, before, encoded, generated, first, last, steps, cuda) -> GenerationStats:
+        delta = self.cache.stats().minus(before)
+        decode_s = (last - first) if last is not None and first is not None else 0.0
+        if cuda:
+            peak = torch.cuda.max_memory_allocated(self.run.device)
+        else:
+            tokens = max(len(e) for e in encoded) + steps
+            kv = kv_bytes_per_token(self.config, self.store.dtype) * tokens * len(encoded)
+            peak = self.plan.non_expert_bytes + self.cache.nbytes + kv
+        return GenerationStats(
+            prompt_tokens=sum(len(e) for e in encoded),
+            generated_tokens=generated,
+            hits=delta.hits,
+            misses=delta.misses,
+            bytes_to_device=delta.bytes_to_device,
+            ttft_s=first or 0.0,
+            decode_tokens_per_s=(steps - 1) * len(encoded) / decode_s if decode_s > 0 else 0.0,
+            peak_device_bytes=int(peak),
+        )
+
+
+def _is_batch(prompt) -> bool:
+    return isinstance(prompt, (list, tuple)) and len(prompt) > 0 and not isinstance(prompt[0], int)
+
+
+def _finished_before(rows: list[list[int]], eos: set[int]) -> list[bool]:
+    return [bool(row) and row[-1] in eos for row in rows]
+
+
+def load_tokenizer(directory: Path):
+    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(directory)
+    except (OSError, ValueError, TypeError) as e:
+        from .errors import CheckpointError
+
+        raise CheckpointError(f"the tokenizer files in {directory} cannot be loaded ({str(e).splitlines()[0]})") from None

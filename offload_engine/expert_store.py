@@ -1,0 +1,80 @@
+"""The host-side home of every expert: where cold experts are copied from.
+
+Three ways to hold them:
+- "mmap": read straight from the safetensors files through a memory map (RAM smaller than the model);
+- "ram": each layer's experts in ordinary host memory, in the compute dtype;
+- "pinned": the same in page-locked memory, so host-to-GPU copies can run asynchronously (the CUDA default).
+Experts are read one at a time, each from its own tensors; a layer's experts share one host buffer per
+runtime parameter, never the whole model in one stack.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoint import CheckpointTensors
+from .checkpoint_layout import CheckpointLayout
+from .model_spec import ModelSpec
+
+HOST_MODES = ("mmap", "ram", "pinned")
+
+
+class ExpertStore:
+    def __init__(
+        self,
+        tensors: CheckpointTensors,
+        layout: CheckpointLayout,
+        spec: ModelSpec,
+        dtype: torch.dtype,
+        mode: str = "mmap",
+        progress: bool = True,
+    ):
+        if mode not in HOST_MODES:
+            raise ValueError(f"host memory mode must be one of {HOST_MODES}, not {mode!r}")
+        self.tensors, self.layout, self.spec, self.dtype = tensors, layout, spec, dtype
+        self.mode = mode
+        self.host: list[dict[str, torch.Tensor]] = []  # per MoE layer: runtime param name -> [E, *shape]
+        if mode != "mmap":
+            self._load_host(progress)
+
+    def expert_nbytes(self) -> int:
+        """Bytes of one expert in the compute dtype (what a slot holds and a miss moves)."""
+        return self.spec.expert_numel() * self.dtype.itemsize
+
+    def _read(self, layer_pos: int, expert: int, name: str, out: torch.Tensor) -> None:
+        for piece in self.layout.expert_pieces(layer_pos, expert)[name]:
+            src = self.tensors.view(piece.key)
+            out[piece.start:piece.stop].copy_(src if piece.index is None else src[piece.index])
+
+    def _load_host(self, progress: bool) -> None:
+        pin = self.mode == "pinned"
+        for layer_pos in tqdm(range(self.spec.num_moe_layers), desc="experts to host memory", disable=not progress,
+                              unit="layer"):
+            buffers = {}
+            for p in self.spec.expert_params:
+                buf = torch.empty((self.spec.num_experts, *p.shape), dtype=self.dtype)
+                if pin:
+                    try:
+                        buf = buf.pin_memory()
+                    except RuntimeError as e:
+                        warnings.warn(f"pinning host memory failed ({e}); using pageable memory, copies will be "
+                                      "synchronous", stacklevel=2)
+                        pin = False
+                for e in range(self.spec.num_experts):
+                    self._read(layer_pos, e, p.name, buf[e])
+                buffers[p.name] = buf
+            self.host.append(buffers)
+
+    def copy_into(self, layer_pos: int, expert: int, dst: dict[str, torch.Tensor], non_blocking: bool = False) -> int:
+        """Write one expert's tensors into `dst` (name -> tensor of the per-expert shape); returns bytes written."""
+        written = 0
+        for name, out in dst.items():
+            if self.mode == "mmap":
+                self._read(layer_pos, expert, name, out)
+            else:
+                out.copy_(self.host[layer_pos][name][expert], non_blocking=non_blocking)
+            written += out.numel() * out.element_size()
+        return written

@@ -1,0 +1,110 @@
+"""Generation as a stream: prefill, then one decode step per token, each yielding the sampled tokens.
+
+The model is transformers' own (with offloaded experts), called exactly as `generate` calls it: the whole
+prompt once, then one token at a time against its KV cache. Greedy decoding therefore reproduces
+`model.generate` token for token. Sampling uses its own seeded torch.Generator: no global RNG state.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from .errors import GenerationInputError
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k filter
+    seed: int | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise GenerationInputError(f"max_new_tokens must be a positive integer, not {self.max_new_tokens!r}")
+        if not self.temperature >= 0:  # also catches NaN
+            raise GenerationInputError(f"temperature must be >= 0 (0 means greedy), not {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise GenerationInputError(f"top_p must be in (0, 1], not {self.top_p}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise GenerationInputError(f"top_k must be a non-negative integer (0 disables it), not {self.top_k!r}")
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Mask (to -inf) what top-k and nucleus filtering remove; logits [B, V] already divided by temperature."""
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # drop a token once the tokens ranked above it already hold top_p of the mass (the first always stays)
+        drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
+    """Next token per row of logits [B, V] -> [B]."""
+    if cfg.temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = filter_logits(logits.float() / cfg.temperature, cfg.top_k, cfg.top_p).softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One decode step: the token of each sequence, and which sequences had already finished before it."""
+
+    index: int
+    tokens: torch.Tensor  # [B], on the CPU
+    finished: torch.Tensor  # [B] bool, after this token
+    time_s: float  # since the start of prefill, taken after the token reached the CPU
+
+
+def decode_stream(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    cfg: SamplingConfig,
+    eos_ids: set[int],
+    pad_id: int,
+) -> Iterator[Step]:
+    """input_ids [B, P] left-padded on the model's device. Stops when every sequence has emitted an EOS."""
+    device = input_ids.device
+    generator = None
+    if cfg.temperature > 0:
+        generator = torch.Generator(device=device)
+        if cfg.seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(cfg.seed)
+    eos = torch.tensor(sorted(eos_ids), device=device, dtype=torch.long) if eos_ids else None
+    finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=device)
+    # positions count real tokens only, so left padding does not shift them (as generate does)
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                    use_cache=True, logits_to_keep=1)
+        past, next_pos = out.past_key_values, position_ids[:, -1:] + 1
+        for index in range(cfg.max_new_tokens):
+            tokens = sample(out.logits[:, -1, :], cfg, generator)
+            tokens = torch.where(finished, torch.full_like(tokens, pad_id), tokens)
+            if eos is not None:
+                finished = finished | torch.isin(tokens, eos)
+            tokens_cpu, finished_cpu = tokens.cpu(), finished.cpu()
+            yield Step(index, tokens_cpu, finished_cpu, time.perf_counter() - start)
+            if bool(finished_cpu.all()) or index + 1 == cfg.max_new_tokens:
+                return
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], dim=-1)
+            out = model(input_ids=tokens[:, None], attention_mask=attention_mask, position_ids=next_pos,
+                        past_key_values=past, use_cache=True)
+            past, next_pos = out.past_key_values, next_pos + 1
+

@@ -1,0 +1,189 @@
+"""From a checkpoint directory to a runnable offloaded model, in three steps.
+
+1. inspect: read config.json and the safetensors headers, build the transformers model on the meta device,
+   describe its MoE layers (nothing is loaded);
+2. plan: decide how the memory budget is spent (memory_plan.py);
+3. load: copy the non-expert weights to the compute device, open the expert store, allocate the slot pool
+   and bind every experts module to it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .checkpoint import CheckpointTensors, read_config, resolve_checkpoint
+from .checkpoint_layout import CheckpointLayout
+from .errors import CheckpointError, UnsupportedModelError
+from .expert_cache import ExpertCache
+from .expert_store import ExpertStore
+from .memory_plan import MemoryPlan, kv_bytes_per_token, plan_memory, working_bytes
+from .model_spec import ModelSpec, describe, dtype_from_config, refuse_quantized
+from .offloaded_experts import IMPLEMENTATION_NAME, ExpertsBinding, register_experts_implementation
+from .policies import make_policy
+from .run_config import DEFAULT_MAX_CONTEXT, RunConfig
+
+CPU_BUDGET_SHARE = 0.5  # of available RAM: the rest stays for the page cache the memory-mapped experts live in
+CUDA_BUDGET_SHARE = 0.9  # of free GPU memory
+CUDA_RESERVE = 512 * 1024**2  # CUDA context, cuBLAS workspaces, fragmentation
+
+
+@dataclass
+class Inspected:
+    directory: Path
+    config: object  # transformers PretrainedConfig
+    model: nn.Module  # on the meta device, experts routed to the engine
+    spec: ModelSpec
+    tensors: CheckpointTensors
+    layout: CheckpointLayout
+    dtype: torch.dtype  # compute dtype
+
+
+def compute_dtype(config, run: RunConfig) -> torch.dtype:
+    if run.dtype is not None:
+        return run.dtype
+    return dtype_from_config(config) if run.device.type == "cuda" else torch.float32
+
+
+def inspect_checkpoint(name_or_path, run: RunConfig) -> Inspected:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    directory = resolve_checkpoint(name_or_path)
+    raw = read_config(directory)
+    refuse_quantized(raw)
+    model_type = raw.get("model_type")
+    try:
+        config = AutoConfig.from_pretrained(directory)
+    except (ValueError, KeyError) as e:
+        reason = str(e).splitlines()[0][:200]
+        raise UnsupportedModelError(
+            f"model type {model_type!r} is not an architecture this transformers install knows ({reason}); "
+            "upgrade transformers or use a supported MoE model"
+        ) from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read {directory / 'config.json'}: {str(e).splitlines()[0]}") from None
+    dtype = compute_dtype(config, run)
+    tensors = CheckpointTensors(directory)
+    register_experts_implementation()
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, experts_implementation=IMPLEMENTATION_NAME)
+    except ValueError as e:
+        reason = str(e).splitlines()[0][:200]
+        raise UnsupportedModelError(
+            f"model type {model_type!r} cannot be built as a causal LM with offloaded experts ({reason})"
+        ) from None
+    spec = describe(model, config)
+    layout = CheckpointLayout(tensors, model, spec)
+    return Inspected(directory, config, model, spec, tensors, layout, dtype)
+
+
+def expert_param_names(inspected: Inspected) -> set[str]:
+    return {f"{path}.{p.name}" for path in inspected.spec.experts_paths for p in inspected.spec.expert_params}
+
+
+def non_expert_tensors(inspected: Inspected) -> dict[str, torch.Tensor]:
+    """Runtime name -> meta tensor of every weight the engine loads itself (tied duplicates once)."""
+    experts = expert_param_names(inspected)
+    state = inspected.model.state_dict()  # ties share one tensor; state_dict lists both names
+    seen, out = set(), {}
+    for name, t in state.items():
+        if name in experts or id(t) in seen:
+            continue
+        seen.add(id(t))
+        out[name] = t
+    return out
+
+
+def make_plan(inspected: Inspected, run: RunConfig) -> MemoryPlan:
+    spec, dtype = inspected.spec, inspected.dtype
+    non_expert = sum(t.numel() * t.element_size() for t in non_expert_tensors(inspected).values())
+    limit = spec.max_position_embeddings or DEFAULT_MAX_CONTEXT
+    max_context = run.max_context or min(limit, DEFAULT_MAX_CONTEXT)
+    kv = kv_bytes_per_token(inspected.config, dtype) * max_context * run.max_batch
+    work = working_bytes(inspected.config, spec, dtype, max_context, run.max_batch)
+    expert_bytes = spec.expert_numel() * dtype.itemsize
+    budget = run.memory_budget
+    if budget is None and run.expert_slots is None:
+        budget = automatic_budget(run.device)
+    return plan_memory(spec, non_expert, kv, work, expert_bytes, budget, run.expert_slots, max_context, run.max_batch)
+
+
+def automatic_budget(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return max(0, int(free * CUDA_BUDGET_SHARE) - CUDA_RESERVE)
+    return int(psutil.virtual_memory().available * CPU_BUDGET_SHARE)
+
+
+def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if leaf in module._parameters:
+        value = nn.Parameter(value, requires_grad=False)
+        module._parameters[leaf] = value
+    else:
+        module._buffers[leaf] = value
+    value._is_hf_initialized = True  # transformers' initialize_weights must not overwrite it
+
+
+def load_non_experts(inspected: Inspected, device: torch.device, progress: bool) -> set[str]:
+    """Copy every non-expert weight to the device; returns the on-disk keys used."""
+    model, layout = inspected.model, inspected.layout
+    tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
+    used = set()
+    wanted = non_expert_tensors(inspected)
+    for name, meta in tqdm(wanted.items(), desc="non-expert weights", disable=not progress, unit="tensor"):
+        key = layout.find(name)
+        if key is None:
+            if name in tied:
+                continue
+            raise CheckpointError(
+                f"tensor {name} is missing from the checkpoint in {inspected.directory}; "
+                "the files are incomplete or belong to another model"
+            )
+        info = inspected.tensors.infos[key]
+        if info.shape != tuple(meta.shape):
+            raise CheckpointError(
+                f"tensor {key} in {info.file.name} has shape {list(info.shape)}, the model expects "
+                f"{list(meta.shape)}; config.json does not match the weights"
+            )
+        # meta.dtype is transformers' choice: the compute dtype, or fp32 where a model keeps routers in fp32
+        value = inspected.tensors.view(key).to(device=device, dtype=meta.dtype, copy=True)
+        _set_tensor(model, name, value)
+        used.add(key)
+    # Non-persistent buffers (rotary frequencies) were never saved: materialise and let transformers fill them.
+    for name, buffer in list(model.named_buffers()):
+        if buffer.is_meta:
+            module_name, _, leaf = name.rpartition(".")
+            model.get_submodule(module_name)._buffers[leaf] = torch.empty_like(buffer, device=device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.initialize_weights()
+    if tied:
+        model.tie_weights()
+    return used
+
+
+def load(inspected: Inspected, run: RunConfig, plan: MemoryPlan):
+    """Returns (model, store, cache): the model on run.device with every experts module bound to the cache."""
+    used = load_non_experts(inspected, run.device, run.progress)
+    used |= inspected.layout.expert_keys()
+    inspected.layout.warn_unused(used, getattr(inspected.model, "_keys_to_ignore_on_load_unexpected", None))
+    store = ExpertStore(inspected.tensors, inspected.layout, inspected.spec, inspected.dtype, run.host_memory,
+                        run.progress)
+    cache = ExpertCache(store, plan.expert_slots, run.device, make_policy(run.policy))
+    for layer_pos, path in enumerate(inspected.spec.experts_paths):
+        inspected.model.get_submodule(path)._offload = ExpertsBinding(layer_pos, cache)
+    if plan.expert_slots >= plan.total_experts:  # everything fits: load it all now, decode never misses
+        keys = [(i, e) for i in range(inspected.spec.num_moe_layers) for e in range(inspected.spec.num_experts)]
+        cache.preload(keys, run.progress)
+    model = inspected.model.eval()
+    return model, store, cache

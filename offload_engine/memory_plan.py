@@ -1,0 +1,162 @@
+"""How a memory budget is spent: non-expert weights, KV cache, working memory, then expert slots.
+
+    budget >= non_expert + kv_cache(max_context, batch) + working + slots * expert_bytes,  slots >= top_k
+
+The smallest cache that works holds one token's active experts of one layer (top_k slots): layers run one
+after another and a batch that needs more experts than there are slots is served a group at a time.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from .errors import MemoryBudgetError
+from .model_spec import ModelSpec
+
+UNITS = {
+    "": 1, "b": 1,
+    "k": 1024, "kib": 1024, "kb": 1000,
+    "m": 1024**2, "mib": 1024**2, "mb": 1000**2,
+    "g": 1024**3, "gib": 1024**3, "gb": 1000**3,
+    "t": 1024**4, "tib": 1024**4, "tb": 1000**4,
+}
+WORKING_SLACK = 32 * 1024**2  # allocator rounding, small temporaries
+
+
+def parse_bytes(text: str | int) -> int:
+    """'6GiB' -> 6442450944. K/M/G and KiB/MiB/GiB are binary; KB/MB/GB are decimal.
+
+    >>> parse_bytes("1.5GiB"), parse_bytes("512MB"), parse_bytes(4096)
+    (1610612736, 512000000, 4096)
+    """
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = text
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+        unit = match.group(2).lower() if match else None
+        if match is None or unit not in UNITS:
+            raise MemoryBudgetError(
+                f"cannot read memory size {text!r}; write a number with a unit, e.g. 6GiB, 512MiB or 2GB"
+            )
+        value = int(float(match.group(1)) * UNITS[unit])
+    if value <= 0:
+        raise MemoryBudgetError(f"memory size {text!r} must be positive")
+    return value
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
+    """KV-cache bytes one token costs across all layers (an upper bound for sliding-window/hybrid models)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = text.num_attention_heads
+    if getattr(text, "kv_lora_rank", None):  # MLA: transformers caches decompressed keys and values per head
+        per_layer = heads * (text.qk_nope_head_dim + text.qk_rope_head_dim + text.v_head_dim)
+    else:
+        kv_heads = getattr(text, "num_key_value_heads", None) or heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+        per_layer = 2 * kv_heads * head_dim
+    return text.num_hidden_layers * per_layer * dtype.itemsize
+
+
+def working_bytes(config, spec: ModelSpec, dtype: torch.dtype, max_context: int, batch: int) -> int:
+    """Activations of a full-context prefill: hidden states, one layer's expert/MLP intermediates, logits."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    intermediate = max((p.shape[0] for p in spec.expert_params), default=0)
+    dense = getattr(text, "intermediate_size", 0) or 0
+    per_token = 12 * text.hidden_size + 3 * spec.top_k * intermediate + 3 * dense
+    logits = 2 * batch * spec.vocab_size * 4  # fp32 logits of the last position, and the sampling copy
+    return batch * max_context * per_token * dtype.itemsize + logits + WORKING_SLACK
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    budget_bytes: int | None
+    non_expert_bytes: int
+    kv_cache_bytes: int
+    working_bytes: int
+    expert_bytes: int
+    expert_slots: int
+    total_experts: int
+    min_slots: int
+    max_context: int
+    batch: int
+
+    @property
+    def fixed_bytes(self) -> int:
+        return self.non_expert_bytes + self.kv_cache_bytes + self.working_bytes
+
+    @property
+    def slot_bytes(self) -> int:
+        return self.expert_slots * self.expert_bytes
+
+    @property
+    def total_bytes(self) -> int:
+        return self.fixed_bytes + self.slot_bytes
+
+    @property
+    def minimum_bytes(self) -> int:
+        return self.fixed_bytes + self.min_slots * self.expert_bytes
+
+    @property
+    def resident_share(self) -> float:
+        return self.expert_slots / self.total_experts
+
+    def describe(self) -> str:
+        budget = format_bytes(self.budget_bytes) if self.budget_bytes else "none (slots set directly)"
+        rows = [
+            ("memory budget", budget),
+            ("non-expert weights", format_bytes(self.non_expert_bytes)),
+            (f"KV cache ({self.batch} x {self.max_context} tokens)", format_bytes(self.kv_cache_bytes)),
+            ("working memory (estimate)", format_bytes(self.working_bytes)),
+            (f"expert slots ({self.expert_slots} x {format_bytes(self.expert_bytes)})", format_bytes(self.slot_bytes)),
+            ("total", format_bytes(self.total_bytes)),
+            ("experts resident", f"{self.expert_slots} of {self.total_experts} ({100 * self.resident_share:.1f}%)"),
+            ("minimum budget", f"{format_bytes(self.minimum_bytes)} ({self.min_slots} slots)"),
+        ]
+        width = max(len(r[0]) for r in rows)
+        return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def plan_memory(
+    spec: ModelSpec,
+    non_expert_bytes: int,
+    kv_cache_bytes: int,
+    work_bytes: int,
+    expert_bytes: int,
+    budget_bytes: int | None,
+    expert_slots: int | None,
+    max_context: int,
+    batch: int,
+) -> MemoryPlan:
+    """Choose the slot count: as given, or as many as the budget holds (never more than there are experts)."""
+    total = spec.total_experts
+    plan = MemoryPlan(budget_bytes, non_expert_bytes, kv_cache_bytes, work_bytes, expert_bytes, 0, total,
+                      spec.top_k, max_context, batch)
+    if expert_slots is not None:
+        if expert_slots < spec.top_k:
+            raise MemoryBudgetError(
+                f"{expert_slots} expert slots cannot hold one token's {spec.top_k} active experts; "
+                f"use --expert-slots {spec.top_k} or more"
+            )
+        slots = min(expert_slots, total)
+    else:
+        slots = min(total, max(0, (budget_bytes - plan.fixed_bytes)) // expert_bytes)
+    if budget_bytes is not None and (slots < spec.top_k or plan.fixed_bytes + slots * expert_bytes > budget_bytes):
+        raise MemoryBudgetError(
+            f"memory budget {format_bytes(budget_bytes)} is too small: this model needs at least "
+            f"{format_bytes(plan.minimum_bytes)} (non-expert weights {format_bytes(non_expert_bytes)}, "
+            f"KV cache {format_bytes(kv_cache_bytes)}, working {format_bytes(work_bytes)}, "
+            f"{spec.top_k} expert slots); raise --memory-budget or lower --max-context"
+        )
+    return MemoryPlan(budget_bytes, non_expert_bytes, kv_cache_bytes, work_bytes, expert_bytes, slots, total,
+                      spec.top_k, max_context, batch)

@@ -1,0 +1,79 @@
+"""How we run a checkpoint: device, dtype, memory budget, cache; built once at the edge and passed down."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import ConfigError
+from .expert_store import HOST_MODES
+from .memory_plan import parse_bytes
+from .policies import POLICIES
+
+DEFAULT_MAX_CONTEXT = 4096
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    device: torch.device
+    dtype: torch.dtype | None = None  # None: the checkpoint's dtype on CUDA, float32 on CPU
+    memory_budget: int | None = None  # bytes; None (and no expert_slots): automatic
+    expert_slots: int | None = None
+    host_memory: str = "mmap"
+    max_context: int | None = None  # tokens the KV cache is planned for; None: min(model limit, 4096)
+    max_batch: int = 1
+    policy: str = "lru"
+    progress: bool = True
+
+    @classmethod
+    def build(
+        cls,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        memory_budget: str | int | None = None,
+        expert_slots: int | None = None,
+        host_memory: str | None = None,
+        max_context: int | None = None,
+        max_batch: int = 1,
+        policy: str = "lru",
+        progress: bool = True,
+    ) -> "RunConfig":
+        """Validate user-facing settings once; every error is one line naming the setting."""
+        dev = resolve_device(device)
+        if isinstance(dtype, str):
+            if dtype not in DTYPES:
+                raise ConfigError(f"unknown dtype {dtype!r}; choose one of {sorted(set(DTYPES))}")
+            dtype = DTYPES[dtype]
+        budget = parse_bytes(memory_budget) if memory_budget is not None else None
+        if expert_slots is not None and (not isinstance(expert_slots, int) or expert_slots < 1):
+            raise ConfigError(f"expert slots must be a positive integer, not {expert_slots!r}")
+        if host_memory is None:
+            host_memory = "pinned" if dev.type == "cuda" else "mmap"
+        if host_memory not in HOST_MODES:
+            raise ConfigError(f"unknown host memory mode {host_memory!r}; choose one of {HOST_MODES}")
+        if host_memory == "pinned" and dev.type != "cuda":
+            raise ConfigError("pinned host memory only helps copies to a CUDA device; use 'ram' or 'mmap' on CPU")
+        if max_context is not None and max_context < 1:
+            raise ConfigError(f"max context must be a positive number of tokens, not {max_context}")
+        if max_batch < 1:
+            raise ConfigError(f"max batch must be at least 1, not {max_batch}")
+        if policy not in POLICIES:
+            raise ConfigError(f"unknown eviction policy {policy!r}; choose one of {sorted(POLICIES)}")
+        return cls(dev, dtype, budget, expert_slots, host_memory, max_context, max_batch, policy, progress)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} asked for, but this machine has no usable CUDA GPU; use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device type {dev.type!r} is not supported; use cpu or cuda")
+    return dev
