@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 import sys
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -51,9 +51,15 @@ class RoutingTrace:
     token_ids: np.ndarray | None = None  # int32 [N, T], -1 = unknown
     domains: tuple[str, ...] | None = None  # [N]
     model: str | None = None
+    _lengths: np.ndarray = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         _validate(self)
+        has_any = (self.expert_ids >= 0).any(axis=(2, 3))  # [N, T]
+        last = self.num_tokens - np.argmax(has_any[:, ::-1], axis=1)
+        lengths = np.where(has_any.any(axis=1), last, 0).astype(np.int64)
+        lengths.flags.writeable = False
+        object.__setattr__(self, "_lengths", lengths)  # computed once: every metric needs it
 
     @property
     def num_sequences(self) -> int:
@@ -72,10 +78,8 @@ class RoutingTrace:
         return self.expert_ids.shape[3]
 
     def lengths(self) -> np.ndarray:
-        """int64 [N]: 1 + the last token with any expert id (0 for an all-padding sequence)."""
-        has_any = (self.expert_ids >= 0).any(axis=(2, 3))  # [N, T]
-        last = self.num_tokens - np.argmax(has_any[:, ::-1], axis=1)
-        return np.where(has_any.any(axis=1), last, 0).astype(np.int64)
+        """int64 [N] (read-only): 1 + the last token with any expert id (0 for an all-padding sequence)."""
+        return self._lengths
 
 
 def _fail(msg: str) -> None:
