@@ -9,3 +9,6 @@ from .errors import (
     TraceFormatError,
     UnsupportedModelError,
 )
+from .engine import GenerationResult, GenerationStats, OffloadEngine, TokenEvent
+from .memory_plan import MemoryPlan, parse_bytes
+from .run_config import RunConfig

@@ -199,13 +199,14 @@ class OffloadEngine:
         top_k: int = 0,
         seed: int | None = None,
         chat: bool = False,
+        ignore_eos: bool = False,
         recorder: RoutingRecorder | None = None,
     ) -> Iterator[TokenEvent]:
         """Yield each step's tokens as they are produced; the last event carries the stats.
 
         `prompt`: a string, a list of token ids, or a list of either (a padded batch).
         """
-        cfg = SamplingConfig(max_new_tokens, temperature, top_p, top_k, seed)
+        cfg = SamplingConfig(max_new_tokens, temperature, top_p, top_k, seed, ignore_eos)
         prompts = list(prompt) if _is_batch(prompt) else [prompt]
         encoded, input_ids, mask = self._batch(prompts, chat, max_new_tokens)
         deltas = [_TextDelta(self.tokenizer) for _ in prompts]
@@ -246,6 +247,7 @@ class OffloadEngine:
         top_k: int = 0,
         seed: int | None = None,
         chat: bool = False,
+        ignore_eos: bool = False,
         record_trace: bool = False,
     ) -> GenerationResult | list[GenerationResult]:
         """Generate for one prompt (a string or token ids), or for a list of prompts as one padded batch."""
@@ -253,9 +255,10 @@ class OffloadEngine:
         batch = _is_batch(prompt)
         rows: list[list[int]] = []
         stats = None
-        for event in self.stream(prompt, max_new_tokens, temperature, top_p, top_k, seed, chat, recorder):
+        eos = set() if ignore_eos else self.eos_ids()
+        for event in self.stream(prompt, max_new_tokens, temperature, top_p, top_k, seed, chat, ignore_eos, recorder):
             rows = rows or [[] for _ in event.token_ids]
-            for row, token, done_before in zip(rows, event.token_ids, _finished_before(rows, self.eos_ids())):
+            for row, token, done_before in zip(rows, event.token_ids, _finished_before(rows, eos)):
                 if not done_before:
                     row.append(token)
             stats = event.stats

@@ -7,6 +7,7 @@ prompt once, then one token at a time against its KV cache. Greedy decoding ther
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ class SamplingConfig:
     top_p: float = 1.0
     top_k: int = 0  # 0: no top-k filter
     seed: int | None = None
+    ignore_eos: bool = False  # keep going after an EOS (fixed-length benchmarks and comparisons)
 
     def __post_init__(self):
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -66,6 +68,12 @@ class Step:
     tokens: torch.Tensor  # [B], on the CPU
     finished: torch.Tensor  # [B] bool, after this token
     time_s: float  # since the start of prefill, taken after the token reached the CPU
+    logits: torch.Tensor  # [B, V] the scores the token was chosen from, on the device
+
+
+def cache_keyword(model) -> str:
+    """transformers 5.24 renamed `past_key_values` to `cache` (the old name warns); accept either."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def decode_stream(
@@ -85,26 +93,28 @@ def decode_stream(
             generator.seed()
         else:
             generator.manual_seed(cfg.seed)
-    eos = torch.tensor(sorted(eos_ids), device=device, dtype=torch.long) if eos_ids else None
+    eos = torch.tensor(sorted(eos_ids), device=device, dtype=torch.long) if eos_ids and not cfg.ignore_eos else None
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=device)
     # positions count real tokens only, so left padding does not shift them (as generate does)
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    cache_arg = cache_keyword(model)
     start = time.perf_counter()
     with torch.inference_mode():
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                     use_cache=True, logits_to_keep=1)
-        past, next_pos = out.past_key_values, position_ids[:, -1:] + 1
+        past, next_pos = getattr(out, cache_arg), position_ids[:, -1:] + 1
         for index in range(cfg.max_new_tokens):
-            tokens = sample(out.logits[:, -1, :], cfg, generator)
+            logits = out.logits[:, -1, :]
+            tokens = sample(logits, cfg, generator)
             tokens = torch.where(finished, torch.full_like(tokens, pad_id), tokens)
             if eos is not None:
                 finished = finished | torch.isin(tokens, eos)
             tokens_cpu, finished_cpu = tokens.cpu(), finished.cpu()
-            yield Step(index, tokens_cpu, finished_cpu, time.perf_counter() - start)
+            yield Step(index, tokens_cpu, finished_cpu, time.perf_counter() - start, logits)
             if bool(finished_cpu.all()) or index + 1 == cfg.max_new_tokens:
                 return
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], dim=-1)
             out = model(input_ids=tokens[:, None], attention_mask=attention_mask, position_ids=next_pos,
-                        past_key_values=past, use_cache=True)
-            past, next_pos = out.past_key_values, next_pos + 1
+                        use_cache=True, **{cache_arg: past})
+            past, next_pos = getattr(out, cache_arg), next_pos + 1
 
