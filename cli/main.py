@@ -1,18 +1,28 @@
-"""`moe-offload`: one sub-command per module, each parses its flags, builds a config and calls the library."""
+"""moe-offload: run Mixture-of-Experts models on GPUs (or RAM) too small to hold them."""
+
+from __future__ import annotations
 
 import argparse
 import sys
 
 from offload_engine.errors import OffloadEngineError
 
-from . import consistency_cmd
+from . import consistency_cmd, generate_cmd, plan_cmd
+from .run_options import apply_profile
 
-COMMANDS = {"consistency": consistency_cmd}
+COMMANDS = {"generate": generate_cmd, "plan": plan_cmd, "consistency": consistency_cmd}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """A bad flag gets one line (what is wrong, where to look) and exit code 2, not a usage dump."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moe-offload", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = OneLineParser(prog="moe-offload", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     for name, module in COMMANDS.items():
         module.add_parser(sub, name)
     return parser
@@ -20,8 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)  # argparse itself exits with 2 and one usage line on a bad flag
     try:
+        args = parser.parse_args(argv)
+        if getattr(args, "profile", None) is not None:
+            apply_profile(sub_parser(parser, args.command), _after_command(argv, args.command))
+            args = parser.parse_args(argv)
         return COMMANDS[args.command].run(args) or 0
     except OffloadEngineError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -29,6 +42,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def sub_parser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices[command]
+
+
+def _after_command(argv: list[str] | None, command: str) -> list[str]:
+    argv = sys.argv[1:] if argv is None else argv
+    return argv[argv.index(command) + 1:]
 
 
 if __name__ == "__main__":

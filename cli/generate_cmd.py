@@ -1,0 +1,54 @@
+"""`moe-offload generate`: stream text to stdout, stats to stderr (or one JSON object with --json)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from offload_engine.engine import OffloadEngine
+from offload_engine.generation import SamplingConfig
+from offload_engine.memory_plan import format_bytes
+
+from .run_options import add_model_options, model_path, positive_int, run_config
+
+
+def add_parser(subparsers, name: str):
+    p = subparsers.add_parser(name, help="generate text with offloaded experts")
+    add_model_options(p)
+    p.add_argument("--prompt", default="The", help="the prompt text (default: 'The')")
+    p.add_argument("--max-new-tokens", type=positive_int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
+    p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
+    p.add_argument("--json", action="store_true", help="print one JSON object {text, token_ids, stats}")
+    return p
+
+
+def stats_line(stats) -> str:
+    return (f"TTFT {stats.ttft_s:.3f} s | decode {stats.decode_tokens_per_s:.1f} tok/s | "
+            f"hit rate {100 * stats.hit_rate:.1f}% ({stats.hits} hits, {stats.misses} misses) | "
+            f"moved {stats.bytes_to_device / 1e9:.3f} GB | peak device {format_bytes(stats.peak_device_bytes)}")
+
+
+def run(args: argparse.Namespace) -> int:
+    # check sampling flags before the model is loaded, not after
+    SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed, args.ignore_eos)
+    engine = OffloadEngine.from_run_config(model_path(args), run_config(args))
+    kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                  top_k=args.top_k, seed=args.seed, chat=args.chat, ignore_eos=args.ignore_eos)
+    if args.json:
+        result = engine.generate(args.prompt, **kwargs)
+        print(json.dumps({"text": result.text, "token_ids": result.token_ids, "stats": result.stats.as_dict()}))
+        return 0
+    stats = None
+    for event in engine.stream(args.prompt, **kwargs):
+        sys.stdout.write(event.text)
+        sys.stdout.flush()
+        stats = event.stats or stats
+    sys.stdout.write("\n")
+    print(stats_line(stats), file=sys.stderr)
+    return 0

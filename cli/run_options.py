@@ -1,0 +1,70 @@
+"""Flags shared by the commands that load a model, and the one place they become a RunConfig."""
+
+from __future__ import annotations
+
+import argparse
+import tomllib
+from pathlib import Path
+
+from offload_engine.errors import ConfigError
+from offload_engine.run_config import RunConfig
+
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "offload_engine" / "default_model"
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="model directory or Hugging Face hub id (default: the bundled model)")
+    p.add_argument("--profile", type=Path, help="TOML file of flag defaults (see profiles/); flags given win")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="compute dtype (default: the checkpoint's on CUDA, float32 on CPU)")
+    p.add_argument("--memory-budget", help="device memory the engine may use, e.g. 6GiB (default: automatic)")
+    p.add_argument("--expert-slots", type=positive_int, help="number of expert slots (instead of a budget)")
+    p.add_argument("--host-memory", choices=["mmap", "ram", "pinned"],
+                   help="where cold experts wait (default: pinned with CUDA, mmap on CPU)")
+    p.add_argument("--max-context", type=positive_int, help="tokens of KV cache to plan for (default: min(model, 4096))")
+    p.add_argument("--max-batch", type=positive_int, default=1, help="prompts per batch to plan for")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def apply_profile(parser: argparse.ArgumentParser, argv: list[str] | None) -> None:
+    """Read --profile first so its values become defaults that explicit flags override."""
+    pre, _ = parser.parse_known_args(argv)
+    profile = getattr(pre, "profile", None)
+    if profile is None:
+        return
+    try:
+        values = tomllib.loads(Path(profile).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"cannot read profile {profile}: {e}") from None
+    known = {a.dest for a in parser._actions}
+    unknown = sorted(set(k.replace("-", "_") for k in values) - known)
+    if unknown:
+        raise ConfigError(f"profile {profile} sets unknown option {unknown[0]!r}")
+    parser.set_defaults(**{k.replace("-", "_"): v for k, v in values.items()})
+
+
+def model_path(args) -> str:
+    if args.model:
+        return args.model
+    if not (DEFAULT_MODEL / "config.json").is_file():
+        raise ConfigError(f"the bundled default model is missing from {DEFAULT_MODEL}; pass --model PATH")
+    return str(DEFAULT_MODEL)
+
+
+def run_config(args) -> RunConfig:
+    return RunConfig.build(
+        device=args.device, dtype=args.dtype, memory_budget=args.memory_budget, expert_slots=args.expert_slots,
+        host_memory=args.host_memory, max_context=args.max_context, max_batch=args.max_batch,
+        progress=not args.quiet,
+    )
