@@ -41,7 +41,10 @@ def fingerprint(path):
 
 
 def run_cli(capsys, *argv):
-    code = main(list(argv))
+    try:
+        code = main(list(argv))
+    except SystemExit as e:  # argparse's own exit on a malformed flag
+        code = e.code
     err = capsys.readouterr().err.strip().splitlines()
     return code, err
 
