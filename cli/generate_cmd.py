@@ -37,7 +37,8 @@ def stats_line(stats) -> str:
 def run(args: argparse.Namespace) -> int:
     # check sampling flags before the model is loaded, not after
     SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed, args.ignore_eos)
-    engine = OffloadEngine.from_run_config(model_path(args), run_config(args))
+    run_cfg = run_config(args)
+    engine = OffloadEngine.from_run_config(model_path(args), run_cfg)
     kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                   top_k=args.top_k, seed=args.seed, chat=args.chat, ignore_eos=args.ignore_eos)
     if args.json:
