@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from offload_engine.engine import OffloadEngine
 from offload_engine.generation import SamplingConfig
 from offload_engine.memory_plan import format_bytes
+from offload_engine.trace_file import save_trace
 
 from .run_options import add_model_options, model_path, positive_int, run_config
 
@@ -25,6 +27,7 @@ def add_parser(subparsers, name: str):
     p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
     p.add_argument("--json", action="store_true", help="print one JSON object {text, token_ids, stats}")
+    p.add_argument("--trace-out", type=Path, help="write the generation's routing trace (.npz) here")
     return p
 
 
@@ -41,9 +44,15 @@ def run(args: argparse.Namespace) -> int:
     engine = OffloadEngine.from_run_config(model_path(args), run_cfg)
     kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                   top_k=args.top_k, seed=args.seed, chat=args.chat, ignore_eos=args.ignore_eos)
-    if args.json:
-        result = engine.generate(args.prompt, **kwargs)
-        print(json.dumps({"text": result.text, "token_ids": result.token_ids, "stats": result.stats.as_dict()}))
+    if args.json or args.trace_out:
+        result = engine.generate(args.prompt, record_trace=args.trace_out is not None, **kwargs)
+        if args.trace_out:
+            save_trace(args.trace_out, result.trace)
+        if args.json:
+            print(json.dumps({"text": result.text, "token_ids": result.token_ids, "stats": result.stats.as_dict()}))
+        else:
+            print(result.text)
+            print(stats_line(result.stats), file=sys.stderr)
         return 0
     stats = None
     for event in engine.stream(args.prompt, **kwargs):

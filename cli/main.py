@@ -7,10 +7,10 @@ import sys
 
 from offload_engine.errors import OffloadEngineError
 
-from . import consistency_cmd, generate_cmd, plan_cmd
+from . import consistency_cmd, generate_cmd, plan_cmd, trace_cmd
 from .run_options import apply_profile
 
-COMMANDS = {"generate": generate_cmd, "plan": plan_cmd, "consistency": consistency_cmd}
+COMMANDS = {"generate": generate_cmd, "plan": plan_cmd, "trace": trace_cmd, "consistency": consistency_cmd}
 
 
 class OneLineParser(argparse.ArgumentParser):

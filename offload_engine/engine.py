@@ -20,6 +20,8 @@ from .loading import Inspected, inspect_checkpoint, load, make_plan
 from .memory_plan import MemoryPlan, kv_bytes_per_token
 from .offloaded_experts import RoutingRecorder
 from .run_config import RunConfig
+from .trace_file import RoutingTrace
+from .tracing import generation_trace
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
@@ -68,7 +70,7 @@ class GenerationResult:
     text: str
     token_ids: list[int]  # generated tokens only (an EOS that ended the sequence included)
     stats: GenerationStats
-    routing: RoutingRecorder | None = None  # raw routing calls when record_trace=True
+    trace: RoutingTrace | None = None  # with record_trace=True: the batch's routing (prompt and fed-back tokens)
 
 
 class _TextDelta:
@@ -262,7 +264,12 @@ class OffloadEngine:
                 if not done_before:
                     row.append(token)
             stats = event.stats
-        results = [GenerationResult(self._decode(ids), ids, stats, recorder) for ids in rows]
+        trace = None
+        if recorder is not None:
+            prompts = [self._encode(p, chat) for p in (prompt if batch else [prompt])]
+            trace = generation_trace(recorder, prompts, rows, self.spec.num_experts, self.spec.moe_layers,
+                                     self.directory.name)
+        results = [GenerationResult(self._decode(ids), ids, stats, trace) for ids in rows]
         return results if batch else results[0]
 
     def _decode(self, ids: list[int]) -> str:

@@ -1,0 +1,35 @@
+"""`moe-offload trace`: record a model's routing over a text corpus (plain forward passes, no generation)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from offload_engine.engine import OffloadEngine
+from offload_engine.trace_file import save_trace
+from offload_engine.tracing import CorpusInput, trace_corpus
+
+from .run_options import add_model_options, model_path, positive_int, run_config
+
+
+def add_parser(subparsers, name: str):
+    p = subparsers.add_parser(name, help="record routing traces over a text corpus")
+    add_model_options(p)
+    p.add_argument("--input", nargs="+", required=True, metavar="[DOMAIN=]FILE",
+                   help="text files; DOMAIN= labels a file's sequences (default label: the file name)")
+    p.add_argument("--seq-len", type=positive_int, default=512, help="tokens per sequence (default 512)")
+    p.add_argument("--max-seqs", type=positive_int, help="sequences per input at most (default: all)")
+    p.add_argument("--batch-size", type=positive_int, default=4, help="sequences per forward pass")
+    p.add_argument("--out", type=Path, required=True, help="the .npz trace to write")
+    return p
+
+
+def run(args) -> int:
+    inputs = [CorpusInput.parse(item) for item in args.input]
+    run_cfg = run_config(args)
+    engine = OffloadEngine.from_run_config(model_path(args), run_cfg)
+    trace = trace_corpus(engine, inputs, args.seq_len, args.max_seqs, args.batch_size, progress=not args.quiet)
+    save_trace(args.out, trace)
+    print(f"wrote {args.out}: {trace.num_sequences} sequences x {trace.num_tokens} tokens, "
+          f"{trace.num_layers} MoE layers, top-{trace.k} of {trace.num_experts}", file=sys.stderr)
+    return 0
