@@ -7,6 +7,7 @@ On CUDA, misses are copied on a separate stream and the compute stream waits onl
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -23,6 +24,7 @@ class LayerCounters:
     misses: int = 0
     bytes_to_device: int = 0
     evictions: int = 0
+    copy_s: float = 0.0  # wall time of synchronous copies (CPU device or pageable memory); 0 when asynchronous
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,7 @@ class CacheStats:
     misses: int
     bytes_to_device: int
     evictions: int
+    copy_s: float
     per_layer: tuple[LayerCounters, ...] = field(repr=False)
 
     @property
@@ -43,11 +46,12 @@ class CacheStats:
     def minus(self, earlier: "CacheStats") -> "CacheStats":
         layers = tuple(
             LayerCounters(a.hits - b.hits, a.misses - b.misses, a.bytes_to_device - b.bytes_to_device,
-                          a.evictions - b.evictions)
+                          a.evictions - b.evictions, a.copy_s - b.copy_s)
             for a, b in zip(self.per_layer, earlier.per_layer)
         )
         return CacheStats(self.hits - earlier.hits, self.misses - earlier.misses,
-                          self.bytes_to_device - earlier.bytes_to_device, self.evictions - earlier.evictions, layers)
+                          self.bytes_to_device - earlier.bytes_to_device, self.evictions - earlier.evictions,
+                          self.copy_s - earlier.copy_s, layers)
 
 
 class ExpertCache:
@@ -99,7 +103,10 @@ class ExpertCache:
                 counters.hits += 1
             slots.append(slot)
         if loads:
+            start = time.perf_counter()
             counters.bytes_to_device += self._load(layer_pos, loads)
+            if not self.non_blocking:
+                counters.copy_s += time.perf_counter() - start
         return slots
 
     def _claim_slot(self, protected: set) -> int:
@@ -138,5 +145,6 @@ class ExpertCache:
         return CacheStats(
             hits=sum(c.hits for c in per_layer), misses=sum(c.misses for c in per_layer),
             bytes_to_device=sum(c.bytes_to_device for c in per_layer),
-            evictions=sum(c.evictions for c in per_layer), per_layer=per_layer,
+            evictions=sum(c.evictions for c in per_layer), copy_s=sum(c.copy_s for c in per_layer),
+            per_layer=per_layer,
         )
