@@ -9,6 +9,19 @@ from .errors import (
     TraceFormatError,
     UnsupportedModelError,
 )
-from .engine import GenerationResult, GenerationStats, OffloadEngine, TokenEvent
-from .memory_plan import MemoryPlan, parse_bytes
-from .run_config import RunConfig
+
+# The engine pulls in torch and transformers: import it on first use, so that `python -m
+# offload_engine.trace_file` and the metrics stay light and runpy sees no half-imported module.
+_LAZY = {
+    "OffloadEngine": "engine", "GenerationResult": "engine", "GenerationStats": "engine", "TokenEvent": "engine",
+    "MemoryPlan": "memory_plan", "parse_bytes": "memory_plan", "RunConfig": "run_config",
+    "RoutingTrace": "trace_file", "load_trace": "trace_file", "save_trace": "trace_file",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
