@@ -127,6 +127,15 @@ class SafetensorsFile:
         return flat.view(info.dtype).view(info.shape)
 
 
+    def release(self, info: TensorInfo) -> None:
+        """Drop this tensor's pages from the process (not from the page cache) once its bytes are copied:
+        without it, every expert ever read would stay resident and count against RAM."""
+        if self._map is None or info.nbytes == 0 or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        start = info.begin - info.begin % mmap.PAGESIZE
+        self._map.madvise(mmap.MADV_DONTNEED, start, info.begin + info.nbytes - start)
+
+
 class CheckpointTensors:
     """Every tensor of a checkpoint directory, by on-disk name, across shards."""
 
@@ -162,3 +171,7 @@ class CheckpointTensors:
     def view(self, key: str) -> torch.Tensor:
         info = self.infos[key]
         return self.files[info.file.name].view(info)
+
+    def release(self, key: str) -> None:
+        info = self.infos[key]
+        self.files[info.file.name].release(info)

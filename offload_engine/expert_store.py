@@ -48,6 +48,8 @@ class ExpertStore:
         for piece in self.layout.expert_pieces(layer_pos, expert)[name]:
             src = self.tensors.view(piece.key)
             out[piece.start:piece.stop].copy_(src if piece.index is None else src[piece.index])
+            if piece.index is None:  # a fused tensor's pages are shared with other experts: keep them
+                self.tensors.release(piece.key)
 
     def _load_host(self, progress: bool) -> None:
         pin = self.mode == "pinned"
