@@ -30,8 +30,9 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                    help="compute dtype (default: the checkpoint's on CUDA, float32 on CPU)")
     p.add_argument("--memory-budget", help="device memory the engine may use, e.g. 6GiB (default: automatic)")
     p.add_argument("--expert-slots", type=positive_int, help="number of expert slots (instead of a budget)")
-    p.add_argument("--host-memory", choices=["mmap", "ram", "pinned"],
-                   help="where cold experts wait (default: pinned with CUDA, mmap on CPU)")
+    p.add_argument("--host-memory", choices=["files", "mmap", "ram", "pinned"],
+                   help="where cold experts wait: pinned or ram (host memory), files (read on demand from the "
+                        "checkpoint; mmap is the same) (default: pinned with CUDA, files on CPU)")
     p.add_argument("--max-context", type=positive_int, help="tokens of KV cache to plan for (default: min(model, 4096))")
     p.add_argument("--max-batch", type=positive_int, default=1, help="prompts per batch to plan for")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

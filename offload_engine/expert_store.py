@@ -1,7 +1,8 @@
 """The host-side home of every expert: where cold experts are copied from.
 
 Three ways to hold them:
-- "mmap": read straight from the safetensors files through a memory map (RAM smaller than the model);
+- "files": read from the safetensors files on demand, each miss one positional read per tensor through the
+  OS page cache (RAM smaller than the model; "mmap" is accepted as another name for it);
 - "ram": each layer's experts in ordinary host memory, in the compute dtype;
 - "pinned": the same in page-locked memory, so host-to-GPU copies can run asynchronously (the CUDA default).
 Experts are read one at a time, each from its own tensors; a layer's experts share one host buffer per
@@ -19,7 +20,7 @@ from .checkpoint import CheckpointTensors
 from .checkpoint_layout import CheckpointLayout
 from .model_spec import ModelSpec
 
-HOST_MODES = ("mmap", "ram", "pinned")
+HOST_MODES = ("files", "ram", "pinned")
 
 
 class ExpertStore:
@@ -29,7 +30,7 @@ class ExpertStore:
         layout: CheckpointLayout,
         spec: ModelSpec,
         dtype: torch.dtype,
-        mode: str = "mmap",
+        mode: str = "files",
         progress: bool = True,
     ):
         if mode not in HOST_MODES:
@@ -37,7 +38,8 @@ class ExpertStore:
         self.tensors, self.layout, self.spec, self.dtype = tensors, layout, spec, dtype
         self.mode = mode
         self.host: list[dict[str, torch.Tensor]] = []  # per MoE layer: runtime param name -> [E, *shape]
-        if mode != "mmap":
+        self._staging: dict[torch.dtype, torch.Tensor] = {}
+        if mode != "files":
             self._load_host(progress)
 
     def expert_nbytes(self) -> int:
@@ -46,10 +48,20 @@ class ExpertStore:
 
     def _read(self, layer_pos: int, expert: int, name: str, out: torch.Tensor) -> None:
         for piece in self.layout.expert_pieces(layer_pos, expert)[name]:
-            src = self.tensors.view(piece.key)
-            out[piece.start:piece.stop].copy_(src if piece.index is None else src[piece.index])
-            if piece.index is None:  # a fused tensor's pages are shared with other experts: keep them
-                self.tensors.release(piece.key)
+            info = self.tensors.infos[piece.key]
+            dst = out[piece.start:piece.stop]
+            if dst.device.type == "cpu" and dst.dtype == info.dtype and dst.is_contiguous():
+                self.tensors.read_into(piece.key, dst, piece.index)
+            else:  # another dtype or device: read into a reused host buffer, then convert while copying
+                stage = self._stage(info.dtype, dst.numel())
+                self.tensors.read_into(piece.key, stage, piece.index)
+                dst.copy_(stage.view(dst.shape))
+
+    def _stage(self, dtype: torch.dtype, numel: int) -> torch.Tensor:
+        buf = self._staging.get(dtype)
+        if buf is None or buf.numel() < numel:
+            buf = self._staging[dtype] = torch.empty(numel, dtype=dtype)
+        return buf[:numel]
 
     def _load_host(self, progress: bool) -> None:
         pin = self.mode == "pinned"
@@ -74,7 +86,7 @@ class ExpertStore:
         """Write one expert's tensors into `dst` (name -> tensor of the per-expert shape); returns bytes written."""
         written = 0
         for name, out in dst.items():
-            if self.mode == "mmap":
+            if self.mode == "files":
                 self._read(layer_pos, expert, name, out)
             else:
                 out.copy_(self.host[layer_pos][name][expert], non_blocking=non_blocking)

@@ -156,8 +156,7 @@ def load_non_experts(inspected: Inspected, device: torch.device, progress: bool)
                 f"{list(meta.shape)}; config.json does not match the weights"
             )
         # meta.dtype is transformers' choice: the compute dtype, or fp32 where a model keeps routers in fp32
-        value = inspected.tensors.view(key).to(device=device, dtype=meta.dtype, copy=True)
-        inspected.tensors.release(key)
+        value = inspected.tensors.read(key).to(device=device, dtype=meta.dtype)
         _set_tensor(model, name, value)
         used.add(key)
     # Non-persistent buffers (rotary frequencies) were never saved: materialise and let transformers fill them.

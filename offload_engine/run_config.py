@@ -22,7 +22,7 @@ class RunConfig:
     dtype: torch.dtype | None = None  # None: the checkpoint's dtype on CUDA, float32 on CPU
     memory_budget: int | None = None  # bytes; None (and no expert_slots): automatic
     expert_slots: int | None = None
-    host_memory: str = "mmap"
+    host_memory: str = "files"
     max_context: int | None = None  # tokens the KV cache is planned for; None: min(model limit, 4096)
     max_batch: int = 1
     policy: str = "lru"
@@ -51,11 +51,12 @@ class RunConfig:
         if expert_slots is not None and (not isinstance(expert_slots, int) or expert_slots < 1):
             raise ConfigError(f"expert slots must be a positive integer, not {expert_slots!r}")
         if host_memory is None:
-            host_memory = "pinned" if dev.type == "cuda" else "mmap"
+            host_memory = "pinned" if dev.type == "cuda" else "files"
+        host_memory = {"mmap": "files"}.get(host_memory, host_memory)
         if host_memory not in HOST_MODES:
             raise ConfigError(f"unknown host memory mode {host_memory!r}; choose one of {HOST_MODES}")
         if host_memory == "pinned" and dev.type != "cuda":
-            raise ConfigError("pinned host memory only helps copies to a CUDA device; use 'ram' or 'mmap' on CPU")
+            raise ConfigError("pinned host memory only helps copies to a CUDA device; use 'ram' or 'files' on CPU")
         if max_context is not None and max_context < 1:
             raise ConfigError(f"max context must be a positive number of tokens, not {max_context}")
         if max_batch < 1:

@@ -22,7 +22,7 @@ def mixtral_dir(tmp_path_factory):
     return path
 
 
-def make_cache(path, slots, mode="mmap"):
+def make_cache(path, slots, mode="files"):
     run = RunConfig.build(device="cpu", expert_slots=slots, progress=False)
     inspected = inspect_checkpoint(path, run)
     store = ExpertStore(inspected.tensors, inspected.layout, inspected.spec, torch.float32, mode, progress=False)
@@ -93,7 +93,7 @@ def test_slot_count_is_never_exceeded(mixtral_dir):
     assert stats.bytes_to_device == stats.misses * cache.store.expert_nbytes()
 
 
-@pytest.mark.parametrize("mode", ["ram", "mmap"])
+@pytest.mark.parametrize("mode", ["ram", "files"])
 def test_store_modes_serve_identical_experts(mixtral_dir, mode):
     cache = make_cache(mixtral_dir, 2, mode)
     cache.fetch(0, [2])
