@@ -27,7 +27,7 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", type=Path, help="TOML file of flag defaults (see profiles/); flags given win")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                   help="compute dtype (default: the checkpoint's on CUDA, float32 on CPU)")
+                   help="compute dtype (default: the checkpoint's, as transformers loads it)")
     p.add_argument("--memory-budget", help="device memory the engine may use, e.g. 6GiB (default: automatic)")
     p.add_argument("--expert-slots", type=positive_int, help="number of expert slots (instead of a budget)")
     p.add_argument("--host-memory", choices=["files", "mmap", "ram", "pinned"],

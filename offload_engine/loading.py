@@ -25,7 +25,7 @@ from .expert_cache import ExpertCache
 from .expert_store import ExpertStore
 from .memory_plan import MemoryPlan, kv_bytes_per_token, plan_memory, working_bytes
 from .model_spec import ModelSpec, describe, dtype_from_config, refuse_quantized
-from .offloaded_experts import IMPLEMENTATION_NAME, ExpertsBinding, register_experts_implementation
+from .offloaded_experts import IMPLEMENTATION_NAME, bind, register_experts_implementation
 from .policies import make_policy
 from .run_config import DEFAULT_MAX_CONTEXT, RunConfig
 
@@ -46,9 +46,8 @@ class Inspected:
 
 
 def compute_dtype(config, run: RunConfig) -> torch.dtype:
-    if run.dtype is not None:
-        return run.dtype
-    return dtype_from_config(config) if run.device.type == "cuda" else torch.float32
+    """The checkpoint's dtype unless asked otherwise: what transformers' from_pretrained (dtype="auto") uses."""
+    return run.dtype if run.dtype is not None else dtype_from_config(config)
 
 
 def inspect_checkpoint(name_or_path, run: RunConfig) -> Inspected:
@@ -180,8 +179,10 @@ def load(inspected: Inspected, run: RunConfig, plan: MemoryPlan):
     store = ExpertStore(inspected.tensors, inspected.layout, inspected.spec, inspected.dtype, run.host_memory,
                         run.progress)
     cache = ExpertCache(store, plan.expert_slots, run.device, make_policy(run.policy))
+    reference_impl = inspected.model.get_correct_experts_implementation(None)  # what from_pretrained would use
     for layer_pos, path in enumerate(inspected.spec.experts_paths):
-        inspected.model.get_submodule(path)._offload = ExpertsBinding(layer_pos, cache)
+        module = inspected.model.get_submodule(path)
+        module._offload = bind(module, layer_pos, cache, reference_impl)
     if plan.expert_slots >= plan.total_experts:  # everything fits: load it all now, decode never misses
         keys = [(i, e) for i in range(inspected.spec.num_moe_layers) for e in range(inspected.spec.num_experts)]
         cache.preload(keys, run.progress)

@@ -1,14 +1,16 @@
 """The experts forward that transformers calls for every MoE layer, served from the expert cache.
 
 transformers applies the model's own routing (softmax/sigmoid, grouped top-k, renormalisation, scaling) and
-hands us `(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k])`; we compute exactly what its
-eager experts loop computes, with each expert's weights taken from a cache slot instead of the module's
-fused parameters. The module's own `_apply_gate`, `act_fn` and flags keep every architecture's expert MLP
-(gpt-oss's clamped, interleaved gate included) identical to the reference.
+hands us `(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k])`. We make the call's experts
+resident, map expert ids to slot ids and run transformers' own experts function (the one the reference model
+uses) on the slot pool: same kernel, same reduction, so bf16 output is bit for bit the reference's. Only when
+a call needs more experts than there are slots is it served a group at a time, with the eager loop's math
+(the module's own `_apply_gate`, `act_fn` and flags keep gpt-oss's clamped, interleaved gate right too).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -30,13 +32,44 @@ class RoutingRecorder:
                            top_k_weights.detach().to("cpu", torch.float32)))
 
 
+class SlotExperts:
+    """An experts module seen through the cache: its own flags, gate and activation, with the slot pool
+    [S, ...] as its weights, so transformers' experts functions run unchanged on resident experts."""
+
+    def __init__(self, module, pool: dict[str, torch.Tensor]):
+        self._module = module
+        self.num_experts = next(iter(pool.values())).shape[0]
+        self._is_expert_parallel = False
+        for name, tensor in pool.items():
+            setattr(self, name, tensor)
+
+    def __getattr__(self, name):  # flags, act_fn, _apply_gate, post_expert_norm...: the real module's
+        return getattr(self._module, name)
+
+
 @dataclass
 class ExpertsBinding:
-    """What one experts module needs at run time: its MoE layer position, the cache, an optional recorder."""
+    """What one experts module needs at run time: its MoE layer position, the cache, transformers' experts
+    function the reference model would use (grouped_mm by default), and an optional recorder."""
 
     layer_pos: int
     cache: ExpertCache
+    slot_experts: SlotExperts
+    compute: Callable
+    slot_lookup: torch.Tensor  # [E] expert id -> slot, valid for the experts of the current call
     recorder: RoutingRecorder | None = None
+
+
+def bind(module, layer_pos: int, cache: ExpertCache, implementation: str) -> ExpertsBinding:
+    """implementation: the experts implementation transformers picks for the reference model."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    if implementation == "eager":
+        compute = type(module).forward.__wrapped__  # the class's own loop, under the decorator
+    else:
+        compute = ALL_EXPERTS_FUNCTIONS[implementation]
+    lookup = torch.zeros(cache.store.spec.num_experts, dtype=torch.long, device=cache.device)
+    return ExpertsBinding(layer_pos, cache, SlotExperts(module, cache.pool), compute, lookup)
 
 
 def register_experts_implementation() -> None:
@@ -74,16 +107,15 @@ def offloaded_experts_forward(
     cache = binding.cache
     if binding.recorder is not None:
         binding.recorder.record(binding.layer_pos, top_k_index, top_k_weights)
+    experts = top_k_index.unique().tolist()  # ascending; on CUDA the one sync a layer needs
+    if len(experts) <= cache.num_slots:
+        # the common case: all of this call's experts resident at once, then transformers' own kernel and
+        # reduction over the slot pool, bit for bit what the reference computes over its [E, ...] tensors
+        slots = cache.fetch(binding.layer_pos, experts)
+        lookup = binding.slot_lookup
+        lookup[torch.tensor(experts, device=lookup.device)] = torch.tensor(slots, device=lookup.device)
+        return binding.compute(binding.slot_experts, hidden_states, lookup[top_k_index], top_k_weights)
     out = torch.zeros_like(hidden_states)
-    if hidden_states.shape[0] == 1:  # decode: no gathers, k small matmuls on the single token
-        ranked = top_k_index[0].tolist()
-        order = sorted(range(len(ranked)), key=ranked.__getitem__)  # ascending id, like the eager loop
-        slots = cache.fetch(binding.layer_pos, [ranked[j] for j in order])
-        for j, slot in zip(order, slots):
-            y = expert_mlp(self, hidden_states, cache.slot_tensors(slot))
-            out += (y * top_k_weights[0, j]).to(out.dtype)
-        return out
-    experts = top_k_index.unique().tolist()  # ascending
     for start in range(0, len(experts), cache.num_slots):  # more experts than slots: a group at a time
         group = experts[start:start + cache.num_slots]
         for e, slot in zip(group, cache.fetch(binding.layer_pos, group)):

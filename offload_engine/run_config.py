@@ -19,7 +19,7 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 @dataclass(frozen=True)
 class RunConfig:
     device: torch.device
-    dtype: torch.dtype | None = None  # None: the checkpoint's dtype on CUDA, float32 on CPU
+    dtype: torch.dtype | None = None  # None: the checkpoint's dtype (as transformers' dtype="auto")
     memory_budget: int | None = None  # bytes; None (and no expert_slots): automatic
     expert_slots: int | None = None
     host_memory: str = "files"

@@ -156,3 +156,25 @@ def test_bf16_checkpoint_runs_in_fp32_exactly(tmp_path):
     tokens, logits = engine_steps(engine, PROMPT)
     assert tokens.tolist() == ref_tokens.tolist()
     assert max_rel_error(logits, ref_logits) < REL_TOL
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss", "qwen2_moe"])
+def test_bf16_is_bit_identical_to_transformers_default(tmp_path, name):
+    """In bf16, with a layer's experts able to fit at once, logits equal transformers' (its default experts
+    implementation, dtype="auto") bit for bit; with fewer slots the tokens still match."""
+    from transformers import AutoModelForCausalLM
+
+    tm.build_reference(name).to(torch.bfloat16).save_pretrained(tmp_path)
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert ref.dtype == torch.bfloat16
+    ref_tokens, ref_logits = reference_no_eos(ref, torch.tensor([PROMPT]))
+    spec = inspect_checkpoint(tmp_path, RunConfig.build(device="cpu", expert_slots=1, progress=False)).spec
+    # one layer's worth of slots: every call fits at once, and with several MoE layers it still offloads
+    engine = OffloadEngine.from_pretrained(tmp_path, device="cpu", expert_slots=spec.num_experts, progress=False)
+    assert engine.plan.expert_slots < engine.plan.total_experts
+    assert engine.store.dtype == torch.bfloat16
+    tokens, logits = engine_steps(engine, PROMPT)
+    assert tokens.tolist() == ref_tokens.tolist()
+    assert torch.equal(logits, ref_logits)
+    small = OffloadEngine.from_pretrained(tmp_path, device="cpu", expert_slots=engine.spec.top_k, progress=False)
+    assert small.generate(PROMPT, max_new_tokens=NEW_TOKENS, ignore_eos=True).token_ids == ref_tokens[0].tolist()
