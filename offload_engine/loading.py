@@ -79,6 +79,13 @@ def inspect_checkpoint(name_or_path, run: RunConfig) -> Inspected:
         raise UnsupportedModelError(
             f"model type {model_type!r} cannot be built as a causal LM with offloaded experts ({reason})"
         ) from None
+    if (directory / "generation_config.json").is_file():  # extra EOS ids, sampling defaults: as from_pretrained
+        from transformers import GenerationConfig
+
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(directory)
+        except (OSError, ValueError, TypeError) as e:
+            raise CheckpointError(f"{directory / 'generation_config.json'} cannot be read ({str(e).splitlines()[0]})")
     spec = describe(model, config)
     layout = CheckpointLayout(tensors, model, spec)
     return Inspected(directory, config, model, spec, tensors, layout, dtype)

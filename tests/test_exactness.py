@@ -120,17 +120,34 @@ def test_model_generate_agrees_with_engine_generate(checkpoints, name):
     assert engine.generate(PROMPT, max_new_tokens=NEW_TOKENS, ignore_eos=True).token_ids == ref_tokens[0].tolist()
 
 
-def test_stops_at_eos_like_generate(checkpoints):
-    """With EOS active, the engine stops exactly where transformers' generate stops."""
-    path, _, _ = checkpoints("qwen2_moe", "per_expert")
+def test_stops_at_eos_like_generate(tmp_path):
+    """EOS ids from generation_config.json (as Qwen3 and Llama-3 ship them) end generation exactly where
+    transformers' generate ends it, for a single prompt and for one row of a padded batch."""
+    from transformers import AutoModelForCausalLM
+
     model = tm.build_reference("qwen2_moe")
+    free, _ = reference_no_eos(model, torch.tensor([PROMPT]), max_new_tokens=40)
+    free = free[0].tolist()
+    stop = next(t for i, t in enumerate(free) if i >= 5 and t not in free[:i])  # first emitted at step >= 5
+    model.generation_config.eos_token_id = [2, stop]
+    model.save_pretrained(tmp_path)
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    prompts = [PROMPT, [7, 8, 9]]
+    ids = torch.tensor([PROMPT, [0] * 5 + [7, 8, 9]])
+    mask = (torch.arange(8) >= torch.tensor([[0], [5]])).long()
     with torch.no_grad():
-        out = model.generate(torch.tensor([PROMPT]), do_sample=False, max_new_tokens=40, pad_token_id=0)
-    expected = out[0, len(PROMPT):].tolist()
-    engine = OffloadEngine.from_pretrained(path, device="cpu", expert_slots=2, progress=False)
-    result = engine.generate(PROMPT, max_new_tokens=40)
-    assert result.token_ids == expected
-    assert expected[-1] in engine.eos_ids() or len(expected) == 40
+        out = ref.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=40, pad_token_id=0)
+    engine = OffloadEngine.from_pretrained(tmp_path, device="cpu", expert_slots=2, max_batch=2, progress=False)
+    assert stop in engine.eos_ids()
+    single = engine.generate(PROMPT, max_new_tokens=40).token_ids
+    assert single == free[:free.index(stop) + 1]  # stopped on the EOS, which is kept
+    results = engine.generate(prompts, max_new_tokens=40)
+    for row, result in enumerate(results):
+        expected = out[row, 8:].tolist()
+        if stop in expected:
+            expected = expected[:expected.index(stop) + 1]
+        assert result.token_ids == expected
+    assert results[0].token_ids == single
 
 
 def test_seeded_sampling_is_reproducible(checkpoints):
