@@ -12,7 +12,7 @@ from offload_engine.generation import SamplingConfig
 from offload_engine.memory_plan import format_bytes
 from offload_engine.trace_file import save_trace
 
-from .run_options import add_model_options, model_path, positive_int, run_config
+from .run_options import add_model_options, model_path, output_path, positive_int, run_config
 
 
 def add_parser(subparsers, name: str):
@@ -41,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
     # check sampling flags before the model is loaded, not after
     SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed, args.ignore_eos)
     run_cfg = run_config(args)
+    output_path(args.trace_out)
     engine = OffloadEngine.from_run_config(model_path(args), run_cfg)
     kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                   top_k=args.top_k, seed=args.seed, chat=args.chat, ignore_eos=args.ignore_eos)

@@ -9,7 +9,9 @@ from pathlib import Path
 from offload_engine.errors import ConfigError
 from offload_engine.run_config import RunConfig
 
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "offload_engine" / "default_model"
+import offload_engine
+
+DEFAULT_MODEL = Path(offload_engine.__file__).resolve().parent / "default_model"
 
 
 def positive_int(text: str) -> int:
@@ -32,7 +34,7 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--expert-slots", type=positive_int, help="number of expert slots (instead of a budget)")
     p.add_argument("--host-memory", choices=["files", "mmap", "ram", "pinned"],
                    help="where cold experts wait: pinned or ram (host memory), files (read on demand from the "
-                        "checkpoint; mmap is the same) (default: pinned with CUDA, files on CPU)")
+                        "checkpoint; mmap is the same) (default: pinned with CUDA if they fit in RAM, else files)")
     p.add_argument("--max-context", type=positive_int, help="tokens of KV cache to plan for (default: min(model, 4096))")
     p.add_argument("--max-batch", type=positive_int, default=1, help="prompts per batch to plan for")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -53,6 +55,13 @@ def apply_profile(parser: argparse.ArgumentParser, argv: list[str] | None) -> No
     if unknown:
         raise ConfigError(f"profile {profile} sets unknown option {unknown[0]!r}")
     parser.set_defaults(**{k.replace("-", "_"): v for k, v in values.items()})
+
+
+def output_path(path: Path | None) -> Path | None:
+    """Check where a result will go before the long work that produces it."""
+    if path is not None and not path.parent.is_dir():
+        raise ConfigError(f"cannot write {path}: directory {path.parent} does not exist")
+    return path
 
 
 def model_path(args) -> str:

@@ -9,7 +9,7 @@ from offload_engine.engine import OffloadEngine
 from offload_engine.trace_file import save_trace
 from offload_engine.tracing import CorpusInput, trace_corpus
 
-from .run_options import add_model_options, model_path, positive_int, run_config
+from .run_options import add_model_options, model_path, output_path, positive_int, run_config
 
 
 def add_parser(subparsers, name: str):
@@ -26,7 +26,11 @@ def add_parser(subparsers, name: str):
 
 def run(args) -> int:
     inputs = [CorpusInput.parse(item) for item in args.input]
+    # plan the KV cache and working memory for the batches this command runs
+    args.max_batch = max(args.max_batch, args.batch_size)
+    args.max_context = args.max_context or args.seq_len
     run_cfg = run_config(args)
+    output_path(args.out)
     engine = OffloadEngine.from_run_config(model_path(args), run_cfg)
     trace = trace_corpus(engine, inputs, args.seq_len, args.max_seqs, args.batch_size, progress=not args.quiet)
     save_trace(args.out, trace)

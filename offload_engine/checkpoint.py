@@ -57,9 +57,12 @@ def read_config(directory: Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{directory} has no config.json; pass a Hugging Face model directory")
     try:
-        return json.loads(path.read_text())
+        config = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}); restore the file from the original checkpoint")
+        raise CheckpointError(f"{path} is not valid JSON ({e}); restore the file from the original checkpoint") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} is not a JSON object; restore the file from the original checkpoint")
+    return config
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,8 @@ class SafetensorsFile:
                 if header_len > min(size - 8, 100_000_000):
                     raise ValueError(f"header length {header_len} exceeds the file")
                 header = json.loads(f.read(header_len))
+                if not isinstance(header, dict):
+                    raise ValueError("header is not a JSON object")
         except (ValueError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{path} is not a valid safetensors file ({e}); re-download or re-save it") from None
         data_start = 8 + header_len
@@ -98,8 +103,8 @@ class SafetensorsFile:
             if key == "__metadata__":
                 continue
             try:
-                begin, end = entry["data_offsets"]
-                dtype_name, shape = entry["dtype"], tuple(int(d) for d in entry["shape"])
+                begin, end = (int(x) for x in entry["data_offsets"])
+                dtype_name, shape = str(entry["dtype"]), tuple(int(d) for d in entry["shape"])
             except (KeyError, TypeError, ValueError):
                 raise CheckpointError(f"{path}: malformed header entry for {key!r}; re-download or re-save it") from None
             if dtype_name not in SAFETENSORS_DTYPES:
@@ -108,7 +113,7 @@ class SafetensorsFile:
                     "use an unquantized (bf16/fp16/fp32) checkpoint"
                 )
             info = TensorInfo(key, path, SAFETENSORS_DTYPES[dtype_name], shape, data_start + begin)
-            if end - begin != info.nbytes or data_start + end > size:
+            if not 0 <= begin <= end or end - begin != info.nbytes or data_start + end > size:
                 raise CheckpointError(
                     f"{path} is truncated or corrupt (tensor {key!r} lies past the end of the file); "
                     "re-download or re-save the checkpoint"

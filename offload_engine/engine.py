@@ -222,18 +222,19 @@ class OffloadEngine:
             steps = decode_stream(self.model, input_ids, mask, cfg, self.eos_ids(), self.pad_id())
             first = last = None
             done = [False] * len(prompts)
-            count = 0
+            count = count_first = 0
             for step in steps:
                 first = step.time_s if first is None else first
                 last = step.time_s
                 tokens = step.tokens.tolist()
                 texts = tuple("" if was_done else d.push(t) for d, t, was_done in zip(deltas, tokens, done))
                 count += sum(not was_done for was_done in done)
+                count_first = count_first if step.index else count
                 finished = tuple(step.finished.tolist())
                 is_last = all(finished) or step.index + 1 == cfg.max_new_tokens
                 stats = None
                 if is_last:
-                    stats = self._stats(before, encoded, count, first, last, step.index + 1, cuda)
+                    stats = self._stats(before, encoded, count, count_first, first, last, step.index + 1, cuda)
                 yield TokenEvent(step.index, tuple(tokens), texts, finished, stats)
                 done = list(finished)
         finally:
@@ -275,7 +276,7 @@ class OffloadEngine:
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None else ""
 
-    def _stats(self, before, encoded, generated, first, last, steps, cuda) -> GenerationStats:
+    def _stats(self, before, encoded, generated, generated_first, first, last, steps, cuda) -> GenerationStats:
         delta = self.cache.stats().minus(before)
         decode_s = (last - first) if last is not None and first is not None else 0.0
         if cuda:
@@ -291,7 +292,7 @@ class OffloadEngine:
             misses=delta.misses,
             bytes_to_device=delta.bytes_to_device,
             ttft_s=first or 0.0,
-            decode_tokens_per_s=(steps - 1) * len(encoded) / decode_s if decode_s > 0 else 0.0,
+            decode_tokens_per_s=(generated - generated_first) / decode_s if decode_s > 0 else 0.0,
             peak_device_bytes=int(peak),
         )
 

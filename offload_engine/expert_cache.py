@@ -73,7 +73,7 @@ class ExpertCache:
         self.counters = [LayerCounters() for _ in range(store.spec.num_moe_layers)]
         cuda = self.device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(self.device) if cuda else None
-        self.non_blocking = cuda and store.mode == "pinned"
+        self.non_blocking = cuda and store.pinned
 
     @property
     def nbytes(self) -> int:
@@ -104,7 +104,15 @@ class ExpertCache:
             slots.append(slot)
         if loads:
             start = time.perf_counter()
-            counters.bytes_to_device += self._load(layer_pos, loads)
+            try:
+                counters.bytes_to_device += self._load(layer_pos, loads)
+            except BaseException:  # a slot whose copy failed must not be found resident later
+                for e, slot in loads:
+                    del self.slot_of[(layer_pos, e)]
+                    self.policy.on_evict((layer_pos, e))
+                    self.key_in[slot] = None
+                    self.free.append(slot)
+                raise
             if not self.non_blocking:
                 counters.copy_s += time.perf_counter() - start
         return slots

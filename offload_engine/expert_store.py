@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointTensors
 from .checkpoint_layout import CheckpointLayout
+from .errors import MemoryBudgetError
 from .model_spec import ModelSpec
 
 HOST_MODES = ("files", "ram", "pinned")
@@ -37,6 +38,7 @@ class ExpertStore:
             raise ValueError(f"host memory mode must be one of {HOST_MODES}, not {mode!r}")
         self.tensors, self.layout, self.spec, self.dtype = tensors, layout, spec, dtype
         self.mode = mode
+        self.pinned = False  # true only once page-locked buffers really hold the experts
         self.host: list[dict[str, torch.Tensor]] = []  # per MoE layer: runtime param name -> [E, *shape]
         self._staging: dict[torch.dtype, torch.Tensor] = {}
         if mode != "files":
@@ -64,19 +66,27 @@ class ExpertStore:
         return buf[:numel]
 
     def _load_host(self, progress: bool) -> None:
-        pin = self.mode == "pinned"
+        self.pinned = self.mode == "pinned"
         for layer_pos in tqdm(range(self.spec.num_moe_layers), desc="experts to host memory", disable=not progress,
                               unit="layer"):
             buffers = {}
             for p in self.spec.expert_params:
-                buf = torch.empty((self.spec.num_experts, *p.shape), dtype=self.dtype)
-                if pin:
+                shape = (self.spec.num_experts, *p.shape)
+                buf = None
+                if self.pinned:
                     try:
-                        buf = buf.pin_memory()
+                        buf = torch.empty(shape, dtype=self.dtype, pin_memory=True)
                     except RuntimeError as e:
-                        warnings.warn(f"pinning host memory failed ({e}); using pageable memory, copies will be "
-                                      "synchronous", stacklevel=2)
-                        pin = False
+                        warnings.warn(f"pinning host memory failed ({str(e).splitlines()[0]}); using pageable "
+                                      "memory, copies will be synchronous", stacklevel=2)
+                        self.pinned = False
+                if buf is None:
+                    try:
+                        buf = torch.empty(shape, dtype=self.dtype)
+                    except RuntimeError:
+                        raise MemoryBudgetError(
+                            "not enough host RAM to hold the experts; use --host-memory files (read on demand)"
+                        ) from None
                 for e in range(self.spec.num_experts):
                     self._read(layer_pos, e, p.name, buf[e])
                 buffers[p.name] = buf

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointTensors, read_config, resolve_checkpoint
 from .checkpoint_layout import CheckpointLayout
-from .errors import CheckpointError, UnsupportedModelError
+from .errors import CheckpointError, ConfigError, UnsupportedModelError
 from .expert_cache import ExpertCache
 from .expert_store import ExpertStore
 from .memory_plan import MemoryPlan, kv_bytes_per_token, plan_memory, working_bytes
@@ -29,9 +29,10 @@ from .offloaded_experts import IMPLEMENTATION_NAME, bind, register_experts_imple
 from .policies import make_policy
 from .run_config import DEFAULT_MAX_CONTEXT, RunConfig
 
-CPU_BUDGET_SHARE = 0.5  # of available RAM: the rest stays for the page cache the memory-mapped experts live in
+CPU_BUDGET_SHARE = 0.5  # of available RAM: the rest stays for the page cache the experts are read from
 CUDA_BUDGET_SHARE = 0.9  # of free GPU memory
 CUDA_RESERVE = 512 * 1024**2  # CUDA context, cuBLAS workspaces, fragmentation
+HOST_RAM_SHARE = 0.7  # pin the experts in RAM only if they take less than this share of what is available
 
 
 @dataclass
@@ -60,13 +61,14 @@ def inspect_checkpoint(name_or_path, run: RunConfig) -> Inspected:
     try:
         config = AutoConfig.from_pretrained(directory)
     except (ValueError, KeyError) as e:
-        reason = str(e).splitlines()[0][:200]
         raise UnsupportedModelError(
-            f"model type {model_type!r} is not an architecture this transformers install knows ({reason}); "
+            f"model type {model_type!r} is not an architecture this transformers install knows ({_first_line(e)}); "
             "upgrade transformers or use a supported MoE model"
         ) from None
-    except OSError as e:
-        raise CheckpointError(f"cannot read {directory / 'config.json'}: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # OSError, huggingface_hub's strict-dataclass errors for mistyped fields, ...
+        raise CheckpointError(
+            f"{directory / 'config.json'} is invalid ({_first_line(e)}); restore it from the original checkpoint"
+        ) from None
     dtype = compute_dtype(config, run)
     tensors = CheckpointTensors(directory)
     register_experts_implementation()
@@ -74,10 +76,9 @@ def inspect_checkpoint(name_or_path, run: RunConfig) -> Inspected:
         with torch.device("meta"), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, experts_implementation=IMPLEMENTATION_NAME)
-    except ValueError as e:
-        reason = str(e).splitlines()[0][:200]
+    except Exception as e:  # transformers raises many types for configs it cannot build (AttributeError for dbrx)
         raise UnsupportedModelError(
-            f"model type {model_type!r} cannot be built as a causal LM with offloaded experts ({reason})"
+            f"model type {model_type!r} cannot be built as a causal LM with offloaded experts ({_first_line(e)})"
         ) from None
     if (directory / "generation_config.json").is_file():  # extra EOS ids, sampling defaults: as from_pretrained
         from transformers import GenerationConfig
@@ -85,10 +86,15 @@ def inspect_checkpoint(name_or_path, run: RunConfig) -> Inspected:
         try:
             model.generation_config = GenerationConfig.from_pretrained(directory)
         except (OSError, ValueError, TypeError) as e:
-            raise CheckpointError(f"{directory / 'generation_config.json'} cannot be read ({str(e).splitlines()[0]})")
+            raise CheckpointError(f"{directory / 'generation_config.json'} cannot be read ({_first_line(e)})") from None
     spec = describe(model, config)
     layout = CheckpointLayout(tensors, model, spec)
     return Inspected(directory, config, model, spec, tensors, layout, dtype)
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return (text.splitlines()[0][:200] if text else type(error).__name__)
 
 
 def expert_param_names(inspected: Inspected) -> set[str]:
@@ -112,9 +118,12 @@ def make_plan(inspected: Inspected, run: RunConfig) -> MemoryPlan:
     spec, dtype = inspected.spec, inspected.dtype
     non_expert = sum(t.numel() * t.element_size() for t in non_expert_tensors(inspected).values())
     limit = spec.max_position_embeddings or DEFAULT_MAX_CONTEXT
+    if run.max_context is not None and run.max_context > limit:
+        raise ConfigError(f"max context {run.max_context} exceeds the model's context of {limit} tokens; lower it")
     max_context = run.max_context or min(limit, DEFAULT_MAX_CONTEXT)
-    kv = kv_bytes_per_token(inspected.config, dtype) * max_context * run.max_batch
-    work = working_bytes(inspected.config, spec, dtype, max_context, run.max_batch)
+    config = inspected.model.config  # the built model's: it knows the attention implementation chosen
+    kv = kv_bytes_per_token(config, dtype) * max_context * run.max_batch
+    work = working_bytes(config, spec, dtype, max_context, run.max_batch)
     expert_bytes = spec.expert_numel() * dtype.itemsize
     budget = run.memory_budget
     if budget is None and run.expert_slots is None:
@@ -127,6 +136,16 @@ def automatic_budget(device: torch.device) -> int:
         free, _ = torch.cuda.mem_get_info(device)
         return max(0, int(free * CUDA_BUDGET_SHARE) - CUDA_RESERVE)
     return int(psutil.virtual_memory().available * CPU_BUDGET_SHARE)
+
+
+def host_mode(run: RunConfig, plan: MemoryPlan) -> str:
+    """As asked; otherwise pinned RAM with CUDA when every expert fits in available RAM with room to spare,
+    else read from the files on demand (the CPU default: the experts are already in host memory's page cache)."""
+    if run.host_memory is not None:
+        return run.host_memory
+    experts_bytes = plan.total_experts * plan.expert_bytes
+    fits = experts_bytes < HOST_RAM_SHARE * psutil.virtual_memory().available
+    return "pinned" if run.device.type == "cuda" and fits else "files"
 
 
 def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -183,8 +202,8 @@ def load(inspected: Inspected, run: RunConfig, plan: MemoryPlan):
     used = load_non_experts(inspected, run.device, run.progress)
     used |= inspected.layout.expert_keys()
     inspected.layout.warn_unused(used, getattr(inspected.model, "_keys_to_ignore_on_load_unexpected", None))
-    store = ExpertStore(inspected.tensors, inspected.layout, inspected.spec, inspected.dtype, run.host_memory,
-                        run.progress)
+    store = ExpertStore(inspected.tensors, inspected.layout, inspected.spec, inspected.dtype,
+                        host_mode(run, plan), run.progress)
     cache = ExpertCache(store, plan.expert_slots, run.device, make_policy(run.policy))
     reference_impl = inspected.model.get_correct_experts_implementation(None)  # what from_pretrained would use
     for layer_pos, path in enumerate(inspected.spec.experts_paths):

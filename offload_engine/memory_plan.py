@@ -75,7 +75,10 @@ def working_bytes(config, spec: ModelSpec, dtype: torch.dtype, max_context: int,
     dense = getattr(text, "intermediate_size", 0) or 0
     per_token = 12 * text.hidden_size + 3 * spec.top_k * intermediate + 3 * dense
     logits = 2 * batch * spec.vocab_size * 4  # fp32 logits of the last position, and the sampling copy
-    return batch * max_context * per_token * dtype.itemsize + logits + WORKING_SLACK
+    scores = 0
+    if getattr(text, "_attn_implementation", None) == "eager":  # eager attention materialises [B, heads, T, T]
+        scores = 2 * batch * text.num_attention_heads * max_context * max_context * 4
+    return batch * max_context * per_token * dtype.itemsize + logits + scores + WORKING_SLACK
 
 
 @dataclass(frozen=True)

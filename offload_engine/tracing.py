@@ -29,7 +29,8 @@ def calls_to_arrays(recorder: RoutingRecorder, num_layers: int, batch: int):
     ids_per_forward, scores_per_forward = [], []
     for start in range(0, len(recorder.calls), num_layers):
         calls = recorder.calls[start:start + num_layers]
-        assert [c[0] for c in calls] == list(range(num_layers)), "MoE layers recorded out of order"
+        if [c[0] for c in calls] != list(range(num_layers)):
+            raise RuntimeError("MoE layers were recorded out of order")
         ids_per_forward.append(torch.stack([c[1].reshape(batch, -1, c[1].shape[-1]) for c in calls], dim=2))
         scores_per_forward.append(torch.stack([c[2].reshape(batch, -1, c[2].shape[-1]) for c in calls], dim=2))
     return torch.cat(ids_per_forward, dim=1).numpy(), torch.cat(scores_per_forward, dim=1).numpy()
@@ -95,7 +96,15 @@ def trace_corpus(engine, inputs: list[CorpusInput], seq_len: int, max_seqs: int 
         raise GenerationInputError(
             f"--seq-len {seq_len} must be between 1 and the model's context ({engine.spec.max_position_embeddings})"
         )
-    eos = engine.tokenizer.eos_token_id if engine.tokenizer.eos_token_id is not None else min(engine.eos_ids())
+    if seq_len > engine.plan.max_context or batch_size > engine.run.max_batch:
+        raise GenerationInputError(
+            f"{batch_size} sequences of {seq_len} tokens exceed the memory plan ({engine.run.max_batch} of "
+            f"{engine.plan.max_context}); load with max_batch and max_context at least that large"
+        )
+    eos_ids = engine.eos_ids()
+    eos = engine.tokenizer.eos_token_id if engine.tokenizer.eos_token_id is not None else min(eos_ids, default=None)
+    if eos is None:
+        raise GenerationInputError("the model has no end-of-sequence token to join documents with")
     chunks, domains = [], []
     for item in inputs:
         found = corpus_chunks(engine.tokenizer, item.path.read_text(encoding="utf-8", errors="replace"), eos,

@@ -58,6 +58,10 @@ def assert_one_line_error(code, err, *needles):
         assert needle in lines[0], lines[0]
 
 
+def cli_exits_2(capsys, needle, *argv):
+    assert_one_line_error(*run_cli(capsys, *argv, "--quiet"), needle)
+
+
 def test_missing_path(tmp_path, capsys):
     with pytest.raises(CheckpointError, match="no such model directory"):
         OffloadEngine.from_pretrained(tmp_path / "nope", device="cpu")
@@ -234,3 +238,69 @@ def test_real_entry_point_prints_no_traceback(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: ") and "Traceback" not in proc.stderr
+
+
+def test_config_that_is_not_an_object(good_dir, tmp_path, capsys):
+    path = copy_of(good_dir, tmp_path)
+    (path / "config.json").write_text("[1, 2, 3]")
+    with pytest.raises(CheckpointError, match="not a JSON object"):
+        OffloadEngine.from_pretrained(path, device="cpu")
+    cli_exits_2(capsys, "not a JSON object", "plan", "--model", str(path))
+
+
+def test_config_with_a_mistyped_field(good_dir, tmp_path, capsys):
+    path = copy_of(good_dir, tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    config["num_local_experts"] = "eight"
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(OffloadEngineError):
+        OffloadEngine.from_pretrained(path, device="cpu")
+    cli_exits_2(capsys, "config", "plan", "--model", str(path))
+
+
+def test_architecture_transformers_cannot_build(tmp_path, capsys):
+    """DBRX's config lacks what its own modelling code reads (AttributeError inside transformers)."""
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "dbrx", "d_model": 32, "n_heads": 4,
+                                                      "n_layers": 2, "vocab_size": 64}))
+    save_file({"x": torch.zeros(1)}, tmp_path / "model.safetensors")
+    cli_exits_2(capsys, "dbrx", "plan", "--model", str(tmp_path))
+
+
+@pytest.mark.parametrize("header", [b"[1, 2]", b'{"w": {"dtype": "F32", "shape": [2], "data_offsets": [-8, 0]}}'])
+def test_malformed_safetensors_header(good_dir, tmp_path, capsys, header):
+    path = copy_of(good_dir, tmp_path)
+    import struct
+
+    (path / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(64))
+    with pytest.raises(CheckpointError):
+        OffloadEngine.from_pretrained(path, device="cpu")
+    cli_exits_2(capsys, "model.safetensors", "plan", "--model", str(path))
+
+
+def test_cli_exit_2_for_each_refusal(good_dir, tmp_path, capsys):
+    quantized = copy_of(good_dir, tmp_path / "q")
+    config = json.loads((quantized / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq"}
+    (quantized / "config.json").write_text(json.dumps(config))
+    cli_exits_2(capsys, "gptq", "generate", "--model", str(quantized))
+    cli_exits_2(capsys, "one token's 2 active experts", "generate", "--model", str(good_dir), "--expert-slots", "1")
+    cli_exits_2(capsys, "exceeds the model's context", "plan", "--model", str(good_dir), "--max-context", "100000")
+    sharded = tmp_path / "s"
+    tm.save_checkpoint(tm.build_reference("mixtral"), sharded, "sharded")
+    sorted(sharded.glob("*.safetensors"))[-1].unlink()
+    cli_exits_2(capsys, "missing", "plan", "--model", str(sharded))
+
+
+def test_prompt_too_long_in_cli(good_dir, tmp_path, capsys):
+    from tiny_tokenizer import save_char_tokenizer
+
+    path = copy_of(good_dir, tmp_path)
+    save_char_tokenizer(path)
+    cli_exits_2(capsys, "exceeds the model's context", "generate", "--model", str(path), "--prompt", "x" * 300,
+                "--expert-slots", "2")
+
+
+def test_unwritable_trace_output_is_refused_before_generating(good_dir, tmp_path, capsys):
+    missing_dir = tmp_path / "no" / "such" / "dir" / "t.npz"
+    cli_exits_2(capsys, "does not exist", "generate", "--model", str(good_dir), "--trace-out", str(missing_dir))
+    assert not missing_dir.parent.exists()

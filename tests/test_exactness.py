@@ -195,3 +195,22 @@ def test_bf16_is_bit_identical_to_transformers_default(tmp_path, name):
     assert torch.equal(logits, ref_logits)
     small = OffloadEngine.from_pretrained(tmp_path, device="cpu", expert_slots=engine.spec.top_k, progress=False)
     assert small.generate(PROMPT, max_new_tokens=NEW_TOKENS, ignore_eos=True).token_ids == ref_tokens[0].tolist()
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen3_moe"])
+def test_tied_embeddings(tmp_path, name):
+    """tie_word_embeddings: lm_head is not on disk and must be the embedding itself."""
+    config = tm.ARCHITECTURES[name]()
+    config.tie_word_embeddings = True
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    model.save_pretrained(tmp_path)
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ref_tokens, ref_logits = reference_no_eos(ref, torch.tensor([PROMPT]))
+    engine = OffloadEngine.from_pretrained(tmp_path, device="cpu", expert_slots=3, progress=False)
+    assert engine.model.lm_head.weight is engine.model.model.embed_tokens.weight
+    tokens, logits = engine_steps(engine, PROMPT)
+    assert tokens.tolist() == ref_tokens.tolist()
+    assert max_rel_error(logits, ref_logits) < REL_TOL
