@@ -10,6 +10,12 @@ from .errors import (
     UnsupportedModelError,
 )
 
+__all__ = [
+    "CheckpointError", "ConfigError", "GenerationInputError", "MemoryBudgetError", "OffloadEngineError",
+    "TraceFormatError", "UnsupportedModelError", "OffloadEngine", "GenerationResult", "GenerationStats",
+    "TokenEvent", "MemoryPlan", "parse_bytes", "RunConfig", "RoutingTrace", "load_trace", "save_trace",
+]
+
 # The engine pulls in torch and transformers: import it on first use, so that `python -m
 # offload_engine.trace_file` and the metrics stay light and runpy sees no half-imported module.
 _LAZY = {

@@ -7,14 +7,14 @@
 
 from __future__ import annotations
 
-import time
+import numbers
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from .errors import GenerationInputError
+from .errors import CheckpointError, GenerationInputError
 from .generation import SamplingConfig, decode_stream
 from .loading import Inspected, inspect_checkpoint, load, make_plan
 from .memory_plan import MemoryPlan, kv_bytes_per_token
@@ -140,6 +140,8 @@ class OffloadEngine:
             else:
                 ids = self.tokenizer(prompt)["input_ids"]
         else:
+            if chat:
+                raise GenerationInputError("chat=True needs a text prompt; token ids are used as they are")
             ids = [int(t) for t in prompt]
         if not ids:
             raise GenerationInputError("the prompt is empty; give at least one token")
@@ -148,8 +150,9 @@ class OffloadEngine:
             raise GenerationInputError(f"token id {bad[0]} is outside the vocabulary (0..{self.spec.vocab_size - 1})")
         return list(ids)
 
-    def _batch(self, prompts, chat: bool, max_new_tokens: int):
-        encoded = [self._encode(p, chat) for p in prompts]
+    def _prompts(self, prompt, chat: bool, max_new_tokens: int) -> list[list[int]]:
+        """Encode one prompt or a batch of them, and check them against the model and the memory plan."""
+        encoded = [self._encode(p, chat) for p in (list(prompt) if _is_batch(prompt) else [prompt])]
         longest = max(len(ids) for ids in encoded)
         needed = longest + max_new_tokens
         if self.spec.max_position_embeddings and needed > self.spec.max_position_embeddings:
@@ -167,13 +170,17 @@ class OffloadEngine:
                 f"{len(encoded)} prompts exceed the batch of {self.run.max_batch} the memory plan reserved; "
                 "load with max_batch (--max-batch) at least that large"
             )
-        pad = self.pad_id()
-        input_ids = torch.full((len(encoded), longest), pad, dtype=torch.long)
+        return encoded
+
+    def _padded(self, encoded: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left padding, as generate does: every sequence ends at the last column."""
+        longest = max(len(ids) for ids in encoded)
+        input_ids = torch.full((len(encoded), longest), self.pad_id(), dtype=torch.long)
         mask = torch.zeros((len(encoded), longest), dtype=torch.long)
-        for row, ids in enumerate(encoded):  # left padding: every sequence ends at the last column
+        for row, ids in enumerate(encoded):
             input_ids[row, longest - len(ids):] = torch.tensor(ids)
             mask[row, longest - len(ids):] = 1
-        return encoded, input_ids.to(self.run.device), mask.to(self.run.device)
+        return input_ids.to(self.run.device), mask.to(self.run.device)
 
     def eos_ids(self) -> set[int]:
         ids = getattr(self.model.generation_config, "eos_token_id", None)
@@ -202,44 +209,13 @@ class OffloadEngine:
         seed: int | None = None,
         chat: bool = False,
         ignore_eos: bool = False,
-        recorder: RoutingRecorder | None = None,
     ) -> Iterator[TokenEvent]:
         """Yield each step's tokens as they are produced; the last event carries the stats.
 
         `prompt`: a string, a list of token ids, or a list of either (a padded batch).
         """
         cfg = SamplingConfig(max_new_tokens, temperature, top_p, top_k, seed, ignore_eos)
-        prompts = list(prompt) if _is_batch(prompt) else [prompt]
-        encoded, input_ids, mask = self._batch(prompts, chat, max_new_tokens)
-        deltas = [_TextDelta(self.tokenizer) for _ in prompts]
-        for binding in self.bindings:
-            binding.recorder = recorder
-        cuda = self.run.device.type == "cuda"
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(self.run.device)
-        before = self.cache.stats()
-        try:
-            steps = decode_stream(self.model, input_ids, mask, cfg, self.eos_ids(), self.pad_id())
-            first = last = None
-            done = [False] * len(prompts)
-            count = count_first = 0
-            for step in steps:
-                first = step.time_s if first is None else first
-                last = step.time_s
-                tokens = step.tokens.tolist()
-                texts = tuple("" if was_done else d.push(t) for d, t, was_done in zip(deltas, tokens, done))
-                count += sum(not was_done for was_done in done)
-                count_first = count_first if step.index else count
-                finished = tuple(step.finished.tolist())
-                is_last = all(finished) or step.index + 1 == cfg.max_new_tokens
-                stats = None
-                if is_last:
-                    stats = self._stats(before, encoded, count, count_first, first, last, step.index + 1, cuda)
-                yield TokenEvent(step.index, tuple(tokens), texts, finished, stats)
-                done = list(finished)
-        finally:
-            for binding in self.bindings:
-                binding.recorder = None
+        yield from self._stream(self._prompts(prompt, chat, max_new_tokens), cfg)
 
     def generate(
         self,
@@ -254,24 +230,54 @@ class OffloadEngine:
         record_trace: bool = False,
     ) -> GenerationResult | list[GenerationResult]:
         """Generate for one prompt (a string or token ids), or for a list of prompts as one padded batch."""
+        cfg = SamplingConfig(max_new_tokens, temperature, top_p, top_k, seed, ignore_eos)
+        encoded = self._prompts(prompt, chat, max_new_tokens)
         recorder = RoutingRecorder() if record_trace else None
-        batch = _is_batch(prompt)
-        rows: list[list[int]] = []
+        rows: list[list[int]] = [[] for _ in encoded]
+        finished_before = [False] * len(encoded)
         stats = None
-        eos = set() if ignore_eos else self.eos_ids()
-        for event in self.stream(prompt, max_new_tokens, temperature, top_p, top_k, seed, chat, ignore_eos, recorder):
-            rows = rows or [[] for _ in event.token_ids]
-            for row, token, done_before in zip(rows, event.token_ids, _finished_before(rows, eos)):
-                if not done_before:
+        for event in self._stream(encoded, cfg, recorder):
+            for row, token, done in zip(rows, event.token_ids, finished_before):
+                if not done:
                     row.append(token)
-            stats = event.stats
+            finished_before, stats = event.finished, event.stats
         trace = None
         if recorder is not None:
-            prompts = [self._encode(p, chat) for p in (prompt if batch else [prompt])]
-            trace = generation_trace(recorder, prompts, rows, self.spec.num_experts, self.spec.moe_layers,
+            trace = generation_trace(recorder, encoded, rows, self.spec.num_experts, self.spec.moe_layers,
                                      self.directory.name)
         results = [GenerationResult(self._decode(ids), ids, stats, trace) for ids in rows]
-        return results if batch else results[0]
+        return results if _is_batch(prompt) else results[0]
+
+    def _stream(self, encoded: list[list[int]], cfg: SamplingConfig,
+                recorder: RoutingRecorder | None = None) -> Iterator[TokenEvent]:
+        input_ids, mask = self._padded(encoded)
+        deltas = [_TextDelta(self.tokenizer) for _ in encoded]
+        for binding in self.bindings:
+            binding.recorder = recorder
+        cuda = self.run.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.run.device)
+        before = self.cache.stats()
+        try:
+            first = None
+            done = [False] * len(encoded)
+            count = count_first = 0
+            for step in decode_stream(self.model, input_ids, mask, cfg, self.eos_ids(), self.pad_id()):
+                first = step.time_s if first is None else first
+                tokens = step.tokens.tolist()
+                texts = tuple("" if was_done else d.push(t) for d, t, was_done in zip(deltas, tokens, done))
+                count += sum(not was_done for was_done in done)
+                count_first = count_first if step.index else count
+                finished = tuple(step.finished.tolist())
+                stats = None
+                if all(finished) or step.index + 1 == cfg.max_new_tokens:
+                    stats = self._stats(before, encoded, count, count_first, first, step.time_s, step.index + 1,
+                                        cuda)
+                yield TokenEvent(step.index, tuple(tokens), texts, finished, stats)
+                done = list(finished)
+        finally:
+            for binding in self.bindings:
+                binding.recorder = None
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None else ""
@@ -298,11 +304,8 @@ class OffloadEngine:
 
 
 def _is_batch(prompt) -> bool:
-    return isinstance(prompt, (list, tuple)) and len(prompt) > 0 and not isinstance(prompt[0], int)
-
-
-def _finished_before(rows: list[list[int]], eos: set[int]) -> list[bool]:
-    return [bool(row) and row[-1] in eos for row in rows]
+    """A list of strings or of token-id lists is a batch; a list of ids (any integer type) is one prompt."""
+    return isinstance(prompt, (list, tuple)) and len(prompt) > 0 and not isinstance(prompt[0], numbers.Integral)
 
 
 def load_tokenizer(directory: Path):
@@ -313,6 +316,4 @@ def load_tokenizer(directory: Path):
     try:
         return AutoTokenizer.from_pretrained(directory)
     except (OSError, ValueError, TypeError) as e:
-        from .errors import CheckpointError
-
         raise CheckpointError(f"the tokenizer files in {directory} cannot be loaded ({str(e).splitlines()[0]})") from None

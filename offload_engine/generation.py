@@ -27,7 +27,7 @@ class SamplingConfig:
     ignore_eos: bool = False  # keep going after an EOS (fixed-length benchmarks and comparisons)
 
     def __post_init__(self):
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+        if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) or self.max_new_tokens < 1:
             raise GenerationInputError(f"max_new_tokens must be a positive integer, not {self.max_new_tokens!r}")
         if not self.temperature >= 0:  # also catches NaN
             raise GenerationInputError(f"temperature must be >= 0 (0 means greedy), not {self.temperature}")

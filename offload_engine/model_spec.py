@@ -7,6 +7,7 @@ This keeps the engine architecture-agnostic: no table of model classes to mainta
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -51,14 +52,7 @@ class ModelSpec:
         return self.num_moe_layers * self.num_experts
 
     def expert_numel(self) -> int:
-        return sum(_numel(p.shape) for p in self.expert_params)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+        return sum(math.prod(p.shape) for p in self.expert_params)
 
 
 def refuse_quantized(raw_config: dict) -> None:
@@ -76,7 +70,7 @@ def is_experts_module(module: nn.Module) -> bool:
     return hasattr(module, "is_concatenated") and hasattr(module, "_is_expert_parallel")
 
 
-def find_top_k(config, experts_modules: list[nn.Module]) -> int:
+def find_top_k(config) -> int:
     for key in TOP_K_KEYS:
         value = getattr(config, key, None)
         if isinstance(value, int) and value > 0:
@@ -119,7 +113,7 @@ def describe(model: nn.Module, config) -> ModelSpec:
         moe_layers=tuple(moe_layers),
         experts_paths=tuple(name for name, _ in experts),
         num_experts=int(num_experts),
-        top_k=find_top_k(text, [m for _, m in experts]),
+        top_k=find_top_k(text),
         expert_params=expert_params,
         vocab_size=int(text.vocab_size),
         max_position_embeddings=int(getattr(text, "max_position_embeddings", 0) or 0),
