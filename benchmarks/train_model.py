@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -174,13 +175,21 @@ def build_model(tokenizer, cfg: TrainConfig) -> Qwen3MoeForCausalLM:
     return Qwen3MoeForCausalLM(config)
 
 
-def export_bf16(model, tokenizer, out: Path) -> None:
-    """save_pretrained in bfloat16 (default per-expert layout) plus the tokenizer files."""
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def export_bf16(model, tokenizer_dir: Path, out: Path) -> None:
+    """save_pretrained in bfloat16 (default per-expert layout) plus the tokenizer files of tokenizer_dir.
+
+    The tokenizer files are copied, not re-saved: train_tokenizer.py's tokenizer_config.json is kept as is.
+    """
     m = copy.deepcopy(model).to(torch.bfloat16)
     m.config._experts_implementation = None  # a run setting, not part of the checkpoint
     m.generation_config.do_sample = False
     m.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    for name in TOKENIZER_FILES:
+        if (tokenizer_dir / name).resolve() != (out / name).resolve():
+            shutil.copyfile(tokenizer_dir / name, out / name)
 
 
 def plot_curve(log: list[dict], path: Path) -> None:
@@ -255,11 +264,11 @@ def train(cfg: TrainConfig, corpus: Path, out: Path, run_dir: Path, resume: bool
             torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": done, "log": log,
                         "elapsed_s": el}, run_dir / "state.pt.tmp")
             (run_dir / "state.pt.tmp").replace(run_dir / "state.pt")
-            export_bf16(model, tokenizer, run_dir / "latest")
+            export_bf16(model, out, run_dir / "latest")
             (run_dir / "log.json").write_text(json.dumps(log))
             plot_curve(log, run_dir / "loss_curve.png")
     el = time.perf_counter() - t0
-    export_bf16(model, tokenizer, out)
+    export_bf16(model, out, out)
     plot_curve(log, out / "loss_curve.png")
     summary = {"train_config": asdict(cfg), "params": counts, "steps": cfg.steps,
                "train_tokens": cfg.steps * tok_per_step, "wall_time_s": round(el, 1),
