@@ -23,6 +23,7 @@ import gzip
 import hashlib
 import json
 import re
+import shutil
 import struct
 import subprocess
 import sysconfig
@@ -187,7 +188,10 @@ def fetch_package(name: str, out: Path) -> Path:
         if r.returncode != 0:
             raise RuntimeError(f"apt-get download {name} failed (run apt-get update?):\n{r.stderr}")
     (deb,) = debs.glob(f"{name}_*.deb")
-    tmp = root.with_suffix(".tmp")
+    tmp = root.with_suffix(".tmp")  # unpack, then rename: an interrupted run leaves no half package
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
     subprocess.run(["dpkg-deb", "-x", str(deb), str(tmp)], check=True)
     tmp.rename(root)
     return root
