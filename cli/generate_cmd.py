@@ -16,7 +16,8 @@ from .run_options import add_model_options, model_path, output_path, positive_in
 
 
 def add_parser(subparsers, name: str):
-    p = subparsers.add_parser(name, help="generate text with offloaded experts")
+    p = subparsers.add_parser(name, help="generate text with offloaded experts (the prompt, then the "
+                                         "continuation as it is produced, on stdout; figures on stderr)")
     add_model_options(p)
     p.add_argument("--prompt", default="The", help="the prompt text (default: 'The')")
     p.add_argument("--max-new-tokens", type=positive_int, default=64)
@@ -56,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
             print(stats_line(result.stats), file=sys.stderr)
         return 0
     stats = None
+    if not args.chat:  # the continuation reads as text only after its prompt
+        sys.stdout.write(args.prompt)
     for event in engine.stream(args.prompt, **kwargs):
         sys.stdout.write(event.text)
         sys.stdout.flush()

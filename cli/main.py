@@ -33,7 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         if getattr(args, "profile", None) is not None:
-            apply_profile(sub_parser(parser, args.command), _after_command(argv, args.command))
+            subparsers = _subparsers(parser)
+            any_command = {a.dest for p in subparsers.values() for a in p._actions}
+            apply_profile(subparsers[args.command], _after_command(argv, args.command), any_command)
             args = parser.parse_args(argv)
         return COMMANDS[args.command].run(args) or 0
     except OffloadEngineError as e:
@@ -44,9 +46,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def sub_parser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
     action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return action.choices[command]
+    return action.choices
 
 
 def _after_command(argv: list[str] | None, command: str) -> list[str]:

@@ -40,8 +40,10 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def apply_profile(parser: argparse.ArgumentParser, argv: list[str] | None) -> None:
-    """Read --profile first so its values become defaults that explicit flags override."""
+def apply_profile(parser: argparse.ArgumentParser, argv: list[str] | None, any_command: set[str]) -> None:
+    """Read --profile first so its values become defaults that explicit flags override. A key of another
+    command (max_new_tokens for `plan`) is skipped, so one profile serves plan and generate; a key no command
+    knows is refused."""
     pre, _ = parser.parse_known_args(argv)
     profile = getattr(pre, "profile", None)
     if profile is None:
@@ -50,11 +52,12 @@ def apply_profile(parser: argparse.ArgumentParser, argv: list[str] | None) -> No
         values = tomllib.loads(Path(profile).read_text())
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise ConfigError(f"cannot read profile {profile}: {e}") from None
-    known = {a.dest for a in parser._actions}
-    unknown = sorted(set(k.replace("-", "_") for k in values) - known)
+    values = {k.replace("-", "_"): v for k, v in values.items()}
+    unknown = sorted(set(values) - any_command)
     if unknown:
         raise ConfigError(f"profile {profile} sets unknown option {unknown[0]!r}")
-    parser.set_defaults(**{k.replace("-", "_"): v for k, v in values.items()})
+    known = {a.dest for a in parser._actions}
+    parser.set_defaults(**{k: v for k, v in values.items() if k in known})
 
 
 def output_path(path: Path | None) -> Path | None:

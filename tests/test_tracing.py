@@ -100,7 +100,11 @@ def test_cli_streams_text_and_prints_stats(tmp_path, capsys):
                  "--expert-slots", "2", "--chat", "--quiet", "--ignore-eos"])
     captured = capsys.readouterr()
     assert code == 0
-    assert captured.out == expected + "\n"
+    assert captured.out == expected + "\n"  # with --chat, the continuation alone
+    plain = engine.generate("Hi", max_new_tokens=8, ignore_eos=True).text
+    assert main(["generate", "--model", str(tmp_path / "m"), "--prompt", "Hi", "--max-new-tokens", "8",
+                 "--expert-slots", "2", "--quiet", "--ignore-eos"]) == 0
+    assert capsys.readouterr().out == "Hi" + plain + "\n"
     assert "TTFT" in captured.err and "hit rate" in captured.err and "tok/s" in captured.err
     assert tokenizer is not None
 

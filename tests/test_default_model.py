@@ -1,0 +1,89 @@
+"""The bundled default model: it loads, generates under an offloading budget exactly what transformers
+generates with it, and its loss on the committed validation sample stays below the model card's bound."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import offload_engine
+from offload_engine import OffloadEngine
+from offload_engine.cli.main import main
+
+MODEL = Path(offload_engine.__file__).parent / "default_model"
+SAMPLE = Path(__file__).parent / "data" / "val_sample"
+# The model card's bounds (offload_engine/default_model/README.md): measured loss + 0.3 nats per token.
+BOUNDS = {"all": 4.12, "en": 3.94, "es": 4.49, "de": 4.58, "fr": 4.09, "ja": 3.65, "py": 4.40}
+THIRD = 16  # expert slots: a third of the model's 48 experts
+PROMPTS = ["The history of the", "import os\n\n\ndef ", "And God said to Moses,"]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(MODEL).eval(), AutoTokenizer.from_pretrained(MODEL)
+
+
+def test_the_bundled_model_is_complete_and_small():
+    assert (MODEL / "config.json").is_file() and (MODEL / "README.md").is_file()
+    assert (MODEL / "model.safetensors").stat().st_size <= 30 * 1000**2
+    config = json.loads((MODEL / "config.json").read_text())
+    assert config["model_type"] == "qwen3_moe" and config["num_local_experts"] >= 8
+    assert config["num_experts_per_tok"] >= 2 and config["mlp_only_layers"] == [] and config["decoder_sparse_step"] == 1
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_offloaded_generation_is_exactly_transformers(reference, prompt):
+    model, tokenizer = reference
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out = model.generate(ids, do_sample=False, max_new_tokens=32, output_logits=True,
+                             return_dict_in_generate=True)
+    expected = out.sequences[0, ids.shape[1]:].tolist()
+    engine = OffloadEngine.from_pretrained(MODEL, device="cpu", expert_slots=THIRD, progress=False)
+    assert engine.plan.expert_slots < engine.plan.total_experts
+    result = engine.generate(prompt, max_new_tokens=32)
+    assert result.token_ids == expected
+    assert result.text == tokenizer.decode(expected, skip_special_tokens=True)
+    assert result.stats.misses > 0  # experts really were streamed in
+
+
+def test_cli_default_model_under_a_budget(capsys):
+    """No --model: the bundled checkpoint, under a budget that forces offloading."""
+    code = main(["generate", "--profile", str(Path(__file__).parents[1] / "profiles" / "demo.toml"),
+                 "--max-new-tokens", "12", "--json", "--quiet"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert len(result["token_ids"]) > 0 and result["text"].strip()
+    assert result["stats"]["misses"] > 0
+
+
+def sample_loss(model, tokenizer, seq_len: int = 256) -> dict[str, float]:
+    """As benchmarks/eval_model.py: [EOS] + the file's tokens, windows of seq_len + 1 (stride seq_len)."""
+    per, every = {}, []
+    for path in sorted(SAMPLE.glob("*.txt")):
+        ids = [tokenizer.eos_token_id] + tokenizer(path.read_text("utf-8"), add_special_tokens=False)["input_ids"]
+        nll = []
+        for start in range(0, len(ids) - 1, seq_len):
+            window = torch.tensor(ids[start:start + seq_len + 1])[None]
+            if window.shape[1] < 2:
+                break
+            with torch.inference_mode():
+                logits = model(input_ids=window[:, :-1], output_router_logits=False).logits.float()
+            nll.append(F.cross_entropy(logits[0], window[0, 1:], reduction="none"))
+        nll = torch.cat(nll)
+        per[path.stem] = nll.mean().item()
+        every.append(nll)
+    per["all"] = torch.cat(every).mean().item()
+    return per
+
+
+def test_offloaded_loss_on_the_validation_sample_is_below_the_bound():
+    engine = OffloadEngine.from_pretrained(MODEL, device="cpu", dtype="float32", expert_slots=THIRD, progress=False)
+    losses = sample_loss(engine.model, engine.tokenizer)
+    assert set(losses) == set(BOUNDS)
+    for domain, bound in BOUNDS.items():
+        assert losses[domain] < bound, f"{domain}: loss {losses[domain]:.3f} >= bound {bound}"
