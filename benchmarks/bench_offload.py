@@ -110,29 +110,31 @@ def _time(fn) -> float:
 def peak_load_memory(path: Path, device: str, slots: int) -> dict:
     """Peak RSS growth while loading, in a fresh process; the baseline is taken once the code is imported and
     the model built on the meta device (no weights), so only weight memory is counted."""
+    # VmHWM, not ru_maxrss: a child's ru_maxrss starts from the parent's high-water mark (kept across exec)
+    hwm = "int([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]) * 1024"
     code = f"""
-import resource, json, torch
+import json, torch
 from offload_engine.engine import OffloadEngine, load_tokenizer
 from offload_engine.loading import inspect_checkpoint, make_plan
 from offload_engine.run_config import RunConfig
 run = RunConfig.build(device={device!r}, expert_slots={slots}, progress=False)
 inspected = inspect_checkpoint({str(path)!r}, run)
 plan = make_plan(inspected, run)
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+base = {hwm}
 engine = OffloadEngine(inspected, run, plan)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = {hwm}
 print(json.dumps(dict(base=base, peak=peak, non_expert=plan.non_expert_bytes, slots=engine.cache.nbytes)))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     engine = json.loads(out.stdout.strip().splitlines()[-1])
     code_hf = f"""
-import resource, json, torch, transformers
+import json, torch, transformers
 from transformers import AutoConfig, AutoModelForCausalLM
 with torch.device("meta"):
     AutoModelForCausalLM.from_config(AutoConfig.from_pretrained({str(path)!r}))
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+base = {hwm}
 m = AutoModelForCausalLM.from_pretrained({str(path)!r})
-print(json.dumps(dict(base=base, peak=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)))
+print(json.dumps(dict(base=base, peak={hwm})))
 """
     out = subprocess.run([sys.executable, "-c", code_hf], capture_output=True, text=True, check=True)
     hf = json.loads(out.stdout.strip().splitlines()[-1])

@@ -68,6 +68,10 @@ class ExpertCache:
             for p in store.spec.expert_params
         }
         self.slot_of: dict[tuple[int, int], int] = {}
+        # the same map as a device tensor, [L, E] -> slot (-1: not resident), so a layer call turns expert ids
+        # into slot ids with one gather; updated on misses and evictions only
+        self.slot_table = torch.full((store.spec.num_moe_layers, store.spec.num_experts), -1, dtype=torch.long,
+                                     device=self.device)
         self.key_in: list[tuple[int, int] | None] = [None] * num_slots
         self.free = list(range(num_slots - 1, -1, -1))
         self.counters = [LayerCounters() for _ in range(store.spec.num_moe_layers)]
@@ -95,6 +99,7 @@ class ExpertCache:
             if slot is None:
                 slot = self._claim_slot(protected=wanted)
                 self.slot_of[key], self.key_in[slot] = slot, key
+                self.slot_table[layer_pos, e] = slot
                 self.policy.on_insert(key)
                 loads.append((e, slot))
                 counters.misses += 1
@@ -109,6 +114,7 @@ class ExpertCache:
             except BaseException:  # a slot whose copy failed must not be found resident later
                 for e, slot in loads:
                     del self.slot_of[(layer_pos, e)]
+                    self.slot_table[layer_pos, e] = -1
                     self.policy.on_evict((layer_pos, e))
                     self.key_in[slot] = None
                     self.free.append(slot)
@@ -122,6 +128,7 @@ class ExpertCache:
             return self.free.pop()
         victim = self.policy.victim(protected)
         slot = self.slot_of.pop(victim)
+        self.slot_table[victim] = -1
         self.policy.on_evict(victim)
         self.key_in[slot] = None
         self.counters[victim[0]].evictions += 1

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from .expert_cache import ExpertCache
 
 IMPLEMENTATION_NAME = "offload_engine"
+SMALL_CALL = 64  # routed (token, expert) pairs up to which the needed experts are found in Python
+MAX_SPANS = 256
 
 
 @dataclass
@@ -33,8 +35,8 @@ class RoutingRecorder:
 
 
 class SlotExperts:
-    """An experts module seen through the cache: its own flags, gate and activation, with the slot pool
-    [S, ...] as its weights, so transformers' experts functions run unchanged on resident experts."""
+    """An experts module seen through the cache: its own flags, gate and activation, with (a span of) the slot
+    pool [S, ...] as its weights, so transformers' experts functions run unchanged on resident experts."""
 
     def __init__(self, module, pool: dict[str, torch.Tensor]):
         self._module = module
@@ -54,10 +56,19 @@ class ExpertsBinding:
 
     layer_pos: int
     cache: ExpertCache
-    slot_experts: SlotExperts
+    module: object  # the transformers experts module
     compute: Callable
-    slot_lookup: torch.Tensor  # [E] expert id -> slot, valid for the experts of the current call
     recorder: RoutingRecorder | None = None
+    spans: dict[tuple[int, int], SlotExperts] = field(default_factory=dict)  # by (first slot, end): reused
+
+    def span(self, lo: int, hi: int) -> SlotExperts:
+        view = self.spans.get((lo, hi))
+        if view is None:
+            if len(self.spans) >= MAX_SPANS:  # scattered slots give many spans: keep the memo small
+                self.spans.clear()
+            pool = self.cache.pool
+            view = self.spans[lo, hi] = SlotExperts(self.module, {name: t[lo:hi] for name, t in pool.items()})
+        return view
 
 
 def bind(module, layer_pos: int, cache: ExpertCache, implementation: str) -> ExpertsBinding:
@@ -68,8 +79,7 @@ def bind(module, layer_pos: int, cache: ExpertCache, implementation: str) -> Exp
         compute = type(module).forward.__wrapped__  # the class's own loop, under the decorator
     else:
         compute = ALL_EXPERTS_FUNCTIONS[implementation]
-    lookup = torch.zeros(cache.store.spec.num_experts, dtype=torch.long, device=cache.device)
-    return ExpertsBinding(layer_pos, cache, SlotExperts(module, cache.pool), compute, lookup)
+    return ExpertsBinding(layer_pos, cache, module, compute)
 
 
 def register_experts_implementation() -> None:
@@ -107,14 +117,22 @@ def offloaded_experts_forward(
     cache = binding.cache
     if binding.recorder is not None:
         binding.recorder.record(binding.layer_pos, top_k_index, top_k_weights)
-    experts = top_k_index.unique().tolist()  # ascending; on CUDA the one sync a layer needs
+    # the experts this call needs, ascending; on CUDA the one sync a layer needs. Few ids (decode): in Python,
+    # cheaper than torch.unique's dispatch
+    if top_k_index.numel() <= SMALL_CALL:
+        experts = sorted(set(top_k_index.view(-1).tolist()))
+    else:
+        experts = top_k_index.unique().tolist()
     if len(experts) <= cache.num_slots:
         # the common case: all of this call's experts resident at once, then transformers' own kernel and
         # reduction over the slot pool, bit for bit what the reference computes over its [E, ...] tensors
         slots = cache.fetch(binding.layer_pos, experts)
-        lookup = binding.slot_lookup
-        lookup[torch.tensor(experts, device=lookup.device)] = torch.tensor(slots, device=lookup.device)
-        return binding.compute(binding.slot_experts, hidden_states, lookup[top_k_index], top_k_weights)
+        # only the span of slots in use: grouped_mm's cost grows with the number of groups it is handed
+        lo, hi = min(slots), max(slots) + 1
+        slot_index = cache.slot_table[binding.layer_pos][top_k_index]
+        if lo:
+            slot_index = slot_index - lo
+        return binding.compute(binding.span(lo, hi), hidden_states, slot_index, top_k_weights)
     out = torch.zeros_like(hidden_states)
     for start in range(0, len(experts), cache.num_slots):  # more experts than slots: a group at a time
         group = experts[start:start + cache.num_slots]

@@ -88,6 +88,8 @@ def test_slot_count_is_never_exceeded(mixtral_dir):
         assert len(cache.slot_of) <= 4 and all(0 <= s < 4 for s in slots)
         for e, s in zip(experts, slots):
             assert cache.key_in[s] == (layer, e)
+        table = {(l, e): int(cache.slot_table[l, e]) for l in range(2) for e in range(8)}
+        assert {k: v for k, v in table.items() if v >= 0} == cache.slot_of  # the gather table mirrors the map
     stats = cache.stats()
     assert stats.hits + stats.misses == 400
     assert stats.bytes_to_device == stats.misses * cache.store.expert_nbytes()
