@@ -62,14 +62,16 @@ def trace_and_loss(model_dir: Path, inputs, seq_len: int, max_seqs: int):
     from offload_engine.tracing import trace_corpus
 
     engine = OffloadEngine.from_pretrained(model_dir, device="cpu", dtype="float32", expert_slots=1 << 20,
-                                           progress=False)
+                                           max_batch=8, max_context=seq_len, progress=False)
     trace = trace_corpus(engine, inputs, seq_len, max_seqs, batch_size=8)
     losses = {}
     for domain in dict.fromkeys(trace.domains):
         rows = [i for i, d in enumerate(trace.domains) if d == domain]
         ids = torch.tensor(trace.token_ids[rows], dtype=torch.long)
         with torch.inference_mode():
-            losses[domain] = float(engine.model(input_ids=ids, labels=ids, use_cache=False).loss)
+            # no router aux loss in the figure: the config keeps output_router_logits from training
+            out = engine.model(input_ids=ids, labels=ids, use_cache=False, output_router_logits=False)
+            losses[domain] = float(out.loss)
     return trace, losses
 
 
