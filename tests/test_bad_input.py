@@ -304,3 +304,15 @@ def test_unwritable_trace_output_is_refused_before_generating(good_dir, tmp_path
     missing_dir = tmp_path / "no" / "such" / "dir" / "t.npz"
     cli_exits_2(capsys, "does not exist", "generate", "--model", str(good_dir), "--trace-out", str(missing_dir))
     assert not missing_dir.parent.exists()
+
+
+def test_hub_id_without_network_is_one_clear_line():
+    """A hub id goes to huggingface_hub; offline (as on CI) that is one line saying what to do."""
+    import os
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "offload_engine.cli.main", "plan", "--model",
+                           "mistralai/Mixtral-8x7B-v0.1"], capture_output=True, text=True, env=env)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: could not fetch 'mistralai/Mixtral-8x7B-v0.1'")
+    assert "local directory" in proc.stderr and proc.stderr.count("\n") == 1
