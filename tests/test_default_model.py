@@ -87,3 +87,20 @@ def test_offloaded_loss_on_the_validation_sample_is_below_the_bound():
     assert set(losses) == set(BOUNDS)
     for domain, bound in BOUNDS.items():
         assert losses[domain] < bound, f"{domain}: loss {losses[domain]:.3f} >= bound {bound}"
+
+
+def test_transformers_generation_features_work_on_the_offloaded_model(reference):
+    """engine.model is transformers' model: a streamer and logits processing behave as on the reference."""
+    from transformers import TextIteratorStreamer
+
+    model, tokenizer = reference
+    ids = tokenizer("In the beginning", return_tensors="pt")["input_ids"]
+    kwargs = dict(do_sample=False, max_new_tokens=24, no_repeat_ngram_size=2, repetition_penalty=1.3)
+    with torch.no_grad():
+        expected = model.generate(ids, **kwargs)
+    engine = OffloadEngine.from_pretrained(MODEL, device="cpu", expert_slots=THIRD, progress=False)
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True)
+    with torch.no_grad():
+        got = engine.model.generate(ids, streamer=streamer, **kwargs)
+    assert got.tolist() == expected.tolist()
+    assert "".join(streamer) == tokenizer.decode(expected[0, ids.shape[1]:], skip_special_tokens=True)
