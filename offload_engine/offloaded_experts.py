@@ -38,8 +38,16 @@ class SlotExperts:
     """An experts module seen through the cache: its own flags, gate and activation, with (a span of) the slot
     pool [S, ...] as its weights, so transformers' experts functions run unchanged on resident experts."""
 
+    # read on every call by transformers' experts functions: copied once, since nn.Module's attribute lookup
+    # through __getattr__ cost about 30 us per call
+    COPIED = ("has_gate", "has_bias", "is_transposed", "is_concatenated", "has_post_expert_norm", "act_fn",
+              "_apply_gate", "post_expert_norm")
+
     def __init__(self, module, pool: dict[str, torch.Tensor]):
         self._module = module
+        for name in self.COPIED:
+            if hasattr(module, name):
+                setattr(self, name, getattr(module, name))
         self.num_experts = next(iter(pool.values())).shape[0]
         self._is_expert_parallel = False
         for name, tensor in pool.items():
