@@ -185,6 +185,9 @@ def export_bf16(model, tokenizer_dir: Path, out: Path) -> None:
     """
     m = copy.deepcopy(model).to(torch.bfloat16)
     m.config._experts_implementation = None  # a run setting, not part of the checkpoint
+    # the router aux loss is a training setting: left on, every inference step computes it, and transformers'
+    # own generate on a padded batch fails inside load_balancing_loss_func
+    m.config.output_router_logits = False
     m.generation_config.do_sample = False
     m.save_pretrained(out)
     for name in TOKENIZER_FILES:

@@ -49,7 +49,7 @@ def balanced_sample(corpus: Path, chars_per_domain: int, seed: int) -> list[str]
 
 
 def train(corpus: Path, out: Path, vocab_size: int = 8192, chars_per_domain: int = 1_500_000,
-          seed: int = 0, max_length: int = 512) -> PreTrainedTokenizerFast:
+          seed: int = 0, max_length: int = 1024) -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

@@ -104,3 +104,21 @@ def test_transformers_generation_features_work_on_the_offloaded_model(reference)
         got = engine.model.generate(ids, streamer=streamer, **kwargs)
     assert got.tolist() == expected.tolist()
     assert "".join(streamer) == tokenizer.decode(expected[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def test_padded_batch_on_the_bundled_model(reference):
+    """A batch of prompts of different lengths equals transformers' left-padded batch generate."""
+    model, tokenizer = reference
+    prompts = ["In the beginning", "import os\n\n\ndef "]
+    tokenizer.padding_side = "left"
+    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = model.generate(**batch, do_sample=False, max_new_tokens=16)
+    engine = OffloadEngine.from_pretrained(MODEL, device="cpu", expert_slots=THIRD, max_batch=2, progress=False)
+    results = engine.generate(prompts, max_new_tokens=16)
+    width = batch["input_ids"].shape[1]
+    for row, result in enumerate(results):
+        expected = out[row, width:].tolist()
+        if engine.eos_ids() & set(expected):
+            expected = expected[:min(expected.index(e) for e in engine.eos_ids() if e in expected) + 1]
+        assert result.token_ids == expected
