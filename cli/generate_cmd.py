@@ -52,14 +52,14 @@ def run(args: argparse.Namespace) -> int:
             save_trace(args.trace_out, result.trace)
         if args.json:
             print(json.dumps({"text": result.text, "token_ids": result.token_ids, "stats": result.stats.as_dict()}))
-        else:
-            print(result.text)
+        else:  # the same output as streaming, all at once
+            print(("" if args.chat else args.prompt) + result.text)
             print(stats_line(result.stats), file=sys.stderr)
         return 0
     stats = None
-    if not args.chat:  # the continuation reads as text only after its prompt
-        sys.stdout.write(args.prompt)
     for event in engine.stream(args.prompt, **kwargs):
+        if event.index == 0 and not args.chat:  # once the prompt is accepted: the continuation reads after it
+            sys.stdout.write(args.prompt)
         sys.stdout.write(event.text)
         sys.stdout.flush()
         stats = event.stats or stats

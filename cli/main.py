@@ -28,7 +28,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_libraries() -> None:
+    """The one place the CLI touches a library's global settings: transformers' warnings (e.g. 'sequence
+    longer than the maximum') would stand beside, and contradict, the engine's own one-line errors."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+
+
 def main(argv: list[str] | None = None) -> int:
+    quiet_libraries()
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -40,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command].run(args) or 0
     except OffloadEngineError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the file system said no (an output folder that does not exist, a full disk...)
+        print(f"error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

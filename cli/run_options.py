@@ -56,8 +56,23 @@ def apply_profile(parser: argparse.ArgumentParser, argv: list[str] | None, any_c
     unknown = sorted(set(values) - any_command)
     if unknown:
         raise ConfigError(f"profile {profile} sets unknown option {unknown[0]!r}")
-    known = {a.dest for a in parser._actions}
-    parser.set_defaults(**{k: v for k, v in values.items() if k in known})
+    actions = {a.dest: a for a in parser._actions}
+    parser.set_defaults(**{k: _profile_value(profile, actions[k], v) for k, v in values.items() if k in actions})
+
+
+def _profile_value(profile: Path, action: argparse.Action, value):
+    """A profile value, checked and converted as the flag's own would be."""
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        if not isinstance(value, bool):
+            raise ConfigError(f"profile {profile}: {action.dest} must be true or false, not {value!r}")
+        return value
+    try:
+        value = action.type(str(value)) if action.type is not None else str(value)
+    except (argparse.ArgumentTypeError, ValueError) as e:
+        raise ConfigError(f"profile {profile}: {action.dest} = {value!r} is invalid ({e})") from None
+    if action.choices is not None and value not in action.choices:
+        raise ConfigError(f"profile {profile}: {action.dest} must be one of {sorted(action.choices)}, not {value!r}")
+    return value
 
 
 def output_path(path: Path | None) -> Path | None:

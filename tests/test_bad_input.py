@@ -316,3 +316,30 @@ def test_hub_id_without_network_is_one_clear_line():
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: could not fetch 'mistralai/Mixtral-8x7B-v0.1'")
     assert "local directory" in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_profile_values_are_checked_like_flags(tmp_path, capsys):
+    profile = tmp_path / "p.toml"
+    profile.write_text('max_new_tokens = "many"\n')
+    cli_exits_2(capsys, "max_new_tokens", "generate", "--profile", str(profile))
+    profile.write_text("quiet = 3\n")
+    cli_exits_2(capsys, "true or false", "generate", "--profile", str(profile))
+
+
+def test_nothing_reaches_stdout_before_the_prompt_is_accepted(good_dir, tmp_path, capsys):
+    from tiny_tokenizer import save_char_tokenizer
+
+    path = copy_of(good_dir, tmp_path)
+    save_char_tokenizer(path)
+    code = main(["generate", "--model", str(path), "--prompt", "x" * 300, "--expert-slots", "2", "--quiet"])
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == ""
+
+
+def test_an_output_folder_that_does_not_exist_is_one_line(capsys):
+    flame = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "data" / \
+        "flame-moe-290m-traces" / "flame_moe_290m_routing.npz"
+    if not flame.is_file():
+        pytest.skip(f"shared FLAME trace not found at {flame}")
+    code, err = run_cli(capsys, "consistency", str(flame), "--num-experts", "64", "--plot", "/no/such/dir/p.png")
+    assert_one_line_error(code, err, "/no/such/dir/p.png")
