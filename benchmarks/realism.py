@@ -83,7 +83,7 @@ def figures(trace) -> dict:
                      ("belady", lambda c: belady(trace, c))):
         out[name] = {r: fn(capacity_for_ratio(trace, r)).hit_rate for r in RATIOS}
     out["layers"] = [
-        {"srp16": srp(trace, 16, layer=i).srp,
+        {**{f"srp{m}": srp(trace, m, layer=i).srp for m in MS},
          **{f"sch16_{r}": sch(trace, 16, capacity_for_ratio(trace, r, layer=i), layer=i).hit_rate for r in RATIOS},
          **{f"lru_{r}": lru(trace, capacity_for_ratio(trace, r, layer=i), layer=i).hit_rate for r in RATIOS},
          **{f"belady_{r}": belady(trace, capacity_for_ratio(trace, r, layer=i), layer=i).hit_rate for r in RATIOS}}
@@ -109,6 +109,30 @@ def usage_by_domain(trace) -> dict[str, np.ndarray]:
     return out
 
 
+def residual_stream(model_dir: Path, text_path: Path, tokens: int = 256) -> dict:
+    """Why a model routes stickily or not: per layer, the RMS of the attention output (against the
+    embeddings') and the mean cosine similarity of consecutive tokens' hidden states after the layer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ids = tokenizer(text_path.read_text()[: tokens * 8], return_tensors="pt")["input_ids"][:, :tokens]
+    attn = {}
+    hooks = [layer.self_attn.register_forward_hook(lambda m, i, o, n=n: attn.__setitem__(n, o[0]))
+             for n, layer in enumerate(model.model.layers)]
+    with torch.no_grad():
+        out = model(ids, output_hidden_states=True, output_router_logits=False)
+    for h in hooks:
+        h.remove()
+    rms = lambda t: t.pow(2).mean().sqrt().item()  # noqa: E731
+    cos = []
+    for hidden in out.hidden_states[1:]:
+        unit = torch.nn.functional.normalize(hidden[0], dim=-1)
+        cos.append((unit[1:] * unit[:-1]).sum(-1).mean().item())
+    return {"embedding_rms": rms(out.hidden_states[0]), "attention_rms": [rms(attn[n]) for n in sorted(attn)],
+            "consecutive_cos": cos}
+
+
 def print_figures(name: str, f: dict) -> None:
     print(f"\n{name}")
     print("  SRP      " + "  ".join(f"m={m}: {f['srp'][m]:.3f} (rho_hat {f['rho_hat'][m]:.2f})" for m in MS))
@@ -117,9 +141,12 @@ def print_figures(name: str, f: dict) -> None:
         print(f"  {label:<9}" + "  ".join(f"rho={r}: {f[key][r]:.3f}" for r in RATIOS))
     print(f"  load balance (std of act_r, m=16) {f['load_balance']:.4f}; domain specialisation "
           f"{'n/a' if f['domain_specialisation'] is None else format(f['domain_specialisation'], '.3f')}")
-    print("  per layer: " + "  ".join(
-        f"L{i}: SRP16 {x['srp16']:.3f} SCH16@2 {x['sch16_2']:.3f} LRU@2 {x['lru_2']:.3f} Bel@2 {x['belady_2']:.3f}"
-        for i, x in enumerate(f["layers"])))
+    keys = [f"srp{m}" for m in MS] + [f"{p}_{r}" for p in ("sch16", "lru", "belady") for r in RATIOS]
+    print("  | layer | " + " | ".join(k.replace("_", " rho=").replace("sch16", "SCH m=16").replace("srp", "SRP m=")
+                                      .replace("lru", "LRU").replace("belady", "Belady") for k in keys) + " |")
+    print("  |---|" + "---|" * len(keys))
+    for i, x in enumerate(f["layers"]):
+        print(f"  | {i} | " + " | ".join(f"{x[k]:.3f}" for k in keys) + " |")
 
 
 def plot_usage(usages: dict[str, dict[str, np.ndarray]], path: Path) -> None:
@@ -161,6 +188,7 @@ def main() -> None:
     results, usages = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         models = {"trained": args.model, "untrained": untrained_copy(args.model, Path(tmp) / "untrained")}
+        streams = {name: residual_stream(path, args.corpus / "en.val.txt") for name, path in models.items()}
         for name, path in models.items():
             trace, losses = trace_and_loss(path, inputs, args.seq_len, args.max_seqs)
             save_trace(args.out_dir / f"{name}.npz", trace)
@@ -180,6 +208,11 @@ def main() -> None:
             [f"SRP m={m} x{t['srp'][m] / u['srp'][m]:.2f}" for m in MS] +
             [f"SCH@{r} x{t['sch'][r] / u['sch'][r]:.2f}" for r in RATIOS] +
             [f"LRU@{r} x{t['lru'][r] / u['lru'][r]:.2f}" for r in RATIOS]))
+    print("\nresidual stream on 256 tokens of en validation text (per layer 0..L-1)")
+    for name, r in streams.items():
+        print(f"  {name}: embedding RMS {r['embedding_rms']:.3f}; attention output RMS "
+              + " ".join(f"{x:.3f}" for x in r["attention_rms"]) + "; cos(h_t, h_t+1) "
+              + " ".join(f"{x:.2f}" for x in r["consecutive_cos"]))
     plot_usage(usages, args.out_dir / "expert_usage.png")
     print(f"expert usage heat map: {args.out_dir / 'expert_usage.png'}")
     for name, usage in usages.items():

@@ -32,9 +32,10 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                    help="compute dtype (default: the checkpoint's, as transformers loads it)")
     p.add_argument("--memory-budget", help="device memory the engine may use, e.g. 6GiB (default: automatic)")
     p.add_argument("--expert-slots", type=positive_int, help="number of expert slots (instead of a budget)")
-    p.add_argument("--host-memory", choices=["files", "mmap", "ram", "pinned"],
-                   help="where cold experts wait: pinned or ram (host memory), files (read on demand from the "
-                        "checkpoint; mmap is the same) (default: pinned with CUDA if they fit in RAM, else files)")
+    p.add_argument("--host-memory", choices=["mmap", "files", "ram", "pinned"],
+                   help="where cold experts wait: pinned or ram (host memory), or read on demand from the "
+                        "checkpoint through a memory map (mmap) or positional reads (files) "
+                        "(default: pinned with CUDA if they fit in RAM, else mmap)")
     p.add_argument("--max-context", type=positive_int, help="tokens of KV cache to plan for (default: min(model, 4096))")
     p.add_argument("--max-batch", type=positive_int, default=1, help="prompts per batch to plan for")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

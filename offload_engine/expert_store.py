@@ -1,8 +1,9 @@
 """The host-side home of every expert: where cold experts are copied from.
 
-Three ways to hold them:
-- "files": read from the safetensors files on demand, each miss one positional read per tensor through the
-  OS page cache (RAM smaller than the model; "mmap" is accepted as another name for it);
+Four ways to hold them:
+- "mmap": nothing held; each miss copies the expert straight from a memory map of the safetensors files,
+  then drops those pages from the process (RAM smaller than the model; the CPU default);
+- "files": the same through one positional read (preadv) per tensor instead of the map;
 - "ram": each layer's experts in ordinary host memory, in the compute dtype;
 - "pinned": the same in page-locked memory, so host-to-GPU copies can run asynchronously (the CUDA default).
 Experts are read one at a time, each from its own tensors; a layer's experts share one host buffer per
@@ -21,7 +22,8 @@ from .checkpoint_layout import CheckpointLayout
 from .errors import MemoryBudgetError
 from .model_spec import ModelSpec
 
-HOST_MODES = ("files", "ram", "pinned")
+HOST_MODES = ("mmap", "files", "ram", "pinned")
+READ_ON_DEMAND = ("mmap", "files")
 
 
 class ExpertStore:
@@ -31,7 +33,7 @@ class ExpertStore:
         layout: CheckpointLayout,
         spec: ModelSpec,
         dtype: torch.dtype,
-        mode: str = "files",
+        mode: str = "mmap",
         progress: bool = True,
     ):
         if mode not in HOST_MODES:
@@ -41,18 +43,21 @@ class ExpertStore:
         self.pinned = False  # true only once page-locked buffers really hold the experts
         self.host: list[dict[str, torch.Tensor]] = []  # per MoE layer: runtime param name -> [E, *shape]
         self._staging: dict[torch.dtype, torch.Tensor] = {}
-        if mode != "files":
+        if mode not in READ_ON_DEMAND:
             self._load_host(progress)
 
     def expert_nbytes(self) -> int:
         """Bytes of one expert in the compute dtype (what a slot holds and a miss moves)."""
         return self.spec.expert_numel() * self.dtype.itemsize
 
-    def _read(self, layer_pos: int, expert: int, name: str, out: torch.Tensor) -> None:
+    def _read(self, layer_pos: int, expert: int, name: str, out: torch.Tensor, mapped: bool = False) -> None:
         for piece in self.layout.expert_pieces(layer_pos, expert)[name]:
             info = self.tensors.infos[piece.key]
             dst = out[piece.start:piece.stop]
-            if dst.device.type == "cpu" and dst.dtype == info.dtype and dst.is_contiguous():
+            if mapped:
+                dst.copy_(self.tensors.view(piece.key, piece.index))
+                self.tensors.release(piece.key, piece.index)
+            elif dst.device.type == "cpu" and dst.dtype == info.dtype and dst.is_contiguous():
                 self.tensors.read_into(piece.key, dst, piece.index)
             else:  # another dtype or device: read into a reused host buffer, then convert while copying
                 stage = self._stage(info.dtype, dst.numel())
@@ -96,8 +101,8 @@ class ExpertStore:
         """Write one expert's tensors into `dst` (name -> tensor of the per-expert shape); returns bytes written."""
         written = 0
         for name, out in dst.items():
-            if self.mode == "files":
-                self._read(layer_pos, expert, name, out)
+            if self.mode in READ_ON_DEMAND:
+                self._read(layer_pos, expert, name, out, mapped=self.mode == "mmap")
             else:
                 out.copy_(self.host[layer_pos][name][expert], non_blocking=non_blocking)
             written += out.numel() * out.element_size()

@@ -140,12 +140,12 @@ def automatic_budget(device: torch.device) -> int:
 
 def host_mode(run: RunConfig, plan: MemoryPlan) -> str:
     """As asked; otherwise pinned RAM with CUDA when every expert fits in available RAM with room to spare,
-    else read from the files on demand (the CPU default: the experts are already in host memory's page cache)."""
+    else copy them from the memory-mapped files on demand (the CPU default: the page cache holds them already)."""
     if run.host_memory is not None:
         return run.host_memory
     experts_bytes = plan.total_experts * plan.expert_bytes
     fits = experts_bytes < HOST_RAM_SHARE * psutil.virtual_memory().available
-    return "pinned" if run.device.type == "cuda" and fits else "files"
+    return "pinned" if run.device.type == "cuda" and fits else "mmap"
 
 
 def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:

@@ -22,7 +22,7 @@ class RunConfig:
     dtype: torch.dtype | None = None  # None: the checkpoint's dtype (as transformers' dtype="auto")
     memory_budget: int | None = None  # bytes; None (and no expert_slots): automatic
     expert_slots: int | None = None
-    host_memory: str | None = None  # None: pinned with CUDA if the experts fit in RAM, else files
+    host_memory: str | None = None  # None: pinned with CUDA if the experts fit in RAM, else mmap
     max_context: int | None = None  # tokens the KV cache is planned for; None: min(model limit, 4096)
     max_batch: int = 1
     policy: str = "lru"
@@ -50,11 +50,10 @@ class RunConfig:
         budget = parse_bytes(memory_budget) if memory_budget is not None else None
         if expert_slots is not None and (not isinstance(expert_slots, int) or expert_slots < 1):
             raise ConfigError(f"expert slots must be a positive integer, not {expert_slots!r}")
-        host_memory = {"mmap": "files"}.get(host_memory, host_memory)
         if host_memory is not None and host_memory not in HOST_MODES:
             raise ConfigError(f"unknown host memory mode {host_memory!r}; choose one of {HOST_MODES}")
         if host_memory == "pinned" and dev.type != "cuda":
-            raise ConfigError("pinned host memory only helps copies to a CUDA device; use 'ram' or 'files' on CPU")
+            raise ConfigError("pinned host memory only helps copies to a CUDA device; use 'ram', 'mmap' or 'files' on CPU")
         if expert_slots is not None and isinstance(expert_slots, bool):
             raise ConfigError(f"expert slots must be a positive integer, not {expert_slots!r}")
         if max_context is not None and (not isinstance(max_context, int) or max_context < 1):

@@ -6,6 +6,7 @@ RoutingTrace [N sequences, T tokens, L MoE layers, k] (ids in descending router-
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,14 +76,21 @@ class CorpusInput:
         return cls(domain, Path(path))
 
 
+def split_documents(text: str, eos_text: str | None) -> list[str]:
+    """A file's documents: separated by form feeds, or by lines holding only the EOS token's text (as
+    benchmarks/corpus.py writes them, `<|endoftext|>`); a file without either is one document."""
+    parts = text.split("\f")
+    if eos_text:
+        parts = [doc for part in parts for doc in re.split(rf"^{re.escape(eos_text)}[ \t]*$", part, flags=re.M)]
+    return [doc.strip("\n") for doc in parts if doc.strip()]
+
+
 def corpus_chunks(tokenizer, text: str, eos_id: int, seq_len: int, max_seqs: int | None) -> list[list[int]]:
-    """Documents (a file, or its parts between form feeds) joined with EOS, cut into consecutive seq_len
-    chunks; the incomplete tail is dropped."""
+    """The paper's recipe: documents joined with EOS, cut into consecutive seq_len chunks (tail dropped)."""
     ids: list[int] = []
-    for document in text.split("\f"):
-        if document.strip():
-            ids.extend(tokenizer(document, add_special_tokens=False)["input_ids"])
-            ids.append(eos_id)
+    for document in split_documents(text, tokenizer.eos_token):
+        ids.extend(tokenizer(document, add_special_tokens=False)["input_ids"])
+        ids.append(eos_id)
     chunks = [ids[i:i + seq_len] for i in range(0, len(ids) - seq_len + 1, seq_len)]
     return chunks[:max_seqs] if max_seqs else chunks
 

@@ -22,7 +22,7 @@ def mixtral_dir(tmp_path_factory):
     return path
 
 
-def make_cache(path, slots, mode="files"):
+def make_cache(path, slots, mode="mmap"):
     run = RunConfig.build(device="cpu", expert_slots=slots, progress=False)
     inspected = inspect_checkpoint(path, run)
     store = ExpertStore(inspected.tensors, inspected.layout, inspected.spec, torch.float32, mode, progress=False)
@@ -95,7 +95,7 @@ def test_slot_count_is_never_exceeded(mixtral_dir):
     assert stats.bytes_to_device == stats.misses * cache.store.expert_nbytes()
 
 
-@pytest.mark.parametrize("mode", ["ram", "files"])
+@pytest.mark.parametrize("mode", ["ram", "files", "mmap"])
 def test_store_modes_serve_identical_experts(mixtral_dir, mode):
     cache = make_cache(mixtral_dir, 2, mode)
     cache.fetch(0, [2])
@@ -147,3 +147,15 @@ def test_kv_formula_covers_the_real_cache(name):
             if isinstance(t, torch.Tensor):
                 held += t.numel() * t.element_size()
     assert held <= kv_bytes_per_token(model.config, torch.float32) * ids.shape[1]
+
+
+@pytest.mark.parametrize("layout", ["fused", "sharded"])
+def test_read_on_demand_modes_equal_host_memory(tmp_path, layout):
+    """mmap and files read each expert of a fused or sharded checkpoint exactly as the RAM copy holds it."""
+    tm.save_checkpoint(tm.build_reference("qwen3_moe"), tmp_path, layout)
+    caches = {mode: make_cache(tmp_path, 4, mode) for mode in ("ram", "files", "mmap")}
+    for cache in caches.values():
+        cache.fetch(0, [0, 3, 7, 5])
+    for name in caches["ram"].pool:
+        assert torch.equal(caches["files"].pool[name], caches["ram"].pool[name])
+        assert torch.equal(caches["mmap"].pool[name], caches["ram"].pool[name])

@@ -116,3 +116,12 @@ def test_cli_plan_json(tmp_path, capsys):
     assert plan["model_type"] == "deepseek_v3"
     assert plan["total_bytes"] <= 64 * 1024**2
     assert plan["expert_slots"] == plan["total_experts"]  # a tiny model fits whole
+
+
+def test_documents_are_split_on_form_feeds_and_eos_lines():
+    from offload_engine.tracing import split_documents
+
+    text = "first doc\nline two\n<|endoftext|>\nsecond\fthird\n<|endoftext|>  \n\n"
+    assert split_documents(text, "<|endoftext|>") == ["first doc\nline two", "second", "third"]
+    assert split_documents("one <|endoftext|> inline", "<|endoftext|>") == ["one <|endoftext|> inline"]
+    assert split_documents("a\fb", None) == ["a", "b"]
