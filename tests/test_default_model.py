@@ -122,3 +122,14 @@ def test_padded_batch_on_the_bundled_model(reference):
         if engine.eos_ids() & set(expected):
             expected = expected[:min(expected.index(e) for e in engine.eos_ids() if e in expected) + 1]
         assert result.token_ids == expected
+
+
+def test_stream_yields_tokens_as_they_come():
+    engine = OffloadEngine.from_pretrained(MODEL, device="cpu", expert_slots=THIRD, progress=False)
+    events = list(engine.stream("In the beginning", max_new_tokens=12))
+    result = engine.generate("In the beginning", max_new_tokens=12)
+    assert [e.index for e in events] == list(range(len(events)))
+    assert [e.token_id for e in events] == result.token_ids
+    assert "".join(e.text for e in events) == result.text
+    assert all(e.stats is None for e in events[:-1]) and events[-1].stats.generated_tokens == len(events)
+    assert events[-1].stats.ttft_s > 0 and events[-1].stats.decode_tokens_per_s > 0
