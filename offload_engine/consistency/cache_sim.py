@@ -64,6 +64,33 @@ def _tree_fix(tree, key, size, x):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=False)
+def _prepare(policy, items, tok_ptr, n_req, t_n, m, nextpos, upcoming, need):  # pragma: no cover - compiled
+    """Per sequence: Belady's next-use positions; SCH's pending uses in the first look-ahead window."""
+    if policy == BELADY:
+        upcoming[:] = n_req  # never requested again = position n_req, the largest
+        for r in range(n_req - 1, -1, -1):
+            nextpos[r] = upcoming[items[r]]
+            upcoming[items[r]] = r
+    if policy == SCH:
+        for r in range(tok_ptr[min(m, t_n)]):
+            need[items[r]] += 1
+
+
+@numba.njit(cache=False)
+def _priority(policy, x, r, clock, big, n_req, need, uses, nextpos):  # pragma: no cover - compiled
+    """The eviction key of expert x just used by request r (the smallest key is evicted first)."""
+    if policy == SCH:
+        need[x] -= 1
+        return need[x] * big + clock
+    if policy == LRU:
+        return clock
+    if policy == LFU:
+        uses[x] += 1
+        return uses[x] * big + clock
+    return (n_req - nextpos[r]) * big + clock
+
+
+@numba.njit(cache=False)
 def simulate(ids, lengths, num_experts, layer, capacity, m, policy):  # pragma: no cover - compiled
     """(hits [N], requests [N]) of one policy at one cache size; layer = -1 for the model group."""
     n_seq, n_tok, n_lay, k = ids.shape
@@ -101,14 +128,7 @@ def simulate(ids, lengths, num_experts, layer, capacity, m, policy):  # pragma: 
         dirty[:] = False
         n_dirty = 0
         big = n_req + 2
-        if policy == BELADY:
-            upcoming[:] = n_req  # never requested again = position n_req, the largest
-            for r in range(n_req - 1, -1, -1):
-                nextpos[r] = upcoming[items[r]]
-                upcoming[items[r]] = r
-        if policy == SCH:
-            for r in range(tok_ptr[min(m, t_n)]):
-                need[items[r]] += 1
+        _prepare(policy, items, tok_ptr, n_req, t_n, m, nextpos, upcoming, need)
         hits = 0
         distinct = 0
         cached = 0
@@ -140,16 +160,7 @@ def simulate(ids, lengths, num_experts, layer, capacity, m, policy):  # pragma: 
                     cached += 1
                 clock += 1
                 last[x] = clock
-                if policy == SCH:
-                    need[x] -= 1
-                    key[x] = need[x] * big + clock
-                elif policy == LRU:
-                    key[x] = clock
-                elif policy == LFU:
-                    uses[x] += 1
-                    key[x] = uses[x] * big + clock
-                else:
-                    key[x] = (n_req - nextpos[r]) * big + clock
+                key[x] = _priority(policy, x, r, clock, big, n_req, need, uses, nextpos)
                 if not dirty[x]:
                     dirty[x] = True
                     dirty_list[n_dirty] = x
@@ -206,14 +217,7 @@ def simulate_stack(ids, lengths, num_experts, layer, max_capacity, m, policy):  
         need[:] = 0
         uses[:] = 0
         big = n_req + 2
-        if policy == BELADY:
-            upcoming[:] = n_req
-            for r in range(n_req - 1, -1, -1):
-                nextpos[r] = upcoming[items[r]]
-                upcoming[items[r]] = r
-        if policy == SCH:
-            for r in range(tok_ptr[min(m, t_n)]):
-                need[items[r]] += 1
+        _prepare(policy, items, tok_ptr, n_req, t_n, m, nextpos, upcoming, need)
         distinct = 0
         height = 0
         clock = 0
@@ -259,16 +263,7 @@ def simulate_stack(ids, lengths, num_experts, layer, max_capacity, m, policy):  
                             pos[carry] = 0
                 clock += 1
                 last[x] = clock
-                if policy == SCH:
-                    need[x] -= 1
-                    key[x] = need[x] * big + clock
-                elif policy == LRU:
-                    key[x] = clock
-                elif policy == LFU:
-                    uses[x] += 1
-                    key[x] = uses[x] * big + clock
-                else:
-                    key[x] = (n_req - nextpos[r]) * big + clock
+                key[x] = _priority(policy, x, r, clock, big, n_req, need, uses, nextpos)
             if policy == SCH and i + m < t_n:
                 for r in range(tok_ptr[i + m], tok_ptr[i + m + 1]):
                     x = items[r]
