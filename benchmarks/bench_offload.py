@@ -172,9 +172,13 @@ def main() -> None:
     timed_decode(reference, prompt, 4, device)  # warm-up
     timed_decode(resident.model, prompt, 4, device)
     ref_rates, eng_rates, ratio, hf_rates, q_rates, q_stats = [], [], [], [], [], []
-    for _ in range(args.repeats):  # interleaved: both see the same machine load
-        r = timed_decode(reference, prompt, args.tokens, device)[1]
-        e = timed_decode(resident.model, prompt, args.tokens, device)[1]
+    for repeat in range(args.repeats):  # interleaved, alternating who goes first: both see the same load
+        if repeat % 2 == 0:
+            r = timed_decode(reference, prompt, args.tokens, device)[1]
+            e = timed_decode(resident.model, prompt, args.tokens, device)[1]
+        else:
+            e = timed_decode(resident.model, prompt, args.tokens, device)[1]
+            r = timed_decode(reference, prompt, args.tokens, device)[1]
         ref_rates.append(r)
         eng_rates.append(e)
         ratio.append(e / r)
