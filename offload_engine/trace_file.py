@@ -143,6 +143,9 @@ def load_trace(path: str | Path, num_experts: int | None = None) -> RoutingTrace
     path = Path(path)
     if not path.is_file():
         _fail(f"trace file {path} does not exist; check the path")
+    if not zipfile.is_zipfile(path):  # np.load would otherwise guess a pickle and talk about that
+        _fail(f"{path} is not an .npz file (not a zip archive); write traces with "
+              "offload_engine.trace_file.save_trace or `moe-offload trace`")
     try:
         with np.load(path, allow_pickle=False) as z:
             raw = {_ALIASES.get(key, key): z[key] for key in z.files}

@@ -76,3 +76,18 @@ def test_no_traceback_from_the_installed_entry_point(tmp_path):
     res = subprocess.run([sys.executable, "-m", "offload_engine.cli.main", "consistency", str(bad)],
                          capture_output=True, text=True)
     assert res.returncode == 2 and "Traceback" not in res.stderr and res.stderr.count("\n") == 1
+
+
+def test_segment_longer_than_every_sequence_shows_na(tmp_path, capsys):
+    """m > T: no windows, so the table says n/a rather than an SRP of 0."""
+    import numpy as np
+
+    from offload_engine.cli.main import main
+    from offload_engine.trace_file import RoutingTrace, save_trace
+
+    ids = np.random.default_rng(0).integers(0, 8, size=(2, 10, 2, 2)).astype(np.int16)
+    ids[..., 1] = (ids[..., 0] + 1) % 8  # two distinct experts per token
+    save_trace(tmp_path / "t.npz", RoutingTrace(expert_ids=ids, num_experts=8, moe_layers=np.arange(2)))
+    assert main(["consistency", str(tmp_path / "t.npz"), "--segment-lengths", "4,64", "--cache-ratios", "1"]) == 0
+    srp_line = next(line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("SRP"))
+    assert srp_line.split()[-1] == "n/a" and srp_line.split()[-2] != "n/a"

@@ -110,9 +110,11 @@ def _table(g: GroupFigures, report: ConsistencyReport, title: str) -> list[str]:
     w = 9
     lines = [title]
     lines.append("  segment length m".ljust(22) + "".join(m.rjust(w) for m in report.m_labels))
-    lines.append("  SRP".ljust(22) + "".join(f"{s.srp:.3f}".rjust(w) for s in g.srp))
-    lines.append("  threshold j*".ljust(22) + "".join(str(s.threshold).rjust(w) for s in g.srp))
-    lines.append("  rho_hat".ljust(22) + "".join(f"{s.rho_hat:.2f}".rjust(w) for s in g.srp))
+    # a segment longer than every sequence has no windows: there is no SRP to show, not an SRP of 0
+    shown = lambda s, text: text if sum(s.histogram) else "n/a"  # noqa: E731
+    lines.append("  SRP".ljust(22) + "".join(shown(s, f"{s.srp:.3f}").rjust(w) for s in g.srp))
+    lines.append("  threshold j*".ljust(22) + "".join(shown(s, str(s.threshold)).rjust(w) for s in g.srp))
+    lines.append("  rho_hat".ljust(22) + "".join(shown(s, f"{s.rho_hat:.2f}").rjust(w) for s in g.srp))
     lines.append("  cache ratio rho".ljust(22) + "".join(r.rjust(w) for r in report.ratio_labels))
     lines.append("  cache size C".ljust(22) + "".join(str(h.capacity).rjust(w) for h in g.lru))
     for m, row in zip(report.m_labels, g.sch):
