@@ -4,8 +4,9 @@ transformers applies the model's own routing (softmax/sigmoid, grouped top-k, re
 hands us `(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k])`. We make the call's experts
 resident, map expert ids to slot ids and run transformers' own experts function (the one the reference model
 uses) on the slot pool: same kernel, same reduction, so bf16 output is bit for bit the reference's. Only when
-a call needs more experts than there are slots is it served a group at a time, with the eager loop's math
-(the module's own `_apply_gate`, `act_fn` and flags keep gpt-oss's clamped, interleaved gate right too).
+a call needs more experts than there are slots is it served a group at a time, each expert through that same
+function on its own tokens (the module's own `_apply_gate`, `act_fn` and flags keep gpt-oss's clamped,
+interleaved gate right too).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from .expert_cache import ExpertCache
 
@@ -97,26 +97,6 @@ def register_experts_implementation() -> None:
     ExpertsInterface.register(IMPLEMENTATION_NAME, offloaded_experts_forward)
 
 
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> torch.Tensor:
-    if transposed:  # weight is [in, out] (gpt-oss)
-        y = x @ weight
-        return y + bias if bias is not None else y
-    return F.linear(x, weight, bias)
-
-
-def expert_mlp(module, x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
-    """One expert's MLP on tokens x [t, H], with weights w in transformers' per-expert runtime format."""
-    transposed = module.is_transposed
-    if module.has_gate:
-        h = module._apply_gate(_linear(x, w["gate_up_proj"], w.get("gate_up_proj_bias"), transposed))
-    else:
-        h = module.act_fn(_linear(x, w["up_proj"], w.get("up_proj_bias"), transposed))
-    y = _linear(h, w["down_proj"], w.get("down_proj_bias"), transposed)
-    if module.has_post_expert_norm:
-        y = module.post_expert_norm(y)
-    return y
-
-
 def offloaded_experts_forward(
     self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
@@ -141,11 +121,14 @@ def offloaded_experts_forward(
         if lo:
             slot_index = slot_index - lo
         return binding.compute(binding.span(lo, hi), hidden_states, slot_index, top_k_weights)
+    # more experts than slots: a group at a time, each expert on its own tokens through the same function
     out = torch.zeros_like(hidden_states)
-    for start in range(0, len(experts), cache.num_slots):  # more experts than slots: a group at a time
+    for start in range(0, len(experts), cache.num_slots):
         group = experts[start:start + cache.num_slots]
         for e, slot in zip(group, cache.fetch(binding.layer_pos, group)):
             token_idx, rank = torch.where(top_k_index == e)
-            y = expert_mlp(self, hidden_states[token_idx], cache.slot_tensors(slot))
-            out.index_add_(0, token_idx, (y * top_k_weights[token_idx, rank, None]).to(out.dtype))
+            weights = top_k_weights[token_idx, rank, None]  # [t, 1]: each token routed to this one expert
+            y = binding.compute(binding.span(slot, slot + 1), hidden_states[token_idx],
+                                torch.zeros_like(weights, dtype=top_k_index.dtype), weights)
+            out.index_add_(0, token_idx, y.to(out.dtype))
     return out
