@@ -90,7 +90,7 @@ class ExpertStore:
                         buf = torch.empty(shape, dtype=self.dtype)
                     except RuntimeError:
                         raise MemoryBudgetError(
-                            "not enough host RAM to hold the experts; use --host-memory files (read on demand)"
+                            "not enough host RAM to hold the experts; use --host-memory mmap (read on demand)"
                         ) from None
                 for e in range(self.spec.num_experts):
                     self._read(layer_pos, e, p.name, buf[e])
