@@ -7,7 +7,8 @@ File format (numpy `.npz`, `allow_pickle=False`):
 - `num_experts` integer scalar E: routed experts per layer (ids are in [0, E)).
 - `moe_layers`  integer `[L]`: the model's layer index of each MoE layer.
 - optional `scores` float32 like `expert_ids`; `token_ids` int32 `[N, T]` (-1 = unknown);
-  `domains` str `[N]` (a label per sequence); `model` str scalar.
+  `domains` str `[N]` (a label per sequence); `model` str scalar; `hidden_states` float16 `[N, T, L, H]`:
+  the residual stream entering each MoE block (`moe-offload trace --hidden-states`, to train predictors).
 
 Aliases accepted on load: `router_scores` for `scores`, `moe_layer_ids` for `moe_layers` (the shared
 FLAME trace uses them). Other keys are ignored. A file without `num_experts` needs it from the caller:
@@ -51,6 +52,7 @@ class RoutingTrace:
     token_ids: np.ndarray | None = None  # int32 [N, T], -1 = unknown
     domains: tuple[str, ...] | None = None  # [N]
     model: str | None = None
+    hidden_states: np.ndarray | None = None  # float16 [N, T, L, H]
     _lengths: np.ndarray = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -133,6 +135,12 @@ def _validate(t: RoutingTrace) -> None:
             _fail(f"domains must be {ids.shape[0]} strings, one per sequence")
     if t.model is not None and not isinstance(t.model, str):
         _fail(f"model must be a string, got {type(t.model).__name__}")
+    if t.hidden_states is not None:
+        h = t.hidden_states
+        if not isinstance(h, np.ndarray) or not np.issubdtype(h.dtype, np.floating) or h.ndim != 4 \
+                or h.shape[:3] != ids.shape[:3]:
+            _fail(f"hidden_states must be a float array of shape {ids.shape[:3]} + (hidden size,), got "
+                  f"{getattr(h, 'dtype', type(h).__name__)} {getattr(h, 'shape', '')}")
 
 
 def load_trace(path: str | Path, num_experts: int | None = None) -> RoutingTrace:
@@ -185,6 +193,7 @@ def load_trace(path: str | Path, num_experts: int | None = None) -> RoutingTrace
         token_ids=raw.get("token_ids"),
         domains=None if domains is None else tuple(str(d) for d in domains),
         model=None if model is None else str(model),
+        hidden_states=raw.get("hidden_states"),
     )
 
 
@@ -203,6 +212,8 @@ def save_trace(path: str | Path, trace: RoutingTrace) -> None:
         arrays["domains"] = np.array(trace.domains, dtype=str)
     if trace.model is not None:
         arrays["model"] = np.array(trace.model)
+    if trace.hidden_states is not None:
+        arrays["hidden_states"] = trace.hidden_states.astype(np.float16)
     with open(path, "wb") as f:  # a file object keeps numpy from appending ".npz" to the name
         np.savez_compressed(f, **arrays)
 
