@@ -3,23 +3,31 @@
 Safetensors headers are parsed here (not by the safetensors package) so that one expert of a fused tensor can
 be reached by itself, and a truncated or corrupt file is caught before anything is loaded. Two ways to get
 a tensor's bytes: a zero-copy view of a private memory map (pages dropped again once copied, so they do
-not pile up in the process), or one positional read straight into a destination tensor. Which tensor
-means what is decided in checkpoint_layout.py, never here.
+not pile up in the process), or one positional read straight into a destination tensor. Every file is opened
+through checkpoint_files.py (regular files inside the checkpoint, identity recorded). Which tensor means
+what is decided in checkpoint_layout.py, never here.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import mmap
 import os
+import stat
 import struct
+import threading
 from dataclasses import dataclass
-from pathlib import Path
+from fnmatch import fnmatch
+from pathlib import Path, PurePosixPath
 
 import torch
 
+from .checkpoint_files import (
+    checkpoint_root, open_regular, parse_json, pread_exact, read_json, regular_file, stat_entry,
+)
+from .checkpoint_metadata import check_metadata_files
 from .errors import CheckpointError
+from .model_spec import check_config
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -28,14 +36,18 @@ SAFETENSORS_DTYPES = {
 }
 INDEX_NAME = "model.safetensors.index.json"
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja"]
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
+USIZE = 2**64  # offsets, dimensions and sizes are u64 in the safetensors library
 
 
 def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
-    """A local directory as is; otherwise a hub id, fetched with huggingface_hub (needs a network)."""
+    """A local directory as is; otherwise a hub id, fetched with huggingface_hub (needs a network). Either way
+    the directory is vetted (vet_directory) before anything reads it."""
     path = Path(name_or_path).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise CheckpointError(f"{path} is a file; pass the model directory that holds config.json")
+    if os.path.lexists(path):
+        if not stat.S_ISDIR(stat_entry(path).st_mode):
+            raise CheckpointError(f"{path} is not a directory; pass the model directory that holds config.json")
+        vet_directory(path)
         return path
     text = str(name_or_path)
     looks_like_hub_id = text.count("/") == 1 and not text.startswith((".", "/", "~"))
@@ -44,25 +56,41 @@ def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(text, allow_patterns=HUB_PATTERNS))
+        path = Path(snapshot_download(text, allow_patterns=HUB_PATTERNS))
     except Exception as e:  # the hub client raises many types; all mean "could not get it"
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(
             f"could not fetch {text!r} from the Hugging Face hub ({reason}); "
             "without a network, download it elsewhere and pass the local directory"
         ) from None
+    vet_directory(path)
+    return path
+
+
+def vet_directory(directory: Path) -> None:
+    """Every file the engine or transformers reads here (what a hub download fetches: HUB_PATTERNS) must be a
+    regular file inside the checkpoint, and the JSON files beside config.json must have the shapes their
+    readers assume: no reader further on may block on a FIFO, recurse without end or fail with a traceback."""
+    root = checkpoint_root(directory)
+    try:
+        names = set(os.listdir(directory))
+    except OSError as e:
+        raise CheckpointError(f"{directory} cannot be listed ({e.strerror}); check its permissions") from None
+    for name in sorted(names):
+        if any(fnmatch(name, pattern) for pattern in HUB_PATTERNS):
+            regular_file(directory / name, root)
+    check_metadata_files(directory, root, names)
 
 
 def read_config(directory: Path) -> dict:
+    """config.json, its fields checked (model_spec.check_config) before any model is built from it."""
     path = directory / "config.json"
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise CheckpointError(f"{directory} has no config.json; pass a Hugging Face model directory")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}); restore the file from the original checkpoint") from None
+    config = read_json(path, checkpoint_root(directory))
     if not isinstance(config, dict):
         raise CheckpointError(f"{path} is not a JSON object; restore the file from the original checkpoint")
+    check_config(config, path)
     return config
 
 
@@ -79,49 +107,84 @@ class TensorInfo:
         return math.prod(self.shape) * self.dtype.itemsize
 
 
-class SafetensorsFile:
-    """One .safetensors file: its validated header and a private (copy-on-write) memory map of its bytes."""
+def _is_usize(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < USIZE
 
-    def __init__(self, path: Path):
+
+class SafetensorsFile:
+    """One .safetensors file: its validated header, a descriptor kept open, and (once asked for) a private
+    copy-on-write memory map of its bytes. The descriptor keeps the loaded file readable when its name is
+    deleted or replaced; a change to the file itself is refused before any read (FileIdentity)."""
+
+    def __init__(self, path: Path, root: Path):
         self.path = path
-        size = path.stat().st_size
-        try:
-            with open(path, "rb") as f:
-                head = f.read(8)
-                if len(head) < 8:
-                    raise ValueError("file shorter than its 8-byte header length")
-                (header_len,) = struct.unpack("<Q", head)
-                if header_len > min(size - 8, 100_000_000):
-                    raise ValueError(f"header length {header_len} exceeds the file")
-                header = json.loads(f.read(header_len))
-                if not isinstance(header, dict):
-                    raise ValueError("header is not a JSON object")
-        except (ValueError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{path} is not a valid safetensors file ({e}); re-download or re-save it") from None
-        data_start = 8 + header_len
-        self.tensors: dict[str, TensorInfo] = {}
-        for key, entry in header.items():
-            if key == "__metadata__":
-                continue
-            try:
-                begin, end = (int(x) for x in entry["data_offsets"])
-                dtype_name, shape = str(entry["dtype"]), tuple(int(d) for d in entry["shape"])
-            except (KeyError, TypeError, ValueError):
-                raise CheckpointError(f"{path}: malformed header entry for {key!r}; re-download or re-save it") from None
-            if dtype_name not in SAFETENSORS_DTYPES:
-                raise CheckpointError(
-                    f"{path}: tensor {key!r} has dtype {dtype_name}, which the engine cannot read; "
-                    "use an unquantized (bf16/fp16/fp32) checkpoint"
-                )
-            info = TensorInfo(key, path, SAFETENSORS_DTYPES[dtype_name], shape, data_start + begin)
-            if not 0 <= begin <= end or end - begin != info.nbytes or data_start + end > size:
-                raise CheckpointError(
-                    f"{path} is truncated or corrupt (tensor {key!r} lies past the end of the file); "
-                    "re-download or re-save the checkpoint"
-                )
-            self.tensors[key] = info
-        self._fd: int | None = None
         self._map: mmap.mmap | None = None
+        self._map_lock = threading.Lock()  # demand loads and the prefetch thread may map at once
+        self._fd, self._identity = open_regular(path, root)
+        try:
+            self.tensors: dict[str, TensorInfo] = self._read_header()
+        except BaseException:
+            self.close()
+            raise
+
+    def _invalid(self, reason: str) -> CheckpointError:
+        return CheckpointError(f"{self.path} is not a valid safetensors file ({reason}); re-download or re-save it")
+
+    def _read_header(self) -> dict[str, TensorInfo]:
+        """Parsed and checked as the safetensors library does: the tensors, sorted by offsets, tile the data
+        region exactly (no gap, no overlap, nothing after the last one), each exactly as long as its shape."""
+        size = self._identity.size
+        head = pread_exact(self._fd, 8, 0, self.path)
+        if len(head) < 8:
+            raise self._invalid("file shorter than its 8-byte header length")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > min(size - 8, MAX_HEADER_BYTES):
+            raise self._invalid(f"header length {header_len} exceeds the file or the 100 MB limit")
+        try:
+            header = parse_json(pread_exact(self._fd, header_len, 8, self.path))
+        except ValueError as e:
+            raise self._invalid(f"header {e}") from None
+        if not isinstance(header, dict):
+            raise self._invalid("header is not a JSON object")
+        metadata = header.pop("__metadata__", None)
+        if metadata is not None and not (isinstance(metadata, dict) and all(
+                isinstance(v, str) for v in metadata.values())):
+            raise self._invalid("__metadata__ must map strings to strings")
+        data_start = 8 + header_len
+        tensors = {key: self._tensor_info(key, entry, data_start) for key, entry in header.items()}
+        end = 0
+        for info in sorted(tensors.values(), key=lambda i: (i.begin, i.begin + i.nbytes)):
+            if info.begin - data_start != end:
+                raise self._invalid(f"tensor {info.key!r} starts at data offset {info.begin - data_start}, not "
+                                    f"{end}: tensors overlap or leave a gap")
+            end += info.nbytes
+        if data_start + end > size:
+            raise CheckpointError(
+                f"{self.path} is truncated or corrupt (its tensors need {data_start + end} bytes, the file has "
+                f"{size}); re-download or re-save the checkpoint"
+            )
+        if data_start + end < size:
+            raise self._invalid(f"{size - data_start - end} bytes after the last tensor")
+        return tensors
+
+    def _tensor_info(self, key: str, entry, data_start: int) -> TensorInfo:
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        dtype_name = entry.get("dtype") if isinstance(entry, dict) else None
+        if (not isinstance(dtype_name, str) or not isinstance(shape, list) or not all(map(_is_usize, shape))
+                or not isinstance(offsets, list) or len(offsets) != 2 or not all(map(_is_usize, offsets))):
+            raise CheckpointError(f"{self.path}: malformed header entry for {key!r} (dtype, shape and data_offsets "
+                                  "must be a string and lists of non-negative integers); re-download or re-save it")
+        if dtype_name not in SAFETENSORS_DTYPES:
+            raise CheckpointError(
+                f"{self.path}: tensor {key!r} has dtype {dtype_name}, which the engine cannot read; "
+                "use an unquantized (bf16/fp16/fp32) checkpoint"
+            )
+        info = TensorInfo(key, self.path, SAFETENSORS_DTYPES[dtype_name], tuple(shape), data_start + offsets[0])
+        if info.nbytes >= USIZE or offsets[1] - offsets[0] != info.nbytes:
+            raise self._invalid(f"tensor {key!r} spans {offsets[1] - offsets[0]} bytes, its dtype and shape "
+                                f"{list(shape)} need {info.nbytes}")
+        return info
 
     def _span(self, info: TensorInfo, index: int | None) -> tuple[int, int]:
         """(absolute offset, bytes) of a tensor, or of expert `index` of a fused [E, ...] one."""
@@ -131,16 +194,25 @@ class SafetensorsFile:
         return info.begin + index * nbytes, nbytes
 
     def view(self, info: TensorInfo, index: int | None = None) -> torch.Tensor:
-        """Zero-copy tensor over the mapped file (private: writes would never reach the file)."""
+        """Zero-copy tensor over the mapped file (private: writes would never reach the file). Valid until
+        the file changes: the caller copies it at once (a truncation in between is the one SIGBUS left)."""
         begin, nbytes = self._span(info, index)
         shape = info.shape[1:] if index is not None else info.shape
         if nbytes == 0:
             return torch.empty(shape, dtype=info.dtype)
-        if self._map is None:
-            with open(self.path, "rb") as f:
-                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        flat = torch.frombuffer(self._map, dtype=torch.uint8, count=nbytes, offset=begin)
+        self._identity.check(self._fd, self.path)  # a page past a truncated end is a SIGBUS, not an exception
+        flat = torch.frombuffer(self._mapped(), dtype=torch.uint8, count=nbytes, offset=begin)
         return flat.view(info.dtype).view(shape)
+
+    def _mapped(self) -> mmap.mmap:
+        with self._map_lock:
+            if self._map is None:
+                try:
+                    self._map = mmap.mmap(self._fd, 0, access=mmap.ACCESS_COPY)
+                except (OSError, ValueError) as e:
+                    raise CheckpointError(f"{self.path} cannot be memory-mapped ({e}); "
+                                          "use --host-memory files") from None
+            return self._map
 
     def release(self, info: TensorInfo, index: int | None = None) -> None:
         """Drop a copied tensor's pages from this process (the page cache keeps them): without it every expert
@@ -159,14 +231,18 @@ class SafetensorsFile:
             raise ValueError(f"cannot read {info.key} into a {out.dtype} tensor of shape {list(out.shape)}")
         if nbytes == 0:
             return
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDONLY)
+        self._identity.check(self._fd, self.path)
         view = memoryview(out.view(torch.uint8).reshape(-1).numpy())
         done = 0
         while done < nbytes:  # a positional read may return short
-            got = os.preadv(self._fd, [view[done:]], begin + done)
+            try:
+                got = os.preadv(self._fd, [view[done:]], begin + done)
+            except OSError as e:
+                raise CheckpointError(f"{self.path} cannot be read ({e.strerror}) at {info.key}; check the disk, "
+                                      "then reload the model") from None
             if got <= 0:
-                raise CheckpointError(f"{self.path} ended early while reading {info.key}; the file was truncated")
+                raise CheckpointError(f"{self.path} ended early while reading {info.key}; the file was truncated "
+                                      "after loading, reload the model")
             done += got
 
     def read(self, info: TensorInfo, index: int | None = None) -> torch.Tensor:
@@ -175,9 +251,47 @@ class SafetensorsFile:
         self.read_into(info, out, index)
         return out
 
+    def close(self) -> None:
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
     def __del__(self):
         if getattr(self, "_fd", None) is not None:
             os.close(self._fd)
+
+
+def shard_names(directory: Path, root: Path) -> list[str]:
+    """The safetensors files of a checkpoint, as paths relative to it: those its index lists, else *.safetensors."""
+    index_path = directory / INDEX_NAME
+    if not os.path.lexists(index_path):
+        names = sorted(p.name for p in directory.glob("*.safetensors"))
+        if not names:
+            has_bin = any(directory.glob("*.bin")) or any(directory.glob("*.pt"))
+            hint = " (.bin/.pt checkpoints are not read: re-save it with safetensors)" if has_bin else ""
+            raise CheckpointError(f"{directory} has no *.safetensors files{hint}")
+        return names
+    index = read_json(index_path, root)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index_path} has no weight_map object (tensor name -> shard file); re-download it")
+    names = set()
+    for key, name in weight_map.items():
+        if not isinstance(name, str) or not name.strip() or "\x00" in name:
+            raise CheckpointError(f"{index_path}: weight_map[{key!r}] = {name!r} is not a shard file name; "
+                                  "re-download it")
+        relative = PurePosixPath(name)
+        if relative.is_absolute() or ".." in relative.parts or relative == PurePosixPath("."):
+            raise CheckpointError(f"{index_path} lists shard {name!r}, a path outside the checkpoint directory; "
+                                  "re-download it")
+        names.add(str(relative))
+    for name in sorted(names):
+        if not os.path.lexists(directory / name):
+            raise CheckpointError(f"shard {name} listed in {INDEX_NAME} is missing from {directory}")
+    return sorted(names)
 
 
 class CheckpointTensors:
@@ -185,26 +299,23 @@ class CheckpointTensors:
 
     def __init__(self, directory: Path):
         self.directory = directory
-        index_path = directory / INDEX_NAME
-        if index_path.is_file():
-            try:
-                weight_map = json.loads(index_path.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise CheckpointError(f"{index_path} is malformed; re-download it") from None
-            names = sorted(set(weight_map.values()))
-            missing = [n for n in names if not (directory / n).is_file()]
-            if missing:
-                raise CheckpointError(f"shard {missing[0]} listed in {INDEX_NAME} is missing from {directory}")
-        else:
-            names = sorted(p.name for p in directory.glob("*.safetensors"))
-            if not names:
-                has_bin = any(directory.glob("*.bin")) or any(directory.glob("*.pt"))
-                hint = " (.bin/.pt checkpoints are not read: re-save it with safetensors)" if has_bin else ""
-                raise CheckpointError(f"{directory} has no *.safetensors files{hint}")
-        self.files = {name: SafetensorsFile(directory / name) for name in names}
+        root = checkpoint_root(directory)
+        self.files: dict[str, SafetensorsFile] = {}  # by path relative to the directory, as the index names them
+        try:
+            for name in shard_names(directory, root):
+                self.files[name] = SafetensorsFile(directory / name, root)
+        except BaseException:
+            for f in self.files.values():
+                f.close()
+            raise
+        self._by_path = {f.path: f for f in self.files.values()}
         self.infos: dict[str, TensorInfo] = {}
         for f in self.files.values():
-            self.infos.update(f.tensors)
+            for key, info in f.tensors.items():
+                if key in self.infos:
+                    raise CheckpointError(f"tensor {key} is stored twice, in {self.infos[key].file} and {f.path}; "
+                                          "re-download the checkpoint")
+                self.infos[key] = info
 
     def __contains__(self, key: str) -> bool:
         return key in self.infos
@@ -212,18 +323,22 @@ class CheckpointTensors:
     def keys(self):
         return self.infos.keys()
 
-    def read(self, key: str, index: int | None = None) -> torch.Tensor:
+    def _file(self, key: str) -> tuple[SafetensorsFile, TensorInfo]:
         info = self.infos[key]
-        return self.files[info.file.name].read(info, index)
+        return self._by_path[info.file], info
+
+    def read(self, key: str, index: int | None = None) -> torch.Tensor:
+        f, info = self._file(key)
+        return f.read(info, index)
 
     def read_into(self, key: str, out: torch.Tensor, index: int | None = None) -> None:
-        info = self.infos[key]
-        self.files[info.file.name].read_into(info, out, index)
+        f, info = self._file(key)
+        f.read_into(info, out, index)
 
     def view(self, key: str, index: int | None = None) -> torch.Tensor:
-        info = self.infos[key]
-        return self.files[info.file.name].view(info, index)
+        f, info = self._file(key)
+        return f.view(info, index)
 
     def release(self, key: str, index: int | None = None) -> None:
-        info = self.infos[key]
-        self.files[info.file.name].release(info, index)
+        f, info = self._file(key)
+        f.release(info, index)

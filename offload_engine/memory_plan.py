@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 
-from .errors import MemoryBudgetError
+from .errors import MemoryBudgetError, short_repr
 from .model_spec import ModelSpec
 
 UNITS = {
@@ -24,26 +25,35 @@ UNITS = {
     "t": 1024**4, "tib": 1024**4, "tb": 1000**4,
 }
 WORKING_SLACK = 32 * 1024**2  # allocator rounding, small temporaries
+MAX_BYTES = 1024**5  # 1 PiB, more memory than any machine holds: a larger budget is a typo
 
 
 def parse_bytes(text: str | int) -> int:
-    """'6GiB' -> 6442450944. K/M/G and KiB/MiB/GiB are binary; KB/MB/GB are decimal.
+    """'6GiB' -> 6442450944. K/M/G and KiB/MiB/GiB are binary; KB/MB/GB are decimal. Read exactly (no float
+    rounding), from one byte up to MAX_BYTES.
 
     >>> parse_bytes("1.5GiB"), parse_bytes("512MB"), parse_bytes(4096)
     (1610612736, 512000000, 4096)
     """
     if isinstance(text, int) and not isinstance(text, bool):
-        value = text
+        value, shown = text, repr(text) if abs(text) < 10**30 else "(a number of over 30 digits)"
     else:
+        shown = short_repr(str(text))
         match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
         unit = match.group(2).lower() if match else None
         if match is None or unit not in UNITS:
             raise MemoryBudgetError(
-                f"cannot read memory size {text!r}; write a number with a unit, e.g. 6GiB, 512MiB or 2GB"
+                f"cannot read memory size {shown}; write a number with a unit, e.g. 6GiB, 512MiB or 2GB"
             )
-        value = int(float(match.group(1)) * UNITS[unit])
+        number = match.group(1)
+        huge = len(number.partition(".")[0].lstrip("0")) > 20  # more digits than any size: not worth converting
+        # 40 characters hold every digit a size of at most 20 integer digits can need, to the byte
+        value = MAX_BYTES + 1 if huge else int(Fraction(number[:40]) * UNITS[unit])
     if value <= 0:
-        raise MemoryBudgetError(f"memory size {text!r} must be positive")
+        raise MemoryBudgetError(f"memory size {shown} must be positive (at least 1 byte)")
+    if value > MAX_BYTES:
+        raise MemoryBudgetError(f"memory size {shown} is larger than {MAX_BYTES // 1024**4} TiB; "
+                                "write the memory the engine may use, e.g. 6GiB")
     return value
 
 

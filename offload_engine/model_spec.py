@@ -10,15 +10,26 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from .errors import UnsupportedModelError
+from .errors import CheckpointError, UnsupportedModelError, short_repr
 
 TOP_K_KEYS = ("num_experts_per_tok", "moe_topk", "moe_k", "num_experts_per_token", "top_k", "experts_per_token")
 QUANTIZED_MARKERS = ("quantization_config", "compression_config")
 LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
+# Sizes the memory plan and transformers' modules are built from: whole numbers >= 1 (or null) where present.
+SIZE_FIELDS = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+    "intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size", "max_position_embeddings",
+    "num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts", *TOP_K_KEYS, "kv_lora_rank",
+    "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "n_group", "topk_group",
+)
+TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+MAX_SIZE = 2**31 - 1  # a product of two sizes must still fit the int64 of a tensor shape
+MAX_INT = 2**63 - 1  # any integer at all must fit the int64 transformers and torch store it in
 
 
 @dataclass(frozen=True)
@@ -53,6 +64,51 @@ class ModelSpec:
 
     def expert_numel(self) -> int:
         return sum(math.prod(p.shape) for p in self.expert_params)
+
+
+def check_config(raw: dict, path: Path) -> None:
+    """CheckpointError (one line, naming the field) unless every field the engine and transformers build the
+    model from has the right type and range: a negative max_position_embeddings would plan a negative KV
+    cache, a vocab_size of 1e30 overflows a tensor shape."""
+    for where, value in _numbers(raw, ""):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise CheckpointError(f"{path}: {where} = {value} is not a finite number (too large for a float?); "
+                                  "restore config.json from the original checkpoint")
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT:
+            raise CheckpointError(f"{path}: {where} is too large for a 64-bit integer; "
+                                  "restore config.json from the original checkpoint")
+    if "model_type" in raw and not isinstance(raw["model_type"], str):
+        raise CheckpointError(f"{path}: model_type = {short_repr(raw['model_type'])} is not a string; fix config.json")
+    sections = [("", raw)] + [(f"{k}.", v) for k, v in raw.items() if k.endswith("_config") and isinstance(v, dict)]
+    for prefix, section in sections:
+        for key in SIZE_FIELDS:
+            value = section.get(key)
+            if value is not None and not (_is_int(value) and 1 <= value <= MAX_SIZE):
+                raise CheckpointError(f"{path}: {prefix}{key} = {short_repr(value)} must be a whole number from 1 to "
+                                      f"{MAX_SIZE}; fix config.json")
+        for key in TOKEN_ID_FIELDS:
+            value = section.get(key)
+            ids = value if isinstance(value, list) else [value]
+            if value is not None and not all(_is_int(i) and abs(i) <= MAX_SIZE for i in ids):
+                raise CheckpointError(f"{path}: {prefix}{key} = {short_repr(value)} must be a token id or a list "
+                                      "of them; fix config.json")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _numbers(value, where: str):
+    """(dotted path, number) of every number in a parsed JSON value, without recursion."""
+    stack = [(where, value)]
+    while stack:
+        where, node = stack.pop()
+        if isinstance(node, dict):
+            stack.extend((f"{where}.{k}" if where else k, v) for k, v in node.items())
+        elif isinstance(node, list):
+            stack.extend((f"{where}[{i}]", v) for i, v in enumerate(node))
+        elif isinstance(node, (int, float)):
+            yield where, node
 
 
 def refuse_quantized(raw_config: dict) -> None:
@@ -106,6 +162,18 @@ def describe(model: nn.Module, config) -> ModelSpec:
             raise UnsupportedModelError(f"model type {config.model_type!r}: cannot find the layer index of {name}")
         moe_layers.append(int(match.group(1)))
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    top_k = find_top_k(text)
+    if top_k > num_experts:  # the router's own count, off the built experts module, whatever config.json calls it
+        raise CheckpointError(
+            f"model type {config.model_type!r}: config.json routes each token to {top_k} experts, but its MoE "
+            f"layers have only {num_experts}; fix num_experts_per_tok (or the expert count) in config.json"
+        )
+    sizes = {"vocab_size": getattr(text, "vocab_size", None), "hidden_size": getattr(text, "hidden_size", None),
+             "max_position_embeddings": getattr(text, "max_position_embeddings", None) or 0}  # 0: no stated limit
+    for key, value in sizes.items():
+        if not _is_int(value) or value < 0 or (value == 0 and key != "max_position_embeddings"):
+            raise CheckpointError(f"model type {config.model_type!r}: {key} = {short_repr(value)} is not a "
+                                  "positive whole number; fix config.json")
     return ModelSpec(
         model_type=config.model_type,
         architecture=type(model).__name__,
@@ -113,11 +181,11 @@ def describe(model: nn.Module, config) -> ModelSpec:
         moe_layers=tuple(moe_layers),
         experts_paths=tuple(name for name, _ in experts),
         num_experts=int(num_experts),
-        top_k=find_top_k(text),
+        top_k=top_k,
         expert_params=expert_params,
-        vocab_size=int(text.vocab_size),
-        max_position_embeddings=int(getattr(text, "max_position_embeddings", 0) or 0),
-        hidden_size=int(text.hidden_size),
+        vocab_size=sizes["vocab_size"],
+        max_position_embeddings=sizes["max_position_embeddings"],
+        hidden_size=sizes["hidden_size"],
     )
 
 
