@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from offload_engine.trace_file import RoutingTrace
+
+# Real routing of FLAME-MoE-290M, shipped in the repository (see data/flame-moe-290m/PROVENANCE.md).
+FLAME = Path(__file__).resolve().parents[1] / "data" / "flame-moe-290m" / "flame_moe_290m_routing.npz"
 
 
 def random_trace(rng: np.random.Generator, max_n: int = 3, max_t: int = 12, max_l: int = 3, max_k: int = 3,

@@ -337,9 +337,7 @@ def test_nothing_reaches_stdout_before_the_prompt_is_accepted(good_dir, tmp_path
 
 
 def test_an_output_folder_that_does_not_exist_is_one_line(capsys):
-    flame = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "data" / \
-        "flame-moe-290m-traces" / "flame_moe_290m_routing.npz"
-    if not flame.is_file():
-        pytest.skip(f"shared FLAME trace not found at {flame}")
-    code, err = run_cli(capsys, "consistency", str(flame), "--num-experts", "64", "--plot", "/no/such/dir/p.png")
+    from consistency_traces import FLAME
+
+    code, err = run_cli(capsys, "consistency", str(FLAME), "--num-experts", "64", "--plot", "/no/such/dir/p.png")
     assert_one_line_error(code, err, "/no/such/dir/p.png")

@@ -1,7 +1,6 @@
 """Fast metrics against their plain-Python twins (exact), edge cases, properties and the FLAME figures."""
 
 from fractions import Fraction
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,10 +29,9 @@ from offload_engine.consistency.reference import (
 )
 from offload_engine.trace_file import load_trace
 
-from consistency_traces import random_trace, trace_from_lists
+from consistency_traces import FLAME, random_trace, trace_from_lists
 
 POLICIES = ("sch", "lru", "lfu", "belady")
-FLAME = Path(__file__).resolve().parents[2] / "shared" / "data" / "flame-moe-290m-traces" / "flame_moe_290m_routing.npz"
 
 
 def _layers(rng, trace):
@@ -164,7 +162,6 @@ def test_hits_grow_with_cache_size_and_saturate(trace, m, policy):
     assert full.hits == full.requests  # C >= distinct experts: everything is warm and never evicted
 
 
-@pytest.mark.skipif(not FLAME.is_file(), reason=f"shared FLAME trace not found at {FLAME}")
 def test_flame_reference_figures():
     trace = load_trace(FLAME, num_experts=64)
     r = srp(trace, 16)

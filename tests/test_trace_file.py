@@ -1,4 +1,4 @@
-"""The trace file: round trip, the shared FLAME file as it is, and one clear line for every malformation."""
+"""The trace file: round trip, the FLAME file as it is, and one clear line for every malformation."""
 
 import subprocess
 import sys
@@ -10,7 +10,7 @@ import pytest
 from offload_engine.errors import TraceFormatError
 from offload_engine.trace_file import RoutingTrace, _convert_main, load_trace, save_trace
 
-FLAME = Path(__file__).resolve().parents[2] / "shared" / "data" / "flame-moe-290m-traces" / "flame_moe_290m_routing.npz"
+from consistency_traces import FLAME
 
 
 def _arrays(**overrides):
@@ -84,7 +84,6 @@ def test_wider_integer_ids_are_stored_as_int16(tmp_path):
     assert trace.expert_ids.dtype == np.int16
 
 
-@pytest.mark.skipif(not FLAME.is_file(), reason=f"shared FLAME trace not found at {FLAME}")
 def test_flame_trace_reads_as_is_and_converts(tmp_path):
     trace = load_trace(FLAME, num_experts=64)  # alias keys router_scores / moe_layer_ids
     assert trace.expert_ids.shape == (8, 256, 8, 6) and trace.moe_layers.tolist() == list(range(2, 10))

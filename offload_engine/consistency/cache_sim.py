@@ -1,6 +1,6 @@
 """The cache simulator shared by SCH, LRU, LFU and Belady: one priority policy, one cache size, one pass.
 
-Rules (../shared/docs/routing-consistency.md): the requests of a token are judged against the cache as it
+Rules (docs/routing-consistency.md): the requests of a token are judged against the cache as it
 was before the token (batched lookup), the first C distinct experts of a sequence count as hits (warm
 start), then the requests are inserted in order, evicting the cached expert with the smallest priority.
 Every policy here is a priority policy whose key does not depend on the cache contents, so caches of

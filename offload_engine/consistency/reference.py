@@ -1,4 +1,4 @@
-"""Plain-Python twins: each definition of ../shared/docs/routing-consistency.md evaluated directly.
+"""Plain-Python twins: each definition of docs/routing-consistency.md evaluated directly.
 
 Slow on purpose and independent of the fast code (no numpy arithmetic, no shared helpers beyond the
 trace): the tests and the benchmark compare the two. -1 handling is the same as the fast code's: a

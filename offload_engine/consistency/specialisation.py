@@ -1,4 +1,4 @@
-"""Load balance, domain specialisation and vocabulary specialisation (../shared/docs/routing-consistency.md).
+"""Load balance, domain specialisation and vocabulary specialisation (docs/routing-consistency.md).
 
 act_r of one expert is its window-weighted activation frequency at segment length m: the activations it
 gets summed over every m-token window, divided by m * (number of windows). Missing cells activate nothing;

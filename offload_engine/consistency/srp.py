@@ -1,6 +1,6 @@
 """SRP (Segment Routing best Performance): how well one set of experts per m-token window covers it.
 
-Definitions: ../shared/docs/routing-consistency.md. Counts are pooled over all sequences, windows and
+Definitions: docs/routing-consistency.md. Counts are pooled over all sequences, windows and
 experts of a group (one layer, or the whole model) before the threshold is maximised.
 -1 cells activate nothing; padded tokens end the sequence (see offload_engine.trace_file).
 """
