@@ -10,8 +10,10 @@ File format (numpy `.npz`, `allow_pickle=False`):
   `domains` str `[N]` (a label per sequence); `model` str scalar; `hidden_states` float16 `[N, T, L, H]`:
   the residual stream entering each MoE block (`moe-offload trace --hidden-states`, to train predictors).
 
-Aliases accepted on load: `router_scores` for `scores`, `moe_layer_ids` for `moe_layers` (the shared
-FLAME trace uses them). Other keys are ignored. A file without `num_experts` needs it from the caller:
+Aliases accepted on load: `router_scores` for `scores`, `moe_layer_ids` for `moe_layers` (the FLAME trace
+in data/flame-moe-290m/ uses them). Other arrays are ignored, not even read; members that are not `.npy`
+arrays, pickled objects and headers that disagree with a member's size are refused. A file without
+`num_experts` needs it from the caller:
 `load_trace(path, num_experts=64)`, `moe-offload consistency --num-experts 64`, or once for all
 `python -m offload_engine.trace_file convert IN.npz OUT.npz --num-experts 64`.
 
@@ -23,16 +25,25 @@ and activates nothing, but its token still counts as a position of the sequence.
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import stat
 import sys
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .errors import TraceFormatError
+from .atomic_write import atomic_output
+from .errors import TraceFormatError, one_line, short_repr
 
 _ALIASES = {"router_scores": "scores", "moe_layer_ids": "moe_layers"}
+TRACE_KEYS = frozenset({"expert_ids", "num_experts", "moe_layers", "scores", "token_ids", "domains", "model",
+                        "hidden_states"})
+DEFLATE_MAX_RATIO = 1032  # deflate expands data by at most this factor
+MAX_EXPERTS = 32767  # expert ids are int16
 
 
 @dataclass(frozen=True, eq=False)
@@ -100,8 +111,8 @@ def _validate(t: RoutingTrace) -> None:
     if min(ids.shape) < 1:
         _fail(f"expert_ids has an empty axis, shape {ids.shape}; record at least one token of one layer")
     e = t.num_experts
-    if isinstance(e, bool) or not isinstance(e, (int, np.integer)) or not 1 <= e <= 32767:
-        _fail(f"num_experts must be an integer in 1..32767, got {e!r}")
+    if isinstance(e, bool) or not isinstance(e, (int, np.integer)) or not 1 <= e <= MAX_EXPERTS:
+        _fail(f"num_experts must be an integer in 1..{MAX_EXPERTS}, got {short_repr(e)}")
     lo, hi = int(ids.min()), int(ids.max())
     if lo < -1:
         _fail(f"expert_ids holds {lo}; ids must be in [0, num_experts) with -1 for padding/missing")
@@ -149,17 +160,15 @@ def load_trace(path: str | Path, num_experts: int | None = None) -> RoutingTrace
     Raises TraceFormatError with one line naming the problem and the fix.
     """
     path = Path(path)
-    if not path.is_file():
-        _fail(f"trace file {path} does not exist; check the path")
-    if not zipfile.is_zipfile(path):  # np.load would otherwise guess a pickle and talk about that
-        _fail(f"{path} is not an .npz file (not a zip archive); write traces with "
-              "offload_engine.trace_file.save_trace or `moe-offload trace`")
     try:
-        with np.load(path, allow_pickle=False) as z:
-            raw = {_ALIASES.get(key, key): z[key] for key in z.files}
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
-        _fail(f"{path} is not a readable .npz trace ({type(exc).__name__}: {exc}); "
-              "write traces with offload_engine.trace_file.save_trace")
+        regular = stat.S_ISREG(os.stat(path).st_mode)
+    except (FileNotFoundError, NotADirectoryError, ValueError):  # ValueError: a NUL in the name
+        _fail(f"trace file {path} does not exist; check the path")
+    except OSError as e:
+        _fail(f"trace file {path} cannot be read ({e.strerror}); check the path and its permissions")
+    if not regular:  # a FIFO would block the zip reader, a directory fail inside it
+        _fail(f"trace file {path} is not a regular file; pass the .npz file itself")
+    raw = _read_arrays(path)
     for key in ("expert_ids", "moe_layers"):
         if key not in raw:
             _fail(f"{path} has no '{key}' array (keys: {', '.join(sorted(raw)) or 'none'}); "
@@ -197,8 +206,67 @@ def load_trace(path: str | Path, num_experts: int | None = None) -> RoutingTrace
     )
 
 
+def _read_arrays(path: Path) -> dict[str, np.ndarray]:
+    """The trace's arrays in an .npz, by canonical key; other arrays are not read at all."""
+    if not zipfile.is_zipfile(path):  # np.load would otherwise guess a pickle and talk about that
+        _fail(f"{path} is not an .npz file (not a zip archive); write traces with "
+              "offload_engine.trace_file.save_trace or `moe-offload trace`")
+    arrays: dict[str, np.ndarray] = {}
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for member in archive.infolist():
+                name = member.filename
+                if member.is_dir() or not name.endswith(".npy"):
+                    _fail(f"{path}: member {name!r} is not a .npy array; an .npz trace holds numpy arrays only "
+                          "(write it with offload_engine.trace_file.save_trace)")
+                key = _ALIASES.get(name[:-4], name[:-4])
+                if key not in TRACE_KEYS:
+                    continue
+                if key in arrays:
+                    _fail(f"{path} holds '{key}' twice (under its name and an alias); keep one")
+                arrays[key] = _read_member(archive, member, key, path)
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, NotImplementedError, RuntimeError) as exc:
+        # zipfile raises RuntimeError for an encrypted member, NotImplementedError for an unknown compression
+        reason = str(exc).splitlines()[0] if str(exc) else ""
+        _fail(f"{path} is not a readable .npz trace ({type(exc).__name__}: {reason}); "
+              "write traces with offload_engine.trace_file.save_trace")
+    return arrays
+
+
+def _read_member(archive: zipfile.ZipFile, member: zipfile.ZipInfo, key: str, path: Path) -> np.ndarray:
+    """One .npy member, its header checked against the member's real size before anything is allocated: a
+    forged shape must not make numpy reserve terabytes."""
+    if member.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        _fail(f"{path}: '{key}' is compressed with zip method {member.compress_type}, which numpy never writes; "
+              "re-save the trace with save_trace")
+    most = member.compress_size * (1 if member.compress_type == zipfile.ZIP_STORED else DEFLATE_MAX_RATIO)
+    if member.file_size > most:
+        _fail(f"{path}: '{key}' claims {member.file_size} bytes, more than its {member.compress_size} compressed "
+              "bytes can hold; the file is corrupt")
+    with archive.open(member) as f:
+        version = np.lib.format.read_magic(f)
+        if version not in ((1, 0), (2, 0)):
+            _fail(f"{path}: '{key}' is a .npy file of version {version}, which traces never use; re-save it")
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran_order, dtype = read_header(f)
+        if dtype.hasobject:
+            _fail(f"{path}: '{key}' holds pickled Python objects, which are never loaded; store plain numeric "
+                  "or string arrays")
+        needed = math.prod(shape) * dtype.itemsize
+        held = member.file_size - f.tell()
+        if needed != held:
+            _fail(f"{path}: '{key}' declares shape {shape} of {dtype} ({needed} bytes) but holds {held} bytes; "
+                  "the file is corrupt")
+        data = f.read(needed)
+    if len(data) != needed:
+        _fail(f"{path}: '{key}' ends early; the file is truncated")
+    array = np.frombuffer(bytearray(data), dtype=dtype)  # a bytearray: the array stays writable, as np.load's
+    return array.reshape(shape, order="F" if fortran_order else "C")
+
+
 def save_trace(path: str | Path, trace: RoutingTrace) -> None:
-    """Write `trace` as a compressed `.npz` in the format `load_trace` reads (canonical key names)."""
+    """Write `trace` as a compressed `.npz` in the format `load_trace` reads (canonical key names), atomically:
+    a failed write leaves an earlier file at `path` as it was."""
     arrays = {
         "expert_ids": trace.expert_ids.astype(np.int16),
         "num_experts": np.int64(trace.num_experts),
@@ -214,7 +282,7 @@ def save_trace(path: str | Path, trace: RoutingTrace) -> None:
         arrays["model"] = np.array(trace.model)
     if trace.hidden_states is not None:
         arrays["hidden_states"] = trace.hidden_states.astype(np.float16)
-    with open(path, "wb") as f:  # a file object keeps numpy from appending ".npz" to the name
+    with atomic_output(path) as f:  # a file object also keeps numpy from appending ".npz" to the name
         np.savez_compressed(f, **arrays)
 
 
@@ -231,7 +299,10 @@ def _convert_main(argv: list[str] | None = None) -> int:
         trace = load_trace(args.src, num_experts=args.num_experts)
         save_trace(args.dst, trace)
     except TraceFormatError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(str(exc))}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # save_trace names the file
+        print(f"error: {one_line(f'{exc.strerror}: {exc.filename}')}", file=sys.stderr)
         return 2
     print(f"wrote {args.dst}")
     return 0

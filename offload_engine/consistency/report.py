@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from fractions import Fraction
+from pathlib import Path
 from typing import Sequence
 
+from ..atomic_write import atomic_output
 from ..trace_file import RoutingTrace
 from .cache_sim import HitRate, capacity_for_ratio, hit_rates
 from .specialisation import (
@@ -19,6 +21,7 @@ from .specialisation import (
 from .srp import SrpResult, srp_from_histogram, srp_histograms
 
 CACHE_POLICIES = ("lru", "lfu", "belady")
+NEEDS_EXTERNAL_TOOLS = {"pgf"}  # matplotlib lists it, but saving runs LaTeX
 
 
 @dataclass(frozen=True)
@@ -60,7 +63,10 @@ def consistency_report(trace: RoutingTrace, segment_lengths: Sequence[int], cach
                        per_layer: bool = False, m_labels: Sequence[str] | None = None,
                        source: str | None = None) -> ConsistencyReport:
     """All figures of the report; cache ratios are decimal strings (or numbers) read exactly as fractions."""
-    ms = [int(m) for m in segment_lengths]
+    labels = tuple(m_labels) if m_labels is not None else tuple(str(int(m)) for m in segment_lengths)
+    # A segment longer than every sequence has no window and a look-ahead over the whole sequence: its
+    # figures are those of T + 1, computed without bins for lengths no sequence reaches.
+    ms = [min(int(m), trace.num_tokens + 1) for m in segment_lengths]
     ratios = [Fraction(str(r)) for r in cache_ratios]
     hist = srp_histograms(trace, ms)  # [L, len(ms), max m + 1]
     layers = None
@@ -72,7 +78,7 @@ def consistency_report(trace: RoutingTrace, segment_lengths: Sequence[int], cach
                f"({_span(moe_layers)}), {trace.num_experts} experts, top-{trace.k}")
     return ConsistencyReport(
         trace_summary=summary,
-        m_labels=tuple(m_labels) if m_labels is not None else tuple(str(m) for m in ms),
+        m_labels=labels,
         ratio_labels=tuple(str(r) for r in cache_ratios),
         model=_group(trace, hist.sum(axis=0), ms, ratios, None),
         layers=layers,
@@ -143,8 +149,26 @@ def format_report(report: ConsistencyReport) -> str:
     return "\n".join(lines)
 
 
-def plot_report(report: ConsistencyReport, path: str) -> None:
-    """PNG: model-level hit rate against cache ratio (SCH per m, LRU, LFU, Belady) and SRP against m."""
+def plot_format(path: str | Path) -> str:
+    """The image format of `path`, from its extension, as matplotlib names it; ValueError listing the choices.
+
+    >>> plot_format("hit_rates.PNG")
+    'png'
+    """
+    from matplotlib.backend_bases import FigureCanvasBase  # not pyplot: no backend is chosen here
+
+    formats = set(FigureCanvasBase.get_supported_filetypes()) - NEEDS_EXTERNAL_TOOLS
+    suffix = Path(path).suffix.lower().removeprefix(".")
+    if suffix not in formats:
+        raise ValueError(f"{path} does not end in an image format matplotlib writes; use one of "
+                         f"{', '.join('.' + f for f in sorted(formats))}")
+    return suffix
+
+
+def plot_report(report: ConsistencyReport, path: str | Path) -> None:
+    """Model-level hit rate against cache ratio (SCH per m, LRU, LFU, Belady) and SRP against m, in the image
+    format of the file name's extension; written atomically (a failed save leaves an earlier file as it was)."""
+    image_format = plot_format(path)
     import matplotlib
 
     matplotlib.use("Agg")  # the one place a third-party registry is touched: no display needed
@@ -153,24 +177,26 @@ def plot_report(report: ConsistencyReport, path: str) -> None:
     rhos = [float(Fraction(r)) for r in report.ratio_labels]
     ms = [s.m for s in report.model.srp]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for m, row in zip(report.m_labels, report.model.sch):
-        left.plot(rhos, [h.hit_rate for h in row], marker="o", label=f"SCH m={m}")
-    for p, label in zip(CACHE_POLICIES, ("LRU", "LFU", "Belady")):
-        left.plot(rhos, [h.hit_rate for h in getattr(report.model, p)], marker="s", linestyle="--", label=label)
-    left.set(xlabel="cache ratio rho (C / active experts per token)", ylabel="hit rate", title="Cache hit rate")
-    left.grid(alpha=0.3)
-    left.legend(fontsize=8)
-    right.plot(ms, [s.srp for s in report.model.srp], marker="o", label="model")
-    if report.layers is not None:
-        for i, g in enumerate(report.layers):
-            right.plot(ms, [s.srp for s in g.srp], alpha=0.35, linewidth=0.8, label="layers" if i == 0 else None)
-    if len(ms) > 1 and min(ms) > 0 and max(ms) / min(ms) >= 4:
-        right.set_xscale("log", base=2)
-    right.set(xlabel="segment length m", ylabel="SRP", title="Segment routing best performance")
-    right.grid(alpha=0.3)
-    right.legend(fontsize=8)
-    fig.suptitle(report.trace_summary, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
+    try:
+        for m, row in zip(report.m_labels, report.model.sch):
+            left.plot(rhos, [h.hit_rate for h in row], marker="o", label=f"SCH m={m}")
+        for p, label in zip(CACHE_POLICIES, ("LRU", "LFU", "Belady")):
+            left.plot(rhos, [h.hit_rate for h in getattr(report.model, p)], marker="s", linestyle="--", label=label)
+        left.set(xlabel="cache ratio rho (C / active experts per token)", ylabel="hit rate", title="Cache hit rate")
+        left.grid(alpha=0.3)
+        left.legend(fontsize=8)
+        right.plot(ms, [s.srp for s in report.model.srp], marker="o", label="model")
+        if report.layers is not None:
+            for i, g in enumerate(report.layers):
+                right.plot(ms, [s.srp for s in g.srp], alpha=0.35, linewidth=0.8, label="layers" if i == 0 else None)
+        if len(ms) > 1 and min(ms) > 0 and max(ms) / min(ms) >= 4:
+            right.set_xscale("log", base=2)
+        right.set(xlabel="segment length m", ylabel="SRP", title="Segment routing best performance")
+        right.grid(alpha=0.3)
+        right.legend(fontsize=8)
+        fig.suptitle(report.trace_summary, fontsize=9)
+        fig.tight_layout()
+        with atomic_output(path) as f:
+            fig.savefig(f, format=image_format, dpi=110)
+    finally:
+        plt.close(fig)
