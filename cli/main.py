@@ -3,28 +3,34 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
-from offload_engine.errors import OffloadEngineError
+from offload_engine.errors import OffloadEngineError, one_line
 
-from . import consistency_cmd, generate_cmd, plan_cmd, trace_cmd
-from .run_options import apply_profile
-
-COMMANDS = {"generate": generate_cmd, "plan": plan_cmd, "trace": trace_cmd, "consistency": consistency_cmd}
+# Each command's module is imported to build its flags; torch and transformers wait until a command runs,
+# so that `--help` and a mistyped flag answer at once.
+COMMANDS = {
+    "generate": "offload_engine.cli.generate_cmd",
+    "plan": "offload_engine.cli.plan_cmd",
+    "trace": "offload_engine.cli.trace_cmd",
+    "consistency": "offload_engine.cli.consistency_cmd",
+}
+LOADS_A_MODEL = frozenset({"generate", "plan", "trace"})  # their runs import transformers
 
 
 class OneLineParser(argparse.ArgumentParser):
     """A bad flag gets one line (what is wrong, where to look) and exit code 2, not a usage dump."""
 
     def error(self, message: str):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"error: {one_line(message)} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="moe-offload", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     for name, module in COMMANDS.items():
-        module.add_parser(sub, name)
+        importlib.import_module(module).add_parser(sub, name)
     return parser
 
 
@@ -37,25 +43,42 @@ def quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    quiet_libraries()
+    try:
+        return _run(argv)
+    except KeyboardInterrupt:  # at any point, imports included: one word, no traceback
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(argv: list[str] | None) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args = _parse(parser, argv)
         if getattr(args, "profile", None) is not None:
+            from .run_options import apply_profile
+
             subparsers = _subparsers(parser)
             any_command = {a.dest for p in subparsers.values() for a in p._actions}
             apply_profile(subparsers[args.command], _after_command(argv, args.command), any_command)
-            args = parser.parse_args(argv)
-        return COMMANDS[args.command].run(args) or 0
+            args = _parse(parser, argv)
+        if args.command in LOADS_A_MODEL:
+            quiet_libraries()
+        return importlib.import_module(COMMANDS[args.command]).run(args) or 0
     except OffloadEngineError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(str(e))}", file=sys.stderr)
         return 2
     except OSError as e:  # the file system said no (an output folder that does not exist, a full disk...)
-        print(f"error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", file=sys.stderr)
+        where = f": {e.filename}" if e.filename else ""
+        print(f"error: {one_line(f'{e.strerror or e}{where}')}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Flags no command knows are reported by that command's parser, so the hint names its --help."""
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        _subparsers(parser)[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
