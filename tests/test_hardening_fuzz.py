@@ -72,52 +72,46 @@ json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats
                                                                                          max_size=4), max_leaves=20)
 
 
+def load_with(workspace, capsys, checkpoint: str, name: str, data: bytes) -> None:
+    """`data` as file `name` of a fresh copy of a checkpoint, loaded in Python and planned by the CLI: each
+    succeeds or refuses it cleanly, and neither changes a file."""
+    path = fresh_copy(workspace, checkpoint)
+    (path / name).write_bytes(data)
+    before = tree_fingerprint(path)
+    python_api(lambda: OffloadEngine.from_pretrained(path, device="cpu", expert_slots=2, progress=False))
+    cli(capsys, "plan", "--model", str(path), "--quiet")
+    assert tree_fingerprint(path) == before
+
+
 @FUZZ
 @given(data=st.binary(max_size=300) | st.text(max_size=200).map(str.encode))
 def test_random_config_json(workspace, capsys, data):
-    path = fresh_copy(workspace, "single")
-    (path / "config.json").write_bytes(data)
-    before = tree_fingerprint(path)
-    python_api(lambda: OffloadEngine.from_pretrained(path, device="cpu", expert_slots=2, progress=False))
-    cli(capsys, "plan", "--model", str(path), "--quiet")
-    assert tree_fingerprint(path) == before
-
-
-@FUZZ
-@given(header=st.binary(max_size=200) | st.text(max_size=200).map(str.encode), data_len=st.integers(0, 64),
-       declared=st.none() | st.integers(0, 2**64 - 1))
-def test_random_safetensors_header(workspace, capsys, header, data_len, declared):
-    path = fresh_copy(workspace, "single")
-    length = len(header) if declared is None else declared
-    (path / "model.safetensors").write_bytes(struct.pack("<Q", length) + header + bytes(data_len))
-    before = tree_fingerprint(path)
-    python_api(lambda: OffloadEngine.from_pretrained(path, device="cpu", expert_slots=2, progress=False))
-    cli(capsys, "plan", "--model", str(path), "--quiet")
-    assert tree_fingerprint(path) == before
+    load_with(workspace, capsys, "single", "config.json", data)
 
 
 @FUZZ
 @given(data=st.data())
 def test_random_config_fields(workspace, capsys, data):
     """A real config.json with one field set to any JSON value: deeper than random bytes get."""
-    path = fresh_copy(workspace, "single")
-    config = json.loads((path / "config.json").read_text())
+    config = json.loads((workspace / "single" / "config.json").read_text())
     key = data.draw(st.sampled_from(sorted(config) + ["num_experts_per_tok", "head_dim", "text_config"]))
     config[key] = data.draw(json_values)
-    (path / "config.json").write_text(json.dumps(config))
-    python_api(lambda: OffloadEngine.from_pretrained(path, device="cpu", expert_slots=2, progress=False))
-    cli(capsys, "plan", "--model", str(path), "--quiet")
+    load_with(workspace, capsys, "single", "config.json", json.dumps(config).encode())
+
+
+@FUZZ
+@given(header=st.binary(max_size=200) | st.text(max_size=200).map(str.encode), data_len=st.integers(0, 64),
+       declared=st.none() | st.integers(0, 2**64 - 1))
+def test_random_safetensors_header(workspace, capsys, header, data_len, declared):
+    length = len(header) if declared is None else declared
+    load_with(workspace, capsys, "single", "model.safetensors",
+              struct.pack("<Q", length) + header + bytes(data_len))
 
 
 @FUZZ
 @given(data=st.binary(max_size=200) | json_values.map(lambda v: json.dumps({"weight_map": v}).encode()))
 def test_random_index(workspace, capsys, data):
-    path = fresh_copy(workspace, "sharded")
-    (path / "model.safetensors.index.json").write_bytes(data)
-    before = tree_fingerprint(path)
-    python_api(lambda: OffloadEngine.from_pretrained(path, device="cpu", expert_slots=2, progress=False))
-    cli(capsys, "plan", "--model", str(path), "--quiet")
-    assert tree_fingerprint(path) == before
+    load_with(workspace, capsys, "sharded", "model.safetensors.index.json", data)
 
 
 @FUZZ
