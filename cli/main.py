@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
+import signal
 import sys
+import threading
 
 from offload_engine.errors import OffloadEngineError, one_line
 
@@ -43,11 +47,32 @@ def quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    in_main_thread = threading.current_thread() is threading.main_thread()  # signals reach that thread only
+    previous = signal.signal(signal.SIGINT, _on_interrupt) if in_main_thread else None  # the CLI's one handler
     try:
         return _run(argv)
-    except KeyboardInterrupt:  # at any point, imports included: one word, no traceback
+    except KeyboardInterrupt:  # one word, no traceback
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _on_interrupt(signum, frame) -> None:
+    """Ctrl-C is a KeyboardInterrupt, which main unwinds (an atomic write removes its temporary file on the
+    way). Inside an import it is not: libraries turn it into an ImportError or swallow it while probing for
+    optional packages, so there the process leaves at once. (An import in the middle of a write, such as an
+    image codec loaded on first use, would leave that write's temporary file; never the target.)"""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            with contextlib.suppress(OSError, ValueError):
+                sys.stdout.flush()
+                sys.stderr.write("interrupted\n")
+                sys.stderr.flush()
+            os._exit(130)
+        frame = frame.f_back
+    raise KeyboardInterrupt
 
 
 def _run(argv: list[str] | None) -> int:

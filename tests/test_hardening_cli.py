@@ -280,14 +280,13 @@ def test_an_interrupt_is_one_word_and_exit_130(trace_path, monkeypatch, capsys):
     assert capsys.readouterr().err == "interrupted\n"
 
 
-@pytest.mark.parametrize("delay", [0.5, 1.0])
-def test_ctrl_c_during_start_up_is_one_word_and_exit_130(tmp_path, delay):
-    """While torch and transformers are being imported (seconds, on CI)."""
-    proc = subprocess.Popen([sys.executable, "-m", "offload_engine.cli.main", "plan", "--model", str(tmp_path)],
+@pytest.mark.parametrize("delay", [0.5, 1.5, 4.0])
+def test_ctrl_c_at_any_point_is_one_word_and_exit_130(delay):
+    """During the imports of torch and transformers (seconds), while loading, while generating."""
+    proc = subprocess.Popen([sys.executable, "-m", "offload_engine.cli.main", "generate", "--quiet",
+                             "--max-new-tokens", "1000", "--ignore-eos"], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     time.sleep(delay)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
-    if proc.returncode == 2:  # it finished before the signal came: nothing to test on this machine
-        pytest.skip("start-up finished before the interrupt")
-    assert proc.returncode == 130 and err == "interrupted\n", err
+    assert proc.returncode == 130 and err == "interrupted\n", (proc.returncode, err[-2000:])
