@@ -7,11 +7,6 @@ import json
 import sys
 from pathlib import Path
 
-from offload_engine.engine import OffloadEngine
-from offload_engine.generation import SamplingConfig
-from offload_engine.memory_plan import format_bytes
-from offload_engine.trace_file import save_trace
-
 from .run_options import add_model_options, model_path, output_path, positive_int, run_config
 
 
@@ -33,12 +28,19 @@ def add_parser(subparsers, name: str):
 
 
 def stats_line(stats) -> str:
+    from offload_engine.memory_plan import format_bytes
+
+    prefetched = f", {stats.prefetches} prefetched" if stats.prefetches else ""
     return (f"TTFT {stats.ttft_s:.3f} s | decode {stats.decode_tokens_per_s:.1f} tok/s | "
-            f"hit rate {100 * stats.hit_rate:.1f}% ({stats.hits} hits, {stats.misses} misses) | "
-            f"moved {stats.bytes_to_device / 1e9:.3f} GB | peak device {format_bytes(stats.peak_device_bytes)}")
+            f"hit rate {100 * stats.hit_rate:.1f}% ({stats.hits} hits, {stats.misses} misses{prefetched}) | "
+            f"moved {format_bytes(stats.bytes_to_device)} | peak device {format_bytes(stats.peak_device_bytes)}")
 
 
 def run(args: argparse.Namespace) -> int:
+    from offload_engine.engine import OffloadEngine
+    from offload_engine.generation import SamplingConfig
+    from offload_engine.trace_file import save_trace
+
     # check sampling flags before the model is loaded, not after
     SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed, args.ignore_eos)
     run_cfg = run_config(args)

@@ -19,8 +19,10 @@ COMMANDS = {
     "plan": "offload_engine.cli.plan_cmd",
     "trace": "offload_engine.cli.trace_cmd",
     "consistency": "offload_engine.cli.consistency_cmd",
+    "simulate": "offload_engine.cli.simulate_cmd",
+    "predictor": "offload_engine.cli.predictor_cmd",
 }
-LOADS_A_MODEL = frozenset({"generate", "plan", "trace"})  # their runs import transformers
+LOADS_A_MODEL = frozenset({"generate", "plan", "trace", "predictor"})  # their runs import transformers
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 
-from offload_engine.loading import inspect_checkpoint, make_plan
-
 from .run_options import add_model_options, model_path, run_config
 
 
@@ -17,6 +15,8 @@ def add_parser(subparsers, name: str):
 
 
 def run(args) -> int:
+    from offload_engine.loading import inspect_checkpoint, make_plan
+
     run_cfg = run_config(args)
     inspected = inspect_checkpoint(model_path(args), run_cfg)
     plan = make_plan(inspected, run_cfg)

@@ -5,23 +5,35 @@ from __future__ import annotations
 import argparse
 import tomllib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from offload_engine.atomic_write import check_output_path
 from offload_engine.errors import ConfigError
-from offload_engine.run_config import RunConfig
 
 import offload_engine
 
+if TYPE_CHECKING:  # torch is imported only when a command runs
+    from offload_engine.run_config import RunConfig
+
 DEFAULT_MODEL = Path(offload_engine.__file__).resolve().parent / "default_model"
+POLICIES = ("lru", "predictive")  # offload_engine.policies.POLICIES, without importing numba for --help
 
 
-def positive_int(text: str) -> int:
-    try:
+def bounded_int(low: int, high: int):
+    """A whole number in [low, high], checked by argparse with a one-line error."""
+    def parse(text: str) -> int:
+        text = text.strip()
+        if not text.lstrip("+-").isdigit() or len(text) > 20:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
         value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
-    return value
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{text!r} must be between {low} and {high}")
+        return value
+    parse.__name__ = "whole number"
+    return parse
+
+
+positive_int = bounded_int(1, 2**31 - 1)
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
@@ -38,6 +50,15 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                         "(default: pinned with CUDA if they fit in RAM, else mmap)")
     p.add_argument("--max-context", type=positive_int, help="tokens of KV cache to plan for (default: min(model, 4096))")
     p.add_argument("--max-batch", type=positive_int, default=1, help="prompts per batch to plan for")
+    p.add_argument("--policy", choices=POLICIES, default="lru",
+                   help="which cached expert gives way: lru, or predictive (furthest expected next use, learned at "
+                        "run time and from the predictor); default lru")
+    p.add_argument("--predictor", default="none", metavar="NAME|PATH",
+                   help="routing predictor: none, next-gate, history, learned (the model's own predictor/ folder) "
+                        "or a trained predictor's folder; default none")
+    p.add_argument("--prefetch-depth", type=bounded_int(0, 8), default=None, metavar="N",
+                   help="load predicted experts N MoE layers ahead (0: no prefetch; default: from measured load "
+                        "and layer times, with a predictor)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -49,8 +70,12 @@ def apply_profile(parser: argparse.ArgumentParser, argv: list[str] | None, any_c
     profile = getattr(pre, "profile", None)
     if profile is None:
         return
+    if not Path(profile).is_file():  # a FIFO would block the read; a folder cannot be read at all
+        raise ConfigError(f"cannot read profile {profile}: not a regular file; pass a TOML file such as profiles/demo.toml")
     try:
-        values = tomllib.loads(Path(profile).read_text())
+        values = tomllib.loads(Path(profile).read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"cannot read profile {profile}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise ConfigError(f"cannot read profile {profile}: {e}") from None
     values = {k.replace("-", "_"): v for k, v in values.items()}
@@ -78,22 +103,24 @@ def _profile_value(profile: Path, action: argparse.Action, value):
 
 def output_path(path: Path | None) -> Path | None:
     """Check where a result will go before the long work that produces it."""
-    if path is not None and not path.parent.is_dir():
-        raise ConfigError(f"cannot write {path}: directory {path.parent} does not exist")
-    return path
+    return None if path is None else check_output_path(path)
 
 
 def model_path(args) -> str:
-    if args.model:
+    if args.model is not None:
+        if not args.model.strip():
+            raise ConfigError("--model is empty; pass a model directory, or leave --model out for the bundled model")
         return args.model
     if not (DEFAULT_MODEL / "config.json").is_file():
         raise ConfigError(f"the bundled default model is missing from {DEFAULT_MODEL}; pass --model PATH")
     return str(DEFAULT_MODEL)
 
 
-def run_config(args) -> RunConfig:
+def run_config(args) -> "RunConfig":
+    from offload_engine.run_config import RunConfig
+
     return RunConfig.build(
         device=args.device, dtype=args.dtype, memory_budget=args.memory_budget, expert_slots=args.expert_slots,
         host_memory=args.host_memory, max_context=args.max_context, max_batch=args.max_batch,
-        progress=not args.quiet,
+        policy=args.policy, predictor=args.predictor, prefetch_depth=args.prefetch_depth, progress=not args.quiet,
     )

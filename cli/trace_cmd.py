@@ -5,10 +5,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from offload_engine.engine import OffloadEngine
-from offload_engine.trace_file import save_trace
-from offload_engine.tracing import CorpusInput, trace_corpus
-
 from .run_options import add_model_options, model_path, output_path, positive_int, run_config
 
 
@@ -20,11 +16,17 @@ def add_parser(subparsers, name: str):
     p.add_argument("--seq-len", type=positive_int, default=512, help="tokens per sequence (default 512)")
     p.add_argument("--max-seqs", type=positive_int, help="sequences per input at most (default: all)")
     p.add_argument("--batch-size", type=positive_int, default=4, help="sequences per forward pass")
+    p.add_argument("--hidden-states", action="store_true",
+                   help="also record the residual stream entering each MoE block (float16), to train predictors")
     p.add_argument("--out", type=Path, required=True, help="the .npz trace to write")
     return p
 
 
 def run(args) -> int:
+    from offload_engine.engine import OffloadEngine
+    from offload_engine.trace_file import save_trace
+    from offload_engine.tracing import CorpusInput, trace_corpus
+
     inputs = [CorpusInput.parse(item) for item in args.input]
     # plan the KV cache and working memory for the batches this command runs
     args.max_batch = max(args.max_batch, args.batch_size)
@@ -32,7 +34,8 @@ def run(args) -> int:
     run_cfg = run_config(args)
     output_path(args.out)
     engine = OffloadEngine.from_run_config(model_path(args), run_cfg)
-    trace = trace_corpus(engine, inputs, args.seq_len, args.max_seqs, args.batch_size, progress=not args.quiet)
+    trace = trace_corpus(engine, inputs, args.seq_len, args.max_seqs, args.batch_size, progress=not args.quiet,
+                         hidden_states=args.hidden_states)
     save_trace(args.out, trace)
     print(f"wrote {args.out}: {trace.num_sequences} sequences x {trace.num_tokens} tokens, "
           f"{trace.num_layers} MoE layers, top-{trace.k} of {trace.num_experts}", file=sys.stderr)

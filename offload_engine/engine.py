@@ -18,7 +18,7 @@ from .errors import CheckpointError, GenerationInputError
 from .generation import SamplingConfig, decode_stream
 from .loading import Inspected, inspect_checkpoint, load, make_plan
 from .memory_plan import MemoryPlan, kv_bytes_per_token
-from .offloaded_experts import RoutingRecorder
+from .request import Request, RoutingRecorder
 from .run_config import RunConfig
 from .trace_file import RoutingTrace
 from .tracing import generation_trace
@@ -30,12 +30,17 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 class GenerationStats:
     prompt_tokens: int
     generated_tokens: int
-    hits: int
-    misses: int
-    bytes_to_device: int
+    hits: int  # needed experts resident or already arriving when their layer call started
+    misses: int  # loads a layer call had to start itself (demand loads)
+    prefetches: int  # loads started ahead of the call that needs them
+    prefetch_hits: int  # prefetched experts used before their eviction
+    bytes_to_device: int  # all loads, demand and prefetch
+    evictions: int
+    stall_s: float  # time layer calls waited for their experts
     ttft_s: float  # prefill and first token
     decode_tokens_per_s: float  # tokens after the first, per second of decoding (prefill excluded)
     peak_device_bytes: int  # CUDA: max_memory_allocated; CPU: the engine's accounted tensors (see README)
+    per_layer: tuple[dict, ...] = ()  # the same counters for each MoE layer position
 
     @property
     def hit_rate(self) -> float:
@@ -43,7 +48,7 @@ class GenerationStats:
         return self.hits / lookups if lookups else 0.0
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "hit_rate": self.hit_rate}
+        return {**asdict(self), "per_layer": [dict(c) for c in self.per_layer], "hit_rate": self.hit_rate}
 
 
 @dataclass(frozen=True)
@@ -95,9 +100,9 @@ class OffloadEngine:
         self.run, self.plan, self.spec = run, plan, inspected.spec
         self.directory: Path = inspected.directory
         self.config = inspected.config
-        self.model, self.store, self.cache = load(inspected, run, plan)
+        self.model, self.store, self.runtime = load(inspected, run, plan)
+        self.cache = self.runtime.cache
         self.tokenizer = tokenizer
-        self.bindings = [self.model.get_submodule(p)._offload for p in self.spec.experts_paths]
 
     @classmethod
     def from_pretrained(
@@ -111,10 +116,12 @@ class OffloadEngine:
         max_context: int | None = None,
         max_batch: int = 1,
         policy: str = "lru",
+        predictor: str = "none",
+        prefetch_depth: int | None = None,
         progress: bool = True,
     ) -> "OffloadEngine":
         run = RunConfig.build(device, dtype, memory_budget, expert_slots, host_memory, max_context, max_batch,
-                              policy, progress)
+                              policy, predictor, prefetch_depth, progress)
         return cls.from_run_config(name_or_path, run)
 
     @classmethod
@@ -248,42 +255,46 @@ class OffloadEngine:
         results = [GenerationResult(self._decode(ids), ids, stats, trace) for ids in rows]
         return results if _is_batch(prompt) else results[0]
 
+    def request(self, rows: int, recorder: RoutingRecorder | None = None) -> Request:
+        """A new request's own state: counters, routing history, recorder."""
+        return Request(rows, self.spec.num_moe_layers, self.spec.top_k, recorder=recorder)
+
+    def forward(self, request: Request, **inputs):
+        """One forward pass of the model for `request` (one at a time across threads)."""
+        with self.runtime.serving(request):
+            return self.model(**inputs)
+
     def _stream(self, encoded: list[list[int]], cfg: SamplingConfig,
                 recorder: RoutingRecorder | None = None) -> Iterator[TokenEvent]:
         input_ids, mask = self._padded(encoded)
         deltas = [_TextDelta(self.tokenizer) for _ in encoded]
-        for binding in self.bindings:
-            binding.recorder = recorder
+        request = self.request(len(encoded), recorder)
         cuda = self.run.device.type == "cuda"
         if cuda:
             torch.cuda.reset_peak_memory_stats(self.run.device)
-        before = self.cache.stats()
-        try:
-            first = None
-            done = [False] * len(encoded)
-            count = count_first = 0
-            for step in decode_stream(self.model, input_ids, mask, cfg, self.eos_ids(), self.pad_id()):
-                first = step.time_s if first is None else first
-                tokens = step.tokens.tolist()
-                texts = tuple("" if was_done else d.push(t) for d, t, was_done in zip(deltas, tokens, done))
-                count += sum(not was_done for was_done in done)
-                count_first = count_first if step.index else count
-                finished = tuple(step.finished.tolist())
-                stats = None
-                if all(finished) or step.index + 1 == cfg.max_new_tokens:
-                    stats = self._stats(before, encoded, count, count_first, first, step.time_s, step.index + 1,
-                                        cuda)
-                yield TokenEvent(step.index, tuple(tokens), texts, finished, stats)
-                done = list(finished)
-        finally:
-            for binding in self.bindings:
-                binding.recorder = None
+        first = None
+        done = [False] * len(encoded)
+        count = count_first = 0
+        steps = decode_stream(self.model, input_ids, mask, cfg, self.eos_ids(), self.pad_id(),
+                              forward=lambda **inputs: self.forward(request, **inputs))
+        for step in steps:
+            first = step.time_s if first is None else first
+            tokens = step.tokens.tolist()
+            texts = tuple("" if was_done else d.push(t) for d, t, was_done in zip(deltas, tokens, done))
+            count += sum(not was_done for was_done in done)
+            count_first = count_first if step.index else count
+            finished = tuple(step.finished.tolist())
+            stats = None
+            if all(finished) or step.index + 1 == cfg.max_new_tokens:
+                stats = self._stats(request, encoded, count, count_first, first, step.time_s, step.index + 1, cuda)
+            yield TokenEvent(step.index, tuple(tokens), texts, finished, stats)
+            done = list(finished)
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None else ""
 
-    def _stats(self, before, encoded, generated, generated_first, first, last, steps, cuda) -> GenerationStats:
-        delta = self.cache.stats().minus(before)
+    def _stats(self, request, encoded, generated, generated_first, first, last, steps, cuda) -> GenerationStats:
+        delta = self.cache.stats(request.counters)
         decode_s = (last - first) if last is not None and first is not None else 0.0
         if cuda:
             peak = torch.cuda.max_memory_allocated(self.run.device)
@@ -296,10 +307,15 @@ class OffloadEngine:
             generated_tokens=generated,
             hits=delta.hits,
             misses=delta.misses,
+            prefetches=delta.prefetches,
+            prefetch_hits=delta.prefetch_hits,
             bytes_to_device=delta.bytes_to_device,
+            evictions=delta.evictions,
+            stall_s=delta.stall_s,
             ttft_s=first or 0.0,
             decode_tokens_per_s=(generated - generated_first) / decode_s if decode_s > 0 else 0.0,
             peak_device_bytes=int(peak),
+            per_layer=tuple(asdict(c) for c in delta.per_layer),
         )
 
 

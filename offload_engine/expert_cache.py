@@ -1,165 +1,248 @@
-"""A fixed pool of expert slots on the compute device, filled on demand from the expert store.
+"""A fixed pool of expert slots on the compute device, filled from the expert store on demand or ahead of time.
 
-Ask for the experts one layer needs, get slot indices back; the slot tensors then hold exactly those
-experts' weights. Counters per MoE layer: hits, misses, bytes moved to the device, evictions.
-On CUDA, misses are copied on a separate stream and the compute stream waits only for those copies.
+Ask for the experts one layer call needs (`fetch`), get slot indices back; the slot tensors then hold exactly
+those experts' weights. `prefetch` starts loading experts a later call is predicted to need, without waiting.
+Which expert is in which slot is SlotMap's business (slot_map.py), which slot gives way the policy's.
+
+Loads run where they overlap compute: on CUDA on a copy stream, each slot with a `ready` event (the compute
+stream waits for it) and a `last_use` event recorded after the kernels that read it (a copy into a reused
+slot waits for it: a slot is never overwritten while a queued kernel still reads it). On the CPU, prefetches
+run on one background thread (copies from the memory map or the files release the GIL), demand loads in the
+calling thread.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 from tqdm.auto import tqdm
 
+from .counters import CacheStats, LayerCounters, new_counters
 from .expert_store import ExpertStore
-from .policies import LRUPolicy
-
-
-@dataclass
-class LayerCounters:
-    hits: int = 0
-    misses: int = 0
-    bytes_to_device: int = 0
-    evictions: int = 0
-    copy_s: float = 0.0  # wall time of synchronous copies (CPU device or pageable memory); 0 when asynchronous
-
-
-@dataclass(frozen=True)
-class CacheStats:
-    """A snapshot of the counters (totals and per MoE layer position)."""
-
-    hits: int
-    misses: int
-    bytes_to_device: int
-    evictions: int
-    copy_s: float
-    per_layer: tuple[LayerCounters, ...] = field(repr=False)
-
-    @property
-    def hit_rate(self) -> float:
-        total = self.hits + self.misses
-        return self.hits / total if total else 0.0
-
-    def minus(self, earlier: "CacheStats") -> "CacheStats":
-        layers = tuple(
-            LayerCounters(a.hits - b.hits, a.misses - b.misses, a.bytes_to_device - b.bytes_to_device,
-                          a.evictions - b.evictions, a.copy_s - b.copy_s)
-            for a, b in zip(self.per_layer, earlier.per_layer)
-        )
-        return CacheStats(self.hits - earlier.hits, self.misses - earlier.misses,
-                          self.bytes_to_device - earlier.bytes_to_device, self.evictions - earlier.evictions,
-                          self.copy_s - earlier.copy_s, layers)
+from .policies import Key, LRUPolicy
+from .slot_map import SlotMap, Staging
 
 
 class ExpertCache:
     def __init__(self, store: ExpertStore, num_slots: int, device: torch.device, policy=None):
-        if num_slots < 1:
-            raise ValueError("the expert cache needs at least one slot")
         self.store = store
-        self.num_slots = num_slots
         self.device = torch.device(device)
+        spec = store.spec
         self.policy = policy or LRUPolicy()
+        self.map = SlotMap(num_slots, self.policy, store.expert_nbytes())
+        self.num_slots = num_slots
         # S=slots; one [S, *shape] tensor per runtime expert parameter (gate_up_proj, down_proj, biases...)
         self.pool = {
             p.name: torch.empty((num_slots, *p.shape), dtype=store.dtype, device=self.device)
-            for p in store.spec.expert_params
+            for p in spec.expert_params
         }
-        self.slot_of: dict[tuple[int, int], int] = {}
-        # the same map as a device tensor, [L, E] -> slot (-1: not resident), so a layer call turns expert ids
-        # into slot ids with one gather; updated on misses and evictions only
-        self.slot_table = torch.full((store.spec.num_moe_layers, store.spec.num_experts), -1, dtype=torch.long,
-                                     device=self.device)
-        self.key_in: list[tuple[int, int] | None] = [None] * num_slots
-        self.free = list(range(num_slots - 1, -1, -1))
-        self.counters = [LayerCounters() for _ in range(store.spec.num_moe_layers)]
+        # [L, E] -> slot (-1: not resident), so a layer call turns expert ids into slot ids with one gather
+        self.slot_table = torch.full((spec.num_moe_layers, spec.num_experts), -1, dtype=torch.long, device=self.device)
+        self.counters = new_counters(spec.num_moe_layers)  # used when no request's counters are given
+        self.lock = threading.Lock()  # the map is touched by the forward thread and by prefetch completions
         cuda = self.device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(self.device) if cuda else None
         self.non_blocking = cuda and store.pinned
+        self.ready: dict[int, torch.cuda.Event | Future] = {}  # slot -> completion of its last load
+        self.last_use: dict[int, torch.cuda.Event] = {}  # CUDA: slot -> after the last kernels that read it
+        self._copy_events: list[tuple[LayerCounters, torch.cuda.Event, torch.cuda.Event]] = []  # CUDA copy timings
+        self._loader: ThreadPoolExecutor | None = None
 
+    # -- views ----------------------------------------------------------------------------------------------
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.pool.values())
 
+    @property
+    def slot_of(self) -> dict[Key, int]:
+        return self.map.slot_of
+
+    @property
+    def key_in(self) -> list[Key | None]:
+        return self.map.key_in
+
     def slot_tensors(self, slot: int) -> dict[str, torch.Tensor]:
         return {name: t[slot] for name, t in self.pool.items()}
 
-    def fetch(self, layer_pos: int, experts: Sequence[int]) -> list[int]:
-        """Make `experts` of one MoE layer resident together and return their slots, in the same order."""
-        if len(experts) > self.num_slots:
-            raise ValueError(f"{len(experts)} experts asked for at once, but the cache has {self.num_slots} slots")
-        counters = self.counters[layer_pos]
-        wanted = {(layer_pos, e) for e in experts}
-        slots, loads = [], []
-        for e in experts:
-            key = (layer_pos, e)
-            slot = self.slot_of.get(key)
-            if slot is None:
-                slot = self._claim_slot(protected=wanted)
-                self.slot_of[key], self.key_in[slot] = slot, key
-                self.slot_table[layer_pos, e] = slot
-                self.policy.on_insert(key)
-                loads.append((e, slot))
-                counters.misses += 1
-            else:
-                self.policy.on_hit(key)
-                counters.hits += 1
-            slots.append(slot)
-        if loads:
-            start = time.perf_counter()
-            try:
-                counters.bytes_to_device += self._load(layer_pos, loads)
-            except BaseException:  # a slot whose copy failed must not be found resident later
-                for e, slot in loads:
-                    del self.slot_of[(layer_pos, e)]
-                    self.slot_table[layer_pos, e] = -1
-                    self.policy.on_evict((layer_pos, e))
-                    self.key_in[slot] = None
-                    self.free.append(slot)
-                raise
-            if not self.non_blocking:
-                counters.copy_s += time.perf_counter() - start
-        return slots
+    def stats(self, counters: list[LayerCounters] | None = None) -> CacheStats:
+        self._resolve_copy_times()
+        return CacheStats.of(self.counters if counters is None else counters)
 
-    def _claim_slot(self, protected: set) -> int:
-        if self.free:
-            return self.free.pop()
-        victim = self.policy.victim(protected)
-        slot = self.slot_of.pop(victim)
-        self.slot_table[victim] = -1
-        self.policy.on_evict(victim)
-        self.key_in[slot] = None
-        self.counters[victim[0]].evictions += 1
-        return slot
+    # -- demand ---------------------------------------------------------------------------------------------
+    def fetch(self, layer_pos: int, experts: Sequence[int], counters: list[LayerCounters] | None = None) -> list[int]:
+        """Make `experts` (distinct) of one MoE layer resident together; their slots, in the same order."""
+        counters = self.counters if counters is None else counters
+        self._sweep()
+        if len(self.map.arriving) > self.num_slots - len(experts):
+            self._wait(list(self.map.arriving), counters[layer_pos])  # too many slots still being written
+        with self.lock:
+            staging = self.map.call(layer_pos, experts, counters)
+            self._retable(staging.evicted, [(layer_pos, e, s) for e, s in staging.loads])
+        waits = staging.waits
+        if staging.loads:
+            self._load(layer_pos, staging.loads, counters[layer_pos], demand=True)
+            if self.copy_stream is not None:  # the compute stream must wait for the call's own copies too
+                waits = waits + [slot for _, slot in staging.loads]
+        self._wait(waits, counters[layer_pos])
+        return staging.slots
 
-    def _load(self, layer_pos: int, loads: list[tuple[int, int]]) -> int:
+    def used(self, slots: Sequence[int]) -> None:
+        """The current stream's kernels read these slots (CUDA): a later copy into them waits for the kernels."""
         if self.copy_stream is None:
-            return sum(self.store.copy_into(layer_pos, e, self.slot_tensors(s)) for e, s in loads)
-        compute = torch.cuda.current_stream(self.device)
-        # A reused slot may still be read by queued kernels: copies start only after them.
-        self.copy_stream.wait_stream(compute)
-        with torch.cuda.stream(self.copy_stream):
-            written = sum(self.store.copy_into(layer_pos, e, self.slot_tensors(s), self.non_blocking)
-                          for e, s in loads)
-        compute.wait_stream(self.copy_stream)
-        return written
+            return
+        stream = torch.cuda.current_stream(self.device)
+        for slot in slots:
+            event = self.last_use.get(slot)
+            if event is None:
+                event = self.last_use[slot] = torch.cuda.Event()
+            event.record(stream)
 
-    def preload(self, keys: Sequence[tuple[int, int]], progress: bool = True) -> None:
+    # -- ahead of time --------------------------------------------------------------------------------------
+    def prefetch(self, keys: Sequence[Key], protected: set, counters: list[LayerCounters] | None = None) -> int:
+        """Start loading `keys` (best first) where the policy finds them worth a victim; returns how many."""
+        counters = self.counters if counters is None else counters
+        self._sweep()
+        started: dict[int, list[tuple[int, int]]] = {}
+        evicted: list[Key] = []
+        with self.lock:
+            for key in keys:
+                slot = self.map.prefetch(key, protected, counters, evicted)
+                if slot is not None:
+                    started.setdefault(key[0], []).append((key[1], slot))
+            self._retable(evicted, [(layer, e, s) for layer, loads in started.items() for e, s in loads])
+        for layer, loads in started.items():
+            self._load(layer, loads, counters[layer], demand=False)
+        return sum(map(len, started.values()))
+
+    def drain(self) -> None:
+        """Wait for every load in flight (before timing, or before the engine goes away)."""
+        self._wait(list(self.map.arriving), LayerCounters())
+
+    def close(self) -> None:
+        if self._loader is not None:
+            self._loader.shutdown(wait=True)
+            self._loader = None
+
+    # -- loads ----------------------------------------------------------------------------------------------
+    def _retable(self, evicted: list[Key], placed: list[tuple[int, int, int]]) -> None:
+        for layer, e in evicted:
+            self.slot_table[layer, e] = -1
+        for layer, e, slot in placed:
+            self.slot_table[layer, e] = slot
+
+    def _copy(self, layer_pos: int, loads: list[tuple[int, int]]) -> int:
+        return sum(self.store.copy_into(layer_pos, e, self.slot_tensors(s), self.non_blocking) for e, s in loads)
+
+    def _load(self, layer_pos: int, loads: list[tuple[int, int]], c: LayerCounters, demand: bool) -> None:
+        try:
+            if self.copy_stream is not None:
+                self._load_cuda(layer_pos, loads, c)
+            elif demand:  # the call waits for its own copies: they are stall time too
+                start = time.perf_counter()
+                self._copy(layer_pos, loads)
+                elapsed = time.perf_counter() - start
+                with self.lock:
+                    c.copy_s += elapsed
+                    c.stall_s += elapsed
+                    for _, slot in loads:
+                        self.map.arrived(slot)
+            else:
+                if self._loader is None:
+                    self._loader = ThreadPoolExecutor(1, thread_name_prefix="expert-prefetch")
+                for e, slot in loads:
+                    self.ready[slot] = self._loader.submit(self._timed_copy, layer_pos, [(e, slot)], c)
+        except BaseException:  # a slot whose copy failed must not be found resident later
+            self._forget([slot for _, slot in loads])
+            raise
+
+    def _timed_copy(self, layer_pos: int, loads: list[tuple[int, int]], c: LayerCounters) -> None:
+        start = time.perf_counter()
+        self._copy(layer_pos, loads)
+        with self.lock:
+            c.copy_s += time.perf_counter() - start
+
+    def _load_cuda(self, layer_pos: int, loads: list[tuple[int, int]], c: LayerCounters) -> None:
+        with torch.cuda.stream(self.copy_stream):
+            for _, slot in loads:  # a reused slot may still be read by queued kernels
+                if slot in self.last_use:
+                    self.copy_stream.wait_event(self.last_use[slot])
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(self.copy_stream)
+            self._copy(layer_pos, loads)
+            end.record(self.copy_stream)
+        self._copy_events.append((c, start, end))
+        for _, slot in loads:
+            self.ready[slot] = end
+
+    def _wait(self, slots: Sequence[int], c: LayerCounters) -> None:
+        """Block the compute (CUDA: the compute stream; CPU: this thread) until these slots hold their bytes."""
+        if not slots:
+            return
+        start = time.perf_counter()
+        failed = None
+        for slot in slots:
+            handle = self.ready.pop(slot, None)
+            if handle is None:
+                continue
+            if isinstance(handle, Future):
+                try:
+                    handle.result()
+                except BaseException as e:  # the prefetch failed: the slot holds nothing
+                    failed = failed or e
+                    self._forget([slot])
+                    continue
+            else:
+                torch.cuda.current_stream(self.device).wait_event(handle)
+        with self.lock:
+            for slot in slots:
+                self.map.arrived(slot)
+        c.stall_s += time.perf_counter() - start
+        if failed is not None:
+            raise failed
+
+    def _sweep(self) -> None:
+        """Mark finished loads as arrived (an arriving slot cannot be evicted); drop failed prefetches."""
+        done, failed = [], []
+        for slot, handle in list(self.ready.items()):
+            if isinstance(handle, Future):
+                if handle.done():
+                    (failed if handle.exception() is not None else done).append(slot)
+            elif handle.query():
+                done.append(slot)
+        if failed:
+            self._forget(failed)
+        if done:
+            with self.lock:
+                for slot in done:
+                    self.ready.pop(slot, None)
+                    self.map.arrived(slot)
+
+    def _forget(self, slots: list[int]) -> None:
+        with self.lock:
+            for slot in slots:
+                key = self.map.drop(slot)
+                if key is not None:
+                    self.slot_table[key] = -1
+                self.ready.pop(slot, None)
+
+    def _resolve_copy_times(self) -> None:
+        """CUDA copy times, read from their events once the copies are done (no sync on the hot path)."""
+        if not self._copy_events:
+            return
+        self.copy_stream.synchronize()
+        for counters, start, end in self._copy_events:
+            counters.copy_s += start.elapsed_time(end) / 1000
+        self._copy_events.clear()
+
+    def preload(self, keys: Sequence[Key], progress: bool = True) -> None:
         """Fill free slots with `keys` up front (e.g. every expert, when all fit); counted as bytes moved."""
         for layer_pos, e in tqdm(keys, desc="experts to device", disable=not progress, unit="expert"):
-            if not self.free:
+            if not self.map.free:
                 break
-            if (layer_pos, e) not in self.slot_of:
+            if (layer_pos, e) not in self.map.slot_of:
                 self.fetch(layer_pos, [e])
                 self.counters[layer_pos].misses -= 1  # preloading is not a lookup
-
-    def stats(self) -> CacheStats:
-        per_layer = tuple(LayerCounters(**vars(c)) for c in self.counters)
-        return CacheStats(
-            hits=sum(c.hits for c in per_layer), misses=sum(c.misses for c in per_layer),
-            bytes_to_device=sum(c.bytes_to_device for c in per_layer),
-            evictions=sum(c.evictions for c in per_layer), copy_s=sum(c.copy_s for c in per_layer),
-            per_layer=per_layer,
-        )

@@ -12,6 +12,7 @@ runtime parameter, never the whole model in one stack.
 
 from __future__ import annotations
 
+import threading
 import warnings
 
 import torch
@@ -42,7 +43,7 @@ class ExpertStore:
         self.mode = mode
         self.pinned = False  # true only once page-locked buffers really hold the experts
         self.host: list[dict[str, torch.Tensor]] = []  # per MoE layer: runtime param name -> [E, *shape]
-        self._staging: dict[torch.dtype, torch.Tensor] = {}
+        self._staging = threading.local()  # per thread: demand loads and the prefetch thread read at once
         if mode not in READ_ON_DEMAND:
             self._load_host(progress)
 
@@ -65,9 +66,10 @@ class ExpertStore:
                 dst.copy_(stage.view(dst.shape))
 
     def _stage(self, dtype: torch.dtype, numel: int) -> torch.Tensor:
-        buf = self._staging.get(dtype)
+        buffers = self._staging.__dict__.setdefault("by_dtype", {})
+        buf = buffers.get(dtype)
         if buf is None or buf.numel() < numel:
-            buf = self._staging[dtype] = torch.empty(numel, dtype=dtype)
+            buf = buffers[dtype] = torch.empty(numel, dtype=dtype)
         return buf[:numel]
 
     def _load_host(self, progress: bool) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -83,8 +83,10 @@ def decode_stream(
     cfg: SamplingConfig,
     eos_ids: set[int],
     pad_id: int,
+    forward: Callable | None = None,
 ) -> Iterator[Step]:
-    """input_ids [B, P] left-padded on the model's device. Stops when every sequence has emitted an EOS."""
+    """input_ids [B, P] left-padded on the model's device. Stops when every sequence has emitted an EOS.
+    `forward(**inputs)` runs one forward pass (default: the model itself; the engine wraps it in its request)."""
     device = input_ids.device
     generator = None
     if cfg.temperature > 0:
@@ -98,9 +100,10 @@ def decode_stream(
     # positions count real tokens only, so left padding does not shift them (as generate does)
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     cache_arg = cache_keyword(model)
+    forward = forward or model
     start = time.perf_counter()
     with torch.inference_mode():
-        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+        out = forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                     use_cache=True, logits_to_keep=1)
         past, next_pos = getattr(out, cache_arg), position_ids[:, -1:] + 1
         for index in range(cfg.max_new_tokens):
@@ -114,7 +117,7 @@ def decode_stream(
             if bool(finished_cpu.all()) or index + 1 == cfg.max_new_tokens:
                 return
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], dim=-1)
-            out = model(input_ids=tokens[:, None], attention_mask=attention_mask, position_ids=next_pos,
+            out = forward(input_ids=tokens[:, None], attention_mask=attention_mask, position_ids=next_pos,
                         use_cache=True, **{cache_arg: past})
             past, next_pos = getattr(out, cache_arg), next_pos + 1
 

@@ -27,6 +27,9 @@ from .memory_plan import MemoryPlan, kv_bytes_per_token, plan_memory, working_by
 from .model_spec import ModelSpec, describe, dtype_from_config, refuse_quantized
 from .offloaded_experts import IMPLEMENTATION_NAME, bind, register_experts_implementation
 from .policies import make_policy
+from .predictors import make_predictor
+from .predictors.next_gate import decoder_layer_norm
+from .runtime import Runtime
 from .run_config import DEFAULT_MAX_CONTEXT, RunConfig
 
 CPU_BUDGET_SHARE = 0.5  # of available RAM: the rest stays for the page cache the experts are read from
@@ -198,19 +201,29 @@ def load_non_experts(inspected: Inspected, device: torch.device, progress: bool)
 
 
 def load(inspected: Inspected, run: RunConfig, plan: MemoryPlan):
-    """Returns (model, store, cache): the model on run.device with every experts module bound to the cache."""
+    """Returns (model, store, runtime): the model on run.device with every experts module bound to the
+    runtime (its cache, predictor and prefetch)."""
+    spec = inspected.spec
+    predictor = make_predictor(run.predictor, inspected.model, spec, inspected.directory)
     used = load_non_experts(inspected, run.device, run.progress)
     used |= inspected.layout.expert_keys()
     inspected.layout.warn_unused(used, getattr(inspected.model, "_keys_to_ignore_on_load_unexpected", None))
-    store = ExpertStore(inspected.tensors, inspected.layout, inspected.spec, inspected.dtype,
-                        host_mode(run, plan), run.progress)
-    cache = ExpertCache(store, plan.expert_slots, run.device, make_policy(run.policy))
+    store = ExpertStore(inspected.tensors, inspected.layout, spec, inspected.dtype, host_mode(run, plan), run.progress)
+    policy = make_policy(run.policy, spec.num_moe_layers, spec.num_experts, spec.top_k)
+    cache = ExpertCache(store, plan.expert_slots, run.device, policy)
+    runtime = Runtime(cache, spec.num_moe_layers, spec.top_k, predictor, run.prefetch_depth)
     reference_impl = inspected.model.get_correct_experts_implementation(None)  # what from_pretrained would use
-    for layer_pos, path in enumerate(inspected.spec.experts_paths):
+    for layer_pos, path in enumerate(spec.experts_paths):
         module = inspected.model.get_submodule(path)
-        module._offload = bind(module, layer_pos, cache, reference_impl)
-    if plan.expert_slots >= plan.total_experts:  # everything fits: load it all now, decode never misses
-        keys = [(i, e) for i in range(inspected.spec.num_moe_layers) for e in range(inspected.spec.num_experts)]
-        cache.preload(keys, run.progress)
+        module._offload = bind(module, layer_pos, runtime, reference_impl)
+        norm = decoder_layer_norm(inspected.model, path.rpartition(".")[0])
+        if norm is not None:  # the residual stream entering the MoE block: for predictors and hidden-state traces
+            norm.register_forward_pre_hook(lambda m, args, i=layer_pos: runtime.capture_residual(i, args[0]))
     model = inspected.model.eval()
-    return model, store, cache
+    # forwards that bypass the engine's API (engine.model.generate) still run one at a time
+    model.register_forward_pre_hook(lambda m, args: runtime.lock.acquire() and None)
+    model.register_forward_hook(lambda m, args, out: runtime.lock.release(), always_call=True)
+    if plan.expert_slots >= plan.total_experts:  # everything fits: load it all now, decode never misses
+        keys = [(i, e) for i in range(spec.num_moe_layers) for e in range(spec.num_experts)]
+        cache.preload(keys, run.progress)
+    return model, store, runtime

@@ -1,12 +1,16 @@
 """The experts forward that transformers calls for every MoE layer, served from the expert cache.
 
 transformers applies the model's own routing (softmax/sigmoid, grouped top-k, renormalisation, scaling) and
-hands us `(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k])`. We make the call's experts
-resident, map expert ids to slot ids and run transformers' own experts function (the one the reference model
-uses) on the slot pool: same kernel, same reduction, so bf16 output is bit for bit the reference's. Only when
-a call needs more experts than there are slots is it served a group at a time, each expert through that same
-function on its own tokens (the module's own `_apply_gate`, `act_fn` and flags keep gpt-oss's clamped,
-interleaved gate right too).
+hands us `(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k])`. A call runs in four steps:
+
+    plan     which experts the call needs (ascending ids), in one group or, with fewer slots, several;
+    stage    make them resident (expert_cache.fetch: hits, demand loads, waits for prefetches), then let the
+             predictor see the routing and start loading what the next layers are predicted to need;
+    execute  transformers' own experts function (the one the reference model uses) over the slot pool;
+    reduce   once, as the reference does: with one group the function itself reduces; with several, each
+             expert runs with unit weights and the weighted [T, k, H] contributions are summed at the end.
+
+Same kernel and same reduction as the reference, so bf16 output is bit for bit the reference's.
 """
 
 from __future__ import annotations
@@ -21,17 +25,6 @@ from .expert_cache import ExpertCache
 IMPLEMENTATION_NAME = "offload_engine"
 SMALL_CALL = 64  # routed (token, expert) pairs up to which the needed experts are found in Python
 MAX_SPANS = 256
-
-
-@dataclass
-class RoutingRecorder:
-    """Collects each MoE layer call's routing while attached (for traces)."""
-
-    calls: list[tuple[int, torch.Tensor, torch.Tensor]] = field(default_factory=list)
-
-    def record(self, layer_pos: int, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> None:
-        self.calls.append((layer_pos, top_k_index.detach().to("cpu", torch.int16),
-                           top_k_weights.detach().to("cpu", torch.float32)))
 
 
 class SlotExperts:
@@ -59,27 +52,26 @@ class SlotExperts:
 
 @dataclass
 class ExpertsBinding:
-    """What one experts module needs at run time: its MoE layer position, the cache, transformers' experts
-    function the reference model would use (grouped_mm by default), and an optional recorder."""
+    """What one experts module needs at run time: its MoE layer position, the engine's runtime, and
+    transformers' experts function the reference model would use (grouped_mm by default)."""
 
     layer_pos: int
-    cache: ExpertCache
+    runtime: object  # runtime.Runtime
     module: object  # the transformers experts module
     compute: Callable
-    recorder: RoutingRecorder | None = None
+    implementation: str
     spans: dict[tuple[int, int], SlotExperts] = field(default_factory=dict)  # by (first slot, end): reused
 
-    def span(self, lo: int, hi: int) -> SlotExperts:
+    def span(self, cache: ExpertCache, lo: int, hi: int) -> SlotExperts:
         view = self.spans.get((lo, hi))
         if view is None:
             if len(self.spans) >= MAX_SPANS:  # scattered slots give many spans: keep the memo small
                 self.spans.clear()
-            pool = self.cache.pool
-            view = self.spans[lo, hi] = SlotExperts(self.module, {name: t[lo:hi] for name, t in pool.items()})
+            view = self.spans[lo, hi] = SlotExperts(self.module, {name: t[lo:hi] for name, t in cache.pool.items()})
         return view
 
 
-def bind(module, layer_pos: int, cache: ExpertCache, implementation: str) -> ExpertsBinding:
+def bind(module, layer_pos: int, runtime, implementation: str) -> ExpertsBinding:
     """implementation: the experts implementation transformers picks for the reference model."""
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
@@ -87,7 +79,7 @@ def bind(module, layer_pos: int, cache: ExpertCache, implementation: str) -> Exp
         compute = type(module).forward.__wrapped__  # the class's own loop, under the decorator
     else:
         compute = ALL_EXPERTS_FUNCTIONS[implementation]
-    return ExpertsBinding(layer_pos, cache, module, compute)
+    return ExpertsBinding(layer_pos, runtime, module, compute, implementation)
 
 
 def register_experts_implementation() -> None:
@@ -100,35 +92,51 @@ def register_experts_implementation() -> None:
 def offloaded_experts_forward(
     self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
-    # T=tokens, k=active experts per token, H=hidden; S=cache slots
     binding: ExpertsBinding = self._offload
-    cache = binding.cache
-    if binding.recorder is not None:
-        binding.recorder.record(binding.layer_pos, top_k_index, top_k_weights)
-    # the experts this call needs, ascending; on CUDA the one sync a layer needs. Few ids (decode): in Python,
-    # cheaper than torch.unique's dispatch
+    return binding.runtime.layer_call(binding, hidden_states, top_k_index, top_k_weights)
+
+
+# -- the steps ------------------------------------------------------------------------------------------------
+def plan(top_k_index: torch.Tensor) -> list[int]:
+    """The experts a call needs, ascending; on CUDA the one sync a layer needs. Few ids (decode): found in
+    Python, cheaper than torch.unique's dispatch."""
     if top_k_index.numel() <= SMALL_CALL:
-        experts = sorted(set(top_k_index.view(-1).tolist()))
-    else:
-        experts = top_k_index.unique().tolist()
-    if len(experts) <= cache.num_slots:
-        # the common case: all of this call's experts resident at once, then transformers' own kernel and
-        # reduction over the slot pool, bit for bit what the reference computes over its [E, ...] tensors
-        slots = cache.fetch(binding.layer_pos, experts)
-        # only the span of slots in use: grouped_mm's cost grows with the number of groups it is handed
-        lo, hi = min(slots), max(slots) + 1
-        slot_index = cache.slot_table[binding.layer_pos][top_k_index]
-        if lo:
-            slot_index = slot_index - lo
-        return binding.compute(binding.span(lo, hi), hidden_states, slot_index, top_k_weights)
-    # more experts than slots: a group at a time, each expert on its own tokens through the same function
-    out = torch.zeros_like(hidden_states)
-    for start in range(0, len(experts), cache.num_slots):
-        group = experts[start:start + cache.num_slots]
-        for e, slot in zip(group, cache.fetch(binding.layer_pos, group)):
-            token_idx, rank = torch.where(top_k_index == e)
-            weights = top_k_weights[token_idx, rank, None]  # [t, 1]: each token routed to this one expert
-            y = binding.compute(binding.span(slot, slot + 1), hidden_states[token_idx],
-                                torch.zeros_like(weights, dtype=top_k_index.dtype), weights)
-            out.index_add_(0, token_idx, y.to(out.dtype))
+        return sorted(set(top_k_index.view(-1).tolist()))
+    return top_k_index.unique().tolist()
+
+
+def execute(binding: ExpertsBinding, cache: ExpertCache, slots: list[int], hidden_states: torch.Tensor,
+            top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    """All of the call's experts resident at once: transformers' own kernel and reduction over the slot pool,
+    bit for bit what the reference computes over its [E, ...] tensors."""
+    # only the span of slots in use: grouped_mm's cost grows with the number of groups it is handed
+    lo, hi = min(slots), max(slots) + 1
+    slot_index = cache.slot_table[binding.layer_pos][top_k_index]
+    if lo:
+        slot_index = slot_index - lo
+    return binding.compute(binding.span(cache, lo, hi), hidden_states, slot_index, top_k_weights)
+
+
+def execute_unweighted(binding: ExpertsBinding, cache: ExpertCache, experts: list[int], slots: list[int],
+                       hidden_states: torch.Tensor, top_k_index: torch.Tensor, contributions: torch.Tensor) -> None:
+    """Each expert of a group on its own tokens, with unit weights, into contributions [T, k, H]."""
+    for e, slot in zip(experts, slots):
+        token_idx, rank = torch.where(top_k_index == e)
+        ones = torch.ones((len(token_idx), 1), dtype=contributions.dtype, device=hidden_states.device)
+        y = binding.compute(binding.span(cache, slot, slot + 1), hidden_states[token_idx],
+                            torch.zeros((len(token_idx), 1), dtype=top_k_index.dtype, device=top_k_index.device), ones)
+        contributions[token_idx, rank] = y.to(contributions.dtype)
+
+
+def reduce(binding: ExpertsBinding, contributions: torch.Tensor, top_k_index: torch.Tensor,
+           top_k_weights: torch.Tensor, experts: list[int], dtype: torch.dtype) -> torch.Tensor:
+    """The reference's reduction of per-(token, rank) outputs [T, k, H]: grouped_mm and batched_mm weight them
+    and sum over k (accumulating in fp32); the eager loop adds each expert's weighted output in expert order."""
+    weighted = contributions * top_k_weights.unsqueeze(-1)
+    if binding.implementation != "eager":
+        return weighted.sum(dim=1).to(dtype)
+    out = torch.zeros(contributions.shape[0], contributions.shape[-1], dtype=dtype, device=contributions.device)
+    for e in experts:
+        token_idx, rank = torch.where(top_k_index == e)
+        out.index_add_(0, token_idx, weighted[token_idx, rank].to(dtype))
     return out

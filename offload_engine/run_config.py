@@ -10,8 +10,10 @@ from .errors import ConfigError
 from .expert_store import HOST_MODES
 from .memory_plan import parse_bytes
 from .policies import POLICIES
+from .predictors import PREDICTOR_NAMES
 
 DEFAULT_MAX_CONTEXT = 4096
+MAX_PREFETCH_DEPTH = 8
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
@@ -26,6 +28,8 @@ class RunConfig:
     max_context: int | None = None  # tokens the KV cache is planned for; None: min(model limit, 4096)
     max_batch: int = 1
     policy: str = "lru"
+    predictor: str = "none"  # none, next-gate, history, learned (the model's own), or a trained predictor's folder
+    prefetch_depth: int | None = None  # MoE layers ahead to load predicted experts; None: automatic, 0: off
     progress: bool = True
 
     @classmethod
@@ -39,6 +43,8 @@ class RunConfig:
         max_context: int | None = None,
         max_batch: int = 1,
         policy: str = "lru",
+        predictor: str | None = "none",
+        prefetch_depth: int | None = None,
         progress: bool = True,
     ) -> "RunConfig":
         """Validate user-facing settings once; every error is one line naming the setting."""
@@ -62,7 +68,16 @@ class RunConfig:
             raise ConfigError(f"max batch must be at least 1, not {max_batch}")
         if policy not in POLICIES:
             raise ConfigError(f"unknown eviction policy {policy!r}; choose one of {sorted(POLICIES)}")
-        return cls(dev, dtype, budget, expert_slots, host_memory, max_context, max_batch, policy, progress)
+        predictor = "none" if predictor is None else predictor
+        if not isinstance(predictor, str) or not predictor:
+            raise ConfigError(f"predictor must be one of {PREDICTOR_NAMES} or a trained predictor's folder, "
+                              f"not {predictor!r}")
+        if prefetch_depth is not None and (not isinstance(prefetch_depth, int) or isinstance(prefetch_depth, bool)
+                                           or not 0 <= prefetch_depth <= MAX_PREFETCH_DEPTH):
+            raise ConfigError(f"prefetch depth must be a whole number of MoE layers from 0 (off) to "
+                              f"{MAX_PREFETCH_DEPTH}, not {prefetch_depth!r}")
+        return cls(dev, dtype, budget, expert_slots, host_memory, max_context, max_batch, policy, predictor,
+                   prefetch_depth, progress)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

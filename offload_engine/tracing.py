@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import GenerationInputError
-from .offloaded_experts import RoutingRecorder
+from .request import RoutingRecorder
 from .trace_file import RoutingTrace
 
 
@@ -35,6 +35,12 @@ def calls_to_arrays(recorder: RoutingRecorder, num_layers: int, batch: int):
         ids_per_forward.append(torch.stack([c[1].reshape(batch, -1, c[1].shape[-1]) for c in calls], dim=2))
         scores_per_forward.append(torch.stack([c[2].reshape(batch, -1, c[2].shape[-1]) for c in calls], dim=2))
     return torch.cat(ids_per_forward, dim=1).numpy(), torch.cat(scores_per_forward, dim=1).numpy()
+
+
+def residuals_to_array(recorder: RoutingRecorder, num_layers: int, batch: int) -> np.ndarray:
+    """The recorded residuals of one forward as float16 [B, T, L, H]."""
+    per_layer = [r.reshape(batch, -1, r.shape[-1]) for r in recorder.residuals[-num_layers:]]
+    return torch.stack(per_layer, dim=2).numpy()
 
 
 def generation_trace(recorder: RoutingRecorder, prompts: list[list[int]], generated: list[list[int]],
@@ -96,8 +102,9 @@ def corpus_chunks(tokenizer, text: str, eos_id: int, seq_len: int, max_seqs: int
 
 
 def trace_corpus(engine, inputs: list[CorpusInput], seq_len: int, max_seqs: int | None, batch_size: int = 4,
-                 progress: bool = True) -> RoutingTrace:
-    """One plain forward pass per chunk (teacher forcing, no generation), recording every MoE layer's top-k."""
+                 progress: bool = True, hidden_states: bool = False) -> RoutingTrace:
+    """One plain forward pass per chunk (teacher forcing, no generation), recording every MoE layer's top-k
+    (and, with hidden_states, the residual stream entering each MoE block, for training predictors)."""
     if engine.tokenizer is None:
         raise GenerationInputError(f"{engine.directory} has no tokenizer; tracing a text corpus needs one")
     if seq_len < 1 or (engine.spec.max_position_embeddings and seq_len > engine.spec.max_position_embeddings):
@@ -121,28 +128,23 @@ def trace_corpus(engine, inputs: list[CorpusInput], seq_len: int, max_seqs: int 
             raise GenerationInputError(f"{item.path} holds fewer than {seq_len} tokens; lower --seq-len")
         chunks += found
         domains += [item.domain] * len(found)
-    recorder = RoutingRecorder()
-    bindings = engine.bindings
-    ids_parts, score_parts = [], []
-    try:
-        for binding in bindings:
-            binding.recorder = recorder
-        bar = tqdm(total=len(chunks), desc="tracing", unit="seq", disable=not progress)
-        for start in range(0, len(chunks), batch_size):
-            batch = torch.tensor(chunks[start:start + batch_size], device=engine.run.device)
-            recorder.calls.clear()
-            with torch.inference_mode():
-                engine.model(input_ids=batch, use_cache=False, logits_to_keep=1)
-            ids, scores = calls_to_arrays(recorder, engine.spec.num_moe_layers, batch.shape[0])
-            ids_parts.append(ids)
-            score_parts.append(scores)
-            bar.update(batch.shape[0])
-        bar.close()
-    finally:
-        for binding in bindings:
-            binding.recorder = None
+    ids_parts, score_parts, hidden_parts = [], [], []
+    bar = tqdm(total=len(chunks), desc="tracing", unit="seq", disable=not progress)
+    for start in range(0, len(chunks), batch_size):
+        batch = torch.tensor(chunks[start:start + batch_size], device=engine.run.device)
+        recorder = RoutingRecorder(hidden_states=hidden_states)
+        with torch.inference_mode():
+            engine.forward(engine.request(0, recorder), input_ids=batch, use_cache=False, logits_to_keep=1)
+        ids, scores = calls_to_arrays(recorder, engine.spec.num_moe_layers, batch.shape[0])
+        ids_parts.append(ids)
+        score_parts.append(scores)
+        if hidden_states:
+            hidden_parts.append(residuals_to_array(recorder, engine.spec.num_moe_layers, batch.shape[0]))
+        bar.update(batch.shape[0])
+    bar.close()
     return RoutingTrace(
         expert_ids=np.concatenate(ids_parts).astype(np.int16), num_experts=engine.spec.num_experts,
         moe_layers=np.asarray(engine.spec.moe_layers), scores=np.concatenate(score_parts).astype(np.float32),
         token_ids=np.asarray(chunks, dtype=np.int32), domains=tuple(domains), model=str(engine.directory.name),
+        hidden_states=np.concatenate(hidden_parts) if hidden_states else None,
     )

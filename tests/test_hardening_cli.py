@@ -52,8 +52,6 @@ def test_the_cli_module_and_the_consistency_parser_load_no_heavy_library():
                              "c.add_parser(argparse.ArgumentParser().add_subparsers(), 'consistency')") == set()
 
 
-@pytest.mark.xfail(reason="generate_cmd, plan_cmd, trace_cmd and run_options still import torch at module level "
-                          "(the moves are listed for their owner)", strict=False)
 def test_building_the_whole_parser_loads_no_heavy_library():
     assert modules_loaded_by("from offload_engine.cli.main import build_parser\nbuild_parser()") == set()
 
@@ -263,8 +261,6 @@ def test_other_compressions_and_non_files_are_one_line(tmp_path):
 
 # -- profiles, interrupts -----------------------------------------------------------------------------------
 
-@pytest.mark.xfail(reason="run_options.apply_profile does not catch UnicodeDecodeError (the fix is listed for "
-                          "its owner)", strict=False)
 def test_a_profile_that_is_not_utf8_is_one_line(tmp_path, capsys):
     profile = tmp_path / "p.toml"
     profile.write_bytes(b"device = \"\xff\"\n")

@@ -1,0 +1,108 @@
+"""`moe-offload simulate TRACE`: replay a routing trace through the engine's own cache and eviction policies."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from offload_engine.errors import ConfigError
+
+from .consistency_cmd import _csv, _num_experts, _plot_path
+from .run_options import bounded_int
+
+REPLAY_POLICIES = ("lru", "belady", "predictive")  # offload_engine.replay.REPLAY_POLICIES, without its imports
+REPLAY_PREDICTORS = ("history", "none")
+
+
+def _check_slots(text: str) -> None:
+    bounded_int(1, 10**7)(text)
+
+
+def _check_policy(text: str) -> None:
+    if text not in REPLAY_POLICIES:
+        raise argparse.ArgumentTypeError(f"unknown policy {text!r}; choose from {', '.join(REPLAY_POLICIES)}")
+
+
+def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(name, help="replay a routing trace through the engine's cache: hits and misses per "
+                                         "cache size and policy", description=__doc__)
+    p.add_argument("trace", metavar="TRACE", help="routing trace .npz (see offload_engine/trace_file.py)")
+    p.add_argument("--slots", type=_csv("--slots", _check_slots), default=("32", "64", "128"),
+                   help="cache sizes in expert slots, shared by all layers (default 32,64,128)")
+    p.add_argument("--policies", type=_csv("--policies", _check_policy), default=REPLAY_POLICIES,
+                   help="lru, belady (clairvoyant) and/or predictive (default: all three)")
+    p.add_argument("--predictor", choices=REPLAY_PREDICTORS, default="history",
+                   help="what the predictive policy is told about the next layers: history (routing history, "
+                        "learned as the replay goes) or none (its own usage counts only); default history")
+    p.add_argument("--num-experts", type=_num_experts, default=None,
+                   help="routed experts per layer, for trace files that do not store num_experts")
+    p.add_argument("--json", dest="as_json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--plot", metavar="OUT.png", type=_plot_path, default=None,
+                   help="draw hit rate against cache size for each policy (the extension picks the format)")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from offload_engine.predictors import HistoryPredictor
+    from offload_engine.replay import replay_all
+    from offload_engine.trace_file import load_trace
+
+    trace = load_trace(args.trace, num_experts=args.num_experts)
+    slots = [int(c) for c in args.slots]
+    too_few = [c for c in slots if c < trace.k]
+    if too_few:
+        raise ConfigError(f"--slots {too_few[0]} cannot hold one layer call's {trace.k} experts; use at least {trace.k}")
+    factory = None
+    if args.predictor == "history":
+        factory = lambda: HistoryPredictor(trace.num_layers, trace.num_experts, trace.k)  # noqa: E731
+    results = replay_all(trace, slots, list(args.policies), factory, use_predictor=args.predictor != "none")
+    if args.as_json:
+        print(json.dumps({str(c): {p: {"hits": r.hits, "misses": r.misses, "hit_rate": r.hit_rate}
+                                   for p, r in row.items()} for c, row in results.items()}, indent=1))
+    else:
+        print(format_table(trace, results, args.trace))
+    if args.plot:
+        plot_replay(results, args.plot, f"{trace.model or args.trace}: {trace.num_sequences} sequences, "
+                                        f"{trace.num_layers} MoE layers x {trace.num_experts} experts, top-{trace.k}")
+    return 0
+
+
+def format_table(trace, results, source: str) -> str:
+    policies = list(next(iter(results.values())))
+    total = trace.num_layers * trace.num_experts
+    lines = [f"Replay of {trace.model or source}: {trace.num_sequences} sequences, {trace.num_layers} MoE layers x "
+             f"{trace.num_experts} experts ({total} in all), top-{trace.k}; each token one decode step, one cache "
+             "shared by all layers, cold start",
+             "", f"  {'slots':>7}  {'rho':>5}  " + "  ".join(f"{p:>10}" for p in policies)]
+    for c, row in results.items():
+        rho = c / (trace.k * trace.num_layers)
+        lines.append(f"  {c:>7}  {rho:>5.2f}  " + "  ".join(f"{row[p].hit_rate:>10.3f}" for p in policies))
+    lines.append("")
+    lines.append("hit rate = hits / (hits + misses); rho = slots / experts active per token (k x layers)")
+    return "\n".join(lines)
+
+
+def plot_replay(results, path: str, title: str) -> None:
+    from offload_engine.atomic_write import atomic_output
+    from offload_engine.consistency.report import plot_format
+
+    image_format = plot_format(path)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = list(results)
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    try:
+        for policy in next(iter(results.values())):
+            ax.plot(sizes, [results[c][policy].hit_rate for c in sizes], marker="o", label=policy)
+        ax.set(xlabel="cache slots (shared by all layers)", ylabel="hit rate", title=title)
+        ax.title.set_fontsize(8)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        with atomic_output(path) as f:
+            fig.savefig(f, format=image_format, dpi=110)
+    finally:
+        plt.close(fig)

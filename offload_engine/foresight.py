@@ -1,0 +1,35 @@
+"""Foresight: a predictor's view of each layer call, and its predictions handed to the eviction policy.
+
+The engine's runtime and the replay simulator both run a call as: observe the routing the router chose
+(the request's paths, the predictor's online learning), stage the experts (the cache), then look ahead
+(predictions for the next layers, which the policy uses to rank its victims and the runtime to prefetch).
+This class is the shared part, so that a replay of a trace sees what the engine saw.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .predictors.base import LayerContext, Paths, Prediction, Predictor
+
+HORIZON = 3  # MoE layers ahead the policy is told about (prefetch may use fewer)
+
+
+class Foresight:
+    def __init__(self, predictor: Predictor, policy, top_k: int, horizon: int = HORIZON):
+        self.predictor, self.policy, self.top_k, self.horizon = predictor, policy, top_k, horizon
+
+    def observe(self, paths: Paths, layer: int, ids: np.ndarray, residual: torch.Tensor | None) -> LayerContext:
+        """ids [rows, k]: the call's routing, one token per row."""
+        paths.observe(layer, ids)
+        context = LayerContext(layer, ids, residual, paths)
+        self.predictor.observe(context)
+        return context
+
+    def look_ahead(self, context: LayerContext) -> list[tuple[int, int, np.ndarray]]:
+        """(distance, layer, experts best first) for the next layers; the policy learns of them."""
+        predictions: list[Prediction] = self.predictor.predict(context, self.horizon, self.top_k)
+        wanted = [(p.depth, p.layer, p.union()) for p in predictions]
+        self.policy.on_predictions(context.layer, wanted)
+        return wanted

@@ -1,0 +1,146 @@
+"""`learned`: small heads trained on the engine's own traces to predict the routing 1..D MoE layers ahead.
+
+For every MoE layer l and distance d (l + d < L) one head scores layer l + d's experts from what is known at
+layer l:
+
+    logits = W[l, d] @ rms(residual_l) + b[l, d] + sum over this token's experts a at l of U[l, d, a]
+
+(a linear read of the residual stream, as the next layer's router is, plus the co-routing of the experts just
+chosen). Trained with a softmax cross-entropy against the k experts really chosen, on traces recorded with
+hidden states (`moe-offload trace --hidden-states`). Saved as safetensors plus a small JSON card.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import ConfigError
+from .base import LayerContext, Prediction, Predictor, ranked, target_layers
+
+WEIGHTS_FILE = "predictor.safetensors"
+CARD_FILE = "predictor.json"
+
+
+def rms(x: torch.Tensor) -> torch.Tensor:
+    x = x.float()
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
+class LearnedPredictor(Predictor):
+    name = "learned"
+    needs_residual = True
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, path_weight: torch.Tensor, card: dict):
+        # L=layers, D=distances, E=experts, H=hidden; heads with l + d >= L are unused (zeros)
+        self.weight, self.bias, self.path_weight = weight.float(), bias.float(), path_weight.float()  # [L,D,E,H] [L,D,E] [L,D,E,E]
+        self.num_layers, self.max_depth, self.num_experts, self.hidden_size = weight.shape
+        self.card = card
+
+    def scores(self, x: torch.Tensor, experts: np.ndarray, layer: int, depth: int) -> np.ndarray:
+        """x [rows, H] normalised residual, experts [rows, k] at `layer` -> [rows, E]."""
+        logits = x @ self.weight[layer, depth - 1].T + self.bias[layer, depth - 1]
+        path = self.path_weight[layer, depth - 1][torch.from_numpy(np.maximum(experts, 0))]  # [rows, k, E]
+        return (logits + path.sum(1)).numpy()
+
+    def predict(self, ctx: LayerContext, depth: int, n: int) -> list[Prediction]:
+        if ctx.residual is None:
+            return []
+        x = rms(ctx.residual.to("cpu"))
+        return [Prediction(d, j, ranked(self.scores(x, ctx.experts, ctx.layer, d), n))
+                for d, j in target_layers(ctx.layer, min(depth, self.max_depth), self.num_layers, wraps=False)]
+
+    def save(self, directory: Path) -> None:
+        """predictor.safetensors (fp16 weights) and predictor.json (the card), each written whole or not at all."""
+        from safetensors.torch import save
+
+        from ..atomic_write import atomic_output
+
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {"weight": self.weight.half().contiguous(), "bias": self.bias.contiguous(),
+                   "path_weight": self.path_weight.half().contiguous()}
+        with atomic_output(directory / WEIGHTS_FILE) as f:
+            f.write(save(tensors))
+        with atomic_output(directory / CARD_FILE) as f:
+            f.write((json.dumps(self.card, indent=1) + "\n").encode())
+
+    @classmethod
+    def load(cls, directory: Path, num_layers: int, num_experts: int, hidden_size: int) -> "LearnedPredictor":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        try:
+            card = json.loads((directory / CARD_FILE).read_text())
+            tensors = load_file(str(directory / WEIGHTS_FILE))
+            predictor = cls(tensors["weight"], tensors["bias"], tensors["path_weight"], card)
+        except (OSError, ValueError, KeyError, SafetensorError) as e:
+            raise ConfigError(f"{directory} is not a trained predictor ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                              "train one with `moe-offload predictor train`") from None
+        shape = (predictor.num_layers, predictor.num_experts, predictor.hidden_size)
+        if shape != (num_layers, num_experts, hidden_size):
+            raise ConfigError(f"predictor {directory} was trained for {shape[0]} MoE layers of {shape[1]} experts, "
+                              f"hidden size {shape[2]}; this model has {num_layers}, {num_experts}, {hidden_size}")
+        return predictor
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    max_depth: int = 3
+    epochs: int = 6
+    batch_size: int = 512
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    seed: int = 0
+
+
+def train_learned(ids: np.ndarray, hidden: np.ndarray, num_experts: int, settings: TrainSettings = TrainSettings(),
+                  card: dict | None = None, progress: bool = True) -> LearnedPredictor:
+    """ids [N, T, L, k] routing (-1 = padding), hidden [N, T, L, H] the residual entering each MoE block."""
+    # N=sequences, T=tokens, L=layers, k=active, H=hidden, E=experts, D=distances
+    N, T, L, k = ids.shape
+    H, E, D = hidden.shape[-1], num_experts, settings.max_depth
+    gen = torch.Generator().manual_seed(settings.seed)
+    weight, bias, path_weight = torch.zeros(L, D, E, H), torch.zeros(L, D, E), torch.zeros(L, D, E, E)
+    pairs = [(l, d) for l in range(L) for d in range(1, D + 1) if l + d < L]
+    flat_ids = ids.reshape(N * T, L, k)
+    valid = (flat_ids >= 0).all(axis=-1)  # [N*T, L]
+    bar = tqdm(total=len(pairs) * settings.epochs, desc="training predictor heads", unit="epoch", disable=not progress)
+    losses = {}
+    for layer, d in pairs:
+        rows = np.nonzero(valid[:, layer] & valid[:, layer + d])[0]
+        x = rms(torch.from_numpy(hidden.reshape(N * T, L, H)[rows, layer].astype(np.float32)))
+        src = torch.from_numpy(flat_ids[rows, layer].astype(np.int64))  # [n, k]
+        target = torch.zeros(len(rows), E).scatter_(1, torch.from_numpy(flat_ids[rows, layer + d].astype(np.int64)), 1.0 / k)
+        lin = torch.nn.Linear(H, E)
+        torch.nn.init.zeros_(lin.weight)
+        torch.nn.init.zeros_(lin.bias)
+        path = torch.nn.Parameter(torch.zeros(E, E))
+        opt = torch.optim.AdamW([*lin.parameters(), path], lr=settings.lr, weight_decay=settings.weight_decay)
+        for _ in range(settings.epochs):
+            order = torch.randperm(len(rows), generator=gen)
+            total = 0.0
+            for start in range(0, len(rows), settings.batch_size):
+                b = order[start:start + settings.batch_size]
+                logits = lin(x[b]) + path[src[b]].sum(1)
+                loss = -(target[b] * logits.log_softmax(-1)).sum(-1).mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                total += float(loss.detach()) * len(b)
+            losses[f"{layer}+{d}"] = total / max(1, len(rows))
+            bar.update()
+        weight[layer, d - 1], bias[layer, d - 1], path_weight[layer, d - 1] = lin.weight.detach(), lin.bias.detach(), path.detach()
+    bar.close()
+    card = dict(card or {})
+    card.update({"kind": "learned", "num_layers": L, "num_experts": E, "hidden_size": H, "top_k": k,
+                 "max_depth": D, "train_tokens": int(valid.all(axis=1).sum()), "settings": settings.__dict__,
+                 "final_loss": {p: round(v, 4) for p, v in losses.items()},
+                 "uniform_loss": round(math.log(E), 4)})
+    return LearnedPredictor(weight, bias, path_weight, card)

@@ -1,0 +1,61 @@
+"""`next-gate`: the next layers' own routers applied to the current residual stream (no training).
+
+The residual stream changes little from one layer to the next, so layer j's post-attention norm and router,
+applied to the residual entering layer l's MoE block, guess layer j's routing. The routers are the model's
+own modules (transformers 5.x routers return (logits, weights, indices)), so softmax or sigmoid scoring,
+grouped top-k, correction biases and scaling are the architecture's, whatever it is.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from .base import LayerContext, Prediction, Predictor, ranked, target_layers
+
+
+class NextGatePredictor(Predictor):
+    name = "next-gate"
+    needs_residual = True
+
+    def __init__(self, routers: list[nn.Module], norms: list[nn.Module | None]):
+        self.routers, self.norms = routers, norms
+
+    def scores(self, residual: torch.Tensor, target: int) -> np.ndarray:
+        """[rows, E]: the router's own choice first (by its weights), the other experts after, by logit."""
+        norm = self.norms[target]
+        x = norm(residual) if norm is not None else residual
+        logits, weights, index = self.routers[target](x)
+        logits = logits.float().reshape(index.shape[0], -1)
+        # the chosen k rank above every logit, in the order of their routing weights
+        top = logits.max(dim=-1, keepdim=True).values + 1
+        return logits.scatter(1, index.long(), top + weights.float().reshape(index.shape)).cpu().numpy()
+
+    def predict(self, ctx: LayerContext, depth: int, n: int) -> list[Prediction]:
+        if ctx.residual is None:
+            return []
+        return [Prediction(d, j, ranked(self.scores(ctx.residual, j), n))
+                for d, j in target_layers(ctx.layer, depth, len(self.routers), wraps=False)]
+
+
+def model_routers(model: nn.Module, experts_paths: tuple[str, ...]) -> tuple[list[nn.Module], list[nn.Module | None]]:
+    """Each MoE layer's router (the MoE block's `gate`/`router` child) and its decoder layer's post-attention
+    norm, found from the experts modules' paths (e.g. model.layers.3.mlp.experts)."""
+    routers, norms = [], []
+    for path in experts_paths:
+        block_path, _, _ = path.rpartition(".")
+        block = model.get_submodule(block_path)
+        router = next((m for name, m in block.named_children() if name in ("gate", "router")), None)
+        if router is None:
+            raise ValueError(f"{block_path} has no router module named gate or router")
+        routers.append(router)
+        norms.append(decoder_layer_norm(model, block_path))
+    return routers, norms
+
+
+def decoder_layer_norm(model: nn.Module, block_path: str) -> nn.Module | None:
+    """The post-attention norm of the decoder layer holding the MoE block (None if it has none)."""
+    layer_path, _, _ = block_path.rpartition(".")
+    layer = model.get_submodule(layer_path)
+    return getattr(layer, "post_attention_layernorm", None)

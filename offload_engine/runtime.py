@@ -1,0 +1,134 @@
+"""The engine's run-time side of every MoE layer call: the cache, the predictor, prefetch, and the request.
+
+One Runtime per engine. A forward pass runs under its lock with one Request (request.py) installed; each
+layer call (offloaded_experts.py's steps) reads the request from here. Forwards that do not come through
+the engine's API (a user calling `engine.model.generate`) take the lock themselves, through hooks on the
+model, and run with the runtime's own standing request (no predictions: their batch shape is unknown).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+from .expert_cache import ExpertCache
+from .offloaded_experts import ExpertsBinding, execute, execute_unweighted, plan, reduce
+from .foresight import Foresight
+from .predictors.base import LayerContext, Predictor
+from .request import Request
+
+AUTO_DEPTH_LIMIT = 3  # prefetch at most this many MoE layers ahead when the depth is chosen automatically
+TIME_DECAY = 0.1  # weight of the newest measurement in the running layer and load times
+
+
+class Runtime:
+    def __init__(self, cache: ExpertCache, num_layers: int, top_k: int, predictor: Predictor | None,
+                 prefetch_depth: int | None):
+        self.cache, self.num_layers, self.top_k = cache, num_layers, top_k
+        self.predictor = predictor
+        self.foresight = Foresight(predictor, cache.policy, top_k) if predictor is not None else None
+        self.prefetch_depth = prefetch_depth  # None: chosen from measured load and layer times; 0: off
+        self.lock = threading.RLock()
+        self.request: Request | None = None
+        self.standing = Request(rows=0, num_layers=num_layers, top_k=top_k)
+        self.layer_time = 0.0  # running mean of the wall time between consecutive layer calls (decode)
+        self.load_time = 0.0  # running mean of one expert's demand load
+        self._last_call = 0.0
+
+    # -- requests -------------------------------------------------------------------------------------------
+    @contextmanager
+    def serving(self, request: Request):
+        """Run forwards for `request`: one at a time across threads, with the request's own state."""
+        with self.lock:
+            before, self.request = self.request, request
+            try:
+                yield request
+            finally:
+                self.request = before
+
+    def current(self) -> Request:
+        return self.request if self.request is not None else self.standing
+
+    def capture_residual(self, layer_pos: int, residual: torch.Tensor) -> None:
+        """The residual stream entering a MoE block (a hook on its post-attention norm)."""
+        request = self.current()
+        if request.wants_residual or (self.predictor is not None and self.predictor.needs_residual):
+            request.residuals[layer_pos] = residual
+
+    # -- one layer call -------------------------------------------------------------------------------------
+    def layer_call(self, binding: ExpertsBinding, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                   top_k_weights: torch.Tensor) -> torch.Tensor:
+        # T=tokens, k=active experts per token, H=hidden
+        request, cache, layer = self.current(), self.cache, binding.layer_pos
+        if request.recorder is not None:
+            request.recorder.record(layer, top_k_index, top_k_weights, request.residuals.get(layer))
+        experts = plan(top_k_index)
+        context = self._observe(request, layer, top_k_index)
+        if len(experts) <= cache.num_slots:
+            loaded = self._loads(request, layer)
+            slots = cache.fetch(layer, experts, request.counters)
+            self._time_loads(request, layer, loaded)
+            if context is not None:
+                self._look_ahead(request, context, {(layer, e) for e in experts})
+            out = execute(binding, cache, slots, hidden_states, top_k_index, top_k_weights)
+            cache.used(slots)
+            return out
+        # more experts than slots: a group at a time, each expert with unit weights, then one reduction
+        contributions = hidden_states.new_zeros((*top_k_index.shape, hidden_states.shape[-1]))
+        for start in range(0, len(experts), cache.num_slots):
+            group = experts[start:start + cache.num_slots]
+            slots = cache.fetch(layer, group, request.counters)
+            execute_unweighted(binding, cache, group, slots, hidden_states, top_k_index, contributions)
+            cache.used(slots)
+        return reduce(binding, contributions, top_k_index, top_k_weights, experts, hidden_states.dtype)
+
+    def _observe(self, request: Request, layer: int, top_k_index: torch.Tensor) -> LayerContext | None:
+        """Record the call's routing in the request's paths; a decode call (one token per row) gets a context
+        for predictions. A prefill's last position per row becomes the history its first decode step sees."""
+        rows = request.rows
+        if self.foresight is None or rows == 0 or top_k_index.shape[0] % rows:
+            return None
+        ids = top_k_index.view(rows, -1, top_k_index.shape[-1])[:, -1].cpu().numpy().astype(np.int64)
+        residual = request.residuals.get(layer)
+        if residual is not None:
+            residual = residual.reshape(rows, -1, residual.shape[-1])[:, -1]
+        context = self.foresight.observe(request.paths, layer, ids, residual)
+        return context if top_k_index.shape[0] == rows else None
+
+    def _look_ahead(self, request: Request, context: LayerContext, protected: set) -> None:
+        """Predict the next layers' experts: the policy learns of them, and the nearest are loaded now."""
+        wanted = self.foresight.look_ahead(context)
+        depth = self.depth()
+        if depth:
+            keys = [(layer, int(e)) for d, layer, experts in wanted if d <= depth for e in experts]
+            self.cache.prefetch(keys, protected, request.counters)
+
+    def depth(self) -> int:
+        """Prefetch depth: as set, or enough layers ahead that a call's misses can load while the layers
+        before it compute (measured: one expert's load time against one layer's time)."""
+        if self.prefetch_depth is not None:
+            return self.prefetch_depth
+        if self.layer_time <= 0:
+            return 1
+        return max(1, min(AUTO_DEPTH_LIMIT, math.ceil(self.top_k * self.load_time / self.layer_time)))
+
+    def _loads(self, request: Request, layer: int) -> tuple[float, int]:
+        c = request.counters[layer]
+        now = time.perf_counter()
+        if self._last_call:
+            gap = now - self._last_call
+            self.layer_time += TIME_DECAY * (gap - self.layer_time) if self.layer_time else gap
+        self._last_call = now
+        return c.copy_s, c.misses
+
+    def _time_loads(self, request: Request, layer: int, before: tuple[float, int]) -> None:
+        c = request.counters[layer]
+        loads = c.misses - before[1]
+        if loads and self.cache.copy_stream is None:  # CUDA copies are asynchronous: timed by events instead
+            per_expert = (c.copy_s - before[0]) / loads
+            self.load_time += TIME_DECAY * (per_expert - self.load_time) if self.load_time else per_expert

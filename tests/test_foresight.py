@@ -1,0 +1,386 @@
+"""Foresight: predictors, the predictive cache, prefetch and the replay simulator.
+
+Offloading changes speed, never results: tokens and logits are the same with prediction and prefetch on or
+off. The replay simulator is the engine's own cache without the model: replaying a generation's trace gives
+the engine's own counters. Plain-loop twins check the simulator, the predictor metrics and the history
+predictor's compiled kernels.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+import tiny_models as tm
+from offload_engine import OffloadEngine
+from offload_engine.counters import new_counters
+from offload_engine.policies import BeladyPolicy, LRUPolicy, PredictivePolicy
+from offload_engine.predictors import HistoryPredictor
+from offload_engine.predictors.base import LayerContext, Paths, Prediction, Predictor
+from offload_engine.predictors.evaluate import evaluate
+from offload_engine.predictors.metrics import NEXT_TOKEN, Tally
+from offload_engine.replay import layer_calls, replay
+from offload_engine.slot_map import SlotMap
+from offload_engine.trace_file import RoutingTrace
+from test_exactness import NEW_TOKENS, PROMPT, engine_steps, max_rel_error, reference_no_eos, REL_TOL
+
+FORESIGHT = {  # name -> engine settings
+    "next-gate, predictive, prefetch 2": dict(policy="predictive", predictor="next-gate", prefetch_depth=2),
+    "history, predictive, prefetch 1": dict(policy="predictive", predictor="history", prefetch_depth=1),
+    "next-gate, lru, prefetch auto": dict(policy="lru", predictor="next-gate"),
+}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    made = {}
+
+    def get(name, layout="per_expert"):
+        if (name, layout) not in made:
+            model = tm.build_reference(name)
+            path = tmp_path_factory.mktemp(f"{name}-{layout}")
+            tm.save_checkpoint(model, path, layout)
+            made[name, layout] = (path, *reference_no_eos(model, torch.tensor([PROMPT])))
+        return made[name, layout]
+
+    return get
+
+
+# -- offloading never changes results ---------------------------------------------------------------------
+@pytest.mark.parametrize("layout", tm.LAYOUTS)
+@pytest.mark.parametrize("name", list(tm.ARCHITECTURES))
+def test_prediction_and_prefetch_never_change_tokens_or_logits(checkpoints, name, layout):
+    path, ref_tokens, ref_logits = checkpoints(name, layout)
+    probe = OffloadEngine.from_pretrained(path, device="cpu", dtype="float32", expert_slots=1 << 20, progress=False)
+    spec = probe.spec
+    for slots in sorted({spec.total_experts, max(spec.top_k, spec.total_experts // 4), spec.top_k}):
+        for label, settings in FORESIGHT.items():
+            engine = OffloadEngine.from_pretrained(path, device="cpu", dtype="float32", expert_slots=slots,
+                                                   progress=False, **settings)
+            tokens, logits = engine_steps(engine, PROMPT)
+            where = f"{name}/{layout}/{slots} slots/{label}"
+            assert tokens.tolist() == ref_tokens.tolist(), f"{where}: tokens differ"
+            assert max_rel_error(logits, ref_logits) < REL_TOL, f"{where}: logits differ"
+            engine.cache.drain()
+            table = {key: int(engine.cache.slot_table[key]) for key in engine.cache.slot_of}
+            assert table == engine.cache.slot_of  # the gather table mirrors the map, prefetches included
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss", "qwen2_moe"])
+def test_bf16_bit_identical_with_prediction_and_the_smallest_cache(tmp_path, name):
+    """bf16 logits equal transformers' bit for bit with prefetch on, and also with top_k slots, where a prompt
+    needs more experts than there are slots (served a group at a time, reduced once as the reference does)."""
+    from transformers import AutoModelForCausalLM
+
+    tm.build_reference(name).to(torch.bfloat16).save_pretrained(tmp_path)
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ref_tokens, ref_logits = reference_no_eos(ref, torch.tensor([PROMPT]))
+    for slots, settings in ((2, {}), (2, FORESIGHT["next-gate, predictive, prefetch 2"]),
+                            (5, FORESIGHT["history, predictive, prefetch 1"])):
+        engine = OffloadEngine.from_pretrained(tmp_path, device="cpu", expert_slots=slots, progress=False, **settings)
+        tokens, logits = engine_steps(engine, PROMPT)
+        assert tokens.tolist() == ref_tokens.tolist()
+        assert torch.equal(logits, ref_logits), f"{name}, {slots} slots, {settings}"
+
+
+def test_prefetch_loads_ahead_and_counts_it(checkpoints):
+    path, ref_tokens, _ = checkpoints("mixtral")
+    engine = OffloadEngine.from_pretrained(path, device="cpu", expert_slots=6, progress=False,
+                                           **FORESIGHT["next-gate, predictive, prefetch 2"])
+    stats = engine.generate(PROMPT, max_new_tokens=NEW_TOKENS, ignore_eos=True).stats
+    assert stats.prefetches > 0 and 0 < stats.prefetch_hits <= stats.prefetches
+    expert = engine.store.expert_nbytes()
+    assert stats.bytes_to_device == (stats.misses + stats.prefetches) * expert
+    assert sum(c["prefetches"] for c in stats.per_layer) == stats.prefetches
+    off = OffloadEngine.from_pretrained(path, device="cpu", expert_slots=6, progress=False, policy="predictive",
+                                        predictor="next-gate", prefetch_depth=0)
+    assert off.generate(PROMPT, max_new_tokens=NEW_TOKENS, ignore_eos=True).stats.prefetches == 0
+
+
+# -- the cache: protected experts, arriving slots ---------------------------------------------------------
+def test_a_prefetch_never_evicts_what_the_current_call_needs():
+    policy = LRUPolicy()
+    cache = SlotMap(3, policy, expert_bytes=1)
+    counters = new_counters(2)
+    for e in (0, 1, 2):
+        cache.call(0, [e], counters)
+        cache.arrived(cache.slot_of[(0, e)])
+    protected = {(0, 0), (0, 1), (0, 2)}
+    assert cache.prefetch((1, 5), protected, counters, []) is None  # every resident expert is needed now
+    assert cache.prefetch((1, 5), {(0, 1), (0, 2)}, counters, []) == cache.key_in.index((1, 5))
+    assert (0, 0) not in cache.slot_of and counters[0].evictions == 1 and counters[1].prefetches == 1
+
+
+def test_an_arriving_slot_is_never_given_away():
+    cache = SlotMap(2, LRUPolicy(), expert_bytes=1)
+    counters = new_counters(1)
+    cache.call(0, [0], counters)
+    cache.arrived(cache.slot_of[(0, 0)])
+    cache.prefetch((0, 1), set(), counters, [])  # in flight
+    staging = cache.call(0, [2], counters)  # must evict expert 0, not the arriving 1
+    assert (0, 1) in cache.slot_of and (0, 0) not in cache.slot_of
+    assert staging.evicted == [(0, 0)]
+    staged = cache.call(0, [1], counters)
+    assert staged.waits == [cache.slot_of[(0, 1)]] and counters[0].prefetch_hits == 1
+
+
+def test_prefetch_hits_count_only_prefetched_experts_used_before_eviction():
+    cache = SlotMap(2, LRUPolicy(), expert_bytes=1)
+    counters = new_counters(1)
+    cache.prefetch((0, 3), set(), counters, [])
+    cache.arrived(cache.slot_of[(0, 3)])
+    cache.call(0, [3], counters)
+    cache.call(0, [3], counters)  # a second use is an ordinary hit
+    assert (counters[0].hits, counters[0].prefetch_hits, counters[0].misses) == (2, 1, 0)
+
+
+# -- replay: the engine's cache without the model ---------------------------------------------------------
+def random_trace(seed, n=3, t=20, layers=3, experts=8, k=2, missing=0.0):
+    rng = np.random.default_rng(seed)
+    ids = np.stack([rng.permutation(experts)[:k] for _ in range(n * t * layers)]).reshape(n, t, layers, k)
+    ids = ids.astype(np.int16)
+    if missing:
+        ids[rng.random(ids.shape[:3]) < missing] = -1
+    return RoutingTrace(expert_ids=ids, num_experts=experts, moe_layers=np.arange(layers))
+
+
+def twin_replay(trace, slots, policy):
+    """A plain loop of the replay's rules, written apart from SlotMap and policies.py (LRU and Belady)."""
+    calls = list(layer_calls(trace))
+    future = {}
+    for i, (_, _, layer, experts) in enumerate(calls):
+        for e in experts:
+            future.setdefault((layer, e), []).append(i)
+    cache, last_use, hits, misses = set(), {}, 0, 0
+    for i, (_, _, layer, experts) in enumerate(calls):
+        for e in experts:  # ascending ids
+            key = (layer, e)
+            if key in cache:
+                hits += 1
+            else:
+                misses += 1
+                if len(cache) >= slots:
+                    candidates = [x for x in cache if x[0] != layer or x[1] not in experts]
+                    if policy == "lru":
+                        victim = min(candidates, key=lambda x: last_use[x])
+                    else:
+                        def next_use(x):
+                            later = [j for j in future[x] if j > i]
+                            return later[0] if later else float("inf")
+                        victim = max(candidates, key=lambda x: (next_use(x), x))
+                    cache.remove(victim)
+                cache.add(key)
+            last_use[key] = (i, e)  # within a call, ascending ids are used in order
+    return hits, misses
+
+
+@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("policy", ["lru", "belady"])
+def test_replay_equals_its_plain_loop_twin(seed, policy):
+    trace = random_trace(seed, missing=0.1 if seed % 3 == 0 else 0.0)
+    for slots in (2, 3, 5, 9):
+        result = replay(trace, slots, policy)
+        assert (result.hits, result.misses) == twin_replay(trace, slots, policy), (seed, policy, slots)
+
+
+def test_belady_is_never_worse_than_lru_or_predictive():
+    for seed in range(6):
+        trace = random_trace(seed, t=40)
+        for slots in (2, 4, 8):
+            best = replay(trace, slots, "belady").misses
+            assert best <= replay(trace, slots, "lru").misses
+            assert best <= replay(trace, slots, "predictive").misses
+
+
+@pytest.mark.parametrize("settings", [dict(policy="lru"), dict(policy="predictive", predictor="history", prefetch_depth=0),
+                                      dict(policy="predictive")])
+def test_replaying_a_generation_reproduces_the_engine_counters(checkpoints, settings):
+    """One-token prompt: prefill is one decode-like step, so every layer call of the engine is one of the
+    replay's. The predictive policy and the history predictor are the same code in both."""
+    path, _, _ = checkpoints("mixtral")
+    engine = OffloadEngine.from_pretrained(path, device="cpu", expert_slots=4, progress=False, **settings)
+    result = engine.generate([PROMPT[0]], max_new_tokens=40, ignore_eos=True, record_trace=True)
+    predictor = settings.get("predictor", "none")
+    replayed = replay(result.trace, 4, settings["policy"], use_predictor=predictor != "none")
+    assert (replayed.hits, replayed.misses) == (result.stats.hits, result.stats.misses)
+    assert replayed.stats.evictions == result.stats.evictions
+    assert [c.misses for c in replayed.stats.per_layer] == [c["misses"] for c in result.stats.per_layer]
+
+
+# -- the predictive policy --------------------------------------------------------------------------------
+def run_calls(policy, slots, calls):
+    cache = SlotMap(slots, policy, expert_bytes=1)
+    counters = new_counters(3)
+    for layer, experts in calls:
+        for slot in cache.call(layer, experts, counters).slots:
+            cache.arrived(slot)
+    return sum(c.hits for c in counters)
+
+
+def test_predictive_policy_knows_the_layer_order():
+    """Three layers that always use their expert 0, two slots: LRU evicts exactly the expert the next layer
+    needs (0 hits); the predictive policy evicts the one needed furthest ahead, as Belady does (1 in 2)."""
+    calls = [(layer, [0]) for _ in range(100) for layer in range(3)]
+    assert run_calls(LRUPolicy(), 2, calls) == 0
+    requests = {}
+    for i, (layer, experts) in enumerate(calls):
+        requests.setdefault((layer, experts[0]), []).append(i)
+    belady = run_calls(BeladyPolicy(requests), 2, calls)
+    predictive = run_calls(PredictivePolicy(3, 4, 1), 2, calls)
+    assert belady == 149 and predictive >= belady - 5
+
+
+def test_predictive_distance_matches_its_formula():
+    """The compiled counts and expected distances against the formula written out with plain loops."""
+    rng = np.random.default_rng(0)
+    L, E, k = 3, 6, 2
+    policy = PredictivePolicy(L, E, k)
+    ages = {(j, e): PredictivePolicy.MAX_AGE for j in range(L) for e in range(E)}
+    uses = {(j, a): PredictivePolicy.PRIOR * k / E for j in range(L) for a in range(PredictivePolicy.MAX_AGE + 2)}
+    calls = {(j, a): PredictivePolicy.PRIOR for j in range(L) for a in range(PredictivePolicy.MAX_AGE + 2)}
+    for step in range(60):
+        layer = step % L
+        experts = sorted(rng.choice(E, k, replace=False).tolist())
+        policy.on_call(layer, experts)
+        for e in range(E):
+            age = min(ages[layer, e] + 1, PredictivePolicy.MAX_AGE + 1)
+            calls[layer, age] += 1
+            uses[layer, age] += e in experts
+            ages[layer, e] = 0 if e in experts else min(ages[layer, e] + 1, PredictivePolicy.MAX_AGE)
+    distance = policy.expected_distance()
+    for j in range(L):
+        t = {}
+        last = PredictivePolicy.MAX_AGE + 1
+        h = min(max(uses[j, last] / calls[j, last], 1e-4), 1)
+        t[last] = (1 - h) / h
+        for a in range(last - 1, 0, -1):
+            h = min(max(uses[j, a] / calls[j, a], 1e-4), 1)
+            t[a] = (1 - h) * (1 + t[a + 1])
+        d = (j - layer) % L or L
+        for e in range(E):
+            expected = d + L * t[min(ages[j, e] + 1, last)]
+            assert distance[j, e] == pytest.approx(expected, rel=1e-12)
+
+
+# -- predictors ------------------------------------------------------------------------------------------
+def twin_tally(predicted, actual, n):
+    hits = total = tokens = 0
+    for row_p, row_a in zip(predicted, actual):
+        if any(x < 0 for x in row_a) or row_p[0] < 0:
+            continue
+        hits += len(set(x for x in row_p[:n] if x >= 0) & set(row_a))
+        total += len(row_a)
+        tokens += 1
+    return hits / total, hits / (n * tokens)
+
+
+def test_recall_and_precision_equal_their_plain_loop_twin():
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        rows, k, E = int(rng.integers(1, 9)), 3, 12
+        actual = np.stack([rng.permutation(E)[:k] for _ in range(rows)])
+        predicted = np.stack([rng.permutation(E)[:2 * k] for _ in range(rows)])
+        actual[rng.random(rows) < 0.2, 0] = -1
+        tally = Tally()
+        tally.add(predicted, actual, (k, 2 * k))
+        if tally.tokens == 0:
+            continue
+        for n in (k, 2 * k):
+            recall, precision = twin_tally(predicted, actual, n)
+            assert tally.recall(n) == pytest.approx(recall) and tally.precision(n) == pytest.approx(precision)
+
+
+class Oracle(Predictor):
+    """Names the trace's own next experts: recall 1 at every distance, by construction."""
+
+    name = "oracle"
+
+    def __init__(self, ids):
+        self.ids, self.t = ids, -1
+
+    def observe(self, ctx):
+        self.t += ctx.layer == 0
+
+    def predict(self, ctx, depth, n):
+        L = self.ids.shape[2]
+        return [Prediction(d, ctx.layer + d, self.ids[:, self.t, ctx.layer + d]) for d in range(1, depth + 1)
+                if ctx.layer + d < L]
+
+
+def test_evaluation_scores_an_oracle_perfectly_and_counts_every_prediction():
+    trace = random_trace(1, n=4, t=10, layers=4)
+    acc = evaluate(Oracle(trace.expert_ids.astype(np.int64)), trace.expert_ids, depth=3)
+    assert [acc.overall[d]["recall"][2] for d in (1, 2, 3)] == [1.0, 1.0, 1.0]
+    assert [acc.overall[d]["tokens"] for d in (1, 2, 3)] == [4 * 10 * 3, 4 * 10 * 2, 4 * 10 * 1]
+
+
+def twin_history_scores(p, paths, layer, depth, target, sources, k):
+    """The history predictor's score written out with Python loops over its own tables."""
+    rows, L, _ = paths.current.shape
+    E = p.num_experts
+    out = np.zeros((rows, E))
+    for r in range(rows):
+        for b in range(E):
+            out[r, b] = p.log_prior[target, b]
+        for back in range(sources):
+            src_layer = layer - back
+            src = paths.current if src_layer >= 0 else paths.previous
+            src_layer %= L
+            if src[r, src_layer, 0] < 0:
+                continue
+            for a in src[r, src_layer]:
+                if a >= 0:
+                    for b in range(E):
+                        out[r, b] += p.evidence[src_layer, depth + back - 1, a, b]
+        last = paths.current if target <= layer else paths.previous
+        if last[r, target, 0] >= 0:
+            for b in range(E):
+                used = b in set(last[r, target].tolist())
+                prob = p.repeat[target] if used else (1 - p.repeat[target]) * k / (E - k)
+                out[r, b] += np.log(prob) - p.log_prior[target, b]
+    return out
+
+
+def test_history_predictor_kernels_equal_their_plain_loop_twin():
+    from offload_engine.predictors import history
+
+    trace = random_trace(5, n=3, t=30, layers=4, experts=10, k=3)
+    p = HistoryPredictor(4, 10, 3)
+    paths = Paths.empty(3, 4, 3)
+    co = np.zeros_like(p.co)
+    for t in range(30):
+        for layer in range(4):
+            ids = trace.expert_ids[:, t, layer].astype(np.int64)
+            paths.observe(layer, ids)
+            ctx = LayerContext(layer, ids, None, paths)
+            p.observe(ctx)
+            for r in range(3):  # counts, written out
+                for d in range(1, p.span + 1):
+                    src_layer = layer - d
+                    src = paths.current if src_layer >= 0 else paths.previous
+                    if src[r, src_layer % 4, 0] >= 0:
+                        for a in src[r, src_layer % 4]:
+                            for b in ids[r]:
+                                co[src_layer % 4, d - 1, a, b] += 1
+            if t > 3:
+                p._refresh()
+                for d, j in ((1, (layer + 1) % 4), (3, (layer + 3) % 4)):
+                    got = p.scores(ctx, d, j)
+                    assert np.allclose(got, twin_history_scores(p, paths, layer, d, j, history.SOURCES, 3))
+    assert np.array_equal(co, p.co)
+
+
+def test_history_predictor_learns_a_deterministic_path():
+    """Routing where layer l+1 always uses (layer l's experts + 1): recall climbs towards 1 as it learns
+    (random guessing: k / E = 0.25)."""
+    L, E, k, T = 4, 8, 2, 300
+    ids = np.zeros((1, T, L, k), dtype=np.int16)
+    rng = np.random.default_rng(0)
+    for t in range(T):
+        first = rng.permutation(E)[:k]
+        for layer in range(L):
+            ids[0, t, layer] = (first + layer) % E
+    early = evaluate(HistoryPredictor(L, E, k), ids[:, :30], depth=2)
+    acc = evaluate(HistoryPredictor(L, E, k), ids, depth=2)
+    assert acc.overall[1]["recall"][k] > 0.8 and acc.overall[2]["recall"][k] > 0.8
+    assert early.overall[1]["recall"][k] < acc.overall[1]["recall"][k]
+    assert NEXT_TOKEN in acc.overall  # history also guesses the next token's first layers
