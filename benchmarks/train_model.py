@@ -37,6 +37,7 @@ import torch  # noqa: E402
 from transformers import AutoTokenizer, Qwen3MoeConfig, Qwen3MoeForCausalLM  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from balance_loss import balance_loss  # noqa: E402
 from corpus import DEFAULT_OUT, DOMAINS, read_documents  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,14 +64,22 @@ class TrainConfig:
     experts_implementation: str = "grouped_mm"  # fastest here (--bench): see the model card
     autocast_bf16: bool = True
     threads: int = 2
+    # the expert layout and the balance loss (balance_loss.py)
+    num_experts: int = 32
+    top_k: int = 4
+    moe_intermediate_size: int = 128
+    balance_scope: str = "layer"
+    balance_coef: float = 0.04
+    balance_window: int = 8  # batches f_e is counted over with scope "global"
 
 
-def model_config(tokenizer) -> Qwen3MoeConfig:
+def model_config(tokenizer, cfg: TrainConfig) -> Qwen3MoeConfig:
     return Qwen3MoeConfig(
         vocab_size=len(tokenizer), hidden_size=256, intermediate_size=768, num_hidden_layers=6,
         num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=1024,
-        moe_intermediate_size=256, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True,
-        decoder_sparse_step=1, mlp_only_layers=[], output_router_logits=True, router_aux_loss_coef=0.01,
+        moe_intermediate_size=cfg.moe_intermediate_size, num_experts=cfg.num_experts,
+        num_experts_per_tok=cfg.top_k, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+        output_router_logits=True, router_aux_loss_coef=cfg.balance_coef,
         tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -153,11 +162,12 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def lm_and_aux_loss(model, ids: torch.Tensor, cfg: TrainConfig):
+def lm_and_aux_loss(model, ids: torch.Tensor, cfg: TrainConfig, past_counts: torch.Tensor | None = None):
+    """(loss to minimise, LM loss, balance loss, this batch's routed counts [L, E])."""
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.autocast_bf16):
-        out = model(input_ids=ids, labels=ids)
-    aux = out.aux_loss
-    return out.loss, (out.loss - model.config.router_aux_loss_coef * aux).detach(), aux.detach()
+        out = model(input_ids=ids, labels=ids)  # out.loss: LM only (the model's own aux coefficient is 0)
+    aux, counts = balance_loss(out.router_logits, cfg.top_k, ids.shape[0], cfg.balance_scope, past_counts)
+    return out.loss + cfg.balance_coef * aux, out.loss.detach(), aux.detach(), counts
 
 
 @torch.no_grad()
@@ -170,9 +180,11 @@ def evaluate(model, batches: dict[str, torch.Tensor], cfg: TrainConfig) -> dict[
 
 def build_model(tokenizer, cfg: TrainConfig) -> Qwen3MoeForCausalLM:
     torch.manual_seed(cfg.seed)
-    config = model_config(tokenizer)
+    config = model_config(tokenizer, cfg)
     config._experts_implementation = cfg.experts_implementation
-    return Qwen3MoeForCausalLM(config)
+    model = Qwen3MoeForCausalLM(config)
+    model.router_aux_loss_coef = 0.0  # the balance loss is ours (balance_loss.py), not transformers' pooled one
+    return model
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -230,12 +242,14 @@ def train(cfg: TrainConfig, corpus: Path, out: Path, run_dir: Path, resume: bool
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
     run_dir.mkdir(parents=True, exist_ok=True)
     log: list[dict] = []
+    recent: list[torch.Tensor] = []  # routed counts [L, E] of the last balance_window - 1 batches ("global")
     start, elapsed0 = 0, 0.0
     if resume and (run_dir / "state.pt").exists():
         st = torch.load(run_dir / "state.pt", weights_only=False)
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["opt"])
         start, log, elapsed0 = st["step"], st["log"], st["elapsed_s"]
+        recent = list(st.get("recent_counts", []))
         print(f"resumed at step {start}", flush=True)
     counts = parameter_counts(model.config)
     print(f"params {counts}; {json.dumps(asdict(cfg))}", flush=True)
@@ -244,14 +258,18 @@ def train(cfg: TrainConfig, corpus: Path, out: Path, run_dir: Path, resume: bool
     for step in range(start, cfg.steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
-        loss, lm, aux = lm_and_aux_loss(model, train_batch(tokens, step, cfg), cfg)
+        past = torch.stack(recent).sum(0) if recent and cfg.balance_scope == "global" else None
+        loss, lm, aux, routed = lm_and_aux_loss(model, train_batch(tokens, step, cfg), cfg, past)
+        recent = (recent + [routed])[-(cfg.balance_window - 1):] if cfg.balance_window > 1 else []
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         done = step + 1
+        # the busiest expert's share of its layer's tokens (1.0 = on for every token): always-on experts show here
+        top_share = float((routed / routed.sum(-1, keepdim=True) * cfg.top_k).max())
         rec = {"step": done, "train_loss": float(lm), "aux_loss": float(aux), "grad_norm": float(gnorm),
-               "lr": lr_at(step, cfg)}
+               "lr": lr_at(step, cfg), "top_share": top_share}
         if done % cfg.eval_interval == 0 or done == cfg.steps:
             rec["val"] = evaluate(model, vb, cfg)
         log.append(rec)
@@ -260,12 +278,13 @@ def train(cfg: TrainConfig, corpus: Path, out: Path, run_dir: Path, resume: bool
             rate = (done - start) * tok_per_step / max(1e-9, el - elapsed0)
             eta = (cfg.steps - done) * tok_per_step / rate
             val = " val " + " ".join(f"{d}={v:.3f}" for d, v in rec["val"].items()) if "val" in rec else ""
-            print(f"step {done}/{cfg.steps} loss {float(lm):.4f} aux {float(aux):.3f} gnorm {float(gnorm):.2f}"
+            print(f"step {done}/{cfg.steps} loss {float(lm):.4f} aux {float(aux):.3f} top {top_share:.2f}"
+                  f" gnorm {float(gnorm):.2f}"
                   f" lr {rec['lr']:.2e} | {rate:.0f} tok/s elapsed {el / 60:.1f} min eta {eta / 60:.1f} min{val}",
                   flush=True)
         if done % cfg.ckpt_interval == 0 or done == cfg.steps:
             torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": done, "log": log,
-                        "elapsed_s": el}, run_dir / "state.pt.tmp")
+                        "elapsed_s": el, "recent_counts": recent}, run_dir / "state.pt.tmp")
             (run_dir / "state.pt.tmp").replace(run_dir / "state.pt")
             export_bf16(model, out, run_dir / "latest")
             (run_dir / "log.json").write_text(json.dumps(log))
@@ -281,13 +300,13 @@ def train(cfg: TrainConfig, corpus: Path, out: Path, run_dir: Path, resume: bool
     print(f"done: {json.dumps(summary)}", flush=True)
 
 
-def bench(cfg: TrainConfig, corpus: Path, out: Path, n: int) -> None:
+def bench(cfg: TrainConfig, corpus: Path, out: Path, n: int, impls: list[str], autocast: list[bool]) -> None:
     """Seconds per training step for each experts implementation (and autocast on/off), n steps each."""
     torch.set_num_threads(cfg.threads)
     tokenizer = AutoTokenizer.from_pretrained(out)
     tokens = load_tokens(corpus, tokenizer, out / "tokenizer.json")
-    for impl in ("eager", "grouped_mm", "batched_mm"):
-        for ac in (True, False):
+    for impl in impls:
+        for ac in autocast:
             c = TrainConfig(**{**asdict(cfg), "experts_implementation": impl, "autocast_bf16": ac})
             try:
                 model = build_model(tokenizer, c)
@@ -313,6 +332,8 @@ def main() -> None:
     ap.add_argument("--run-dir", type=Path, default=RUN_DIR)
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--bench", type=int, default=0, metavar="N", help="time N steps per implementation")
+    ap.add_argument("--bench-impls", default="eager,grouped_mm,batched_mm", help="implementations --bench times")
+    ap.add_argument("--bench-autocast", default="true,false", help="autocast settings --bench times")
     for f, v in asdict(TrainConfig()).items():
         flag = "--" + f.replace("_", "-")
         if isinstance(v, bool):
@@ -322,7 +343,8 @@ def main() -> None:
     a = vars(ap.parse_args())
     cfg = TrainConfig(**{f: a[f] for f in asdict(TrainConfig())})
     if a["bench"]:
-        bench(cfg, a["corpus"], a["out"], a["bench"])
+        bench(cfg, a["corpus"], a["out"], a["bench"], a["bench_impls"].split(","),
+              [x == "true" for x in a["bench_autocast"].split(",")])
     else:
         train(cfg, a["corpus"], a["out"], a["run_dir"], a["resume"])
 
