@@ -24,16 +24,24 @@ def add_parser(subparsers, name: str):
 
 def run(args) -> int:
     from offload_engine.engine import OffloadEngine
+    from offload_engine.errors import ContextTooLongError
     from offload_engine.trace_file import save_trace
     from offload_engine.tracing import CorpusInput, trace_corpus
 
     inputs = [CorpusInput.parse(item) for item in args.input]
     # plan the KV cache and working memory for the batches this command runs
     args.max_batch = max(args.max_batch, args.batch_size)
+    context_from_seq_len = args.max_context is None
     args.max_context = args.max_context or args.seq_len
     run_cfg = run_config(args)
     output_path(args.out)
-    engine = OffloadEngine.from_run_config(model_path(args), run_cfg)
+    try:
+        engine = OffloadEngine.from_run_config(model_path(args), run_cfg)
+    except ContextTooLongError as e:
+        if not context_from_seq_len:
+            raise
+        raise ContextTooLongError(f"--seq-len {args.seq_len} exceeds the model's context of {e.limit} tokens; "
+                                  f"use --seq-len {e.limit} or less", e.asked, e.limit) from None
     trace = trace_corpus(engine, inputs, args.seq_len, args.max_seqs, args.batch_size, progress=not args.quiet,
                          hidden_states=args.hidden_states)
     save_trace(args.out, trace)

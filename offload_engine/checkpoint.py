@@ -43,7 +43,12 @@ USIZE = 2**64  # offsets, dimensions and sizes are u64 in the safetensors librar
 def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
     """A local directory as is; otherwise a hub id, fetched with huggingface_hub (needs a network). Either way
     the directory is vetted (vet_directory) before anything reads it."""
-    path = Path(name_or_path).expanduser()
+    if not isinstance(name_or_path, (str, os.PathLike)) or not str(name_or_path).strip():
+        raise CheckpointError(f"the model must be a directory path or a hub id, not {name_or_path!r}")
+    try:
+        path = Path(name_or_path).expanduser()
+    except RuntimeError:  # ~user that this system does not know
+        raise CheckpointError(f"cannot resolve the home directory in {str(name_or_path)!r}; write the full path") from None
     if os.path.lexists(path):
         if not stat.S_ISDIR(stat_entry(path).st_mode):
             raise CheckpointError(f"{path} is not a directory; pass the model directory that holds config.json")

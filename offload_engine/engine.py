@@ -12,6 +12,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .errors import CheckpointError, GenerationInputError
@@ -104,6 +105,19 @@ class OffloadEngine:
         self.cache = self.runtime.cache
         self.tokenizer = tokenizer
 
+    def close(self) -> None:
+        """Finish loads in flight, stop the prefetch thread and unlock pinned host memory. The engine can still
+        generate afterwards (the thread restarts on demand), but pinned copies become synchronous."""
+        self.cache.drain()
+        self.cache.close()
+        self.store.close()
+
+    def __enter__(self) -> "OffloadEngine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     @classmethod
     def from_pretrained(
         cls,
@@ -133,6 +147,11 @@ class OffloadEngine:
     # -- prompts ------------------------------------------------------------------------------------------
     def _encode(self, prompt: str | Sequence[int], chat: bool) -> list[int]:
         if isinstance(prompt, str):
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError as e:  # lone surrogates, e.g. from undecodable bytes on a command line
+                raise GenerationInputError(f"the prompt is not valid text (character {e.start} cannot be encoded as "
+                                           "UTF-8); pass UTF-8 text") from None
             if self.tokenizer is None:
                 raise GenerationInputError(
                     f"{self.directory} has no tokenizer, so text prompts cannot be encoded; pass token ids "
@@ -149,7 +168,7 @@ class OffloadEngine:
         else:
             if chat:
                 raise GenerationInputError("chat=True needs a text prompt; token ids are used as they are")
-            ids = [int(t) for t in prompt]
+            ids = _token_ids(prompt)
         if not ids:
             raise GenerationInputError("the prompt is empty; give at least one token")
         bad = [t for t in ids if not 0 <= t < self.spec.vocab_size]
@@ -159,6 +178,8 @@ class OffloadEngine:
 
     def _prompts(self, prompt, chat: bool, max_new_tokens: int) -> list[list[int]]:
         """Encode one prompt or a batch of them, and check them against the model and the memory plan."""
+        if not isinstance(chat, bool):
+            raise GenerationInputError(f"chat must be True or False, not {chat!r}")
         encoded = [self._encode(p, chat) for p in (list(prompt) if _is_batch(prompt) else [prompt])]
         longest = max(len(ids) for ids in encoded)
         needed = longest + max_new_tokens
@@ -238,6 +259,8 @@ class OffloadEngine:
     ) -> GenerationResult | list[GenerationResult]:
         """Generate for one prompt (a string or token ids), or for a list of prompts as one padded batch."""
         cfg = SamplingConfig(max_new_tokens, temperature, top_p, top_k, seed, ignore_eos)
+        if not isinstance(record_trace, bool):
+            raise GenerationInputError(f"record_trace must be True or False, not {record_trace!r}")
         encoded = self._prompts(prompt, chat, max_new_tokens)
         recorder = RoutingRecorder() if record_trace else None
         rows: list[list[int]] = [[] for _ in encoded]
@@ -266,6 +289,10 @@ class OffloadEngine:
 
     def _stream(self, encoded: list[list[int]], cfg: SamplingConfig,
                 recorder: RoutingRecorder | None = None) -> Iterator[TokenEvent]:
+        with self.runtime.admitted(len(encoded)):
+            yield from self._steps(encoded, cfg, recorder)
+
+    def _steps(self, encoded: list[list[int]], cfg: SamplingConfig, recorder) -> Iterator[TokenEvent]:
         input_ids, mask = self._padded(encoded)
         deltas = [_TextDelta(self.tokenizer) for _ in encoded]
         request = self.request(len(encoded), recorder)
@@ -276,7 +303,8 @@ class OffloadEngine:
         done = [False] * len(encoded)
         count = count_first = 0
         steps = decode_stream(self.model, input_ids, mask, cfg, self.eos_ids(), self.pad_id(),
-                              forward=lambda **inputs: self.forward(request, **inputs))
+                              forward=lambda **inputs: self.forward(request, **inputs),
+                              cache=self._kv_cache(len(encoded)) if cuda else None)
         for step in steps:
             first = step.time_s if first is None else first
             tokens = step.tokens.tolist()
@@ -289,6 +317,15 @@ class OffloadEngine:
                 stats = self._stats(request, encoded, count, count_first, first, step.time_s, step.index + 1, cuda)
             yield TokenEvent(step.index, tuple(tokens), texts, finished, stats)
             done = list(finished)
+
+    def _kv_cache(self, rows: int):
+        """On CUDA the KV cache is allocated whole, up front, to the planned context: it cannot grow past the
+        memory plan mid-generation. Models with a cache of their own (MiniMax's) keep it."""
+        if not getattr(self.model, "_can_compile_fullgraph", False):
+            return None
+        from transformers import StaticCache
+
+        return StaticCache(config=self.model.config, max_cache_len=self.plan.max_context)
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None else ""
@@ -321,7 +358,25 @@ class OffloadEngine:
 
 def _is_batch(prompt) -> bool:
     """A list of strings or of token-id lists is a batch; a list of ids (any integer type) is one prompt."""
-    return isinstance(prompt, (list, tuple)) and len(prompt) > 0 and not isinstance(prompt[0], numbers.Integral)
+    return (isinstance(prompt, (list, tuple)) and len(prompt) > 0
+            and isinstance(prompt[0], (str, list, tuple, np.ndarray, torch.Tensor)))
+
+
+def _token_ids(prompt) -> list[int]:
+    """A prompt of token ids: a list, tuple, numpy array or tensor of integers (never floats or booleans)."""
+    if isinstance(prompt, (np.ndarray, torch.Tensor)):
+        if prompt.ndim != 1 or prompt.dtype in (torch.bool, np.bool_) or not (
+                np.issubdtype(prompt.dtype, np.integer) if isinstance(prompt, np.ndarray) else not prompt.is_floating_point()):
+            raise GenerationInputError(f"token ids must be a 1-d array of integers, not {prompt.dtype} "
+                                       f"with shape {tuple(prompt.shape)}")
+        return [int(t) for t in prompt.tolist()]
+    if not isinstance(prompt, (list, tuple)):
+        raise GenerationInputError(f"the prompt must be a string, a list of token ids or a list of prompts, "
+                                   f"not {type(prompt).__name__}")
+    bad = next((t for t in prompt if not isinstance(t, numbers.Integral) or isinstance(t, bool)), None)
+    if bad is not None:
+        raise GenerationInputError(f"token ids must be integers, not {bad!r} ({type(bad).__name__})")
+    return [int(t) for t in prompt]
 
 
 def load_tokenizer(directory: Path):
@@ -331,5 +386,5 @@ def load_tokenizer(directory: Path):
 
     try:
         return AutoTokenizer.from_pretrained(directory)
-    except (OSError, ValueError, TypeError) as e:
+    except Exception as e:  # the tokenizers library raises a bare Exception for some malformed files
         raise CheckpointError(f"the tokenizer files in {directory} cannot be loaded ({str(e).splitlines()[0]})") from None

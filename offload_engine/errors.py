@@ -22,6 +22,14 @@ class ConfigError(OffloadEngineError):
     """A run setting (device, dtype, slot count, host memory mode, policy...) is invalid."""
 
 
+class ContextTooLongError(ConfigError):
+    """The context asked for is longer than the model's; `asked` and `limit` let a command name its own flag."""
+
+    def __init__(self, message: str, asked: int, limit: int):
+        super().__init__(message)
+        self.asked, self.limit = asked, limit
+
+
 class MemoryBudgetError(OffloadEngineError):
     """The memory budget cannot be parsed or is too small for the model."""
 

@@ -161,7 +161,8 @@ class ExpertCache:
 
     def _timed_copy(self, layer_pos: int, loads: list[tuple[int, int]], c: LayerCounters) -> None:
         start = time.perf_counter()
-        self._copy(layer_pos, loads)
+        with torch.inference_mode():  # the pool may be an inference tensor (made under inference mode)
+            self._copy(layer_pos, loads)
         with self.lock:
             c.copy_s += time.perf_counter() - start
 

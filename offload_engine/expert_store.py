@@ -12,6 +12,7 @@ runtime parameter, never the whole model in one stack.
 
 from __future__ import annotations
 
+import math
 import threading
 import warnings
 
@@ -73,31 +74,45 @@ class ExpertStore:
         return buf[:numel]
 
     def _load_host(self, progress: bool) -> None:
-        self.pinned = self.mode == "pinned"
+        """Every expert in host memory: one allocation for the whole model, viewed per layer and parameter.
+        Pinned mode page-locks that one allocation with cudaHostRegister: PyTorch's pinned allocator rounds each
+        allocation up to a power of two (a 33 GB model would lock 64 GB)."""
+        numels = [self.spec.num_experts * math.prod(p.shape) for p in self.spec.expert_params]
+        total = self.spec.num_moe_layers * sum(numels)
+        try:
+            arena = torch.empty(total, dtype=self.dtype)
+        except RuntimeError:
+            raise MemoryBudgetError("not enough host RAM to hold the experts; use --host-memory mmap (read on demand)") from None
+        self.pinned = self.mode == "pinned" and self._register(arena)
+        offset = 0
         for layer_pos in tqdm(range(self.spec.num_moe_layers), desc="experts to host memory", disable=not progress,
                               unit="layer"):
             buffers = {}
-            for p in self.spec.expert_params:
-                shape = (self.spec.num_experts, *p.shape)
-                buf = None
-                if self.pinned:
-                    try:
-                        buf = torch.empty(shape, dtype=self.dtype, pin_memory=True)
-                    except RuntimeError as e:
-                        warnings.warn(f"pinning host memory failed ({str(e).splitlines()[0]}); using pageable "
-                                      "memory, copies will be synchronous", stacklevel=2)
-                        self.pinned = False
-                if buf is None:
-                    try:
-                        buf = torch.empty(shape, dtype=self.dtype)
-                    except RuntimeError:
-                        raise MemoryBudgetError(
-                            "not enough host RAM to hold the experts; use --host-memory mmap (read on demand)"
-                        ) from None
+            for p, numel in zip(self.spec.expert_params, numels):
+                buf = arena[offset:offset + numel].view(self.spec.num_experts, *p.shape)
+                offset += numel
                 for e in range(self.spec.num_experts):
                     self._read(layer_pos, e, p.name, buf[e])
                 buffers[p.name] = buf
             self.host.append(buffers)
+
+    def _register(self, arena: torch.Tensor) -> bool:
+        """Page-lock `arena` for asynchronous copies; on failure, warn and stay pageable (copies synchronous)."""
+        nbytes = arena.numel() * arena.element_size()
+        code = torch.cuda.cudart().cudaHostRegister(arena.data_ptr(), nbytes, 0)
+        if int(code) != 0:
+            warnings.warn(f"pinning {nbytes / 2**30:.2f} GiB of host memory failed (CUDA error {int(code)}); using "
+                          "pageable memory, copies will be synchronous", stacklevel=3)
+            return False
+        self._registered = arena
+        return True
+
+    def close(self) -> None:
+        """Unlock the pinned arena (the engine calls this when it is done with the store)."""
+        arena, self._registered = getattr(self, "_registered", None), None
+        if arena is not None:
+            torch.cuda.cudart().cudaHostUnregister(arena.data_ptr())
+            self.pinned = False
 
     def copy_into(self, layer_pos: int, expert: int, dst: dict[str, torch.Tensor], non_blocking: bool = False) -> int:
         """Write one expert's tensors into `dst` (name -> tensor of the per-expert shape); returns bytes written."""

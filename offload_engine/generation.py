@@ -8,6 +8,8 @@ prompt once, then one token at a time against its KV cache. Greedy decoding ther
 from __future__ import annotations
 
 import inspect
+import math
+import numbers
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -27,14 +29,31 @@ class SamplingConfig:
     ignore_eos: bool = False  # keep going after an EOS (fixed-length benchmarks and comparisons)
 
     def __post_init__(self):
-        if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) or self.max_new_tokens < 1:
-            raise GenerationInputError(f"max_new_tokens must be a positive integer, not {self.max_new_tokens!r}")
-        if not self.temperature >= 0:  # also catches NaN
-            raise GenerationInputError(f"temperature must be >= 0 (0 means greedy), not {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise GenerationInputError(f"top_p must be in (0, 1], not {self.top_p}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise GenerationInputError(f"top_k must be a non-negative integer (0 disables it), not {self.top_k!r}")
+        if not _is_int(self.max_new_tokens) or not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS:
+            raise GenerationInputError(f"max_new_tokens must be a whole number from 1 to {MAX_NEW_TOKENS}, "
+                                       f"not {self.max_new_tokens!r}")
+        if not _is_real(self.temperature) or not 0 <= self.temperature < math.inf:  # also catches NaN
+            raise GenerationInputError(f"temperature must be a number >= 0 (0 means greedy), not {self.temperature!r}")
+        if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
+            raise GenerationInputError(f"top_p must be a number in (0, 1], not {self.top_p!r}")
+        if not _is_int(self.top_k) or not 0 <= self.top_k <= 2**31:
+            raise GenerationInputError(f"top_k must be a whole number >= 0 (0 disables it), not {self.top_k!r}")
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**64):
+            raise GenerationInputError(f"seed must be a whole number from 0 to 2**64 - 1, or None, not {self.seed!r}")
+        if not isinstance(self.ignore_eos, bool):
+            raise GenerationInputError(f"ignore_eos must be True or False, not {self.ignore_eos!r}")
+
+
+MAX_NEW_TOKENS = 1 << 24
+GREEDY_BELOW = 1e-5  # a temperature this small samples the argmax anyway; dividing by it overflows
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -53,8 +72,8 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
 
 
 def sample(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
-    """Next token per row of logits [B, V] -> [B]."""
-    if cfg.temperature == 0:
+    """Next token per row of logits [B, V] -> [B]; the caller has checked that the logits are finite."""
+    if cfg.temperature < GREEDY_BELOW:
         return logits.argmax(dim=-1)
     probs = filter_logits(logits.float() / cfg.temperature, cfg.top_k, cfg.top_p).softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
@@ -84,9 +103,11 @@ def decode_stream(
     eos_ids: set[int],
     pad_id: int,
     forward: Callable | None = None,
+    cache=None,
 ) -> Iterator[Step]:
     """input_ids [B, P] left-padded on the model's device. Stops when every sequence has emitted an EOS.
-    `forward(**inputs)` runs one forward pass (default: the model itself; the engine wraps it in its request)."""
+    `forward(**inputs)` runs one forward pass (default: the model itself; the engine wraps it in its request).
+    `cache`: a KV cache to fill (e.g. a StaticCache allocated up front); default: the model's own, grown on demand."""
     device = input_ids.device
     generator = None
     if cfg.temperature > 0:
@@ -102,22 +123,31 @@ def decode_stream(
     cache_arg = cache_keyword(model)
     forward = forward or model
     start = time.perf_counter()
+    # inference mode is entered for each step, never held across a yield: between tokens the caller's code
+    # (and an abandoned stream's) must run in the mode it chose
     with torch.inference_mode():
+        first = {cache_arg: cache} if cache is not None else {}
         out = forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                    use_cache=True, logits_to_keep=1)
-        past, next_pos = getattr(out, cache_arg), position_ids[:, -1:] + 1
-        for index in range(cfg.max_new_tokens):
+                      use_cache=True, logits_to_keep=1, **first)
+    past, next_pos = getattr(out, cache_arg), position_ids[:, -1:] + 1
+    for index in range(cfg.max_new_tokens):
+        with torch.inference_mode():
             logits = out.logits[:, -1, :]
+            if not bool(torch.isfinite(logits).all()):  # NaN weights: no token can be read off these scores
+                raise GenerationInputError(
+                    f"the model produced non-finite scores (NaN or inf) at step {index}; its weights are corrupt "
+                    "or overflow in this dtype: check the checkpoint, or try --dtype float32")
             tokens = sample(logits, cfg, generator)
             tokens = torch.where(finished, torch.full_like(tokens, pad_id), tokens)
             if eos is not None:
                 finished = finished | torch.isin(tokens, eos)
             tokens_cpu, finished_cpu = tokens.cpu(), finished.cpu()
-            yield Step(index, tokens_cpu, finished_cpu, time.perf_counter() - start, logits)
-            if bool(finished_cpu.all()) or index + 1 == cfg.max_new_tokens:
-                return
+        yield Step(index, tokens_cpu, finished_cpu, time.perf_counter() - start, logits)
+        if bool(finished_cpu.all()) or index + 1 == cfg.max_new_tokens:
+            return
+        with torch.inference_mode():
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], dim=-1)
             out = forward(input_ids=tokens[:, None], attention_mask=attention_mask, position_ids=next_pos,
-                        use_cache=True, **{cache_arg: past})
-            past, next_pos = getattr(out, cache_arg), next_pos + 1
+                          use_cache=True, **{cache_arg: past})
+        past, next_pos = getattr(out, cache_arg), next_pos + 1
 

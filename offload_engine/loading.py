@@ -20,10 +20,10 @@ from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointTensors, read_config, resolve_checkpoint
 from .checkpoint_layout import CheckpointLayout
-from .errors import CheckpointError, ConfigError, UnsupportedModelError
+from .errors import CheckpointError, ConfigError, ContextTooLongError, UnsupportedModelError
 from .expert_cache import ExpertCache
 from .expert_store import ExpertStore
-from .memory_plan import MemoryPlan, kv_bytes_per_token, plan_memory, working_bytes
+from .memory_plan import MemoryPlan, cuda_allocator_bytes, kv_bytes_per_token, plan_memory, working_bytes
 from .model_spec import ModelSpec, describe, dtype_from_config, refuse_quantized
 from .offloaded_experts import IMPLEMENTATION_NAME, bind, register_experts_implementation
 from .policies import make_policy
@@ -88,7 +88,7 @@ def inspect_checkpoint(name_or_path, run: RunConfig) -> Inspected:
 
         try:
             model.generation_config = GenerationConfig.from_pretrained(directory)
-        except (OSError, ValueError, TypeError) as e:
+        except (OSError, ValueError, TypeError, AttributeError) as e:
             raise CheckpointError(f"{directory / 'generation_config.json'} cannot be read ({_first_line(e)})") from None
     spec = describe(model, config)
     layout = CheckpointLayout(tensors, model, spec)
@@ -119,10 +119,12 @@ def non_expert_tensors(inspected: Inspected) -> dict[str, torch.Tensor]:
 
 def make_plan(inspected: Inspected, run: RunConfig) -> MemoryPlan:
     spec, dtype = inspected.spec, inspected.dtype
-    non_expert = sum(t.numel() * t.element_size() for t in non_expert_tensors(inspected).values())
+    sizes = [t.numel() * t.element_size() for t in non_expert_tensors(inspected).values()]
+    non_expert = sum(sizes)
     limit = spec.max_position_embeddings or DEFAULT_MAX_CONTEXT
     if run.max_context is not None and run.max_context > limit:
-        raise ConfigError(f"max context {run.max_context} exceeds the model's context of {limit} tokens; lower it")
+        raise ContextTooLongError(f"--max-context {run.max_context} exceeds the model's context of {limit} tokens; "
+                                  "lower it", run.max_context, limit)
     max_context = run.max_context or min(limit, DEFAULT_MAX_CONTEXT)
     config = inspected.model.config  # the built model's: it knows the attention implementation chosen
     kv = kv_bytes_per_token(config, dtype) * max_context * run.max_batch
@@ -131,7 +133,9 @@ def make_plan(inspected: Inspected, run: RunConfig) -> MemoryPlan:
     budget = run.memory_budget
     if budget is None and run.expert_slots is None:
         budget = automatic_budget(run.device)
-    return plan_memory(spec, non_expert, kv, work, expert_bytes, budget, run.expert_slots, max_context, run.max_batch)
+    allocator = cuda_allocator_bytes(sizes, len(spec.expert_params)) if run.device.type == "cuda" else 0
+    return plan_memory(spec, non_expert, kv, work, expert_bytes, budget, run.expert_slots, max_context, run.max_batch,
+                       allocator)
 
 
 def automatic_budget(device: torch.device) -> int:
@@ -211,7 +215,7 @@ def load(inspected: Inspected, run: RunConfig, plan: MemoryPlan):
     store = ExpertStore(inspected.tensors, inspected.layout, spec, inspected.dtype, host_mode(run, plan), run.progress)
     policy = make_policy(run.policy, spec.num_moe_layers, spec.num_experts, spec.top_k)
     cache = ExpertCache(store, plan.expert_slots, run.device, policy)
-    runtime = Runtime(cache, spec.num_moe_layers, spec.top_k, predictor, run.prefetch_depth)
+    runtime = Runtime(cache, spec.num_moe_layers, spec.top_k, predictor, run.prefetch_depth, run.max_batch)
     reference_impl = inspected.model.get_correct_experts_implementation(None)  # what from_pretrained would use
     for layer_pos, path in enumerate(spec.experts_paths):
         module = inspected.model.get_submodule(path)

@@ -103,10 +103,11 @@ class MemoryPlan:
     min_slots: int
     max_context: int
     batch: int
+    allocator_bytes: int = 0  # CUDA: what the caching allocator's rounding adds to the tensors above
 
     @property
     def fixed_bytes(self) -> int:
-        return self.non_expert_bytes + self.kv_cache_bytes + self.working_bytes
+        return self.non_expert_bytes + self.kv_cache_bytes + self.working_bytes + self.allocator_bytes
 
     @property
     def slot_bytes(self) -> int:
@@ -131,6 +132,7 @@ class MemoryPlan:
             ("non-expert weights", format_bytes(self.non_expert_bytes)),
             (f"KV cache ({self.batch} x {self.max_context} tokens)", format_bytes(self.kv_cache_bytes)),
             ("working memory (estimate)", format_bytes(self.working_bytes)),
+            *([("allocator rounding (CUDA)", format_bytes(self.allocator_bytes))] if self.allocator_bytes else []),
             (f"expert slots ({self.expert_slots} x {format_bytes(self.expert_bytes)})", format_bytes(self.slot_bytes)),
             ("total", format_bytes(self.total_bytes)),
             ("experts resident", f"{self.expert_slots} of {self.total_experts} ({100 * self.resident_share:.1f}%)"),
@@ -150,11 +152,13 @@ def plan_memory(
     expert_slots: int | None,
     max_context: int,
     batch: int,
+    allocator_bytes: int = 0,
 ) -> MemoryPlan:
-    """Choose the slot count: as given, or as many as the budget holds (never more than there are experts)."""
+    """Choose the slot count: as given, or as many as the budget holds (never more than there are experts).
+    Given both, the budget is the hard cap and the slot count a request inside it."""
     total = spec.total_experts
     plan = MemoryPlan(budget_bytes, non_expert_bytes, kv_cache_bytes, work_bytes, expert_bytes, 0, total,
-                      spec.top_k, max_context, batch)
+                      spec.top_k, max_context, batch, allocator_bytes)
     if expert_slots is not None:
         if expert_slots < spec.top_k:
             raise MemoryBudgetError(
@@ -164,6 +168,13 @@ def plan_memory(
         slots = min(expert_slots, total)
     else:
         slots = min(total, max(0, (budget_bytes - plan.fixed_bytes)) // expert_bytes)
+    fitting = min(total, max(0, (budget_bytes - plan.fixed_bytes)) // expert_bytes) if budget_bytes else 0
+    if budget_bytes is not None and expert_slots is not None and fitting >= spec.top_k and slots > fitting:
+        raise MemoryBudgetError(
+            f"{expert_slots} expert slots do not fit in the memory budget of {format_bytes(budget_bytes)}: after "
+            f"the fixed parts ({format_bytes(plan.fixed_bytes)}) it holds at most {fitting} slots of "
+            f"{format_bytes(expert_bytes)}; ask for at most {fitting} slots or raise --memory-budget"
+        )
     if budget_bytes is not None and (slots < spec.top_k or plan.fixed_bytes + slots * expert_bytes > budget_bytes):
         raise MemoryBudgetError(
             f"memory budget {format_bytes(budget_bytes)} is too small: this model needs at least "
@@ -172,4 +183,21 @@ def plan_memory(
             f"{spec.top_k} expert slots); raise --memory-budget or lower --max-context"
         )
     return MemoryPlan(budget_bytes, non_expert_bytes, kv_cache_bytes, work_bytes, expert_bytes, slots, total,
-                      spec.top_k, max_context, batch)
+                      spec.top_k, max_context, batch, allocator_bytes)
+
+
+CUDA_LARGE = 1 << 20  # the caching allocator's small/large boundary
+CUDA_LARGE_ROUND = 2 << 20  # large allocations are rounded up to 2 MiB
+CUDA_SMALL_ROUND = 512
+CUDA_FRAGMENTATION = 64 << 20  # freed activation blocks kept cached while other sizes are asked for
+
+
+def cuda_allocator_bytes(tensor_bytes: list[int], slot_params: int) -> int:
+    """What PyTorch's CUDA caching allocator reserves beyond the tensors' own bytes: each allocation rounded
+    up (512 B below 1 MiB, 2 MiB above), one rounding per slot-pool tensor (the pool is allocated once per
+    expert parameter, rounded by less than 2 MiB each), and slack for activation blocks kept cached."""
+    extra = 0
+    for n in tensor_bytes:
+        unit = CUDA_LARGE_ROUND if n > CUDA_LARGE else CUDA_SMALL_ROUND
+        extra += -n % unit
+    return extra + slot_params * CUDA_LARGE_ROUND + CUDA_FRAGMENTATION

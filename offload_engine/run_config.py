@@ -48,13 +48,22 @@ class RunConfig:
         progress: bool = True,
     ) -> "RunConfig":
         """Validate user-facing settings once; every error is one line naming the setting."""
+        for name, value in (("host_memory", host_memory), ("policy", policy)):
+            if value is not None and not isinstance(value, str):
+                raise ConfigError(f"{name} must be a string, not {value!r}")
+        if not isinstance(progress, bool):
+            raise ConfigError(f"progress must be True or False, not {progress!r}")
+        if dtype is not None and not isinstance(dtype, (str, torch.dtype)):
+            raise ConfigError(f"dtype must be a name such as 'bfloat16' or a torch.dtype, not {dtype!r}")
+        if isinstance(dtype, torch.dtype) and dtype not in set(DTYPES.values()):
+            raise ConfigError(f"dtype {dtype} is not supported; choose float32, bfloat16 or float16")
         dev = resolve_device(device)
         if isinstance(dtype, str):
             if dtype not in DTYPES:
                 raise ConfigError(f"unknown dtype {dtype!r}; choose one of {sorted(set(DTYPES))}")
             dtype = DTYPES[dtype]
         budget = parse_bytes(memory_budget) if memory_budget is not None else None
-        if expert_slots is not None and (not isinstance(expert_slots, int) or expert_slots < 1):
+        if expert_slots is not None and (not isinstance(expert_slots, int) or not 1 <= expert_slots <= 1 << 40):
             raise ConfigError(f"expert slots must be a positive integer, not {expert_slots!r}")
         if host_memory is not None and host_memory not in HOST_MODES:
             raise ConfigError(f"unknown host memory mode {host_memory!r}; choose one of {HOST_MODES}")
@@ -62,9 +71,10 @@ class RunConfig:
             raise ConfigError("pinned host memory only helps copies to a CUDA device; use 'ram', 'mmap' or 'files' on CPU")
         if expert_slots is not None and isinstance(expert_slots, bool):
             raise ConfigError(f"expert slots must be a positive integer, not {expert_slots!r}")
-        if max_context is not None and (not isinstance(max_context, int) or max_context < 1):
+        if max_context is not None and (not isinstance(max_context, int) or isinstance(max_context, bool)
+                                        or not 1 <= max_context <= 1 << 30):
             raise ConfigError(f"max context must be a positive number of tokens, not {max_context}")
-        if not isinstance(max_batch, int) or max_batch < 1:
+        if not isinstance(max_batch, int) or isinstance(max_batch, bool) or not 1 <= max_batch <= 1 << 20:
             raise ConfigError(f"max batch must be at least 1, not {max_batch}")
         if policy not in POLICIES:
             raise ConfigError(f"unknown eviction policy {policy!r}; choose one of {sorted(POLICIES)}")
@@ -91,4 +101,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         raise ConfigError(f"device {device!r} asked for, but this machine has no usable CUDA GPU; use --device cpu")
     if dev.type not in ("cpu", "cuda"):
         raise ConfigError(f"device type {dev.type!r} is not supported; use cpu or cuda")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} CUDA "
+                          "device(s), cuda:0 to cuda:N-1")
     return dev

@@ -18,6 +18,7 @@ import torch
 
 from .expert_cache import ExpertCache
 from .offloaded_experts import ExpertsBinding, execute, execute_unweighted, plan, reduce
+from .errors import GenerationInputError
 from .foresight import Foresight
 from .predictors.base import LayerContext, Predictor
 from .request import Request
@@ -28,13 +29,18 @@ TIME_DECAY = 0.1  # weight of the newest measurement in the running layer and lo
 
 class Runtime:
     def __init__(self, cache: ExpertCache, num_layers: int, top_k: int, predictor: Predictor | None,
-                 prefetch_depth: int | None):
+                 prefetch_depth: int | None, max_rows: int = 1):
         self.cache, self.num_layers, self.top_k = cache, num_layers, top_k
         self.predictor = predictor
         self.foresight = Foresight(predictor, cache.policy, top_k) if predictor is not None else None
         self.prefetch_depth = prefetch_depth  # None: chosen from measured load and layer times; 0: off
         self.lock = threading.RLock()
         self.request: Request | None = None
+        # admission: the memory plan holds KV cache for max_rows sequences, so no more are in flight at once
+        self.max_rows = max_rows
+        self._room = threading.Condition()
+        self._rows_in_flight = 0
+        self._rows_by_thread: dict[int, int] = {}
         self.standing = Request(rows=0, num_layers=num_layers, top_k=top_k)
         self.layer_time = 0.0  # running mean of the wall time between consecutive layer calls (decode)
         self.load_time = 0.0  # running mean of one expert's demand load
@@ -50,6 +56,31 @@ class Runtime:
                 yield request
             finally:
                 self.request = before
+
+    @contextmanager
+    def admitted(self, rows: int):
+        """Hold `rows` of the plan's max_batch sequences for a whole request. Another thread waits its turn; the
+        same thread asking twice (two interleaved streams) would wait for itself, so it gets an error instead."""
+        me = threading.get_ident()
+        with self._room:
+            while self._rows_in_flight + rows > self.max_rows:
+                if self._rows_by_thread.get(me):
+                    raise GenerationInputError(
+                        f"this thread already has {self._rows_by_thread[me]} sequence(s) in flight and the memory "
+                        f"plan holds {self.max_rows} (max_batch); finish or close the other stream first, or load "
+                        "with a larger max_batch")
+                self._room.wait()
+            self._rows_in_flight += rows
+            self._rows_by_thread[me] = self._rows_by_thread.get(me, 0) + rows
+        try:
+            yield
+        finally:
+            with self._room:
+                self._rows_in_flight -= rows
+                left = self._rows_by_thread.pop(me) - rows
+                if left:
+                    self._rows_by_thread[me] = left
+                self._room.notify_all()
 
     def current(self) -> Request:
         return self.request if self.request is not None else self.standing

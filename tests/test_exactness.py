@@ -214,3 +214,25 @@ def test_tied_embeddings(tmp_path, name):
     tokens, logits = engine_steps(engine, PROMPT)
     assert tokens.tolist() == ref_tokens.tolist()
     assert max_rel_error(logits, ref_logits) < REL_TOL
+
+
+@pytest.mark.parametrize("name", list(tm.ARCHITECTURES))
+def test_a_static_kv_cache_gives_the_same_tokens_and_logits(checkpoints, name):
+    """On CUDA the engine preallocates the KV cache to the planned context (StaticCache); the same decode path
+    is checked here on the CPU. Models with a cache of their own keep it (MiniMax)."""
+    from transformers import StaticCache
+
+    path, ref_tokens, ref_logits = checkpoints(name, "per_expert")
+    engine = OffloadEngine.from_pretrained(path, device="cpu", dtype="float32", expert_slots=3, max_context=64,
+                                           progress=False)
+    cache = engine._kv_cache(1)
+    if not engine.model._can_compile_fullgraph:
+        assert cache is None
+        return
+    assert isinstance(cache, StaticCache)
+    ids = torch.tensor([PROMPT])
+    cfg = SamplingConfig(max_new_tokens=NEW_TOKENS, ignore_eos=True)
+    steps = list(decode_stream(engine.model, ids, torch.ones_like(ids), cfg, set(), 0, cache=cache))
+    tokens, logits = torch.stack([s.tokens for s in steps], 1), torch.stack([s.logits for s in steps], 1)
+    assert tokens.tolist() == ref_tokens.tolist()
+    assert max_rel_error(logits, ref_logits) < REL_TOL

@@ -46,3 +46,57 @@ def test_peak_device_memory_stays_within_budget(tmp_path):
     result = engine.generate(list(range(10, 500)), max_new_tokens=64, ignore_eos=True)
     assert result.stats.misses > 0
     assert torch.cuda.max_memory_allocated() - base <= budget
+    # the hard cap: what the caching allocator really holds (the KV cache is static, allocated up front)
+    assert torch.cuda.max_memory_reserved() - base <= budget
+
+
+@pytest.mark.parametrize("settings", [dict(policy="predictive", predictor="next-gate", prefetch_depth=2),
+                                      dict(policy="predictive", predictor="history", prefetch_depth=1)])
+def test_cuda_prefetch_never_changes_tokens(tmp_path, settings):
+    model = tm.build_reference("mixtral")
+    tm.save_checkpoint(model, tmp_path, "per_expert")
+    model = model.to("cuda")
+    model.generation_config.eos_token_id = None
+    with torch.no_grad():
+        ref = model.generate(torch.tensor([PROMPT], device="cuda"), do_sample=False, max_new_tokens=24,
+                             pad_token_id=0)[0, len(PROMPT):].tolist()
+    engine = OffloadEngine.from_pretrained(tmp_path, device="cuda", dtype="float32", expert_slots=4,
+                                           progress=False, **settings)
+    stats = engine.generate(PROMPT, max_new_tokens=24, ignore_eos=True).stats
+    assert engine.generate(PROMPT, max_new_tokens=24, ignore_eos=True).token_ids == ref
+    assert stats.prefetches > 0
+    assert engine.cache.stats(None).copy_s >= 0
+    engine.close()
+
+
+def test_a_prefetch_never_overwrites_a_slot_still_being_read(tmp_path):
+    """A kernel queued on the compute stream reads slot s; a prefetch then claims s for another expert. The
+    copy must wait for the kernel (the slot's last-use event): the kernel sees the old expert's bytes."""
+    tm.save_checkpoint(tm.build_reference("mixtral"), tmp_path, "per_expert")
+    engine = OffloadEngine.from_pretrained(tmp_path, device="cuda", dtype="float32", expert_slots=2,
+                                           progress=False)
+    cache = engine.cache
+    slots = cache.fetch(0, [0, 1])
+    torch.cuda.synchronize()
+    old = cache.pool["gate_up_proj"][slots[0]].clone()
+    stream = torch.cuda.current_stream()
+    torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time before the read below starts
+    seen = cache.pool["gate_up_proj"][slots[0]] * 1  # queued behind the sleep
+    cache.used(slots)
+    started = cache.prefetch([(1, 5)], protected={(0, 1)})  # evicts (0, 0): its slot is still being read
+    assert started == 1 and cache.slot_of[(1, 5)] == slots[0]
+    stream.synchronize()
+    cache.drain()
+    assert torch.equal(seen, old)
+    assert not torch.equal(cache.pool["gate_up_proj"][slots[0]], old)  # and the prefetch did land afterwards
+
+
+def test_pinned_store_is_one_registered_allocation(tmp_path):
+    tm.save_checkpoint(tm.build_reference("mixtral"), tmp_path, "per_expert")
+    engine = OffloadEngine.from_pretrained(tmp_path, device="cuda", dtype="float32", expert_slots=2,
+                                           host_memory="pinned", progress=False)
+    assert engine.store.pinned and engine.cache.non_blocking
+    first = engine.store.host[0]["gate_up_proj"]
+    assert first.is_pinned()
+    engine.close()
+    assert not engine.store.pinned
