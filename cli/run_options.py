@@ -59,7 +59,16 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefetch-depth", type=bounded_int(0, 8), default=None, metavar="N",
                    help="load predicted experts N MoE layers ahead (0: no prefetch; default: from measured load "
                         "and layer times, with a predictor)")
+    p.add_argument("--cold-experts", choices=("stream", "cpu", "auto"), default="stream",
+                   help="an expert not in the device cache is copied into a slot (stream), computed on the CPU "
+                        "where it lies (cpu), or either, by the cost model (auto); default stream")
+    p.add_argument("--cpu-moe-layers", type=bounded_int(0, 1 << 16), default=0, metavar="N",
+                   help="the experts of the first N MoE layers always run on the CPU and are never cached "
+                        "(llama.cpp's --n-cpu-moe)")
+    p.add_argument("--cpu-threads", type=bounded_int(1, 4096), default=None, metavar="N",
+                   help="with a GPU: torch threads for CPU experts (default: physical cores - 1)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(hardware=None)  # a profile's [hardware] table (apply_profile)
 
 
 def apply_profile(parser: argparse.ArgumentParser, argv: list[str] | None, any_command: set[str]) -> None:
@@ -79,6 +88,10 @@ def apply_profile(parser: argparse.ArgumentParser, argv: list[str] | None, any_c
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise ConfigError(f"cannot read profile {profile}: {e}") from None
     values = {k.replace("-", "_"): v for k, v in values.items()}
+    if "hardware" in values:  # the machine's figures for the cost model, not a flag
+        from offload_engine.hardware_profile import check_hardware
+
+        parser.set_defaults(hardware=check_hardware(values.pop("hardware"), f"profile {profile}"))
     unknown = sorted(set(values) - any_command)
     if unknown:
         raise ConfigError(f"profile {profile} sets unknown option {unknown[0]!r}")
@@ -122,5 +135,7 @@ def run_config(args) -> "RunConfig":
     return RunConfig.build(
         device=args.device, dtype=args.dtype, memory_budget=args.memory_budget, expert_slots=args.expert_slots,
         host_memory=args.host_memory, max_context=args.max_context, max_batch=args.max_batch,
-        policy=args.policy, predictor=args.predictor, prefetch_depth=args.prefetch_depth, progress=not args.quiet,
+        policy=args.policy, predictor=args.predictor, prefetch_depth=args.prefetch_depth,
+        cold_experts=args.cold_experts, cpu_moe_layers=args.cpu_moe_layers, cpu_threads=args.cpu_threads,
+        hardware=args.hardware, progress=not args.quiet,
     )

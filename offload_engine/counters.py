@@ -15,6 +15,8 @@ class LayerCounters:
     evictions: int = 0
     stall_s: float = 0.0  # time calls waited for their experts (demand loads and unfinished prefetches)
     copy_s: float = 0.0  # time spent copying experts into slots (CUDA: measured with events)
+    cpu_experts: int = 0  # experts computed on the CPU from host memory instead of a slot
+    cpu_s: float = 0.0  # time spent computing them
 
     def add(self, other: "LayerCounters") -> None:
         for f in fields(self):
@@ -37,6 +39,8 @@ class CacheStats:
     evictions: int
     stall_s: float
     copy_s: float
+    cpu_experts: int
+    cpu_s: float
     per_layer: tuple[LayerCounters, ...] = field(repr=False)
 
     @classmethod

@@ -38,6 +38,7 @@ class GenerationStats:
     bytes_to_device: int  # all loads, demand and prefetch
     evictions: int
     stall_s: float  # time layer calls waited for their experts
+    cpu_experts: int  # experts computed on the CPU where they lie (--cold-experts cpu/auto, --cpu-moe-layers)
     ttft_s: float  # prefill and first token
     decode_tokens_per_s: float  # tokens after the first, per second of decoding (prefill excluded)
     peak_device_bytes: int  # CUDA: max_memory_allocated; CPU: the engine's accounted tensors (see README)
@@ -132,10 +133,15 @@ class OffloadEngine:
         policy: str = "lru",
         predictor: str = "none",
         prefetch_depth: int | None = None,
+        cold_experts: str = "stream",
+        cpu_moe_layers: int = 0,
+        cpu_threads: int | None = None,
+        hardware: dict | None = None,
         progress: bool = True,
     ) -> "OffloadEngine":
         run = RunConfig.build(device, dtype, memory_budget, expert_slots, host_memory, max_context, max_batch,
-                              policy, predictor, prefetch_depth, progress)
+                              policy, predictor, prefetch_depth, cold_experts, cpu_moe_layers, cpu_threads,
+                              hardware, progress)
         return cls.from_run_config(name_or_path, run)
 
     @classmethod
@@ -349,6 +355,7 @@ class OffloadEngine:
             bytes_to_device=delta.bytes_to_device,
             evictions=delta.evictions,
             stall_s=delta.stall_s,
+            cpu_experts=delta.cpu_experts,
             ttft_s=first or 0.0,
             decode_tokens_per_s=(generated - generated_first) / decode_s if decode_s > 0 else 0.0,
             peak_device_bytes=int(peak),

@@ -114,6 +114,43 @@ class ExpertStore:
             torch.cuda.cudart().cudaHostUnregister(arena.data_ptr())
             self.pinned = False
 
+    def host_view(self, layer_pos: int, expert: int) -> dict[str, torch.Tensor]:
+        """One expert's tensors in host memory, in the runtime format, each shaped [1, ...] (for the CPU
+        executor): views of the host buffers (ram, pinned), of the memory map when the file holds the runtime
+        tensor as it is (one piece, same dtype), else assembled in this thread's scratch buffers (read once,
+        never kept: a per-expert file layout splits gate and up into two tensors)."""
+        if self.mode not in READ_ON_DEMAND:
+            return {name: t[expert:expert + 1] for name, t in self.host[layer_pos].items()}
+        out = {}
+        pieces = self.layout.expert_pieces(layer_pos, expert)
+        for p in self.spec.expert_params:
+            parts = pieces[p.name]
+            info = self.tensors.infos[parts[0].key]
+            if self.mode == "mmap" and len(parts) == 1 and info.dtype == self.dtype:
+                view = self.tensors.view(parts[0].key, parts[0].index)
+                if tuple(view.shape) == p.shape:
+                    out[p.name] = view.unsqueeze(0)
+                    continue
+            scratch = self._scratch(p.name, p.shape)
+            self._read(layer_pos, expert, p.name, scratch[0], mapped=self.mode == "mmap")
+            out[p.name] = scratch
+        return out
+
+    def release(self, layer_pos: int, expert: int) -> None:
+        """Drop the pages a host_view mapped (mmap mode): the page cache keeps them, the process does not."""
+        if self.mode != "mmap":
+            return
+        for parts in self.layout.expert_pieces(layer_pos, expert).values():
+            for piece in parts:
+                self.tensors.release(piece.key, piece.index)
+
+    def _scratch(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        buffers = self._staging.__dict__.setdefault("scratch", {})
+        buf = buffers.get(name)
+        if buf is None:
+            buf = buffers[name] = torch.empty((1, *shape), dtype=self.dtype)
+        return buf
+
     def copy_into(self, layer_pos: int, expert: int, dst: dict[str, torch.Tensor], non_blocking: bool = False) -> int:
         """Write one expert's tensors into `dst` (name -> tensor of the per-expert shape); returns bytes written."""
         written = 0

@@ -23,6 +23,7 @@ from .checkpoint_layout import CheckpointLayout
 from .errors import CheckpointError, ConfigError, ContextTooLongError, UnsupportedModelError
 from .expert_cache import ExpertCache
 from .expert_store import ExpertStore
+from .hardware_profile import hardware_of
 from .memory_plan import MemoryPlan, cuda_allocator_bytes, kv_bytes_per_token, plan_memory, working_bytes
 from .model_spec import ModelSpec, describe, dtype_from_config, refuse_quantized
 from .offloaded_experts import IMPLEMENTATION_NAME, bind, register_experts_implementation
@@ -215,7 +216,13 @@ def load(inspected: Inspected, run: RunConfig, plan: MemoryPlan):
     store = ExpertStore(inspected.tensors, inspected.layout, spec, inspected.dtype, host_mode(run, plan), run.progress)
     policy = make_policy(run.policy, spec.num_moe_layers, spec.num_experts, spec.top_k)
     cache = ExpertCache(store, plan.expert_slots, run.device, policy)
-    runtime = Runtime(cache, spec.num_moe_layers, spec.top_k, predictor, run.prefetch_depth, run.max_batch)
+    cuda = run.device.type == "cuda"
+    if cuda and run.cold_experts != "stream" or run.cpu_moe_layers:
+        # the one global setting: CPU experts' threads, leaving the thread that drives the GPU its own core
+        if cuda:
+            torch.set_num_threads(run.cpu_threads or max(1, (psutil.cpu_count(logical=False) or 2) - 1))
+    runtime = Runtime(cache, spec.num_moe_layers, spec.top_k, predictor, run.prefetch_depth, run.max_batch,
+                      run.cold_experts, run.cpu_moe_layers, hardware_of(run.hardware, parallel=cuda))
     reference_impl = inspected.model.get_correct_experts_implementation(None)  # what from_pretrained would use
     for layer_pos, path in enumerate(spec.experts_paths):
         module = inspected.model.get_submodule(path)

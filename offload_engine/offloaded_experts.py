@@ -140,3 +140,19 @@ def reduce(binding: ExpertsBinding, contributions: torch.Tensor, top_k_index: to
         token_idx, rank = torch.where(top_k_index == e)
         out.index_add_(0, token_idx, weighted[token_idx, rank].to(dtype))
     return out
+
+
+def execute_on_cpu(binding: ExpertsBinding, store, layer_pos: int, experts: list[int], hidden_states: torch.Tensor,
+                   top_k_index: torch.Tensor, contributions: torch.Tensor) -> None:
+    """Experts computed on the CPU where they lie (host buffers, or the memory map), with transformers' own
+    experts function on a one-expert view and unit weights, into contributions [T, k, H]: no slot, no copy
+    to the device but the outputs'. On a CPU-only machine this is the same kernel as the reference's."""
+    cpu = torch.device("cpu")
+    for e in experts:
+        token_idx, rank = torch.where(top_k_index == e)
+        x = hidden_states[token_idx].to(cpu)
+        view = SlotExperts(binding.module, store.host_view(layer_pos, e))
+        ones = torch.ones((len(token_idx), 1), dtype=contributions.dtype)
+        y = binding.compute(view, x, torch.zeros((len(token_idx), 1), dtype=top_k_index.dtype), ones)
+        contributions[token_idx, rank] = y.to(contributions.device, contributions.dtype, non_blocking=True)
+        store.release(layer_pos, e)

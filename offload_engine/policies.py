@@ -64,6 +64,10 @@ class LRUPolicy:
     def on_predictions(self, layer: int, predictions) -> None:
         pass
 
+    def reuse(self, key: Key) -> float:
+        """Expected further uses of `key` soon if it were loaded now: LRU keeps no such knowledge."""
+        return 0.0
+
 
 class PredictivePolicy:
     """Evict the resident expert expected to be needed furthest in the future (ExpertFlow's predictive cache),
@@ -176,6 +180,13 @@ class PredictivePolicy:
     def worth_prefetching(self, key: Key, victim: Key) -> bool:
         distance = self.expected_distance()
         return bool(distance[key] < distance[victim])
+
+    def reuse(self, key: Key) -> float:
+        """Expected further uses soon, if loaded now: p / (1 - p) with p = P(used at its layer's next call)
+        (the expected run of consecutive uses if each follows with probability p)."""
+        layer, _ = key
+        p = min(0.95, float(self.uses[layer, 1] / self.calls[layer, 1]))  # just used: age 1 at the next call
+        return p / (1 - p)
 
 
 class BeladyPolicy:

@@ -14,6 +14,7 @@ from .predictors import PREDICTOR_NAMES
 
 DEFAULT_MAX_CONTEXT = 4096
 MAX_PREFETCH_DEPTH = 8
+COLD_EXPERTS = ("stream", "cpu", "auto")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
@@ -30,6 +31,10 @@ class RunConfig:
     policy: str = "lru"
     predictor: str = "none"  # none, next-gate, history, learned (the model's own), or a trained predictor's folder
     prefetch_depth: int | None = None  # MoE layers ahead to load predicted experts; None: automatic, 0: off
+    cold_experts: str = "stream"  # stream (copy into a slot), cpu (compute where they lie) or auto (cost model)
+    cpu_moe_layers: int = 0  # the first N MoE layers' experts always on the CPU, never cached (--n-cpu-moe)
+    cpu_threads: int | None = None  # CUDA: torch threads for CPU experts; None: physical cores
+    hardware: dict | None = None  # a profile's [hardware] figures for the cost model; None: defaults
     progress: bool = True
 
     @classmethod
@@ -45,6 +50,10 @@ class RunConfig:
         policy: str = "lru",
         predictor: str | None = "none",
         prefetch_depth: int | None = None,
+        cold_experts: str = "stream",
+        cpu_moe_layers: int = 0,
+        cpu_threads: int | None = None,
+        hardware: dict | None = None,
         progress: bool = True,
     ) -> "RunConfig":
         """Validate user-facing settings once; every error is one line naming the setting."""
@@ -86,8 +95,19 @@ class RunConfig:
                                            or not 0 <= prefetch_depth <= MAX_PREFETCH_DEPTH):
             raise ConfigError(f"prefetch depth must be a whole number of MoE layers from 0 (off) to "
                               f"{MAX_PREFETCH_DEPTH}, not {prefetch_depth!r}")
+        if cold_experts not in COLD_EXPERTS:
+            raise ConfigError(f"cold_experts must be one of {COLD_EXPERTS}, not {cold_experts!r}")
+        if not isinstance(cpu_moe_layers, int) or isinstance(cpu_moe_layers, bool) or not 0 <= cpu_moe_layers <= 1 << 16:
+            raise ConfigError(f"cpu_moe_layers must be a whole number of MoE layers >= 0, not {cpu_moe_layers!r}")
+        if cpu_threads is not None and (not isinstance(cpu_threads, int) or isinstance(cpu_threads, bool)
+                                        or not 1 <= cpu_threads <= 4096):
+            raise ConfigError(f"cpu_threads must be a whole number from 1 to 4096, not {cpu_threads!r}")
+        if hardware is not None:
+            from .hardware_profile import check_hardware
+
+            hardware = check_hardware(hardware, "hardware")
         return cls(dev, dtype, budget, expert_slots, host_memory, max_context, max_batch, policy, predictor,
-                   prefetch_depth, progress)
+                   prefetch_depth, cold_experts, cpu_moe_layers, cpu_threads, hardware, progress)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from .expert_cache import ExpertCache
-from .offloaded_experts import ExpertsBinding, execute, execute_unweighted, plan, reduce
+from .cost_model import Hardware, Need, place
+from .offloaded_experts import ExpertsBinding, execute, execute_on_cpu, execute_unweighted, plan, reduce
 from .errors import GenerationInputError
 from .foresight import Foresight
 from .predictors.base import LayerContext, Predictor
@@ -29,8 +30,13 @@ TIME_DECAY = 0.1  # weight of the newest measurement in the running layer and lo
 
 class Runtime:
     def __init__(self, cache: ExpertCache, num_layers: int, top_k: int, predictor: Predictor | None,
-                 prefetch_depth: int | None, max_rows: int = 1):
+                 prefetch_depth: int | None, max_rows: int = 1, cold_experts: str = "stream",
+                 cpu_moe_layers: int = 0, hardware: Hardware | None = None):
         self.cache, self.num_layers, self.top_k = cache, num_layers, top_k
+        self.cold_experts, self.cpu_moe_layers = cold_experts, cpu_moe_layers
+        self.hardware = hardware or Hardware(parallel=cache.device.type == "cuda")
+        self.expert_bytes = cache.store.expert_nbytes()
+        self.flops_per_token = 2.0 * cache.store.spec.expert_numel()  # one multiply-add per weight
         self.predictor = predictor
         self.foresight = Foresight(predictor, cache.policy, top_k) if predictor is not None else None
         self.prefetch_depth = prefetch_depth  # None: chosen from measured load and layer times; 0: off
@@ -100,6 +106,10 @@ class Runtime:
             request.recorder.record(layer, top_k_index, top_k_weights, request.residuals.get(layer))
         experts = plan(top_k_index)
         context = self._observe(request, layer, top_k_index)
+        on_cpu = self._place(layer, experts, top_k_index)
+        if on_cpu:
+            return self._hybrid(binding, request, layer, experts, on_cpu, hidden_states, top_k_index, top_k_weights,
+                                context)
         if len(experts) <= cache.num_slots:
             loaded = self._loads(request, layer)
             slots = cache.fetch(layer, experts, request.counters)
@@ -116,6 +126,47 @@ class Runtime:
             slots = cache.fetch(layer, group, request.counters)
             execute_unweighted(binding, cache, group, slots, hidden_states, top_k_index, contributions)
             cache.used(slots)
+        return reduce(binding, contributions, top_k_index, top_k_weights, experts, hidden_states.dtype)
+
+    def _place(self, layer: int, experts: list[int], top_k_index: torch.Tensor) -> set[int]:
+        """The experts of this call computed on the CPU: all of a --cpu-moe-layers layer's; the cold ones with
+        --cold-experts cpu; with auto, the cost model's choice (cost_model.place)."""
+        if layer < self.cpu_moe_layers:
+            return set(experts)
+        if self.cold_experts == "stream":
+            return set()
+        slot_of = self.cache.slot_of
+        cold = [e for e in experts if (layer, e) not in slot_of]
+        if not cold or self.cold_experts == "cpu":
+            return set(cold)
+        counts = torch.bincount(top_k_index.view(-1), minlength=max(experts) + 1).tolist()
+        needs = [Need(e, counts[e], (layer, e) not in cold, self.cache.policy.reuse((layer, e)))
+                 for e in experts]
+        return place(needs, self.expert_bytes, self.flops_per_token, self.hardware)
+
+    def _hybrid(self, binding: ExpertsBinding, request: Request, layer: int, experts: list[int], on_cpu: set[int],
+                hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                context: LayerContext | None) -> torch.Tensor:
+        """Some experts on the device (resident, or copied into slots), the rest on the CPU from host memory;
+        every expert with unit weights into [T, k, H] contributions, reduced once as the reference does. The
+        device's kernels are queued first (asynchronous on CUDA), so the CPU works while they run."""
+        cache = self.cache
+        contributions = hidden_states.new_zeros((*top_k_index.shape, hidden_states.shape[-1]))
+        on_device = [e for e in experts if e not in on_cpu]
+        for start in range(0, len(on_device), cache.num_slots):
+            group = on_device[start:start + cache.num_slots]
+            slots = cache.fetch(layer, group, request.counters)
+            if context is not None and start == 0:
+                self._look_ahead(request, context, {(layer, e) for e in experts})
+            execute_unweighted(binding, cache, group, slots, hidden_states, top_k_index, contributions)
+            cache.used(slots)
+        if context is not None and not on_device:
+            self._look_ahead(request, context, {(layer, e) for e in experts})
+        start = time.perf_counter()
+        execute_on_cpu(binding, cache.store, layer, sorted(on_cpu), hidden_states, top_k_index, contributions)
+        c = request.counters[layer]
+        c.cpu_experts += len(on_cpu)
+        c.cpu_s += time.perf_counter() - start
         return reduce(binding, contributions, top_k_index, top_k_weights, experts, hidden_states.dtype)
 
     def _observe(self, request: Request, layer: int, top_k_index: torch.Tensor) -> LayerContext | None:
