@@ -21,8 +21,10 @@ COMMANDS = {
     "consistency": "offload_engine.cli.consistency_cmd",
     "simulate": "offload_engine.cli.simulate_cmd",
     "predictor": "offload_engine.cli.predictor_cmd",
+    "calibrate": "offload_engine.cli.calibrate_cmd",
+    "estimate": "offload_engine.cli.estimate_cmd",
 }
-LOADS_A_MODEL = frozenset({"generate", "plan", "trace", "predictor"})  # their runs import transformers
+LOADS_A_MODEL = frozenset({"generate", "plan", "trace", "predictor", "calibrate", "estimate"})  # their runs import transformers
 
 
 class OneLineParser(argparse.ArgumentParser):

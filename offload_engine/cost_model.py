@@ -2,7 +2,7 @@
 
 Per layer call, for each needed expert e with n_e routed tokens, S_e bytes and F_e FLOPs per token:
 
-    device compute   a_g + n_e F_e / F_dev                     (resident, or once copied)
+    device compute   a_g + max(S_e / BW_dev, n_e F_e / F_dev)  (resident, or once copied)
     copy             S_e / BW_link                             (0 if resident or already arriving)
     CPU compute      a_c + max(S_e / BW_cpu, n_e F_e / F_cpu)  (reads the weights once for all its tokens)
 
@@ -31,6 +31,7 @@ class Hardware:
     cpu_flops: float = 100e9  # the CPU's expert throughput at the compute dtype
     cpu_call_s: float = 50e-6  # fixed cost of one CPU expert call
     device_flops: float = 100e9  # the device's expert throughput (CPU only: the same cores)
+    device_read_bytes_per_s: float = 20e9  # the device streaming a resident expert's weights (GPU: its memory)
     device_call_s: float = 20e-6  # fixed cost of one device expert group
     parallel: bool = False  # a separate device (GPU) computes while the CPU does
 
@@ -54,8 +55,8 @@ class Need:
     reuse: float = 0.0  # expected further uses before eviction, if it were loaded now
 
 
-def device_seconds(hw: Hardware, tokens: int, flops_per_token: float) -> float:
-    return hw.device_call_s + tokens * flops_per_token / hw.device_flops
+def device_seconds(hw: Hardware, tokens: int, flops_per_token: float, expert_bytes: int = 0) -> float:
+    return hw.device_call_s + max(expert_bytes / hw.device_read_bytes_per_s, tokens * flops_per_token / hw.device_flops)
 
 
 def cpu_seconds(hw: Hardware, tokens: int, expert_bytes: int, flops_per_token: float) -> float:
@@ -74,8 +75,8 @@ def place(needs: Sequence[Need], expert_bytes: int, flops_per_token: float, hw: 
     if not hw.parallel:  # one set of cores: no overlap, each expert where it costs less
         return {n.expert for n in cold
                 if cpu_seconds(hw, n.tokens, expert_bytes, flops_per_token)
-                < copy_seconds(hw, expert_bytes, n.reuse) + device_seconds(hw, n.tokens, flops_per_token)}
-    device = sum(device_seconds(hw, n.tokens, flops_per_token) for n in needs if n.resident)
+                < copy_seconds(hw, expert_bytes, n.reuse) + device_seconds(hw, n.tokens, flops_per_token, expert_bytes)}
+    device = sum(device_seconds(hw, n.tokens, flops_per_token, expert_bytes) for n in needs if n.resident)
     link = 0.0
     cpu = 0.0
     on_cpu: set[int] = set()
@@ -85,7 +86,7 @@ def place(needs: Sequence[Need], expert_bytes: int, flops_per_token: float, hw: 
         front, back = queue[lo], queue[hi]
         # the busiest cold expert on the device: its copy queues on the link, its compute after its copy
         link_front = link + copy_seconds(hw, expert_bytes, front.reuse)
-        device_front = max(device, link_front) + device_seconds(hw, front.tokens, flops_per_token)
+        device_front = max(device, link_front) + device_seconds(hw, front.tokens, flops_per_token, expert_bytes)
         cpu_back = cpu + cpu_seconds(hw, back.tokens, expert_bytes, flops_per_token)
         if device_front <= cpu_back:
             link, device = link_front, device_front
@@ -108,5 +109,5 @@ def layer_seconds(needs: Sequence[Need], on_cpu: set[int], expert_bytes: int, fl
         if not n.resident:
             link += copy_seconds(hw, expert_bytes)
             device = max(device, link) if hw.parallel else device + copy_seconds(hw, expert_bytes)
-        device += device_seconds(hw, n.tokens, flops_per_token)
+        device += device_seconds(hw, n.tokens, flops_per_token, expert_bytes)
     return max(device, cpu) if hw.parallel else device + cpu

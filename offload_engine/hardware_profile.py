@@ -9,6 +9,7 @@ published specifications (marked as such). Keys:
     cpu_flops             the CPU's expert throughput at the compute dtype (FLOP/s)
     cpu_call_s            fixed cost of one CPU expert call (s)
     device_flops          the device's expert throughput (FLOP/s)
+    device_read_bytes_per_s  the device streaming a resident expert's weights (B/s; a GPU: its memory)
     device_call_s         fixed cost of one device expert group (s)
     parallel              true when a separate device (GPU) computes while the CPU does
     layer_call_s          the engine's fixed cost per MoE layer call (s), for estimates
@@ -24,7 +25,7 @@ from .cost_model import Hardware
 from .errors import ConfigError
 
 NUMBERS = ("link_bytes_per_s", "cpu_read_bytes_per_s", "cpu_flops", "cpu_call_s", "device_flops", "device_call_s",
-           "layer_call_s")
+           "device_read_bytes_per_s", "layer_call_s")
 TEXT = ("source", "description", "measured_on", "date", "device", "cpu", "dtype", "host_memory")
 
 

@@ -1,0 +1,84 @@
+"""calibrate writes a profile the engine and estimate read; estimate's model behaves as its formula says."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+import tiny_models as tm
+from offload_engine import OffloadEngine
+from offload_engine.cli.main import main
+from offload_engine.estimate import strategies
+from offload_engine.hardware_profile import check_hardware, hardware_of, read_profile_hardware
+
+PROFILES = sorted(Path(__file__).resolve().parents[1].glob("profiles/hw/*.toml"))
+
+
+@pytest.fixture(scope="module")
+def mixtral_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("mixtral")
+    tm.save_checkpoint(tm.build_reference("mixtral"), path, "per_expert")
+    return path
+
+
+@pytest.mark.parametrize("profile", PROFILES, ids=lambda p: p.stem)
+def test_shipped_hardware_profiles_are_valid_and_marked_as_specifications(profile):
+    table = read_profile_hardware(profile)
+    assert table["source"] == "spec" and "spec-derived" in table["description"]
+    hw = hardware_of(table, parallel=False)
+    assert hw.parallel and hw.link_bytes_per_s < hw.device_read_bytes_per_s
+
+
+def test_calibrate_writes_a_measured_profile_that_runs_and_estimates(mixtral_dir, tmp_path, capsys):
+    out = tmp_path / "machine.toml"
+    assert main(["calibrate", "--model", str(mixtral_dir), "--device", "cpu", "--out", str(out), "--quiet"]) == 0
+    table = read_profile_hardware(out)
+    assert table["source"] == "measured" and table["device"] == "cpu" and table["date"]
+    for key in ("link_bytes_per_s", "cpu_read_bytes_per_s", "cpu_flops", "device_flops", "layer_call_s"):
+        assert table[key] > 0
+    assert set(table["cpu_expert_s"]) == {"1", "4", "16", "64"} and table["model"]["resident_decode_s"] > 0
+    capsys.readouterr()
+    assert main(["estimate", "--model", str(mixtral_dir), "--device", "cpu", "--profile", str(out),
+                 "--expert-slots", "4", "--json", "--quiet"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["decode_tokens_per_s"] > 0 and result["ttft_s"] > 0
+    assert set(result["strategies"]) == {"stream-lru", "stream-predictive", "cpu", "auto"}
+    engine = OffloadEngine.from_pretrained(mixtral_dir, device="cpu", expert_slots=4, cold_experts="auto",
+                                           hardware=table, progress=False)
+    assert engine.runtime.hardware.cpu_flops == pytest.approx(table["cpu_flops"])
+    assert len(engine.generate([5, 6, 7], max_new_tokens=4).token_ids) == 4
+
+
+def test_a_run_profile_may_carry_the_hardware_table(mixtral_dir, tmp_path, capsys):
+    profile = tmp_path / "p.toml"
+    profile.write_text('expert_slots = 4\ncold_experts = "auto"\n\n[hardware]\nlink_bytes_per_s = 1e9\n'
+                       'cpu_read_bytes_per_s = 1e12\ncpu_flops = 1e15\ncpu_call_s = 1e-9\n')
+    assert main(["plan", "--model", str(mixtral_dir), "--device", "cpu", "--profile", str(profile), "--json",
+                 "--quiet"]) == 0  # flag defaults and the [hardware] table side by side
+    assert json.loads(capsys.readouterr().out)["expert_slots"] == 4
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[hardware]\nlink_bytes_per_s = -3\n")
+    assert main(["plan", "--model", str(mixtral_dir), "--profile", str(bad), "--quiet"]) == 2
+    assert "hardware.link_bytes_per_s must be a positive number" in capsys.readouterr().err
+
+
+def test_estimate_without_a_machine_profile_is_one_line(mixtral_dir, capsys):
+    assert main(["estimate", "--model", str(mixtral_dir), "--device", "cpu", "--quiet"]) == 2
+    assert capsys.readouterr().err.startswith("error: estimate needs a machine")
+
+
+def test_estimate_model_follows_its_formula():
+    hw = check_hardware(dict(link_bytes_per_s=1e9, cpu_read_bytes_per_s=4e9, cpu_call_s=1e-6, parallel=False,
+                             layer_call_s=1e-5, device_expert_s={"1": 2e-4}, cpu_expert_s={"1": 3e-4},
+                             model={"name": "m", "resident_decode_s": 0.01}), "test")
+    common = dict(non_expert_bytes=10**7, expert_bytes=10**6, layers=4, top_k=2, model_name="m")
+    low = {s.name: s for s in strategies(hw, {"lru": 0.5, "predictive": 0.6}, **common)}
+    high = {s.name: s for s in strategies(hw, {"lru": 0.9, "predictive": 0.9}, **common)}
+    # stream: 8 (1 - h) misses a token, each a 1 ms copy on top of the 10 ms resident step
+    assert low["stream-lru"].step_s == pytest.approx(0.01 + 8 * 0.5 * 1e-3)
+    # CPU experts without a GPU: each miss costs the CPU's time less the device's it replaces
+    assert low["cpu"].step_s == pytest.approx(0.01 + 8 * 0.5 * (3e-4 - 2e-4))
+    assert low["auto"].step_s <= min(low["cpu"].step_s, low["stream-predictive"].step_s) + 1e-12
+    for name in low:
+        assert high[name].decode_tokens_per_s >= low[name].decode_tokens_per_s  # more hits, never slower
+        assert low[name].bound_tokens_per_s >= low[name].decode_tokens_per_s
