@@ -17,6 +17,7 @@ class LayerCounters:
     copy_s: float = 0.0  # time spent copying experts into slots (CUDA: measured with events)
     cpu_experts: int = 0  # experts computed on the CPU from host memory instead of a slot
     cpu_s: float = 0.0  # time spent computing them
+    predict_s: float = 0.0  # time the predictor took (observing the routing, predicting, informing the policy)
 
     def add(self, other: "LayerCounters") -> None:
         for f in fields(self):
@@ -41,6 +42,7 @@ class CacheStats:
     copy_s: float
     cpu_experts: int
     cpu_s: float
+    predict_s: float
     per_layer: tuple[LayerCounters, ...] = field(repr=False)
 
     @classmethod

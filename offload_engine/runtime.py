@@ -175,16 +175,20 @@ class Runtime:
         rows = request.rows
         if self.foresight is None or rows == 0 or top_k_index.shape[0] % rows:
             return None
+        start = time.perf_counter()
         ids = top_k_index.view(rows, -1, top_k_index.shape[-1])[:, -1].cpu().numpy().astype(np.int64)
         residual = request.residuals.get(layer)
         if residual is not None:
             residual = residual.reshape(rows, -1, residual.shape[-1])[:, -1]
         context = self.foresight.observe(request.paths, layer, ids, residual)
+        request.counters[layer].predict_s += time.perf_counter() - start
         return context if top_k_index.shape[0] == rows else None
 
     def _look_ahead(self, request: Request, context: LayerContext, protected: set) -> None:
         """Predict the next layers' experts: the policy learns of them, and the nearest are loaded now."""
+        start = time.perf_counter()
         wanted = self.foresight.look_ahead(context)
+        request.counters[context.layer].predict_s += time.perf_counter() - start
         depth = self.depth()
         if depth:
             keys = [(layer, int(e)) for d, layer, experts in wanted if d <= depth for e in experts]

@@ -36,7 +36,10 @@ def test_json_schema_keys_as_written(trace_path, capsys):
     assert main(["consistency", str(path), "--segment-lengths", "04,16", "--cache-ratios", "0.50,2",
                  "--per-layer", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert set(doc) == {"model", "layers"}
+    assert set(doc) == {"model", "layers", "load_balance", "domain_specialisation", "vocabulary_specialisation"}
+    from offload_engine.consistency import load_balance
+
+    assert doc["load_balance"] == {"m": 16, "std": pytest.approx(load_balance(trace, 16).std)}
     assert set(doc["layers"]) == {str(i) for i in range(trace.num_layers)}
     for group in [doc["model"], *doc["layers"].values()]:
         assert set(group) == {"srp", "rho_hat", "sch", "lru", "lfu", "belady"}

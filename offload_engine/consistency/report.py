@@ -104,8 +104,16 @@ def _group_json(g: GroupFigures, mk: tuple[str, ...], rk: tuple[str, ...]) -> di
 
 
 def report_to_json(report: ConsistencyReport) -> dict:
-    """{"model": {...}, "layers": {"0": {...}, ...}} with m and rho keys exactly as the user wrote them."""
-    out = {"model": _group_json(report.model, report.m_labels, report.ratio_labels)}
+    """{"model": {...}, "load_balance": {...}, "domain_specialisation": {...} | null,
+    "vocabulary_specialisation": {...} | null, "layers": {"0": {...}, ...}} with m and rho keys exactly as the
+    user wrote them."""
+    out = {"model": _group_json(report.model, report.m_labels, report.ratio_labels),
+           "load_balance": {"m": report.load_balance.m, "std": report.load_balance.std},
+           "domain_specialisation": None if report.domain is None else
+           {"m": report.domain.m, "domains": list(report.domain.domains), "score": report.domain.score},
+           "vocabulary_specialisation": None if report.vocabulary is None else
+           {"min_count": report.vocabulary.min_count, "score": report.vocabulary.score,
+            "layers": [None if x != x else x for x in report.vocabulary.layer_scores]}}
     if report.layers is not None:
         out["layers"] = {str(i): _group_json(g, report.m_labels, report.ratio_labels)
                          for i, g in enumerate(report.layers)}
