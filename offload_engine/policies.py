@@ -107,17 +107,17 @@ class PredictivePolicy:
         self.predicted = np.zeros((L, D + 1, E), dtype=bool)  # pending predictions of each layer's next call
         self.pending = np.zeros((L, D + 1), dtype=bool)
         self.layer = L - 1
-        self._base = np.zeros(L)
+        d = (np.arange(L)[None, :] - np.arange(L)[:, None]) % L  # [current layer, layer j]: calls until j's next
+        d[np.arange(L), np.arange(L)] = L
+        self._bases = d.astype(np.float64)
+        self._base = self._bases[self.layer]
         self._distance: np.ndarray | None = None  # cached until the next event that changes it
         for j in range(L):
             self._refresh(j)
-        self._set_position(self.layer)
 
     def _set_position(self, layer: int) -> None:
         self.layer = layer
-        d = (np.arange(self.num_layers) - layer) % self.num_layers
-        d[layer] = self.num_layers
-        self._base = d.astype(np.float64)
+        self._base = self._bases[layer]
 
     def _refresh(self, layer: int) -> None:
         _expected_skips(self.uses[layer], self.calls[layer], self.skipped[layer])
@@ -134,12 +134,9 @@ class PredictivePolicy:
     def on_predictions(self, layer: int, predictions) -> None:
         """predictions: (distance d >= 1, target layer j, ranked expert ids) for layers after `layer`."""
         for depth, target, experts in predictions:
-            if target == layer or depth > self.MAX_DEPTH:
-                continue
-            row = self.predicted[target, depth]
-            row[:] = False
-            row[np.asarray(experts, dtype=np.int64)] = True
-            self.pending[target, depth] = True
+            if target != layer and depth <= self.MAX_DEPTH:
+                _mark(self.predicted[target, depth], experts)
+                self.pending[target, depth] = True
         self._distance = None
 
     def expected_distance(self) -> np.ndarray:
@@ -288,3 +285,10 @@ def _furthest(distance, resident, excluded):  # pragma: no cover - compiled
             if not skip:
                 best, best_d = i, distance[i]
     return best
+
+
+@numba.njit(cache=True)
+def _mark(row, experts):  # pragma: no cover - compiled
+    row[:] = False
+    for e in experts:
+        row[e] = True

@@ -46,6 +46,8 @@ class Prediction:
 
     def union(self, limit: int | None = None) -> np.ndarray:
         """The distinct experts over all rows, rank by rank (every row's best first)."""
+        if self.experts.shape[0] == 1 and (self.experts >= 0).all():  # one row: already distinct and ranked
+            return self.experts[0, :limit]
         seen: dict[int, None] = {}
         for col in self.experts.T:
             for e in col.tolist():
