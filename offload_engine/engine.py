@@ -38,7 +38,10 @@ class GenerationStats:
     bytes_to_device: int  # all loads, demand and prefetch
     evictions: int
     stall_s: float  # time layer calls waited for their experts
+    copy_s: float  # time spent copying experts into slots (CUDA: measured with events, off the host's clock)
     cpu_experts: int  # experts computed on the CPU where they lie (--cold-experts cpu/auto, --cpu-moe-layers)
+    cpu_s: float  # time spent computing them
+    predict_s: float  # time the routing predictor took
     ttft_s: float  # prefill and first token
     decode_tokens_per_s: float  # tokens after the first, per second of decoding (prefill excluded)
     peak_device_bytes: int  # CUDA: max_memory_allocated; CPU: the engine's accounted tensors (see README)
@@ -355,7 +358,10 @@ class OffloadEngine:
             bytes_to_device=delta.bytes_to_device,
             evictions=delta.evictions,
             stall_s=delta.stall_s,
+            copy_s=delta.copy_s,
             cpu_experts=delta.cpu_experts,
+            cpu_s=delta.cpu_s,
+            predict_s=delta.predict_s,
             ttft_s=first or 0.0,
             decode_tokens_per_s=(generated - generated_first) / decode_s if decode_s > 0 else 0.0,
             peak_device_bytes=int(peak),

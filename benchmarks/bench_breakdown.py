@@ -1,0 +1,101 @@
+"""Where a decode step's time goes, per token: attention, the MoE layers (and inside them the expert compute,
+copies and CPU experts), the LM head, and everything else (Python, norms, sampling, the decode loop).
+
+Timers are forward hooks on the model's modules (attention blocks, MoE blocks, LM head) around the engine's
+own decode loop, batch 1, greedy; the engine's counters give copy and CPU-expert time. The hooks cost a few
+microseconds each: the breakdown is read as shares, the undisturbed rate is printed beside it.
+
+    python benchmarks/bench_breakdown.py [--model DIR | --mixtral-213m] [--expert-slots N] [--cold-experts cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+MIXTRAL_213M = Path("/tmp/moe-offload-bench/mixtral-200m")  # where bench_offload.py makes it
+
+
+def attach_timers(model, spec):
+    """Forward hooks adding each module kind's time to `spent`; returns (spent, handles)."""
+    spent: dict[str, float] = defaultdict(float)
+    started: dict[int, float] = {}
+    handles = []
+    kinds = {}
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in ("self_attn", "attention", "linear_attn"):
+            kinds[name] = "attention"
+        elif name.endswith("lm_head"):
+            kinds[name] = "lm head"
+    for path in spec.experts_paths:
+        kinds[path.rpartition(".")[0]] = "MoE block (router, experts, shared)"
+        kinds[path] = "experts (cache, copies, compute)"
+    for name, kind in kinds.items():
+        module = model.get_submodule(name)
+        handles.append(module.register_forward_pre_hook(lambda m, a: started.__setitem__(id(m), time.perf_counter())))
+        handles.append(module.register_forward_hook(
+            lambda m, a, o, kind=kind: spent.__setitem__(kind, spent[kind] + time.perf_counter() - started[id(m)])))
+    return spent, handles
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=ROOT / "offload_engine" / "default_model")
+    parser.add_argument("--mixtral-213m", action="store_true", help="the 213M Mixtral-shaped model of bench_offload")
+    parser.add_argument("--expert-slots", type=int, default=1 << 20)
+    parser.add_argument("--cold-experts", default="stream")
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    from offload_engine import OffloadEngine
+
+    model = args.model
+    if args.mixtral_213m:
+        from bench_offload import make_checkpoint
+
+        model = MIXTRAL_213M
+        make_checkpoint(model, torch.float32)
+    engine = OffloadEngine.from_pretrained(model, expert_slots=args.expert_slots, cold_experts=args.cold_experts,
+                                           progress=False)
+    prompt = list(range(10, 42))
+    engine.generate(prompt, max_new_tokens=8, ignore_eos=True)  # warm
+    rates = [engine.generate(prompt, max_new_tokens=args.tokens, ignore_eos=True).stats.decode_tokens_per_s
+             for _ in range(args.repeats)]
+    spent, handles = attach_timers(engine.model, engine.spec)
+    start = time.perf_counter()
+    stats = engine.generate(prompt, max_new_tokens=args.tokens, ignore_eos=True).stats
+    total = time.perf_counter() - start
+    for h in handles:
+        h.remove()
+    steps = args.tokens
+    per = {k: v / steps * 1e3 for k, v in spent.items()}
+    moe = per.pop("MoE block (router, experts, shared)", 0.0)
+    experts = per.get("experts (cache, copies, compute)", 0.0)
+    rows = {"attention": per.get("attention", 0.0), "router and shared experts": moe - experts,
+            "experts: copies": stats.copy_s / steps * 1e3, "experts: CPU experts": stats.cpu_s / steps * 1e3,
+            "experts: the rest (cache, kernels)": experts - (stats.copy_s + stats.cpu_s) / steps * 1e3,
+            "lm head": per.get("lm head", 0.0)}
+    rows["everything else (Python, norms, sampling, loop)"] = total / steps * 1e3 - sum(rows.values())
+    print(f"{model.name}: {engine.plan.expert_slots} of {engine.plan.total_experts} experts resident, cold experts "
+          f"{args.cold_experts}, {args.threads} threads; decode {statistics.median(rates):.1f} tok/s undisturbed "
+          f"(median of {args.repeats}); with timers {steps / total:.1f} tok/s incl. prefill")
+    for name, ms in rows.items():
+        print(f"  {name:<50}{ms:8.3f} ms/token  {100 * ms / (total / steps * 1e3):5.1f}%")
+
+
+if __name__ == "__main__":
+    main()
