@@ -11,7 +11,8 @@ slots / experts), one decode step is modelled per strategy:
 - stream (LRU, or predictive with prefetch): a miss costs a copy S / BW_link (with a GPU, prefetched copies
   overlap the step: only what exceeds it counts);
 - CPU experts: a miss costs the CPU's one-token expert time instead of the device's (with a GPU, in
-  parallel with the device's part of the layer);
+  parallel with the device's part of the layer); nothing is copied, so without prefetch nothing becomes
+  resident either: every expert is a miss (h = 0), as with llama.cpp's experts on the CPU;
 - hybrid auto: each miss where it is cheaper;
 - the bound (1 - h) B / BW beside each: B = L k S bytes touched per token, BW the pipe the misses take.
 TTFT: the measured prefill rate times the prompt, plus loading the cold experts the prompt needs.
@@ -73,7 +74,7 @@ def strategies(hw: dict, hit_rates: dict[str, float], *, non_expert_bytes: int, 
     return [
         make("stream-lru", h_lru, copy, link, overlap=False),
         make("stream-predictive", h_pred, copy, link, overlap=parallel),
-        make("cpu", h_lru, cpu_cost, cpu_read, overlap=parallel),
+        make("cpu", 0.0, cpu_cost, cpu_read, overlap=parallel),
         make("auto", h_pred, min(copy, cpu_cost), link + cpu_read if parallel else max(link, cpu_read),
              overlap=parallel),
     ]
