@@ -82,5 +82,5 @@ def test_estimate_model_follows_its_formula():
     assert low["auto"].step_s <= min(low["cpu"].step_s, low["stream-predictive"].step_s) + 1e-12
     for name in low:
         assert high[name].decode_tokens_per_s >= low[name].decode_tokens_per_s  # more hits, never slower
-    assert high["cpu"].decode_tokens_per_s == low["cpu"].decode_tokens_per_s  # no slots used: hit rate moot
         assert low[name].bound_tokens_per_s >= low[name].decode_tokens_per_s
+    assert high["cpu"].decode_tokens_per_s == low["cpu"].decode_tokens_per_s  # no slots used: hit rate moot
