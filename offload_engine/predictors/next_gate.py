@@ -22,20 +22,23 @@ class NextGatePredictor(Predictor):
     def __init__(self, routers: list[nn.Module], norms: list[nn.Module | None]):
         self.routers, self.norms = routers, norms
 
-    def scores(self, residual: torch.Tensor, target: int) -> np.ndarray:
-        """[rows, E]: the router's own choice first (by its weights), the other experts after, by logit."""
+    def ranking(self, residual: torch.Tensor, target: int, n: int) -> np.ndarray:
+        """[rows, n] experts best first: the router's own choice (by its weights), then the others by logit."""
         norm = self.norms[target]
         x = norm(residual) if norm is not None else residual
         logits, weights, index = self.routers[target](x)
+        if n <= index.shape[-1]:  # the router's top-k, already ordered: no full ranking needed (the engine's case)
+            order = weights.float().reshape(index.shape).argsort(dim=-1, descending=True, stable=True)
+            return index.gather(-1, order)[:, :n].cpu().numpy().astype(np.int64)
         logits = logits.float().reshape(index.shape[0], -1)
         # the chosen k rank above every logit, in the order of their routing weights
         top = logits.max(dim=-1, keepdim=True).values + 1
-        return logits.scatter(1, index.long(), top + weights.float().reshape(index.shape)).cpu().numpy()
+        return ranked(logits.scatter(1, index.long(), top + weights.float().reshape(index.shape)).cpu().numpy(), n)
 
     def predict(self, ctx: LayerContext, depth: int, n: int) -> list[Prediction]:
         if ctx.residual is None:
             return []
-        return [Prediction(d, j, ranked(self.scores(ctx.residual, j), n))
+        return [Prediction(d, j, self.ranking(ctx.residual, j, n))
                 for d, j in target_layers(ctx.layer, depth, len(self.routers), wraps=False)]
 
 
