@@ -98,7 +98,7 @@ def estimate_part(model: Path, modes: dict, hardware: dict) -> dict:
     return out
 
 
-def llamacpp_part(repeats: int, tokens: int) -> dict:
+def llamacpp_part(repeats: int, tokens: int, models: tuple[str, ...] = ("default", "213m")) -> dict:
     from benchmarks.llamacpp.bench import ensure_mixtral_213m, llama_bench
     from benchmarks.llamacpp.convert import convert
     from offload_engine import OffloadEngine
@@ -106,7 +106,9 @@ def llamacpp_part(repeats: int, tokens: int) -> dict:
     from offload_engine.run_config import RunConfig
 
     results = {}
-    for name, path in (("default model (bf16)", DEFAULT_MODEL), ("213M Mixtral-shaped (fp32)", ensure_mixtral_213m())):
+    chosen = {"default": ("default model (bf16)", lambda: DEFAULT_MODEL),
+              "213m": ("213M Mixtral-shaped (fp32)", ensure_mixtral_213m)}
+    for name, path in ((chosen[m][0], chosen[m][1]()) for m in models):
         gguf = convert(path).gguf
         spec = inspect_checkpoint(path, RunConfig.build(device="cpu", expert_slots=1, progress=False)).spec
         resident = OffloadEngine.from_pretrained(path, expert_slots=spec.total_experts, max_context=256, progress=False)
@@ -137,6 +139,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--llamacpp-models", default="default,213m", help="which models to compare with llama.cpp")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_cpu_experts.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -175,7 +178,7 @@ def main() -> None:
             row.pop("trace")
         out["modes"] = modes
     if args.part in ("llamacpp", "all"):
-        out["llamacpp"] = llamacpp_part(args.repeats, args.tokens)
+        out["llamacpp"] = llamacpp_part(args.repeats, args.tokens, tuple(args.llamacpp_models.split(",")))
         print("\nside by side with llama.cpp (2 threads, decode after 32 tokens of context, interleaved)")
         for model, row in out["llamacpp"].items():
             for name, v in row.items():

@@ -68,8 +68,8 @@ class TrainConfig:
     num_experts: int = 32
     top_k: int = 4
     moe_intermediate_size: int = 128
-    balance_scope: str = "layer"
-    balance_coef: float = 0.04
+    balance_scope: str = "global"
+    balance_coef: float = 0.01
     balance_window: int = 8  # batches f_e is counted over with scope "global"
 
 

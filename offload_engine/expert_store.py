@@ -136,6 +136,27 @@ class ExpertStore:
             out[p.name] = scratch
         return out
 
+    def host_pieces(self, layer_pos: int, expert: int) -> dict[str, list[torch.Tensor]] | None:
+        """One expert's runtime tensors as row blocks mapped straight from the files, in order (e.g. gate_up_proj
+        = [the file's gate, the file's up]), for a CPU kernel that reads them in place; None when they cannot be
+        used as they are (not memory-mapped, another dtype, a block that is not whole rows)."""
+        if self.mode != "mmap":
+            return None
+        out = {}
+        for p, parts in self.layout.expert_pieces(layer_pos, expert).items():
+            blocks = []
+            for piece in parts:
+                if self.tensors.infos[piece.key].dtype != self.dtype:
+                    return None
+                view = self.tensors.view(piece.key, piece.index)
+                rows = piece.stop - piece.start
+                shape = next(q.shape for q in self.spec.expert_params if q.name == p)
+                if view.numel() != rows * math.prod(shape[1:]):
+                    return None
+                blocks.append(view.reshape(rows, *shape[1:]))
+            out[p] = blocks
+        return out
+
     def release(self, layer_pos: int, expert: int) -> None:
         """Drop the pages a host_view mapped (mmap mode): the page cache keeps them, the process does not."""
         if self.mode != "mmap":

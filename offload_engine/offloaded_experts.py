@@ -144,15 +144,42 @@ def reduce(binding: ExpertsBinding, contributions: torch.Tensor, top_k_index: to
 
 def execute_on_cpu(binding: ExpertsBinding, store, layer_pos: int, experts: list[int], hidden_states: torch.Tensor,
                    top_k_index: torch.Tensor, contributions: torch.Tensor) -> None:
-    """Experts computed on the CPU where they lie (host buffers, or the memory map), with transformers' own
-    experts function on a one-expert view and unit weights, into contributions [T, k, H]: no slot, no copy
-    to the device but the outputs'. On a CPU-only machine this is the same kernel as the reference's."""
+    """Experts computed on the CPU where they lie (host buffers, or the memory map), into contributions
+    [T, k, H] with unit weights: no slot, no copy to the device but the outputs'. Weights split over several
+    file tensors (a per-expert layout's gate and up) are read in place, block by block (piecewise); the
+    others go through transformers' own experts function on a one-expert view."""
     cpu = torch.device("cpu")
+    module = binding.module
+    # T=tokens routed to the expert, H=hidden
     for e in experts:
         token_idx, rank = torch.where(top_k_index == e)
         x = hidden_states[token_idx].to(cpu)
-        view = SlotExperts(binding.module, store.host_view(layer_pos, e))
-        ones = torch.ones((len(token_idx), 1), dtype=contributions.dtype)
-        y = binding.compute(view, x, torch.zeros((len(token_idx), 1), dtype=top_k_index.dtype), ones)
+        pieces = store.host_pieces(layer_pos, e) if _piecewise_ok(module) else None
+        if pieces is not None:
+            y = piecewise(module, pieces, x)
+        else:
+            view = SlotExperts(module, store.host_view(layer_pos, e))
+            ones = torch.ones((len(token_idx), 1), dtype=contributions.dtype)
+            y = binding.compute(view, x, torch.zeros((len(token_idx), 1), dtype=top_k_index.dtype), ones)
         contributions[token_idx, rank] = y.to(contributions.device, contributions.dtype, non_blocking=True)
         store.release(layer_pos, e)
+
+
+def _piecewise_ok(module) -> bool:
+    """The experts functions' math for a gated or plain MLP without biases, weights [out, in] (not transposed)."""
+    return not getattr(module, "is_transposed", False) and not getattr(module, "has_bias", False)
+
+
+def piecewise(module, pieces: dict[str, list[torch.Tensor]], x: torch.Tensor) -> torch.Tensor:
+    """One expert as grouped_mm_experts_forward computes it at unit weight, with each weight given as row blocks
+    (outputs concatenated: every output element is the same dot product): up (or gate_up), the module's own
+    gate or activation, down, the optional post-expert norm. Bit for bit the function's result on this CPU
+    (tests/test_cpu_experts.py)."""
+    first = pieces["gate_up_proj" if module.has_gate else "up_proj"]
+    out = torch.cat([torch.nn.functional.linear(x, w) for w in first], dim=-1) if len(first) > 1 else \
+        torch.nn.functional.linear(x, first[0])
+    out = module._apply_gate(out) if module.has_gate else module.act_fn(out)
+    out = torch.cat([torch.nn.functional.linear(out, w) for w in pieces["down_proj"]], dim=-1)
+    if getattr(module, "has_post_expert_norm", False):
+        out = module.post_expert_norm(out)
+    return out.to(x.dtype)

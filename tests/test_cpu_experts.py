@@ -84,7 +84,7 @@ def test_bf16_cpu_experts_are_bit_identical_on_a_cpu_only_machine(tmp_path, name
 # -- the cost model ----------------------------------------------------------------------------------------
 MB = 1 << 20
 GPU = Hardware(link_bytes_per_s=25e9, cpu_read_bytes_per_s=60e9, cpu_flops=1e12, cpu_call_s=20e-6,
-               device_flops=100e12, device_call_s=10e-6, parallel=True)
+               device_flops=100e12, device_read_bytes_per_s=1e12, device_call_s=10e-6, parallel=True)
 
 
 def test_a_slow_link_sends_cold_experts_to_the_cpu():
