@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .run_options import add_model_options, model_path, run_config
+from .run_options import add_model_options, bounded_int, model_path, run_config
 
 
 def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
@@ -16,7 +16,7 @@ def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
     add_model_options(p)
     p.add_argument("--trace", type=Path, help="a routing trace of this model (.npz): its replayed hit rates "
                                               "(default: slots / experts, as random routing would give)")
-    p.add_argument("--prompt-tokens", type=int, default=64, help="prompt length for the TTFT estimate (default 64)")
+    p.add_argument("--prompt-tokens", type=bounded_int(1, 1 << 24), default=64, help="prompt length for the TTFT estimate (default 64)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p
 

@@ -15,7 +15,7 @@ import offload_engine
 if TYPE_CHECKING:  # torch is imported only when a command runs
     from offload_engine.run_config import RunConfig
 
-DEFAULT_MODEL = Path(offload_engine.__file__).resolve().parent / "default_model"
+DEFAULT_MODEL = offload_engine.DEFAULT_MODEL
 POLICIES = ("lru", "predictive")  # offload_engine.policies.POLICIES, without importing numba for --help
 
 
@@ -23,8 +23,10 @@ def bounded_int(low: int, high: int):
     """A whole number in [low, high], checked by argparse with a one-line error."""
     def parse(text: str) -> int:
         text = text.strip()
-        if not text.lstrip("+-").isdigit() or len(text) > 20:
+        if not text.lstrip("+-").isdigit():
             raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
+        if len(text) > 20 or not low <= int(text) <= high:  # the length first: int() of 10^6 digits is slow
+            raise argparse.ArgumentTypeError(f"{text[:24]!r}{'...' if len(text) > 24 else ''} must be between {low} and {high}")
         value = int(text)
         if not low <= value <= high:
             raise argparse.ArgumentTypeError(f"{text!r} must be between {low} and {high}")
@@ -56,7 +58,7 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--predictor", default="none", metavar="NAME|PATH",
                    help="routing predictor: none, next-gate, history, learned (the model's own predictor/ folder) "
                         "or a trained predictor's folder; default none")
-    p.add_argument("--prefetch-depth", type=bounded_int(0, 8), default=None, metavar="N",
+    p.add_argument("--prefetch-depth", type=bounded_int(0, 3), default=None, metavar="N",
                    help="load predicted experts N MoE layers ahead (0: no prefetch; default: from measured load "
                         "and layer times, with a predictor)")
     p.add_argument("--cold-experts", choices=("stream", "cpu", "auto"), default="stream",

@@ -1,5 +1,7 @@
 """offload_engine: run Mixture-of-Experts models on GPUs too small to hold them, with exact output."""
 
+from pathlib import Path
+
 from .errors import (
     CheckpointError,
     ConfigError,
@@ -10,8 +12,11 @@ from .errors import (
     UnsupportedModelError,
 )
 
+# The bundled default model (its model card: default_model/README.md): what the CLI runs without --model.
+DEFAULT_MODEL = Path(__file__).resolve().parent / "default_model"
+
 __all__ = [
-    "CheckpointError", "ConfigError", "GenerationInputError", "MemoryBudgetError", "OffloadEngineError",
+    "DEFAULT_MODEL", "CheckpointError", "ConfigError", "GenerationInputError", "MemoryBudgetError", "OffloadEngineError",
     "TraceFormatError", "UnsupportedModelError", "OffloadEngine", "GenerationResult", "GenerationStats",
     "TokenEvent", "MemoryPlan", "parse_bytes", "RunConfig", "RoutingTrace", "load_trace", "save_trace",
 ]

@@ -26,6 +26,8 @@ from .expert_store import ExpertStore
 from .policies import Key, LRUPolicy
 from .slot_map import SlotMap, Staging
 
+COPY_TIME_DECAY = 0.1  # weight of the newest copy in the running copy time
+
 
 class ExpertCache:
     def __init__(self, store: ExpertStore, num_slots: int, device: torch.device, policy=None):
@@ -49,7 +51,9 @@ class ExpertCache:
         self.non_blocking = cuda and store.pinned
         self.ready: dict[int, torch.cuda.Event | Future] = {}  # slot -> completion of its last load
         self.last_use: dict[int, torch.cuda.Event] = {}  # CUDA: slot -> after the last kernels that read it
-        self._copy_events: list[tuple[LayerCounters, torch.cuda.Event, torch.cuda.Event]] = []  # CUDA copy timings
+        # CUDA copy timings: (counters, start, end, experts copied), read once the copies are done
+        self._copy_events: list[tuple[LayerCounters, torch.cuda.Event, torch.cuda.Event, int]] = []
+        self.copy_time = 0.0  # CUDA: running mean of one expert's copy, from the events (prefetch depth reads it)
         self._loader: ThreadPoolExecutor | None = None
 
     # -- views ----------------------------------------------------------------------------------------------
@@ -167,6 +171,7 @@ class ExpertCache:
             c.copy_s += time.perf_counter() - start
 
     def _load_cuda(self, layer_pos: int, loads: list[tuple[int, int]], c: LayerCounters) -> None:
+        self._harvest_copy_times(wait=False)
         with torch.cuda.stream(self.copy_stream):
             for _, slot in loads:  # a reused slot may still be read by queued kernels
                 if slot in self.last_use:
@@ -175,7 +180,7 @@ class ExpertCache:
             start.record(self.copy_stream)
             self._copy(layer_pos, loads)
             end.record(self.copy_stream)
-        self._copy_events.append((c, start, end))
+        self._copy_events.append((c, start, end, len(loads)))
         for _, slot in loads:
             self.ready[slot] = end
 
@@ -231,13 +236,24 @@ class ExpertCache:
                 self.ready.pop(slot, None)
 
     def _resolve_copy_times(self) -> None:
-        """CUDA copy times, read from their events once the copies are done (no sync on the hot path)."""
-        if not self._copy_events:
-            return
-        self.copy_stream.synchronize()
-        for counters, start, end in self._copy_events:
-            counters.copy_s += start.elapsed_time(end) / 1000
-        self._copy_events.clear()
+        """CUDA copy times of every copy queued so far (waits for them)."""
+        self._harvest_copy_times(wait=True)
+
+    def _harvest_copy_times(self, wait: bool) -> None:
+        """CUDA copy times, read from their events once the copies are done: without `wait`, only those already
+        done (no sync on the hot path)."""
+        if wait and self._copy_events:
+            self.copy_stream.synchronize()
+        done = 0
+        for counters, start, end, n in self._copy_events:
+            if not wait and not end.query():
+                break  # one stream: later copies finish later
+            elapsed = start.elapsed_time(end) / 1000
+            counters.copy_s += elapsed
+            per_expert = elapsed / max(n, 1)
+            self.copy_time += COPY_TIME_DECAY * (per_expert - self.copy_time) if self.copy_time else per_expert
+            done += 1
+        del self._copy_events[:done]
 
     def preload(self, keys: Sequence[Key], progress: bool = True) -> None:
         """Fill free slots with `keys` up front (e.g. every expert, when all fit); counted as bytes moved."""

@@ -215,6 +215,8 @@ class Runtime:
     def _time_loads(self, request: Request, layer: int, before: tuple[float, int]) -> None:
         c = request.counters[layer]
         loads = c.misses - before[1]
-        if loads and self.cache.copy_stream is None:  # CUDA copies are asynchronous: timed by events instead
+        if self.cache.copy_stream is not None:  # CUDA copies are asynchronous: timed by their events
+            self.load_time = self.cache.copy_time
+        elif loads:
             per_expert = (c.copy_s - before[0]) / loads
             self.load_time += TIME_DECAY * (per_expert - self.load_time) if self.load_time else per_expert

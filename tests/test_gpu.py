@@ -69,6 +69,19 @@ def test_cuda_prefetch_never_changes_tokens(tmp_path, settings):
     engine.close()
 
 
+def test_cuda_copy_times_reach_the_automatic_prefetch_depth(tmp_path):
+    """CUDA copies are asynchronous: their events' times (read once done) feed the depth's load time."""
+    model = tm.build_reference("mixtral")
+    tm.save_checkpoint(model, tmp_path, "per_expert")
+    engine = OffloadEngine.from_pretrained(tmp_path, device="cuda", dtype="float32", expert_slots=4,
+                                           policy="predictive", predictor="next-gate", progress=False)
+    stats = engine.generate(PROMPT, max_new_tokens=24, ignore_eos=True).stats
+    assert stats.misses > 0 and stats.copy_s > 0
+    assert engine.cache.copy_time > 0 and engine.runtime.load_time == engine.cache.copy_time
+    assert 1 <= engine.runtime.depth() <= 3
+    engine.close()
+
+
 def test_a_prefetch_never_overwrites_a_slot_still_being_read(tmp_path):
     """A kernel queued on the compute stream reads slot s; a prefetch then claims s for another expert. The
     copy must wait for the kernel (the slot's last-use event): the kernel sees the old expert's bytes."""

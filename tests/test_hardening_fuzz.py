@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import struct
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -18,6 +19,7 @@ from offload_engine.trace_file import load_trace, save_trace
 from test_bad_input import fingerprint  # name -> sha256 of the files of one folder
 from test_hardening_cli import small_trace
 
+ROOT = Path(__file__).resolve().parents[1]
 FUZZ = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
@@ -148,11 +150,30 @@ flag_values = st.text(max_size=30) | st.from_regex(r"-?[0-9]{0,40}(\.[0-9]{0,5})
 
 @FUZZ
 @given(flag=st.sampled_from(["--memory-budget", "--expert-slots", "--max-context", "--max-batch", "--device",
-                             "--dtype", "--host-memory"]), value=flag_values)
+                             "--dtype", "--host-memory", "--policy", "--predictor", "--prefetch-depth",
+                             "--cold-experts", "--cpu-moe-layers", "--cpu-threads"]), value=flag_values)
 def test_random_plan_flags(workspace, capsys, flag, value):
     before = tree_fingerprint(workspace / "single")
     cli(capsys, "plan", "--model", str(workspace / "single"), "--quiet", f"{flag}={value}")
     assert tree_fingerprint(workspace / "single") == before
+
+
+@FUZZ
+@given(flag=st.sampled_from(["--prompt-tokens", "--expert-slots", "--cold-experts", "--trace"]), value=flag_values)
+def test_random_estimate_flags(workspace, capsys, flag, value):
+    profile = ROOT / "profiles" / "hw" / "rtx3060-pcie4-ddr4x2.toml"
+    before = tree_fingerprint(workspace / "single")
+    cli(capsys, "estimate", "--model", str(workspace / "single"), "--profile", str(profile), "--quiet",
+        f"{flag}={value}")
+    assert tree_fingerprint(workspace / "single") == before
+
+
+@FUZZ
+@given(flag=st.sampled_from(["--slots", "--policies", "--predictor", "--num-experts"]), value=flag_values)
+def test_random_simulate_flags(workspace, capsys, flag, value):
+    before = tree_fingerprint(workspace)
+    cli(capsys, "simulate", str(workspace / "trace.npz"), f"{flag}={value}")
+    assert tree_fingerprint(workspace) == before
 
 
 @FUZZ

@@ -1,0 +1,116 @@
+"""The learned predictor: traces with hidden states, training, its card and files, its recall, and generation
+with it (exactly transformers' tokens)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import tiny_models as tm
+from tiny_tokenizer import save_char_tokenizer
+from offload_engine import ConfigError, OffloadEngine
+from offload_engine.cli.main import main
+from offload_engine.predictors.evaluate import evaluate
+from offload_engine.predictors.learned import CARD_FILE, WEIGHTS_FILE, LearnedPredictor, TrainSettings, train_learned
+from offload_engine.trace_file import load_trace
+from test_exactness import PROMPT, REL_TOL, engine_steps, max_rel_error, reference_no_eos
+
+
+def synthetic(seed=0, N=16, T=64, L=4, E=16, k=2, H=32):
+    """Routing a predictor can learn: layer l+1's experts are a fixed permutation of layer l's (the path table's
+    job), and layer 0's experts are read off the residual (the linear head's job: one direction per expert)."""
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(E)
+    directions = rng.standard_normal((E, H)).astype(np.float32)
+    ids = np.zeros((N, T, L, k), np.int16)
+    hidden = rng.standard_normal((N, T, L, H)).astype(np.float32) * 0.1
+    for n in range(N):
+        for t in range(T):
+            first = rng.choice(E, k, replace=False)
+            for layer in range(L):
+                chosen = first if layer == 0 else perm[ids[n, t, layer - 1]]
+                ids[n, t, layer] = chosen
+                hidden[n, t, layer] += directions[perm[chosen]].sum(0)  # names the next layer's experts
+    return ids, hidden, E
+
+
+def test_heads_learn_a_learnable_routing_far_above_chance():
+    ids, hidden, E = synthetic()
+    predictor = train_learned(ids, hidden, E, TrainSettings(max_depth=2, epochs=30, lr=3e-2), progress=False)
+    accuracy = evaluate(predictor, ids, hidden, depth=2)
+    k = ids.shape[-1]
+    assert accuracy.overall[1]["recall"][k] > 0.95  # chance: k / E = 0.125
+    assert accuracy.overall[2]["recall"][k] > 0.95
+    assert predictor.card["final_loss"]["0+1"] < predictor.card["uniform_loss"]
+
+
+def test_a_trained_predictor_saves_and_loads_whole(tmp_path):
+    ids, hidden, E = synthetic(N=4, T=16)
+    predictor = train_learned(ids, hidden, E, TrainSettings(max_depth=2, epochs=2), progress=False)
+    predictor.save(tmp_path / "p")
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == sorted([CARD_FILE, WEIGHTS_FILE])
+    again = LearnedPredictor.load(tmp_path / "p", num_layers=4, num_experts=E, hidden_size=32)
+    assert torch.equal(again.weight, predictor.weight.half().float())
+    assert again.card == json.loads(json.dumps(predictor.card))
+    with pytest.raises(ConfigError, match="trained for 4 MoE layers of 16 experts"):
+        LearnedPredictor.load(tmp_path / "p", num_layers=4, num_experts=8, hidden_size=32)
+    with pytest.raises(ConfigError, match="not a trained predictor"):
+        LearnedPredictor.load(tmp_path, num_layers=4, num_experts=E, hidden_size=32)
+
+
+def test_trace_train_eval_and_generate_with_a_learned_predictor(tmp_path, capsys):
+    """The README's path: trace with hidden states, train, evaluate, generate with the predictor's folder; the
+    tokens and logits are transformers' at the smallest cache and the deepest prefetch."""
+    model = tm.build_reference("qwen3_moe")
+    ckpt = tmp_path / "m"
+    tm.save_checkpoint(model, ckpt, "per_expert")
+    save_char_tokenizer(ckpt)
+    (tmp_path / "a.txt").write_text("def f(x):\n    return x + 1\n" * 10)
+    trace_path, out = tmp_path / "trace.npz", tmp_path / "pred"
+    assert main(["trace", "--model", str(ckpt), "--input", f"code={tmp_path / 'a.txt'}", "--seq-len", "32",
+                 "--max-seqs", "4", "--hidden-states", "--out", str(trace_path), "--quiet"]) == 0
+    trace = load_trace(trace_path)
+    spec = OffloadEngine.from_pretrained(ckpt, device="cpu", progress=False).spec
+    assert trace.hidden_states.shape == (*trace.expert_ids.shape[:3], model.config.hidden_size)
+    assert main(["predictor", "train", "--trace", str(trace_path), "--out", str(out), "--epochs", "2",
+                 "--depth", "1", "--quiet"]) == 0
+    card = json.loads((out / CARD_FILE).read_text())
+    assert card["num_layers"] == spec.num_moe_layers and card["train_tokens"] == 4 * 32
+    capsys.readouterr()
+    assert main(["predictor", "eval", "--trace", str(trace_path), "--predictor", str(out), "--model", str(ckpt),
+                 "--depth", "1", "--json", "--quiet"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert 0 <= result["overall"]["1"]["recall"][str(spec.top_k)] <= 1
+
+    ref_tokens, ref_logits = reference_no_eos(model, torch.tensor([PROMPT]))
+    for slots in (spec.top_k, 2 * spec.top_k):  # at top_k slots a prefetch has no slot it may take
+        engine = OffloadEngine.from_pretrained(ckpt, device="cpu", dtype="float32", expert_slots=slots,
+                                               policy="predictive", predictor=str(out), prefetch_depth=3,
+                                               progress=False)
+        tokens, logits = engine_steps(engine, PROMPT)
+        assert tokens.tolist() == ref_tokens.tolist()
+        assert max_rel_error(logits, ref_logits) < REL_TOL
+        stats = engine.generate(PROMPT, max_new_tokens=8).stats
+        assert stats.predict_s > 0 and (slots == spec.top_k or stats.prefetches > 0)
+
+def test_trace_hidden_states_are_the_residual_entering_each_moe_block(tmp_path):
+    """The stored residual is the input of each MoE layer's post-attention norm, as the model computes it."""
+    model = tm.build_reference("qwen3_moe")
+    tm.save_checkpoint(model, tmp_path / "m", "per_expert")
+    tokenizer = save_char_tokenizer(tmp_path / "m")
+    text = "The quick brown fox jumps over the lazy dog. " * 3
+    (tmp_path / "b.txt").write_text(text)
+    assert main(["trace", "--model", str(tmp_path / "m"), "--input", str(tmp_path / "b.txt"), "--seq-len", "24",
+                 "--max-seqs", "1", "--hidden-states", "--out", str(tmp_path / "t.npz"), "--quiet"]) == 0
+    trace = load_trace(tmp_path / "t.npz")
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:24]
+    caught = []
+    norms = [layer.post_attention_layernorm for layer in model.model.layers if hasattr(layer.mlp, "experts")]
+    hooks = [n.register_forward_hook(lambda mod, inp, out: caught.append(inp[0][0].clone())) for n in norms]
+    with torch.no_grad():
+        model(torch.tensor([ids]))
+    for h in hooks:
+        h.remove()
+    expected = torch.stack(caught, dim=1).numpy()  # [T, L, H]
+    np.testing.assert_allclose(trace.hidden_states[0].astype(np.float32), expected, rtol=1e-2, atol=1e-2)
