@@ -127,8 +127,13 @@ def llamacpp_part(repeats: int, tokens: int, models: tuple[str, ...] = ("default
         got = interleaved(runs, repeats)
         rate = lambda x: x["decode_tokens_per_s"] if isinstance(x, dict) else x.decode_tokens_per_s  # noqa: E731
         medians = {k: statistics.median(rate(x) for x in v) for k, v in got.items()}
+        # the machine's speed drifts between rounds (a shared VM): each round's ratio, beside the medians' ratio
+        base = [rate(x) for x in got["llama.cpp"]]
         results[name] = {k: {"decode_tokens_per_s": m, "runs": [round(rate(x), 2) for x in got[k]],
-                             "ratio_to_llama_cpp": m / medians["llama.cpp"]} for k, m in medians.items()}
+                             "ratio_to_llama_cpp": m / medians["llama.cpp"],
+                             "ratio_per_round": [round(rate(x) / b, 3) for x, b in zip(got[k], base)],
+                             "median_ratio_per_round": statistics.median(rate(x) / b for x, b in zip(got[k], base))}
+                         for k, m in medians.items()}
     return results
 
 
@@ -182,7 +187,8 @@ def main() -> None:
         print("\nside by side with llama.cpp (2 threads, decode after 32 tokens of context, interleaved)")
         for model, row in out["llamacpp"].items():
             for name, v in row.items():
-                print(f"  {model:<28} {name:<42} {v['decode_tokens_per_s']:8.1f} tok/s  x{v['ratio_to_llama_cpp']:.2f}")
+                print(f"  {model:<28} {name:<42} {v['decode_tokens_per_s']:8.1f} tok/s  x{v['ratio_to_llama_cpp']:.2f}  "
+                      f"(per round: median x{v['median_ratio_per_round']:.2f})")
     out["load_after"] = os.getloadavg()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1, default=str))

@@ -1,7 +1,8 @@
 """Train the bundled default model: a small Qwen3-MoE on the multi-domain corpus of benchmarks/corpus.py.
 
-MoE in every layer, no shared experts, 8 experts, top-2 with renormalised weights, trained with the
-load-balancing loss. Seeded and deterministic for a given step count: batch ``s`` is drawn from a generator
+MoE in every layer, no shared experts, fine-grained experts (32 per layer, top-4, renormalised weights),
+trained with a load-balancing loss at a chosen scope (benchmarks/balance_loss.py; default: each layer on its
+own, its expert loads counted over the last 8 batches, coefficient 0.01). Seeded and deterministic for a given step count: batch ``s`` is drawn from a generator
 seeded with ``(seed, s)``, so a resumed run sees the same batches as an uninterrupted one.
 
 Usage::

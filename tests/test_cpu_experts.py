@@ -11,6 +11,7 @@ import torch
 import tiny_models as tm
 from offload_engine import OffloadEngine
 from offload_engine.cost_model import Hardware, Need, cpu_seconds, layer_seconds, place
+from test_exactness import checkpoints  # noqa: F401 (the shared fixture of tiny checkpoints)
 from test_exactness import PROMPT, REL_TOL, engine_steps, max_rel_error, reference_no_eos
 
 MODES = {
@@ -20,21 +21,6 @@ MODES = {
     "cpu layer 0": dict(cpu_moe_layers=1),
     "cpu + prefetch": dict(cold_experts="cpu", policy="predictive", predictor="next-gate", prefetch_depth=1),
 }
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    made = {}
-
-    def get(name, layout):
-        if (name, layout) not in made:
-            model = tm.build_reference(name)
-            path = tmp_path_factory.mktemp(f"{name}-{layout}")
-            tm.save_checkpoint(model, path, layout)
-            made[name, layout] = (path, *reference_no_eos(model, torch.tensor([PROMPT])))
-        return made[name, layout]
-
-    return get
 
 
 @pytest.mark.parametrize("layout", tm.LAYOUTS)

@@ -16,7 +16,7 @@ MODEL = Path(offload_engine.__file__).parent / "default_model"
 SAMPLE = Path(__file__).parent / "data" / "val_sample"
 # The model card's bounds (offload_engine/default_model/README.md): measured loss + 0.3 nats per token.
 BOUNDS = {"all": 4.12, "en": 3.94, "es": 4.49, "de": 4.58, "fr": 4.09, "ja": 3.65, "py": 4.40}
-THIRD = 16  # expert slots: a third of the model's 48 experts
+THIRD = 64  # expert slots: a third of the model's 192 experts
 PROMPTS = ["The history of the", "import os\n\n\ndef ", "And God said to Moses,"]
 
 
@@ -29,10 +29,30 @@ def reference():
 
 def test_the_bundled_model_is_complete_and_small():
     assert (MODEL / "config.json").is_file() and (MODEL / "README.md").is_file()
-    assert (MODEL / "model.safetensors").stat().st_size <= 30 * 1000**2
+    assert (MODEL / "model.safetensors").stat().st_size <= 50 * 1000**2
     config = json.loads((MODEL / "config.json").read_text())
-    assert config["model_type"] == "qwen3_moe" and config["num_local_experts"] >= 8
-    assert config["num_experts_per_tok"] >= 2 and config["mlp_only_layers"] == [] and config["decoder_sparse_step"] == 1
+    # fine-grained, MoE in every layer, no shared experts (issue 7)
+    assert config["model_type"] == "qwen3_moe" and config["num_local_experts"] >= 32
+    assert config["num_experts_per_tok"] >= 4 and config["mlp_only_layers"] == [] and config["decoder_sparse_step"] == 1
+
+
+def test_the_demo_profile_keeps_about_a_third_of_the_experts_resident(capsys):
+    assert main(["plan", "--profile", str(Path(__file__).parents[1] / "profiles" / "demo.toml"), "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert abs(plan["expert_slots"] / plan["total_experts"] - 1 / 3) < 0.02
+
+
+def test_the_shipped_predictor_loads_and_never_changes_tokens(reference):
+    model, tokenizer = reference
+    ids = tokenizer(PROMPTS[1], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        expected = model.generate(ids, do_sample=False, max_new_tokens=24)[0, ids.shape[1]:].tolist()
+    card = json.loads((MODEL / "predictor" / "predictor.json").read_text())
+    assert card["kind"] == "learned" and card["num_experts"] == model.config.num_local_experts
+    engine = OffloadEngine.from_pretrained(MODEL, device="cpu", expert_slots=THIRD, policy="predictive",
+                                           predictor="learned", progress=False)
+    result = engine.generate(PROMPTS[1], max_new_tokens=24)
+    assert result.token_ids == expected and result.stats.prefetches > 0
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)

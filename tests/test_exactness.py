@@ -49,7 +49,7 @@ def checkpoints(tmp_path_factory):
     """(name, layout) -> (directory, reference tokens, reference logits), built once per module."""
     made = {}
 
-    def get(name, layout):
+    def get(name, layout="per_expert"):
         if (name, layout) not in made:
             model = tm.build_reference(name)
             path = tmp_path_factory.mktemp(f"{name}-{layout}")

@@ -21,6 +21,7 @@ from offload_engine.predictors.metrics import NEXT_TOKEN, Tally
 from offload_engine.replay import layer_calls, replay
 from offload_engine.slot_map import SlotMap
 from offload_engine.trace_file import RoutingTrace
+from test_exactness import checkpoints  # noqa: F401 (the shared fixture of tiny checkpoints)
 from test_exactness import NEW_TOKENS, PROMPT, engine_steps, max_rel_error, reference_no_eos, REL_TOL
 
 FORESIGHT = {  # name -> engine settings
@@ -28,21 +29,6 @@ FORESIGHT = {  # name -> engine settings
     "history, predictive, prefetch 1": dict(policy="predictive", predictor="history", prefetch_depth=1),
     "next-gate, lru, prefetch auto": dict(policy="lru", predictor="next-gate"),
 }
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    made = {}
-
-    def get(name, layout="per_expert"):
-        if (name, layout) not in made:
-            model = tm.build_reference(name)
-            path = tmp_path_factory.mktemp(f"{name}-{layout}")
-            tm.save_checkpoint(model, path, layout)
-            made[name, layout] = (path, *reference_no_eos(model, torch.tensor([PROMPT])))
-        return made[name, layout]
-
-    return get
 
 
 # -- offloading never changes results ---------------------------------------------------------------------

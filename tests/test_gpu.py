@@ -11,15 +11,20 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 PROMPT = [5, 17, 33, 9, 70, 3, 44, 101]
 
 
-@pytest.mark.parametrize("name", ["mixtral", "deepseek_v3", "qwen2_moe", "gpt_oss"])
-def test_cuda_greedy_matches_transformers_on_cuda(tmp_path, name):
+def cuda_reference(name: str, path) -> list[int]:
+    """Save a tiny `name` checkpoint to `path`; transformers' own greedy tokens for PROMPT on CUDA."""
     model = tm.build_reference(name)
-    tm.save_checkpoint(model, tmp_path, "per_expert")
+    tm.save_checkpoint(model, path, "per_expert")
     model = model.to("cuda")
     model.generation_config.eos_token_id = None
     with torch.no_grad():
-        ref = model.generate(torch.tensor([PROMPT], device="cuda"), do_sample=False, max_new_tokens=24,
-                             pad_token_id=0)[0, len(PROMPT):].tolist()
+        return model.generate(torch.tensor([PROMPT], device="cuda"), do_sample=False, max_new_tokens=24,
+                              pad_token_id=0)[0, len(PROMPT):].tolist()
+
+
+@pytest.mark.parametrize("name", ["mixtral", "deepseek_v3", "qwen2_moe", "gpt_oss"])
+def test_cuda_greedy_matches_transformers_on_cuda(tmp_path, name):
+    ref = cuda_reference(name, tmp_path)
     for slots in (2, 5, 1 << 20):
         engine = OffloadEngine.from_pretrained(tmp_path, device="cuda", dtype="float32", expert_slots=slots,
                                                progress=False)
@@ -53,13 +58,7 @@ def test_peak_device_memory_stays_within_budget(tmp_path):
 @pytest.mark.parametrize("settings", [dict(policy="predictive", predictor="next-gate", prefetch_depth=2),
                                       dict(policy="predictive", predictor="history", prefetch_depth=1)])
 def test_cuda_prefetch_never_changes_tokens(tmp_path, settings):
-    model = tm.build_reference("mixtral")
-    tm.save_checkpoint(model, tmp_path, "per_expert")
-    model = model.to("cuda")
-    model.generation_config.eos_token_id = None
-    with torch.no_grad():
-        ref = model.generate(torch.tensor([PROMPT], device="cuda"), do_sample=False, max_new_tokens=24,
-                             pad_token_id=0)[0, len(PROMPT):].tolist()
+    ref = cuda_reference("mixtral", tmp_path)
     engine = OffloadEngine.from_pretrained(tmp_path, device="cuda", dtype="float32", expert_slots=4,
                                            progress=False, **settings)
     stats = engine.generate(PROMPT, max_new_tokens=24, ignore_eos=True).stats

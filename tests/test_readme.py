@@ -1,0 +1,67 @@
+"""Every example in the README runs as written: the set-up commands are the ones CI runs, each `bash` line
+(in order, in one scratch folder that sees the repository's profiles/, data/ and tests/) exits 0, and each
+`python` block runs without an exception."""
+
+import contextlib
+import io
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from offload_engine.cli.main import main
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text("utf-8")
+BLOCKS = re.findall(r"^```(\w+)\n(.*?)^```$", README, flags=re.S | re.M)
+COMMANDS = [line for lang, body in BLOCKS if lang == "bash" for line in body.splitlines()
+            if line.strip() and not line.startswith("#")]
+PYTHON = [body for lang, body in BLOCKS if lang == "python"]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """Outputs land here; the paths the examples read are links to the repository's."""
+    work = tmp_path_factory.mktemp("readme")
+    for name in ("profiles", "data", "tests"):
+        (work / name).symlink_to(ROOT / name)
+    return work
+
+
+def test_the_readme_has_its_examples():
+    assert len(COMMANDS) >= 15 and len(PYTHON) == 2
+    assert not re.search(r"\.\./shared|\{\{", README), "the README points outside the repository or has a hole"
+
+
+def test_the_setup_commands_are_the_ones_ci_runs():
+    setup = [body.strip() for lang, body in BLOCKS if lang == "sh"]
+    assert len(setup) == 2
+    demo, tests = setup
+    assert demo.endswith("moe-offload generate --profile profiles/demo.toml")
+    assert tests.endswith("-m pytest -q") and tests in (ROOT / ".ci" / "run").read_text("utf-8")
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_command(command, workdir, monkeypatch):
+    monkeypatch.chdir(workdir)
+    argv = shlex.split(command)
+    if argv[0] == "moe-offload":
+        with contextlib.redirect_stdout(io.StringIO()):
+            assert main(argv[1:]) == 0, command
+    else:
+        assert argv[:2] == ["python", "-m"], command
+        done = subprocess.run([sys.executable, *argv[1:]], capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("block", range(len(PYTHON)))
+def test_python_example(block, workdir, monkeypatch):
+    monkeypatch.chdir(workdir)
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        exec(compile(PYTHON[block], f"README python example {block}", "exec"), {"__name__": "readme"})
+    assert out.getvalue().strip()
