@@ -102,6 +102,7 @@ def calibrate(engine, progress: bool = True) -> dict:
     steps.update()
     # -- the engine: a decode step with this model, and its fixed cost per layer call ------------------------
     resident_decode, layer_call, prefill = _decode_costs(engine)
+    miss_s, cpu_miss_s = _miss_costs(engine)
     steps.update()
     steps.close()
     cuda = device.type == "cuda"
@@ -126,6 +127,7 @@ def calibrate(engine, progress: bool = True) -> dict:
         "layer_call_s": layer_call,
         "model": {"name": engine.directory.name, "expert_bytes": expert_bytes, "flops_per_token": flops,
                   "resident_decode_s": resident_decode, "prefill_s_per_token": prefill,
+                  "miss_s": miss_s, "cpu_miss_s": cpu_miss_s,
                   "moe_layers": spec.num_moe_layers, "top_k": spec.top_k},
         "link": {k: round(v) for k, v in link.items()},
         "cpu_expert_s": {str(n): t for n, t in cpu_times.items()},
@@ -176,3 +178,38 @@ def _decode_costs(engine) -> tuple[float, float, float]:
     for _ in range(200):
         engine.cache.fetch(0, list(range(k)))
     return step, max((time.perf_counter() - start) / 200, 1e-7), prefill
+
+
+def _miss_costs(engine) -> tuple[float, float]:
+    """(what one demand load adds to a decode layer call, what one expert computed on the CPU adds), per expert,
+    through the engine's own layer call at one token: the same call with its experts resident, then copied in
+    on demand, then computed where they lie on the CPU. These include the engine's bookkeeping and the host
+    memory's real read path (page faults of the memory map), which a bare copy does not."""
+    runtime, cache, spec, device = engine.runtime, engine.cache, engine.spec, engine.run.device
+    binding = engine.model.get_submodule(spec.experts_paths[0])._offload
+    k = min(spec.top_k, cache.num_slots)
+    dtype = next(engine.model.parameters()).dtype
+    hidden = torch.randn(1, spec.hidden_size, dtype=dtype, device=device)
+    index = torch.arange(k, device=device)[None]
+    weights = torch.full((1, k), 1.0 / k, dtype=dtype, device=device)
+
+    def resident():
+        runtime.layer_call(binding, hidden, index, weights)
+
+    def cold():  # the call's experts dropped from their slots first: a lookup of a few keys
+        cache.drain()
+        cache._forget([cache.slot_of[(0, e)] for e in range(k) if (0, e) in cache.slot_of])
+        runtime.layer_call(binding, hidden, index, weights)
+
+    with torch.inference_mode():
+        resident()
+        base = _timed(resident, device)
+        stream = _timed(cold, device)
+        mode = runtime.cold_experts
+        runtime.cold_experts = "cpu"
+        try:
+            cpu = _timed(cold, device)
+        finally:
+            runtime.cold_experts = mode
+        resident()
+    return max(stream - base, 0.0) / k, max(cpu - base, 0.0) / k

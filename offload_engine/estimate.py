@@ -14,6 +14,8 @@ slots / experts), one decode step is modelled per strategy:
   parallel with the device's part of the layer); nothing is copied, so without prefetch nothing becomes
   resident either: every expert is a miss (h = 0), as with llama.cpp's experts on the CPU;
 - hybrid auto: each miss where it is cheaper;
+- calibrated on the model itself, a miss costs what the engine's own layer call measured for a demand load
+  and for a CPU expert (bookkeeping and the host memory's real read path included) instead of the formulas;
 - the bound (1 - h) B / BW beside each: B = L k S bytes touched per token, BW the pipe the misses take.
 TTFT: the measured prefill rate times the prompt, plus loading the cold experts the prompt needs.
 """
@@ -59,6 +61,13 @@ def strategies(hw: dict, hit_rates: dict[str, float], *, non_expert_bytes: int, 
     cpu_one = float((hw.get("cpu_expert_s") or {}).get("1", 0)) or hw.get("cpu_call_s", 5e-5) + expert_bytes / cpu_read
     dev_one = float((hw.get("device_expert_s") or {}).get("1", 0)) or copy / 4
     touched = layers * top_k * expert_bytes
+    # what a miss adds to a step: with a GPU the CPU's share of a layer runs beside the device's; without one
+    # a CPU expert replaces the device's compute of that expert (the same cores), a copy comes on top of it
+    cpu_cost = cpu_one if parallel else max(cpu_one - dev_one, 0.0)
+    model = hw.get("model") or {}
+    if model.get("name") == model_name and model.get("miss_s") is not None:
+        # calibrated on this model: a demand load and a CPU expert as the engine's own layer call costs them
+        copy, cpu_cost = float(model["miss_s"]), float(model["cpu_miss_s"])
 
     def make(name: str, h: float, per_miss: float, bandwidth: float, overlap: bool) -> Strategy:
         misses = layers * top_k * (1 - h)
@@ -68,9 +77,6 @@ def strategies(hw: dict, hit_rates: dict[str, float], *, non_expert_bytes: int, 
         return Strategy(name, h, misses, step, 1 / step, 1 / bound if bound > 0 else float("inf"))
 
     h_lru, h_pred = hit_rates["lru"], hit_rates.get("predictive", hit_rates["lru"])
-    # what a miss adds to a step: with a GPU the CPU's share of a layer runs beside the device's; without one
-    # a CPU expert replaces the device's compute of that expert (the same cores), a copy comes on top of it
-    cpu_cost = cpu_one if parallel else max(cpu_one - dev_one, 0.0)
     return [
         make("stream-lru", h_lru, copy, link, overlap=False),
         make("stream-predictive", h_pred, copy, link, overlap=parallel),

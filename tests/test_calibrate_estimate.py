@@ -84,3 +84,29 @@ def test_estimate_model_follows_its_formula():
         assert high[name].decode_tokens_per_s >= low[name].decode_tokens_per_s  # more hits, never slower
         assert low[name].bound_tokens_per_s >= low[name].decode_tokens_per_s
     assert high["cpu"].decode_tokens_per_s == low["cpu"].decode_tokens_per_s  # no slots used: hit rate moot
+
+
+def test_calibrated_miss_costs_replace_the_formulas_for_their_model():
+    """calibrate measures what a demand load and a CPU expert add to the engine's own layer call; the
+    estimate uses them for that model (not for another)."""
+    table = dict(link_bytes_per_s=1e9, cpu_read_bytes_per_s=4e9, cpu_call_s=1e-6, parallel=False, layer_call_s=1e-5,
+                 device_expert_s={"1": 2e-4}, cpu_expert_s={"1": 3e-4},
+                 model={"name": "m", "resident_decode_s": 0.01, "miss_s": 2e-3, "cpu_miss_s": 5e-4})
+    hw = check_hardware(table, "test")
+    common = dict(non_expert_bytes=10**7, expert_bytes=10**6, layers=4, top_k=2)
+    got = {s.name: s for s in strategies(hw, {"lru": 0.5}, model_name="m", **common)}
+    assert got["stream-lru"].step_s == pytest.approx(0.01 + 8 * 0.5 * 2e-3)
+    assert got["cpu"].step_s == pytest.approx(0.01 + 8 * 5e-4)
+    other = {s.name: s for s in strategies(hw, {"lru": 0.5}, model_name="another", **common)}
+    assert other["stream-lru"].step_s != got["stream-lru"].step_s  # another model: the formulas
+
+
+def test_calibrate_measures_miss_costs_through_the_layer_call(mixtral_dir):
+    from offload_engine.calibration import _miss_costs
+
+    engine = OffloadEngine.from_pretrained(mixtral_dir, device="cpu", expert_slots=4, progress=False)
+    miss_s, cpu_miss_s = _miss_costs(engine)
+    assert miss_s >= 0 and cpu_miss_s >= 0
+    assert engine.runtime.cold_experts == "stream"  # restored
+    fresh = OffloadEngine.from_pretrained(mixtral_dir, device="cpu", expert_slots=4, progress=False)
+    assert engine.generate([5, 6, 7], max_new_tokens=6).token_ids == fresh.generate([5, 6, 7], max_new_tokens=6).token_ids
