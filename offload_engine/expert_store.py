@@ -2,7 +2,8 @@
 
 Four ways to hold them:
 - "mmap": nothing held; each miss copies the expert straight from a memory map of the safetensors files,
-  then drops those pages from the process (RAM smaller than the model; the CPU default);
+  then drops those pages from the process (RAM smaller than the model; the CPU default). Experts computed
+  on the CPU in place (--cold-experts cpu) keep their pages mapped, as llama.cpp does;
 - "files": the same through one positional read (preadv) per tensor instead of the map;
 - "ram": each layer's experts in ordinary host memory, in the compute dtype;
 - "pinned": the same in page-locked memory, so host-to-GPU copies can run asynchronously (the CUDA default).
@@ -156,14 +157,6 @@ class ExpertStore:
                 blocks.append(view.reshape(rows, *shape[1:]))
             out[p] = blocks
         return out
-
-    def release(self, layer_pos: int, expert: int) -> None:
-        """Drop the pages a host_view mapped (mmap mode): the page cache keeps them, the process does not."""
-        if self.mode != "mmap":
-            return
-        for parts in self.layout.expert_pieces(layer_pos, expert).values():
-            for piece in parts:
-                self.tensors.release(piece.key, piece.index)
 
     def _scratch(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
         buffers = self._staging.__dict__.setdefault("scratch", {})

@@ -15,7 +15,7 @@ from offload_engine.cli.main import main
 MODEL = Path(offload_engine.__file__).parent / "default_model"
 SAMPLE = Path(__file__).parent / "data" / "val_sample"
 # The model card's bounds (offload_engine/default_model/README.md): measured loss + 0.3 nats per token.
-BOUNDS = {"all": 4.12, "en": 3.94, "es": 4.49, "de": 4.58, "fr": 4.09, "ja": 3.65, "py": 4.40}
+BOUNDS = {"all": 3.98, "en": 3.86, "es": 4.42, "de": 4.38, "fr": 3.94, "ja": 3.53, "py": 4.19}
 THIRD = 64  # expert slots: a third of the model's 192 experts
 PROMPTS = ["The history of the", "import os\n\n\ndef ", "And God said to Moses,"]
 
