@@ -17,6 +17,7 @@ if TYPE_CHECKING:  # torch is imported only when a command runs
 
 DEFAULT_MODEL = offload_engine.DEFAULT_MODEL
 POLICIES = ("lru", "predictive")  # offload_engine.policies.POLICIES, without importing numba for --help
+COLD_EXPERTS = ("stream", "cpu", "auto")  # offload_engine.run_config.COLD_EXPERTS, without importing torch
 
 
 def bounded_int(low: int, high: int):
@@ -27,10 +28,7 @@ def bounded_int(low: int, high: int):
             raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
         if len(text) > 20 or not low <= int(text) <= high:  # the length first: int() of 10^6 digits is slow
             raise argparse.ArgumentTypeError(f"{text[:24]!r}{'...' if len(text) > 24 else ''} must be between {low} and {high}")
-        value = int(text)
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"{text!r} must be between {low} and {high}")
-        return value
+        return int(text)
     parse.__name__ = "whole number"
     return parse
 
@@ -61,7 +59,7 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefetch-depth", type=bounded_int(0, 3), default=None, metavar="N",
                    help="load predicted experts N MoE layers ahead (0: no prefetch; default: from measured load "
                         "and layer times, with a predictor)")
-    p.add_argument("--cold-experts", choices=("stream", "cpu", "auto"), default="stream",
+    p.add_argument("--cold-experts", choices=COLD_EXPERTS, default="stream",
                    help="an expert not in the device cache is copied into a slot (stream), computed on the CPU "
                         "where it lies (cpu), or either, by the cost model (auto); default stream")
     p.add_argument("--cpu-moe-layers", type=bounded_int(0, 1 << 16), default=0, metavar="N",

@@ -14,14 +14,13 @@ An expert expected to be used again soon is worth more on the device: its copy c
 same cores, nothing overlaps, and each expert simply goes where it costs less.
 
 All figures are in seconds, bytes and FLOP/s; Hardware comes from a profile's [hardware] table (measured by
-`moe-offload calibrate` or derived from specifications) and is refined at run time from the engine's own
-timings (the runtime keeps running means).
+`moe-offload calibrate` or derived from specifications), else the defaults below.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 
 
 @dataclass(frozen=True)
@@ -42,9 +41,6 @@ class Hardware:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-    def refined(self, **measured: float) -> "Hardware":
-        return replace(self, **{k: v for k, v in measured.items() if v and v > 0})
 
 
 @dataclass(frozen=True)

@@ -24,9 +24,6 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-STRATEGIES = ("stream-lru", "stream-predictive", "cpu", "auto")
-
-
 @dataclass(frozen=True)
 class Strategy:
     name: str

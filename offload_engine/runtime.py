@@ -121,12 +121,22 @@ class Runtime:
             return out
         # more experts than slots: a group at a time, each expert with unit weights, then one reduction
         contributions = hidden_states.new_zeros((*top_k_index.shape, hidden_states.shape[-1]))
+        self._in_groups(binding, request, layer, experts, hidden_states, top_k_index, contributions)
+        return reduce(binding, contributions, top_k_index, top_k_weights, experts, hidden_states.dtype)
+
+    def _in_groups(self, binding: ExpertsBinding, request: Request, layer: int, experts: list[int],
+                   hidden_states: torch.Tensor, top_k_index: torch.Tensor, contributions: torch.Tensor,
+                   after_first_fetch=None) -> None:
+        """The device's experts of a call, as many at a time as there are slots, each with unit weights into
+        contributions [T, k, H]."""
+        cache = self.cache
         for start in range(0, len(experts), cache.num_slots):
             group = experts[start:start + cache.num_slots]
             slots = cache.fetch(layer, group, request.counters)
+            if start == 0 and after_first_fetch is not None:
+                after_first_fetch()
             execute_unweighted(binding, cache, group, slots, hidden_states, top_k_index, contributions)
             cache.used(slots)
-        return reduce(binding, contributions, top_k_index, top_k_weights, experts, hidden_states.dtype)
 
     def _place(self, layer: int, experts: list[int], top_k_index: torch.Tensor) -> set[int]:
         """The experts of this call computed on the CPU: all of a --cpu-moe-layers layer's; the cold ones with
@@ -150,20 +160,15 @@ class Runtime:
         """Some experts on the device (resident, or copied into slots), the rest on the CPU from host memory;
         every expert with unit weights into [T, k, H] contributions, reduced once as the reference does. The
         device's kernels are queued first (asynchronous on CUDA), so the CPU works while they run."""
-        cache = self.cache
         contributions = hidden_states.new_zeros((*top_k_index.shape, hidden_states.shape[-1]))
         on_device = [e for e in experts if e not in on_cpu]
-        for start in range(0, len(on_device), cache.num_slots):
-            group = on_device[start:start + cache.num_slots]
-            slots = cache.fetch(layer, group, request.counters)
-            if context is not None and start == 0:
-                self._look_ahead(request, context, {(layer, e) for e in experts})
-            execute_unweighted(binding, cache, group, slots, hidden_states, top_k_index, contributions)
-            cache.used(slots)
-        if context is not None and not on_device:
-            self._look_ahead(request, context, {(layer, e) for e in experts})
+        look_ahead = None if context is None else \
+            (lambda: self._look_ahead(request, context, {(layer, e) for e in experts}))
+        self._in_groups(binding, request, layer, on_device, hidden_states, top_k_index, contributions, look_ahead)
+        if look_ahead is not None and not on_device:
+            look_ahead()
         start = time.perf_counter()
-        execute_on_cpu(binding, cache.store, layer, sorted(on_cpu), hidden_states, top_k_index, contributions)
+        execute_on_cpu(binding, self.cache.store, layer, sorted(on_cpu), hidden_states, top_k_index, contributions)
         c = request.counters[layer]
         c.cpu_experts += len(on_cpu)
         c.cpu_s += time.perf_counter() - start
