@@ -215,36 +215,64 @@ def test_predictive_policy_knows_the_layer_order():
     assert belady == 149 and predictive >= belady - 5
 
 
-def test_predictive_distance_matches_its_formula():
-    """The compiled counts and expected distances against the formula written out with plain loops."""
+def test_predictive_probabilities_match_their_formula():
+    """The compiled counts and use probabilities against the formula written out with plain loops: hazards by
+    (layer, popularity bucket, age), predictions graded by (distance, named, age), a named expert's
+    probability from the graded predictions, a victim the lowest hit density (ties: the farthest layer)."""
     rng = np.random.default_rng(0)
     L, E, k = 3, 6, 2
-    policy = PredictivePolicy(L, E, k)
-    ages = {(j, e): PredictivePolicy.MAX_AGE for j in range(L) for e in range(E)}
-    uses = {(j, a): PredictivePolicy.PRIOR * k / E for j in range(L) for a in range(PredictivePolicy.MAX_AGE + 2)}
-    calls = {(j, a): PredictivePolicy.PRIOR for j in range(L) for a in range(PredictivePolicy.MAX_AGE + 2)}
-    for step in range(60):
+    P = PredictivePolicy
+    policy = P(L, E, k)
+    N, base = P.MAX_AGE, k / E
+    edges = [x * base for x in P.POPULARITY_EDGES]
+    bucket_of = lambda x: sum(1 for edge in edges if edge <= x)  # noqa: E731 - searchsorted, right side
+    ages = {(j, e): N for j in range(L) for e in range(E)}
+    pop = {(j, e): base for j in range(L) for e in range(E)}
+    uses = {(j, b, a): P.PRIOR * base for j in range(L) for b in range(len(edges) + 1) for a in range(N + 2)}
+    calls = {key: P.PRIOR for key in uses}
+    pred_uses = {(d, n, a): P.PRIOR * base for d in range(P.MAX_DEPTH + 1) for n in (0, 1) for a in range(N + 2)}
+    pred_calls = {key: P.PRIOR for key in pred_uses}
+    pending: dict[int, dict[int, set]] = {j: {} for j in range(L)}  # layer -> distance -> named experts
+    for step in range(90):
         layer = step % L
         experts = sorted(rng.choice(E, k, replace=False).tolist())
         policy.on_call(layer, experts)
         for e in range(E):
-            age = min(ages[layer, e] + 1, PredictivePolicy.MAX_AGE + 1)
-            calls[layer, age] += 1
-            uses[layer, age] += e in experts
-            ages[layer, e] = 0 if e in experts else min(ages[layer, e] + 1, PredictivePolicy.MAX_AGE)
-    distance = policy.expected_distance()
+            age = min(ages[layer, e] + 1, N + 1)
+            used = e in experts
+            for d, named in pending[layer].items():
+                pred_calls[d, int(e in named), age] += 1
+                pred_uses[d, int(e in named), age] += used
+            b = bucket_of(pop[layer, e])
+            calls[layer, b, age] += 1
+            uses[layer, b, age] += used
+            ages[layer, e] = 0 if used else min(ages[layer, e] + 1, N)
+            pop[layer, e] += P.POPULARITY_DECAY * (used - pop[layer, e])
+        pending[layer] = {}
+        if step % 2:  # predictions for the next two layers, some steps only
+            for d in (1, 2):
+                named = rng.choice(E, k, replace=False)
+                policy.on_predictions(layer, [(d, (layer + d) % L, named)])
+                pending[(layer + d) % L][d] = set(named.tolist())
+    probability = policy.use_probability()
+    expected = {}
     for j in range(L):
-        t = {}
-        last = PredictivePolicy.MAX_AGE + 1
-        h = min(max(uses[j, last] / calls[j, last], 1e-4), 1)
-        t[last] = (1 - h) / h
-        for a in range(last - 1, 0, -1):
-            h = min(max(uses[j, a] / calls[j, a], 1e-4), 1)
-            t[a] = (1 - h) * (1 + t[a + 1])
-        d = (j - layer) % L or L
         for e in range(E):
-            expected = d + L * t[min(ages[j, e] + 1, last)]
-            assert distance[j, e] == pytest.approx(expected, rel=1e-12)
+            age = min(ages[j, e] + 1, N + 1)
+            near = min(pending[j], default=None)
+            if near is not None and e in pending[j][near]:
+                expected[j, e] = pred_uses[near, 1, age] / pred_calls[near, 1, age]
+            else:
+                b = bucket_of(pop[j, e])
+                expected[j, e] = uses[j, b, age] / calls[j, b, age]
+            assert probability[j, e] == pytest.approx(expected[j, e], rel=1e-12)
+    for key in [(j, e) for j in range(L) for e in range(E) if (j + e) % 2]:
+        policy.on_insert(key)
+    residents = [(j, e) for j in range(L) for e in range(E) if (j + e) % 2]
+    distance = lambda j: (j - layer) % L or L  # noqa: E731 - calls until layer j's next call
+    want = min(residents, key=lambda key: (expected[key] / distance(key[0]), -distance(key[0]), -key[0], -key[1]))
+    assert policy.victim(set()) == want
+    assert policy.victim({want}) != want
 
 
 # -- predictors ------------------------------------------------------------------------------------------

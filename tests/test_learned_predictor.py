@@ -114,3 +114,25 @@ def test_trace_hidden_states_are_the_residual_entering_each_moe_block(tmp_path):
         h.remove()
     expected = torch.stack(caught, dim=1).numpy()  # [T, L, H]
     np.testing.assert_allclose(trace.hidden_states[0].astype(np.float32), expected, rtol=1e-2, atol=1e-2)
+
+
+def test_the_compiled_heads_rank_as_the_plain_scores_do():
+    """predict() runs every head of a layer in one compiled call; it must rank exactly as all_scores (numpy)
+    followed by ranked() does, for every layer, depth and row, at n below and above k."""
+    from offload_engine.predictors.base import LayerContext, Paths, ranked
+
+    ids, hidden, E = synthetic(N=4, T=16)
+    predictor = train_learned(ids, hidden, E, TrainSettings(max_depth=3, epochs=2), progress=False)
+    rng = np.random.default_rng(1)
+    L, H = predictor.num_layers, predictor.hidden_size
+    for layer in range(L):
+        x = rng.standard_normal((3, H)).astype(np.float32)
+        experts = rng.integers(0, E, size=(3, 2)).astype(np.int64)
+        ctx = LayerContext(layer, experts, torch.from_numpy(x), Paths.empty(3, L, 2))
+        normalised = x / np.sqrt(np.square(x).mean(-1, keepdims=True) + 1e-6)
+        for n in (2, 5):
+            got = predictor.predict(ctx, 3, n)
+            assert [p.depth for p in got] == list(range(1, min(3, L - 1 - layer) + 1))
+            for p in got:
+                want = ranked(predictor.scores(normalised, experts, layer, p.depth), n)
+                assert np.array_equal(p.experts, want), (layer, p.depth, n)

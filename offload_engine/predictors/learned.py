@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numba
 import numpy as np
 import torch
 from tqdm.auto import tqdm
@@ -42,19 +43,39 @@ class LearnedPredictor(Predictor):
         self.weight, self.bias, self.path_weight = weight.float(), bias.float(), path_weight.float()  # [L,D,E,H] [L,D,E] [L,D,E,E]
         self.num_layers, self.max_depth, self.num_experts, self.hidden_size = weight.shape
         self.card = card
+        # The engine asks at every decode layer call, so each layer's heads are stacked into one numpy matrix:
+        # a call is one matrix-vector product (tens of microseconds, where a torch op per head cost hundreds).
+        self._heads = []
+        for layer in range(self.num_layers):
+            n = max(0, min(self.max_depth, self.num_layers - 1 - layer))  # distances with a target layer
+            E, H = self.num_experts, self.hidden_size
+            self._heads.append((
+                np.ascontiguousarray(self.weight[layer, :n].reshape(n * E, H).T.numpy()),  # [H, n*E]
+                np.ascontiguousarray(self.bias[layer, :n].reshape(n * E).numpy()),
+                np.ascontiguousarray(self.path_weight[layer, :n].permute(1, 0, 2).reshape(E, n * E).numpy()),
+            ))
 
-    def scores(self, x: torch.Tensor, experts: np.ndarray, layer: int, depth: int) -> np.ndarray:
-        """x [rows, H] normalised residual, experts [rows, k] at `layer` -> [rows, E]."""
-        logits = x @ self.weight[layer, depth - 1].T + self.bias[layer, depth - 1]
-        path = self.path_weight[layer, depth - 1][torch.from_numpy(np.maximum(experts, 0))]  # [rows, k, E]
-        return (logits + path.sum(1)).numpy()
+    def all_scores(self, x: np.ndarray, experts: np.ndarray, layer: int) -> np.ndarray:
+        """x [rows, H] normalised residual (float32), experts [rows, k] at `layer` -> [rows, n, E]: the scores of
+        the next n layers' experts, n = the distances with a target layer (up to max_depth)."""
+        weight, bias, path = self._heads[layer]
+        logits = x @ weight + bias + path[np.maximum(experts, 0)].sum(1)
+        return logits.reshape(x.shape[0], -1, self.num_experts)
+
+    def scores(self, x: np.ndarray, experts: np.ndarray, layer: int, depth: int) -> np.ndarray:
+        """[rows, E] scores of layer `layer + depth`'s experts."""
+        return self.all_scores(x, experts, layer)[:, depth - 1]
 
     def predict(self, ctx: LayerContext, depth: int, n: int) -> list[Prediction]:
         if ctx.residual is None:
             return []
-        x = rms(ctx.residual.to("cpu"))
-        return [Prediction(d, j, ranked(self.scores(x, ctx.experts, ctx.layer, d), n))
-                for d, j in target_layers(ctx.layer, min(depth, self.max_depth), self.num_layers, wraps=False)]
+        targets = target_layers(ctx.layer, min(depth, self.max_depth), self.num_layers, wraps=False)
+        if not targets:
+            return []
+        x = ctx.residual.detach().to("cpu", torch.float32).numpy()
+        weight, bias, path = self._heads[ctx.layer]
+        best = _ranked_heads(x, ctx.experts, weight, bias, path, len(targets), self.num_experts, n)
+        return [Prediction(d, j, best[:, d - 1]) for d, j in targets]
 
     def save(self, directory: Path) -> None:
         """predictor.safetensors (fp16 weights) and predictor.json (the card), each written whole or not at all."""
@@ -144,3 +165,29 @@ def train_learned(ids: np.ndarray, hidden: np.ndarray, num_experts: int, setting
                  "final_loss": {p: round(v, 4) for p, v in losses.items()},
                  "uniform_loss": round(math.log(E), 4)})
     return LearnedPredictor(weight, bias, path_weight, card)
+
+
+@numba.njit(cache=True, fastmath=True)
+def _ranked_heads(x, experts, weight, bias, path, depths, num_experts, n):  # pragma: no cover - compiled
+    """The heads of one layer on each row, best n experts per distance (ties: the lower id), as all_scores and
+    ranked() compute them; [rows, depths, n]. One compiled call: the engine runs it at every decode layer call."""
+    rows, H = x.shape
+    E = num_experts
+    out = np.empty((rows, depths, min(n, E)), dtype=np.int64)
+    for r in range(rows):
+        ms = 0.0
+        for h in range(H):
+            ms += x[r, h] * x[r, h]
+        scale = 1.0 / np.sqrt(ms / H + 1e-6)
+        logits = bias[:depths * E].copy()
+        for h in range(H):
+            xh = x[r, h] * scale
+            for j in range(depths * E):
+                logits[j] += xh * weight[h, j]
+        for a in experts[r]:
+            for j in range(depths * E):
+                logits[j] += path[max(a, 0), j]
+        for d in range(depths):
+            order = np.argsort(-logits[d * E:(d + 1) * E], kind="mergesort")
+            out[r, d] = order[:out.shape[2]]
+    return out
