@@ -40,6 +40,7 @@ CONFIGS = {  # name -> engine settings
     "predictive+next-gate+prefetch": dict(policy="predictive", predictor="next-gate"),
     "predictive+learned+prefetch": dict(policy="predictive", predictor="learned"),
     "lru+next-gate+prefetch": dict(policy="lru", predictor="next-gate"),
+    "lru+learned+prefetch": dict(policy="lru", predictor="learned"),
 }
 
 

@@ -181,10 +181,15 @@ class Runtime:
         if self.foresight is None or rows == 0 or top_k_index.shape[0] % rows:
             return None
         start = time.perf_counter()
-        ids = top_k_index.view(rows, -1, top_k_index.shape[-1])[:, -1].cpu().numpy().astype(np.int64)
         residual = request.residuals.get(layer)
-        if residual is not None:
-            residual = residual.reshape(rows, -1, residual.shape[-1])[:, -1]
+        if top_k_index.shape[0] == rows:  # decode: one token per row (the hot path: as few torch calls as can be)
+            ids = np.array(top_k_index.tolist(), dtype=np.int64)
+            if residual is not None:
+                residual = residual.reshape(rows, -1)
+        else:
+            ids = top_k_index.view(rows, -1, top_k_index.shape[-1])[:, -1].cpu().numpy().astype(np.int64)
+            if residual is not None:
+                residual = residual.reshape(rows, -1, residual.shape[-1])[:, -1]
         context = self.foresight.observe(request.paths, layer, ids, residual)
         request.counters[layer].predict_s += time.perf_counter() - start
         return context if top_k_index.shape[0] == rows else None
@@ -192,9 +197,11 @@ class Runtime:
     def _look_ahead(self, request: Request, context: LayerContext, protected: set) -> None:
         """Predict the next layers' experts: the policy learns of them, and the nearest are loaded now."""
         start = time.perf_counter()
-        wanted = self.foresight.look_ahead(context)
-        request.counters[context.layer].predict_s += time.perf_counter() - start
         depth = self.depth()
+        # only as far as prefetch reaches: the policy's victims were measured not to gain from layers further
+        # ahead (BENCHMARKS.md), and every layer more is a head more to run at every call
+        wanted = self.foresight.look_ahead(context, max(1, depth))
+        request.counters[context.layer].predict_s += time.perf_counter() - start
         if depth:
             keys = [(layer, int(e)) for d, layer, experts in wanted if d <= depth for e in experts]
             self.cache.prefetch(keys, protected, request.counters)

@@ -65,15 +65,18 @@ class SlotMap:
             out.slots.append(slot)
         return out
 
-    def prefetch(self, key: Key, protected: set, counters: list[LayerCounters], evicted: list[Key]) -> int | None:
-        """Start loading `key` ahead of its call if the policy finds it worth a victim; returns its slot."""
+    def prefetch(self, key: Key, protected: set, counters: list[LayerCounters], evicted: list[Key],
+                 excluded: set | None = None) -> int | None:
+        """Start loading `key` ahead of its call if the policy finds it worth a victim; returns its slot.
+        `excluded` (protected and arriving keys, from excluded()) may be passed in when prefetching many keys;
+        the caller then adds each key it starts."""
         if key in self.slot_of:
             return None
         if self.free:
             slot = self.free.pop()
         else:
             try:
-                victim = self.policy.victim(protected | self._arriving_keys())
+                victim = self.policy.victim(excluded if excluded is not None else self.excluded(protected))
             except NoVictimError:
                 return None
             if not self.policy.worth_prefetching(key, victim):
@@ -102,8 +105,9 @@ class SlotMap:
         self.arriving.discard(slot)
         return key
 
-    def _arriving_keys(self) -> set:
-        return {self.key_in[s] for s in self.arriving}
+    def excluded(self, protected: set) -> set:
+        """Keys no victim may be: `protected` and every key still arriving (its slot is being written)."""
+        return protected | {self.key_in[s] for s in self.arriving}
 
     def _assign(self, key: Key, slot: int) -> None:
         self.slot_of[key], self.key_in[slot] = slot, key
@@ -113,7 +117,7 @@ class SlotMap:
         if self.free:
             return self.free.pop()
         # an arriving slot is being written: it cannot be given away before its load completes
-        return self._evict(self.policy.victim(protected | self._arriving_keys()), counters, evicted)
+        return self._evict(self.policy.victim(self.excluded(protected)), counters, evicted)
 
     def _evict(self, victim: Key, counters: list[LayerCounters], evicted: list[Key]) -> int:
         slot = self.slot_of.pop(victim)
