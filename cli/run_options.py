@@ -51,8 +51,8 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-context", type=positive_int, help="tokens of KV cache to plan for (default: min(model, 4096))")
     p.add_argument("--max-batch", type=positive_int, default=1, help="prompts per batch to plan for")
     p.add_argument("--policy", choices=POLICIES, default="lru",
-                   help="which cached expert gives way: lru, or predictive (furthest expected next use, learned at "
-                        "run time and from the predictor); default lru")
+                   help="which cached expert gives way: lru, or predictive (lowest chance of use at its layer's "
+                        "next call per call until then, learned at run time and from the predictor); default lru")
     p.add_argument("--predictor", default="none", metavar="NAME|PATH",
                    help="routing predictor: none, next-gate, history, learned (the model's own predictor/ folder) "
                         "or a trained predictor's folder; default none")

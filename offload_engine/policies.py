@@ -119,6 +119,17 @@ class PredictivePolicy:
         d[np.arange(L), np.arange(L)] = L
         self._distances = d.astype(np.int64)
         self._probability: np.ndarray | None = None  # cached until the next event that changes it
+        self._warm()
+
+    def _warm(self) -> None:
+        """Load (or compile) the kernels now, while the engine loads: the first call of a process costs numba
+        about a second, which would otherwise land on the first token. Runs on copies: nothing is counted."""
+        used = np.zeros(self.num_experts, dtype=np.bool_)
+        _count_call(self.age.copy(), self.popularity.copy(), self.bucket.copy(), self.edges, self.uses.copy(),
+                    self.calls.copy(), self.pred_uses.copy(), self.pred_calls.copy(), self.predicted.copy(),
+                    self.pending.copy(), 0, used, self.MAX_AGE, self.POPULARITY_DECAY)
+        _mark(self.predicted[0, 0].copy(), np.zeros(1, dtype=np.int64))
+        _least_likely(self.use_probability(), self._distances[0], self.resident, np.zeros(0, dtype=np.int64))
 
     def on_call(self, layer: int, experts: Sequence[int]) -> None:
         used = np.zeros(self.num_experts, dtype=np.bool_)
