@@ -44,8 +44,8 @@ class ExpertCache:
             for p in spec.expert_params
         }
         # [L, E] -> slot (-1: not resident), so a layer call turns expert ids into slot ids with one gather
-        # kept in numpy (a write is ~100 ns where a torch element write is microseconds) and shared with the CPU
-        # tensor, or copied whole to the device when it changes
+        # kept in numpy (a write is ~100 ns where a torch element write is microseconds) and, on the CPU, shared
+        # with the tensor; on a device each change is also written into the tensor (queued, never a sync)
         self._table = np.full((spec.num_moe_layers, spec.num_experts), -1, dtype=np.int64)
         self.slot_table = torch.from_numpy(self._table).to(self.device)
         self.counters = new_counters(spec.num_moe_layers)  # used when no request's counters are given
@@ -124,8 +124,13 @@ class ExpertCache:
                     excluded.add(key)
                     started.setdefault(key[0], []).append((key[1], slot))
             self._retable(evicted, [(layer, e, s) for layer, loads in started.items() for e, s in loads])
-        for layer, loads in started.items():
-            self._load(layer, loads, counters[layer], demand=False)
+        batches = list(started.items())
+        for i, (layer, loads) in enumerate(batches):
+            try:
+                self._load(layer, loads, counters[layer], demand=False)
+            except BaseException:  # _load forgot its own slots; the layers not yet started must not look resident
+                self._forget([slot for _, later in batches[i + 1:] for _, slot in later])
+                raise
         return sum(map(len, started.values()))
 
     def drain(self) -> None:
@@ -141,12 +146,15 @@ class ExpertCache:
     def _retable(self, evicted: list[Key], placed: list[tuple[int, int, int]]) -> None:
         if not evicted and not placed:
             return
+        on_device = self.device.type != "cpu"  # on the CPU the tensor is the array itself
         for key in evicted:
             self._table[key] = -1
+            if on_device:
+                self.slot_table[key] = -1
         for layer, e, slot in placed:
             self._table[layer, e] = slot
-        if self.device.type != "cpu":  # on the CPU the tensor is the array itself
-            self.slot_table.copy_(torch.from_numpy(self._table))
+            if on_device:
+                self.slot_table[layer, e] = slot
 
     def _copy(self, layer_pos: int, loads: list[tuple[int, int]]) -> int:
         return sum(self.store.copy_into(layer_pos, e, self.slot_tensors(s), self.non_blocking) for e, s in loads)
@@ -167,7 +175,9 @@ class ExpertCache:
             else:
                 if self._loader is None:
                     self._loader = ThreadPoolExecutor(1, thread_name_prefix="expert-prefetch")
-                done = self._loader.submit(self._timed_copy, layer_pos, loads, c)  # one task a layer: less Python
+                # one task a layer (less Python per call): a call waits for its layer's whole batch, and one
+                # failed copy drops the batch's experts (they were all predicted for that same call)
+                done = self._loader.submit(self._timed_copy, layer_pos, loads, c)
                 for _, slot in loads:
                     self.ready[slot] = done
         except BaseException:  # a slot whose copy failed must not be found resident later

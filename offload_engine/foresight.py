@@ -27,10 +27,9 @@ class Foresight:
         self.predictor.observe(context)
         return context
 
-    def look_ahead(self, context: LayerContext, horizon: int | None = None) -> list[tuple[int, int, np.ndarray]]:
-        """(distance, layer, experts best first) for the next `horizon` layers (default: self.horizon); the
-        policy learns of them."""
-        predictions: list[Prediction] = self.predictor.predict(context, horizon or self.horizon, self.top_k)
+    def look_ahead(self, context: LayerContext) -> list[tuple[int, int, np.ndarray]]:
+        """(distance, layer, experts best first) for the next layers; the policy learns of them."""
+        predictions: list[Prediction] = self.predictor.predict(context, self.horizon, self.top_k)
         wanted = [(p.depth, p.layer, p.union()) for p in predictions]
         self.policy.on_predictions(context.layer, wanted)
         return wanted

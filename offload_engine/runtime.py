@@ -197,11 +197,9 @@ class Runtime:
     def _look_ahead(self, request: Request, context: LayerContext, protected: set) -> None:
         """Predict the next layers' experts: the policy learns of them, and the nearest are loaded now."""
         start = time.perf_counter()
-        depth = self.depth()
-        # only as far as prefetch reaches: the policy's victims were measured not to gain from layers further
-        # ahead (BENCHMARKS.md), and every layer more is a head more to run at every call
-        wanted = self.foresight.look_ahead(context, max(1, depth))
+        wanted = self.foresight.look_ahead(context)  # always HORIZON layers: a replay of the trace must see the same
         request.counters[context.layer].predict_s += time.perf_counter() - start
+        depth = self.depth()
         if depth:
             keys = [(layer, int(e)) for d, layer, experts in wanted if d <= depth for e in experts]
             self.cache.prefetch(keys, protected, request.counters)

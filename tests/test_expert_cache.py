@@ -159,3 +159,18 @@ def test_read_on_demand_modes_equal_host_memory(tmp_path, layout):
     for name in caches["ram"].pool:
         assert torch.equal(caches["files"].pool[name], caches["ram"].pool[name])
         assert torch.equal(caches["mmap"].pool[name], caches["ram"].pool[name])
+
+
+def test_a_prefetch_batch_that_fails_to_start_leaves_no_layer_looking_resident(mixtral_dir):
+    """Prefetches start one loader task per layer; if starting one fails, the layers after it were never
+    loaded: none of their keys may stay in the map or the gather table (a call would read unwritten slots)."""
+    cache = make_cache(mixtral_dir, 4)
+
+    def refuse(layer_pos, loads, c, demand):
+        raise OSError("the loader could not start")
+
+    cache._load = refuse
+    with pytest.raises(OSError, match="could not start"):
+        cache.prefetch([(0, 1), (1, 2), (1, 3)], set())
+    assert (1, 2) not in cache.slot_of and (1, 3) not in cache.slot_of
+    assert int(cache.slot_table[1, 2]) == int(cache.slot_table[1, 3]) == -1

@@ -117,8 +117,9 @@ def test_trace_hidden_states_are_the_residual_entering_each_moe_block(tmp_path):
 
 
 def test_the_compiled_heads_rank_as_the_plain_scores_do():
-    """predict() runs every head of a layer in one compiled call; it must rank exactly as all_scores (numpy)
-    followed by ranked() does, for every layer, depth and row, at n below and above k."""
+    """predict() runs every head of a layer in one compiled call; it must rank as the heads' formula
+    (W x + b + sum of U over the layer's experts, then ranked()) does, for every layer, depth and row, at n below
+    and above k (random weights: no near-ties for float rounding to swap)."""
     from offload_engine.predictors.base import LayerContext, Paths, ranked
 
     ids, hidden, E = synthetic(N=4, T=16)
@@ -133,6 +134,8 @@ def test_the_compiled_heads_rank_as_the_plain_scores_do():
         for n in (2, 5):
             got = predictor.predict(ctx, 3, n)
             assert [p.depth for p in got] == list(range(1, min(3, L - 1 - layer) + 1))
-            for p in got:
-                want = ranked(predictor.scores(normalised, experts, layer, p.depth), n)
+            for p in got:  # the heads' formula, from the saved tensors, not from the stacked matrices
+                d = p.depth - 1
+                W, b, U = predictor.weight[layer, d].numpy(), predictor.bias[layer, d].numpy(), predictor.path_weight[layer, d].numpy()
+                want = ranked(normalised @ W.T + b + U[experts].sum(1), n)
                 assert np.array_equal(p.experts, want), (layer, p.depth, n)

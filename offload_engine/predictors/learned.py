@@ -54,6 +54,10 @@ class LearnedPredictor(Predictor):
                 np.ascontiguousarray(self.bias[layer, :n].reshape(n * E).numpy()),
                 np.ascontiguousarray(self.path_weight[layer, :n].permute(1, 0, 2).reshape(E, n * E).numpy()),
             ))
+        # load (or compile) the kernel now, while the engine loads, not at the first token (numba: ~0.7 s)
+        weight, bias, path = self._heads[0]
+        _ranked_heads(np.zeros((1, self.hidden_size), np.float32), np.zeros((1, 1), np.int64), weight, bias, path,
+                      0, self.num_experts, 1)
 
     def all_scores(self, x: np.ndarray, experts: np.ndarray, layer: int) -> np.ndarray:
         """x [rows, H] normalised residual (float32), experts [rows, k] at `layer` -> [rows, n, E]: the scores of
@@ -170,7 +174,8 @@ def train_learned(ids: np.ndarray, hidden: np.ndarray, num_experts: int, setting
 @numba.njit(cache=True, fastmath=True)
 def _ranked_heads(x, experts, weight, bias, path, depths, num_experts, n):  # pragma: no cover - compiled
     """The heads of one layer on each row, best n experts per distance (ties: the lower id), as all_scores and
-    ranked() compute them; [rows, depths, n]. One compiled call: the engine runs it at every decode layer call."""
+    ranked() compute them up to float rounding (the sums run in another order, so near-ties may swap);
+    [rows, depths, n]. One compiled call: the engine runs it at every decode layer call."""
     rows, H = x.shape
     E = num_experts
     out = np.empty((rows, depths, min(n, E)), dtype=np.int64)
