@@ -44,10 +44,11 @@ class ExpertCache:
             for p in spec.expert_params
         }
         # [L, E] -> slot (-1: not resident), so a layer call turns expert ids into slot ids with one gather
-        # kept in numpy (a write is ~100 ns where a torch element write is microseconds) and, on the CPU, shared
-        # with the tensor; on a device each change is also written into the tensor (queued, never a sync)
-        self._table = np.full((spec.num_moe_layers, spec.num_experts), -1, dtype=np.int64)
-        self.slot_table = torch.from_numpy(self._table).to(self.device)
+        table = np.full((spec.num_moe_layers, spec.num_experts), -1, dtype=np.int64)
+        self.slot_table = torch.from_numpy(table).to(self.device)
+        # written through numpy on the CPU, where the tensor shares the array (a write ~100 ns, a torch element
+        # write microseconds); on a device through the tensor (each write a queued fill, never a sync)
+        self._table_writes = table if self.device.type == "cpu" else self.slot_table
         self.counters = new_counters(spec.num_moe_layers)  # used when no request's counters are given
         self.lock = threading.Lock()  # the map is touched by the forward thread and by prefetch completions
         cuda = self.device.type == "cuda"
@@ -144,17 +145,10 @@ class ExpertCache:
 
     # -- loads ----------------------------------------------------------------------------------------------
     def _retable(self, evicted: list[Key], placed: list[tuple[int, int, int]]) -> None:
-        if not evicted and not placed:
-            return
-        on_device = self.device.type != "cpu"  # on the CPU the tensor is the array itself
         for key in evicted:
-            self._table[key] = -1
-            if on_device:
-                self.slot_table[key] = -1
+            self._table_writes[key] = -1
         for layer, e, slot in placed:
-            self._table[layer, e] = slot
-            if on_device:
-                self.slot_table[layer, e] = slot
+            self._table_writes[layer, e] = slot
 
     def _copy(self, layer_pos: int, loads: list[tuple[int, int]]) -> int:
         return sum(self.store.copy_into(layer_pos, e, self.slot_tensors(s), self.non_blocking) for e, s in loads)

@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
-from .base import LayerContext, Prediction, Predictor, ranked, target_layers
+from .base import LayerContext, Prediction, Predictor, target_layers
 
 WEIGHTS_FILE = "predictor.safetensors"
 CARD_FILE = "predictor.json"
@@ -43,8 +43,8 @@ class LearnedPredictor(Predictor):
         self.weight, self.bias, self.path_weight = weight.float(), bias.float(), path_weight.float()  # [L,D,E,H] [L,D,E] [L,D,E,E]
         self.num_layers, self.max_depth, self.num_experts, self.hidden_size = weight.shape
         self.card = card
-        # The engine asks at every decode layer call, so each layer's heads are stacked into one numpy matrix:
-        # a call is one matrix-vector product (tens of microseconds, where a torch op per head cost hundreds).
+        # The engine asks at every decode layer call, so each layer's heads are stacked into one matrix that one
+        # compiled call reads (tens of microseconds, where a torch op per head cost hundreds).
         self._heads = []
         for layer in range(self.num_layers):
             n = max(0, min(self.max_depth, self.num_layers - 1 - layer))  # distances with a target layer
@@ -58,17 +58,6 @@ class LearnedPredictor(Predictor):
         weight, bias, path = self._heads[0]
         _ranked_heads(np.zeros((1, self.hidden_size), np.float32), np.zeros((1, 1), np.int64), weight, bias, path,
                       0, self.num_experts, 1)
-
-    def all_scores(self, x: np.ndarray, experts: np.ndarray, layer: int) -> np.ndarray:
-        """x [rows, H] normalised residual (float32), experts [rows, k] at `layer` -> [rows, n, E]: the scores of
-        the next n layers' experts, n = the distances with a target layer (up to max_depth)."""
-        weight, bias, path = self._heads[layer]
-        logits = x @ weight + bias + path[np.maximum(experts, 0)].sum(1)
-        return logits.reshape(x.shape[0], -1, self.num_experts)
-
-    def scores(self, x: np.ndarray, experts: np.ndarray, layer: int, depth: int) -> np.ndarray:
-        """[rows, E] scores of layer `layer + depth`'s experts."""
-        return self.all_scores(x, experts, layer)[:, depth - 1]
 
     def predict(self, ctx: LayerContext, depth: int, n: int) -> list[Prediction]:
         if ctx.residual is None:
@@ -173,9 +162,9 @@ def train_learned(ids: np.ndarray, hidden: np.ndarray, num_experts: int, setting
 
 @numba.njit(cache=True, fastmath=True)
 def _ranked_heads(x, experts, weight, bias, path, depths, num_experts, n):  # pragma: no cover - compiled
-    """The heads of one layer on each row, best n experts per distance (ties: the lower id), as all_scores and
-    ranked() compute them up to float rounding (the sums run in another order, so near-ties may swap);
-    [rows, depths, n]. One compiled call: the engine runs it at every decode layer call."""
+    """The heads of one layer (the module docstring's formula) on each row, best n experts per distance (ties:
+    the lower id), as ranked() orders them, up to float rounding (the sums run in their own order, so near-ties
+    may swap); [rows, depths, n]. One compiled call: the engine runs it at every decode layer call."""
     rows, H = x.shape
     E = num_experts
     out = np.empty((rows, depths, min(n, E)), dtype=np.int64)
