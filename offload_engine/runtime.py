@@ -201,8 +201,11 @@ class Runtime:
         request.counters[context.layer].predict_s += time.perf_counter() - start
         depth = self.depth()
         if depth:
-            keys = [(layer, int(e)) for d, layer, experts in wanted if d <= depth for e in experts]
-            self.cache.prefetch(keys, protected, request.counters)
+            resident = self.cache.slot_of  # most predicted experts are resident already: skip them here, cheaply
+            keys = [key for d, layer, experts in wanted if d <= depth
+                    for key in ((layer, e) for e in experts.tolist()) if key not in resident]
+            if keys:
+                self.cache.prefetch(keys, protected, request.counters)
 
     def depth(self) -> int:
         """Prefetch depth: as set, or enough layers ahead that a call's misses can load while the layers

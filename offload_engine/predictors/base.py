@@ -38,7 +38,8 @@ class Paths:
 
 @dataclass(frozen=True)
 class Prediction:
-    """Experts expected at a later MoE layer: `experts` [rows, n] ranked best first per row (-1 = none)."""
+    """Experts expected at a later MoE layer: `experts` [rows, n] ranked best first per row (-1 = none: only
+    at the end of a row, after the experts it names)."""
 
     depth: int  # MoE layers ahead (1 = the next one)
     layer: int  # its position, 0..L-1 (wrapped: a layer of the next token)
@@ -46,8 +47,11 @@ class Prediction:
 
     def union(self, limit: int | None = None) -> np.ndarray:
         """The distinct experts over all rows, rank by rank (every row's best first)."""
-        if self.experts.shape[0] == 1 and (self.experts >= 0).all():  # one row: already distinct and ranked
-            return self.experts[0, :limit]
+        if len(self.experts) == 1:  # one row (decode at batch 1, every layer call): already distinct and ranked
+            row = self.experts[0]
+            if not row.size or row[-1] >= 0:
+                return row[:limit]
+            return row[:limit][row[:limit] >= 0]
         seen: dict[int, None] = {}
         for col in self.experts.T:
             for e in col.tolist():
