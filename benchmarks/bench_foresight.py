@@ -42,6 +42,18 @@ CONFIGS = {  # name -> engine settings
     "lru+next-gate+prefetch": dict(policy="lru", predictor="next-gate"),
     "lru+learned+prefetch": dict(policy="lru", predictor="learned"),
 }
+# the same engine with the CPU slots filled by torch's copies (demand loads in Python, prefetches on a thread pool)
+# instead of the compiled copier: what copy_worker.py changed
+TORCH_COPIES = {f"{name}/torch-copies": name for name in CONFIGS}
+
+
+def make_engine(model: Path, slots: int, name: str):
+    from offload_engine import OffloadEngine
+
+    engine = OffloadEngine.from_pretrained(model, expert_slots=slots, progress=False, **CONFIGS[TORCH_COPIES.get(name, name)])
+    if name in TORCH_COPIES:
+        engine.cache.compiled_copies = False
+    return engine
 
 
 def heldout_sequences(tokenizer, seqs: int, tokens: int) -> list[list[int]]:
@@ -88,7 +100,6 @@ def teacher_forced(engine, sequences: list[list[int]]):
 
 
 def counters_part(model: Path, sequences, sizes: dict[str, int], configs: list[str]) -> dict:
-    from offload_engine import OffloadEngine
     from offload_engine.replay import replay
 
     results = {}
@@ -96,7 +107,7 @@ def counters_part(model: Path, sequences, sizes: dict[str, int], configs: list[s
         row = {}
         trace = None
         for name in configs:
-            engine = OffloadEngine.from_pretrained(model, expert_slots=slots, progress=False, **CONFIGS[name])
+            engine = make_engine(model, slots, name)
             stats, run_trace = teacher_forced(engine, sequences)
             trace = trace if trace is not None else run_trace
             assert np.array_equal(trace.expert_ids, run_trace.expert_ids)  # the same routing whatever the cache
@@ -121,12 +132,10 @@ def counters_part(model: Path, sequences, sizes: dict[str, int], configs: list[s
 
 def speed_part(model: Path, prompts: list[list[int]], slots: int, configs: list[str], tokens: int,
                repeats: int) -> dict:
-    from offload_engine import OffloadEngine
-
-    engines = {name: OffloadEngine.from_pretrained(model, expert_slots=slots, progress=False, **CONFIGS[name])
-               for name in configs}
+    engines = {name: make_engine(model, slots, name) for name in configs}
     rates: dict[str, list[float]] = {name: [] for name in configs}
     predict: dict[str, list[float]] = {name: [] for name in configs}
+    stall: dict[str, list[float]] = {name: [] for name in configs}
     for name, engine in engines.items():  # warm: page cache, first-call costs
         engine.generate(prompts[0], max_new_tokens=8, ignore_eos=True)
     for r in range(repeats):
@@ -136,9 +145,13 @@ def speed_part(model: Path, prompts: list[list[int]], slots: int, configs: list[
                 stats = engines[name].generate(prompt, max_new_tokens=tokens, ignore_eos=True).stats
                 rates[name].append(stats.decode_tokens_per_s)
                 predict[name].append(1e6 * stats.predict_s / max(1, stats.generated_tokens))
+                stall[name].append(1e6 * stats.stall_s / max(1, stats.generated_tokens))
+    for engine in engines.values():
+        engine.close()
     base = statistics.median(rates[configs[0]])
     return {name: {"decode_tokens_per_s": statistics.median(v), "ratio_to_" + configs[0]: statistics.median(v) / base,
-                   "predict_us_per_token": statistics.median(predict[name])} for name, v in rates.items()}
+                   "predict_us_per_token": statistics.median(predict[name]),
+                   "stall_us_per_token": statistics.median(stall[name])} for name, v in rates.items()}
 
 
 def main() -> None:
@@ -149,7 +162,10 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--configs", default=",".join(CONFIGS),
+                        help="comma-separated; NAME/torch-copies: the same with torch's copies into the CPU slots")
+    parser.add_argument("--speed-sizes", default="demo budget",
+                        help="comma-separated cache sizes for --part speed: 'demo budget', 'rho 0.5', 'rho 1', 'rho 2'")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_foresight.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -180,12 +196,16 @@ def main() -> None:
                       f"{v.get('predict_us_per_token', float('nan')):>15.1f}")
     if args.part in ("speed", "both"):
         prompts = [s[:16] for s in sequences[:3]]
-        out["speed"] = speed_part(args.model, prompts, sizes["demo budget"], configs, args.tokens, args.repeats)
-        print(f"\ndecode tokens/s at the demo budget ({sizes['demo budget']} slots), medians of "
-              f"{args.repeats} x {len(prompts)} interleaved runs of {args.tokens} tokens")
-        for name, v in out["speed"].items():
-            print(f"  {name:<32}{v['decode_tokens_per_s']:>8.1f} tok/s  x{list(v.values())[1]:.3f}  "
-                  f"prediction {v['predict_us_per_token']:.0f} us/token")
+        out["speed"] = {}
+        for size in args.speed_sizes.split(","):
+            if size not in sizes:
+                sys.exit(f"error: unknown cache size {size!r}; choose from {', '.join(sizes)}")
+            out["speed"][size] = speed_part(args.model, prompts, sizes[size], configs, args.tokens, args.repeats)
+            print(f"\ndecode tokens/s at {size} ({sizes[size]} slots), threads {args.threads}, medians of "
+                  f"{args.repeats} x {len(prompts)} interleaved runs of {args.tokens} tokens")
+            for name, v in out["speed"][size].items():
+                print(f"  {name:<40}{v['decode_tokens_per_s']:>8.1f} tok/s  x{list(v.values())[1]:.3f}  "
+                      f"stall {v['stall_us_per_token']:.0f} us/token  prediction {v['predict_us_per_token']:.0f} us/token")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1))
     print(f"\nwritten to {args.out}")

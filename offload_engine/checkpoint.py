@@ -219,6 +219,16 @@ class SafetensorsFile:
                                           "use --host-memory files") from None
             return self._map
 
+    def fileno(self) -> int:
+        """The descriptor kept open (compiled copies read it with pread); check_identity() before each use."""
+        return self._fd
+
+    def check_identity(self) -> None:
+        self._identity.check(self._fd, self.path)
+
+    def span(self, info: TensorInfo, index: int | None = None) -> tuple[int, int]:
+        return self._span(info, index)
+
     def release(self, info: TensorInfo, index: int | None = None) -> None:
         """Drop a copied tensor's pages from this process (the page cache keeps them): without it every expert
         ever read would stay resident in the process."""
@@ -327,6 +337,10 @@ class CheckpointTensors:
 
     def keys(self):
         return self.infos.keys()
+
+    def locate(self, key: str) -> tuple[SafetensorsFile, TensorInfo]:
+        """The file holding a tensor, and its entry."""
+        return self._file(key)
 
     def _file(self, key: str) -> tuple[SafetensorsFile, TensorInfo]:
         info = self.infos[key]

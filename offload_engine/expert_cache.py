@@ -6,9 +6,9 @@ Which expert is in which slot is SlotMap's business (slot_map.py), which slot gi
 
 Loads run where they overlap compute: on CUDA on a copy stream, each slot with a `ready` event (the compute
 stream waits for it) and a `last_use` event recorded after the kernels that read it (a copy into a reused
-slot waits for it: a slot is never overwritten while a queued kernel still reads it). On the CPU, prefetches
-run on one background thread (copies from the memory map or the files release the GIL), demand loads in the
-calling thread.
+slot waits for it: a slot is never overwritten while a queued kernel still reads it). On the CPU (x86-64),
+compiled copies (copy_worker.py): demand loads in the calling thread, prefetches on a thread that never takes
+the GIL; where the bytes need converting, torch's copies (prefetches on a thread pool).
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from . import copy_worker
 from .counters import CacheStats, LayerCounters, new_counters
+from .errors import CheckpointError
 from .expert_store import ExpertStore
 from .policies import Key, LRUPolicy
 from .slot_map import SlotMap, Staging
@@ -54,12 +56,20 @@ class ExpertCache:
         cuda = self.device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(self.device) if cuda else None
         self.non_blocking = cuda and store.pinned
-        self.ready: dict[int, torch.cuda.Event | Future] = {}  # slot -> completion of its last load
+        self.ready: dict[int, torch.cuda.Event | Future | copy_worker.CopyTicket] = {}  # slot -> completion of its last load
         self.last_use: dict[int, torch.cuda.Event] = {}  # CUDA: slot -> after the last kernels that read it
         # CUDA copy timings: (counters, start, end, experts copied), read once the copies are done
         self._copy_events: list[tuple[LayerCounters, torch.cuda.Event, torch.cuda.Event, int]] = []
         self.copy_time = 0.0  # CUDA: running mean of one expert's copy, from the events (prefetch depth reads it)
         self._loader: ThreadPoolExecutor | None = None
+        # CPU slots filled by compiled copies (copy_worker.py): demand loads in this thread, prefetches on a thread
+        # that never takes the GIL; where a store's bytes cannot be copied as they are, torch's copies (a benchmark
+        # sets it False to compare the two)
+        self.compiled_copies = self.device.type == "cpu" and copy_worker.available()
+        self._pool_base = np.array([t.data_ptr() for t in self.pool.values()], dtype=np.int64)
+        self._pool_stride = np.array([t[0].numel() * t.element_size() for t in self.pool.values()], dtype=np.int64)
+        self._worker: copy_worker.CopyWorker | None = None
+        self._templates: dict[Key, tuple[np.ndarray, np.ndarray, tuple] | None] = {}
 
     # -- views ----------------------------------------------------------------------------------------------
     @property
@@ -139,6 +149,9 @@ class ExpertCache:
         self._wait(list(self.map.arriving), LayerCounters())
 
     def close(self) -> None:
+        if self._worker is not None:
+            self._worker.close()
+            self._worker = None
         if self._loader is not None:
             self._loader.shutdown(wait=True)
             self._loader = None
@@ -151,7 +164,47 @@ class ExpertCache:
             self._table_writes[layer, e] = slot
 
     def _copy(self, layer_pos: int, loads: list[tuple[int, int]]) -> int:
+        tasks = self._copy_tasks(layer_pos, loads)
+        if tasks is not None:
+            if not copy_worker.copy_now(tasks):
+                raise CheckpointError(f"expert(s) {[e for e, _ in loads]} of MoE layer {layer_pos} could not be read "
+                                      "from the checkpoint files (truncated or an I/O error since the model was "
+                                      "loaded); check the disk, then reload the model")
+            return len(loads) * self.store.expert_nbytes()
         return sum(self.store.copy_into(layer_pos, e, self.slot_tensors(s), self.non_blocking) for e, s in loads)
+
+    def _copy_tasks(self, layer_pos: int, loads: list[tuple[int, int]]) -> np.ndarray | None:
+        """The loads as copy_worker task rows (destination in the slot pool, source in host memory or the map),
+        or None where they need torch's copies (CUDA, a dtype to convert, not x86-64)."""
+        if not self.compiled_copies:
+            return None
+        parts, files = [], set()
+        for e, slot in loads:
+            template = self._templates.get((layer_pos, e))
+            if template is None:
+                template = self._templates[layer_pos, e] = self._template(layer_pos, e)
+                if template is None:
+                    self.compiled_copies = False  # one layout for every expert: the others cannot be copied as they are
+                    return None
+            rows, strides, sources = template
+            rows = rows.copy()
+            rows[:, 0] += slot * strides
+            parts.append(rows)
+            files.update(sources)
+        self.store.check_sources(files)
+        return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+    def _template(self, layer_pos: int, e: int):
+        """An expert's task rows for slot 0, the per-row stride of one slot, and its source files."""
+        plan = self.store.copy_plan(layer_pos, e)
+        if plan is None:
+            return None
+        rows, sources = plan
+        param = rows[:, 0]
+        tasks = copy_worker.task_rows(len(rows))
+        tasks[:, 0] = self._pool_base[param] + rows[:, 1]
+        tasks[:, 1:] = rows[:, 2:]
+        return tasks, self._pool_stride[param], sources
 
     def _load(self, layer_pos: int, loads: list[tuple[int, int]], c: LayerCounters, demand: bool) -> None:
         try:
@@ -166,6 +219,12 @@ class ExpertCache:
                     c.stall_s += elapsed
                     for _, slot in loads:
                         self.map.arrived(slot)
+            elif (tasks := self._copy_tasks(layer_pos, loads)) is not None:
+                if self._worker is None:
+                    self._worker = copy_worker.CopyWorker(keepalive=(self.pool, self.store.tensors))
+                ticket = self._worker.post(tasks)  # not timed: the copy thread never comes back to Python
+                for _, slot in loads:
+                    self.ready[slot] = ticket
             else:
                 if self._loader is None:
                     self._loader = ThreadPoolExecutor(1, thread_name_prefix="expert-prefetch")
@@ -209,7 +268,7 @@ class ExpertCache:
             handle = self.ready.pop(slot, None)
             if handle is None:
                 continue
-            if isinstance(handle, Future):
+            if isinstance(handle, (Future, copy_worker.CopyTicket)):
                 try:
                     handle.result()
                 except BaseException as e:  # the prefetch failed: the slot holds nothing
@@ -229,7 +288,7 @@ class ExpertCache:
         """Mark finished loads as arrived (an arriving slot cannot be evicted); drop failed prefetches."""
         done, failed = [], []
         for slot, handle in list(self.ready.items()):
-            if isinstance(handle, Future):
+            if isinstance(handle, (Future, copy_worker.CopyTicket)):
                 if handle.done():
                     (failed if handle.exception() is not None else done).append(slot)
             elif handle.query():

@@ -8,7 +8,9 @@ Four ways to hold them:
 - "ram": each layer's experts in ordinary host memory, in the compute dtype;
 - "pinned": the same in page-locked memory, so host-to-GPU copies can run asynchronously (the CUDA default).
 Experts are read one at a time, each from its own tensors; a layer's experts share one host buffer per
-runtime parameter, never the whole model in one stack.
+runtime parameter, never the whole model in one stack. Into CPU slots (x86-64) "mmap" and "files" both copy by
+compiled positional reads (copy_plan, copy_worker.py): through the page cache, no page mapped, so there is
+nothing to drop afterwards (a map's page faults and the drop cost more than the copy).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import math
 import threading
 import warnings
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -46,12 +49,48 @@ class ExpertStore:
         self.pinned = False  # true only once page-locked buffers really hold the experts
         self.host: list[dict[str, torch.Tensor]] = []  # per MoE layer: runtime param name -> [E, *shape]
         self._staging = threading.local()  # per thread: demand loads and the prefetch thread read at once
+        self._plans: dict[tuple[int, int], tuple[np.ndarray, tuple] | None] = {}  # copy_plan's, by (layer, expert)
         if mode not in READ_ON_DEMAND:
             self._load_host(progress)
 
     def expert_nbytes(self) -> int:
         """Bytes of one expert in the compute dtype (what a slot holds and a miss moves)."""
         return self.spec.expert_numel() * self.dtype.itemsize
+
+    def copy_plan(self, layer_pos: int, expert: int) -> tuple[np.ndarray, tuple] | None:
+        """One expert's copies for the compiled copier (copy_worker.py): rows [n, 5] (int64) of the runtime
+        parameter's index (spec.expert_params order), the byte offset in the expert's tensor, then the task's
+        source, bytes and file (ram: an address, -1; mmap and files: an offset and the open file's descriptor,
+        read with pread through the page cache, so no page stays mapped); and the files whose identity the
+        caller must check before the copies run (check_sources), as every read checks it. None when the bytes
+        cannot be copied as they are (another dtype on disk)."""
+        key = (layer_pos, expert)
+        if key not in self._plans:
+            self._plans[key] = self._make_plan(layer_pos, expert)
+        return self._plans[key]
+
+    @staticmethod
+    def check_sources(files) -> None:
+        for f in files:
+            f.check_identity()  # refuses a file changed since loading
+
+    def _make_plan(self, layer_pos: int, expert: int):
+        if self.mode not in READ_ON_DEMAND:
+            rows = [(i, 0, t[expert].data_ptr(), t[expert].numel() * t.element_size(), -1)
+                    for i, t in enumerate(self.host[layer_pos].values())]
+            return np.array(rows, dtype=np.int64), ()
+        rows, files = [], set()
+        pieces = self.layout.expert_pieces(layer_pos, expert)
+        for i, p in enumerate(self.spec.expert_params):
+            row_bytes = math.prod(p.shape[1:]) * self.dtype.itemsize
+            for piece in pieces[p.name]:
+                f, info = self.tensors.locate(piece.key)
+                begin, nbytes = f.span(info, piece.index)
+                if info.dtype != self.dtype or nbytes != (piece.stop - piece.start) * row_bytes:
+                    return None
+                rows.append((i, piece.start * row_bytes, begin, nbytes, f.fileno()))
+                files.add(f)
+        return np.array(rows, dtype=np.int64), tuple(files)
 
     def _read(self, layer_pos: int, expert: int, name: str, out: torch.Tensor, mapped: bool = False) -> None:
         for piece in self.layout.expert_pieces(layer_pos, expert)[name]:

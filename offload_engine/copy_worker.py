@@ -1,0 +1,187 @@
+"""Compiled expert copies into CPU slots, and a copy thread that never takes the GIL.
+
+A Python thread pool costs the decode far more than its copies on a small CPU machine: every task wakes the
+worker (a futex; on a virtual machine an inter-processor interrupt) and the worker's Python then contends
+for the GIL with the decode's own Python between torch ops. Measured on the 2-core VM (BENCHMARKS.md): pool
+tasks that copied *nothing* still cost the decode about as much as the stalls prefetch saved. This worker is
+one compiled loop (numba, nogil) that polls a ring of copy tasks: the caller writes task rows and bumps a
+counter; the loop copies and bumps the done counter. No lock, no wake-up, no GIL. While there is work it
+spins (yielding the CPU between polls); after IDLE_SPINS empty polls it exits, and the next post starts it.
+
+A task is one contiguous run of bytes: from host memory (memcpy) or from a file at an offset (pread, through
+the page cache: no pages of the file are mapped into the process, so nothing has to be dropped afterwards and
+a file truncated under us gives a short read, not a SIGBUS). After the first failed task every later one
+fails too (the file is damaged: the caller reports it and the model must be reloaded), so a batch failed
+exactly when it ends after the first failure.
+
+Plain stores publish a task and its completion, which is correct where stores are seen in program order
+(x86-64); elsewhere `available()` is False and the cache keeps torch's copies on a thread pool.
+"""
+
+from __future__ import annotations
+
+import platform
+import threading
+
+import numba
+import numpy as np
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from .errors import CheckpointError
+
+IDLE_SPINS = 200_000  # empty polls (each a sched_yield, about a microsecond) before the thread exits
+CAPACITY = 4096  # tasks in flight at most; a post waits for room beyond that
+EINTR = 4
+
+# C functions the compiled loops call, found by symbol in the running process (libc), so the loops can be cached
+_sched_yield = types.ExternalFunction("sched_yield", types.int32())
+_memcpy = types.ExternalFunction("memcpy", types.voidptr(types.voidptr, types.voidptr, types.uintp))
+_pread = types.ExternalFunction("pread", types.intp(types.int32, types.voidptr, types.uintp, types.int64))
+_errno_location = types.ExternalFunction("__errno_location", types.CPointer(types.int32)())
+
+POSTED, DONE, STOP, FIRST_FAILED = range(4)  # the mailbox's counters
+DST, SRC, NBYTES, FD = range(4)  # a task row: destination address; source address, or offset in file FD (>= 0)
+NO_FAILURE = np.iinfo(np.int64).max
+
+
+def available() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
+def task_rows(n: int) -> np.ndarray:
+    return np.zeros((n, 4), dtype=np.int64)
+
+
+@intrinsic
+def _pointer(typingctx, address):  # pragma: no cover - compiled
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], cgutils.voidptr_t)
+    return types.voidptr(address), codegen
+
+
+@numba.njit(nogil=True, cache=True)
+def _copy(dst, src, nbytes, fd):  # pragma: no cover - compiled
+    """One task; False if the file could not be read whole."""
+    if fd < 0:
+        if nbytes > 0:  # libc's memcpy: a compiled byte loop runs at a third of its speed
+            _memcpy(_pointer(dst), _pointer(src), nbytes)
+        return True
+    done = 0
+    while done < nbytes:  # a positional read may return short
+        got = _pread(np.int32(fd), _pointer(dst + done), nbytes - done, src + done)
+        if got < 0 and _errno_location()[0] == EINTR:
+            continue
+        if got <= 0:
+            return False
+        done += got
+    return True
+
+
+@numba.njit(nogil=True, cache=True)
+def _run(tasks, first, last, box):  # pragma: no cover - compiled
+    """Task numbers first..last-1 (ring positions number % capacity), in order; a failure is kept in box."""
+    capacity = tasks.shape[0]
+    for n in range(first, last):
+        t = n % capacity
+        if box[FIRST_FAILED] != NO_FAILURE or not _copy(tasks[t, DST], tasks[t, SRC], tasks[t, NBYTES], tasks[t, FD]):
+            box[FIRST_FAILED] = min(box[FIRST_FAILED], n)
+
+
+@numba.njit(nogil=True, cache=True)
+def _serve(box, tasks, idle_spins):  # pragma: no cover - compiled
+    idle = 0
+    while box[STOP] == 0 and idle < idle_spins:
+        done, posted = box[DONE], box[POSTED]
+        if posted > done:
+            _run(tasks, done, posted, box)
+            box[DONE] = posted
+            idle = 0
+        else:
+            _sched_yield()  # an opaque call: the counters are read again from memory on every poll
+            idle += 1
+
+
+def copy_now(tasks: np.ndarray) -> bool:
+    """Run task rows in this thread (demand loads: the caller waits for them anyway), the GIL released;
+    False if a file could not be read."""
+    box = np.array([0, 0, 0, NO_FAILURE], dtype=np.int64)
+    if len(tasks):
+        _run(tasks, 0, len(tasks), box)
+    return box[FIRST_FAILED] == NO_FAILURE
+
+
+class CopyWorker:
+    """Post task rows; a ticket says when they are done. `keepalive` holds whatever owns the memory and the
+    files the tasks address (the slot pool, the checkpoint's open files) for as long as the thread may run."""
+
+    def __init__(self, keepalive=(), capacity: int = CAPACITY):
+        self.box = np.array([0, 0, 0, NO_FAILURE], dtype=np.int64)
+        self.tasks = task_rows(capacity)
+        self._keepalive = keepalive
+        self._thread: threading.Thread | None = None
+        copy_now(task_rows(0))  # compile (or load) the loops now, while the engine loads, not on the first post
+        _serve(np.array([0, 0, 1, NO_FAILURE], dtype=np.int64), self.tasks, 1)
+
+    def post(self, rows: np.ndarray) -> "CopyTicket":
+        box, capacity = self.box, len(self.tasks)
+        first = int(box[POSTED])
+        for row in rows:
+            while box[POSTED] - box[DONE] >= capacity:  # the ring is full: let the worker catch up
+                self._ensure_running()
+            self.tasks[box[POSTED] % capacity] = row
+            box[POSTED] += 1
+        self._ensure_running()
+        return CopyTicket(self, first, int(box[POSTED]))
+
+    def wait(self, number: int) -> None:
+        """Until every task before `number` is done."""
+        while self.box[DONE] < number:
+            self._ensure_running()
+
+    def close(self) -> None:
+        """Finish what was posted, then stop the thread."""
+        self.wait(int(self.box[POSTED]))
+        self.box[STOP] = 1
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _ensure_running(self) -> None:
+        # A thread that found nothing and is exiting may miss a task posted meanwhile: every wait comes back here,
+        # so a task is never stranded.
+        if self.box[POSTED] > self.box[DONE] and (self._thread is None or not self._thread.is_alive()):
+            self.box[STOP] = 0
+            self._thread = threading.Thread(target=_serve_keeping, args=(self.box, self.tasks, self._keepalive),
+                                            name="expert-copy", daemon=True)
+            self._thread.start()
+
+
+def _serve_keeping(box: np.ndarray, tasks: np.ndarray, keepalive) -> None:
+    """The thread's body: `keepalive` (what the tasks address) lives as long as the thread."""
+    _serve(box, tasks, IDLE_SPINS)
+
+
+class CopyTicket:
+    """A posted batch (task numbers first..last-1), as the cache's `ready` map sees a future."""
+
+    __slots__ = ("worker", "first", "last")
+
+    def __init__(self, worker: CopyWorker, first: int, last: int):
+        self.worker, self.first, self.last = worker, first, last
+
+    def done(self) -> bool:
+        return self.worker.box[DONE] >= self.last
+
+    def exception(self) -> CheckpointError | None:
+        if self.done() and self.worker.box[FIRST_FAILED] < self.last:
+            return CheckpointError("an expert could not be read from the checkpoint files (truncated or an I/O "
+                                   "error since the model was loaded); check the disk, then reload the model")
+        return None
+
+    def result(self) -> None:
+        self.worker.wait(self.last)
+        error = self.exception()
+        if error is not None:
+            raise error

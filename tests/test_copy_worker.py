@@ -1,0 +1,144 @@
+"""The compiled copier and its GIL-free thread, against plain numpy copies and file reads."""
+
+import os
+import threading
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from offload_engine import CheckpointError, copy_worker as cw
+from test_expert_cache import expert_from_disk, make_cache, mixtral_dir  # noqa: F401 (mixtral_dir: a fixture)
+
+pytestmark = pytest.mark.skipif(not cw.available(), reason="compiled copies run on x86-64 only")
+
+
+def memory_task(dst: np.ndarray, dst_at: int, src: np.ndarray, src_at: int, n: int) -> list[int]:
+    return [dst.ctypes.data + dst_at, src.ctypes.data + src_at, n, -1]
+
+
+def file_task(dst: np.ndarray, dst_at: int, fd: int, offset: int, n: int) -> list[int]:
+    return [dst.ctypes.data + dst_at, offset, n, fd]
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    payload = np.random.default_rng(0).integers(0, 256, 1 << 16, dtype=np.uint8)
+    path = tmp_path / "bytes.bin"
+    path.write_bytes(payload.tobytes())
+    fd = os.open(path, os.O_RDONLY)
+    yield payload, fd, path
+    os.close(fd)
+
+
+spans = st.lists(st.tuples(st.integers(0, 1 << 15), st.integers(0, 1 << 15), st.integers(0, 1 << 14)),
+                 min_size=1, max_size=12)
+
+
+@settings(max_examples=40, deadline=None)
+@given(spans=spans, from_file=st.booleans())
+def test_copy_now_equals_plain_copies(spans, from_file):
+    payload = np.random.default_rng(1).integers(0, 256, 1 << 16, dtype=np.uint8)
+    got = np.zeros(1 << 16, dtype=np.uint8)
+    want = got.copy()
+    path = f"/tmp/copy_worker_{os.getpid()}_{threading.get_ident()}.bin"
+    with open(path, "wb") as f:
+        f.write(payload.tobytes())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        rows = []
+        for dst_at, src_at, n in spans:
+            want[dst_at:dst_at + n] = payload[src_at:src_at + n]  # in order: a later span overwrites an earlier one
+            rows.append(file_task(got, dst_at, fd, src_at, n) if from_file else memory_task(got, dst_at, payload, src_at, n))
+        assert cw.copy_now(np.array(rows, dtype=np.int64))
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    assert np.array_equal(got, want)
+
+
+def test_the_thread_copies_every_batch_across_ring_wraps_and_restarts(data_file, monkeypatch):
+    payload, fd, _ = data_file
+    monkeypatch.setattr(cw, "IDLE_SPINS", 50)  # the thread exits between batches: each post must restart it
+    worker = cw.CopyWorker(capacity=8)
+    out = np.zeros((40, 1024), dtype=np.uint8)
+    tickets = []
+    for b in range(10):  # 40 tasks through a ring of 8
+        rows = [(memory_task(out[i], 0, payload, i * 1024, 1024) if i % 2 else file_task(out[i], 0, fd, i * 1024, 1024))
+                for i in range(b * 4, b * 4 + 4)]
+        tickets.append(worker.post(np.array(rows, dtype=np.int64)))
+        if b % 3 == 0 and worker._thread is not None:
+            worker._thread.join()  # idle: it has gone
+    for ticket in tickets:
+        ticket.result()
+        assert ticket.done() and ticket.exception() is None
+    assert np.array_equal(out.reshape(-1), payload[:40 * 1024])
+    worker.close()
+    assert worker._thread is None
+
+
+def test_a_short_read_fails_its_batch_and_every_later_one_not_the_earlier(data_file):
+    payload, fd, _ = data_file
+    worker = cw.CopyWorker()
+    out = np.zeros(3 * 4096, dtype=np.uint8)
+    good = worker.post(np.array([file_task(out, 0, fd, 0, 4096)], dtype=np.int64))
+    good.result()
+    short = worker.post(np.array([file_task(out, 4096, fd, len(payload) - 100, 4096)], dtype=np.int64))  # past the end
+    with pytest.raises(CheckpointError, match="reload the model"):
+        short.result()
+    later = worker.post(np.array([file_task(out, 8192, fd, 0, 4096)], dtype=np.int64))
+    with pytest.raises(CheckpointError):  # the file is damaged: nothing read after it is trusted
+        later.result()
+    assert good.exception() is None
+    assert np.array_equal(out[:4096], payload[:4096])
+    assert not cw.copy_now(np.array([file_task(out, 0, fd, len(payload), 1)], dtype=np.int64))
+    worker.close()
+
+
+def test_the_cache_fills_cpu_slots_with_compiled_copies(mixtral_dir):  # noqa: F811
+    for mode in ("mmap", "files", "ram"):
+        cache = make_cache(mixtral_dir, 4, mode)
+        assert cache.compiled_copies
+        slots = cache.fetch(1, [2, 5])
+        cache.prefetch([(1, 6), (0, 3)], protected={(1, 2), (1, 5)})
+        cache.drain()
+        assert cache._worker is not None  # the prefetches went through the copy thread
+        for (layer, e), slot in [((1, 2), slots[0]), ((1, 5), slots[1]), ((1, 6), cache.slot_of[1, 6]),
+                                 ((0, 3), cache.slot_of[0, 3])]:
+            gate_up, down = expert_from_disk(mixtral_dir, layer, e)
+            tensors = cache.slot_tensors(slot)
+            assert torch.equal(tensors["gate_up_proj"], gate_up) and torch.equal(tensors["down_proj"], down)
+        cache.close()
+
+
+def test_a_dtype_to_convert_keeps_torch_copies(mixtral_dir):  # noqa: F811
+    from offload_engine.expert_cache import ExpertCache
+    from offload_engine.expert_store import ExpertStore
+    from offload_engine.loading import inspect_checkpoint
+    from offload_engine.policies import LRUPolicy
+    from offload_engine.run_config import RunConfig
+
+    inspected = inspect_checkpoint(mixtral_dir, RunConfig.build(device="cpu", expert_slots=2, progress=False))
+    store = ExpertStore(inspected.tensors, inspected.layout, inspected.spec, torch.bfloat16, "mmap", progress=False)
+    cache = ExpertCache(store, 2, "cpu", LRUPolicy())
+    slot, = cache.fetch(0, [1])
+    assert not cache.compiled_copies
+    gate_up, _ = expert_from_disk(mixtral_dir, 0, 1)
+    assert torch.equal(cache.slot_tensors(slot)["gate_up_proj"], gate_up.bfloat16())
+
+
+def test_a_file_cut_short_under_the_compiled_copies_is_an_error(mixtral_dir, tmp_path, monkeypatch):  # noqa: F811
+    """Past the identity check (as if the file shrank between the check and the read): a short read, never a
+    SIGBUS, and a one-line engine error."""
+    import shutil
+
+    path = tmp_path / "model"
+    shutil.copytree(mixtral_dir, path)
+    cache = make_cache(path, 2, "mmap")
+    cache.fetch(0, [0])
+    monkeypatch.setattr(type(cache.store), "check_sources", staticmethod(lambda files: None))
+    os.truncate(path / "model.safetensors", 1024)
+    with pytest.raises(CheckpointError, match="reload the model"):
+        cache.fetch(1, [7])
