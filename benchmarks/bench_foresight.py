@@ -7,7 +7,8 @@
    recorded trace of the same tokens (the replay reproduces the engine's LRU counters exactly, a test checks
    it) give the gap the predictive cache should close.
 2. Speed (--part speed): decode tokens/s on prompts of the held-out text, every configuration against LRU
-   without prediction, interleaved (A B C A B C ...), same budget, from the memory map; medians.
+   without prediction, interleaved one generation at a time in shuffled order, same budget, from the memory
+   map; medians.
 
     python benchmarks/heldout.py                       # once: the held-out text
     python benchmarks/bench_foresight.py [--part counters|speed|both] [--seqs 10] [--tokens 128]
@@ -138,10 +139,11 @@ def speed_part(model: Path, prompts: list[list[int]], slots: int, configs: list[
     stall: dict[str, list[float]] = {name: [] for name in configs}
     for name, engine in engines.items():  # warm: page cache, first-call costs
         engine.generate(prompts[0], max_new_tokens=8, ignore_eos=True)
+    rng = np.random.default_rng(0)
     for r in range(repeats):
-        order = configs if r % 2 == 0 else configs[::-1]  # who runs first alternates
-        for name in order:
-            for prompt in prompts:
+        for prompt in prompts:  # one generation per configuration in turn, in a fresh order each time: this VM's
+            for i in rng.permutation(len(configs)):  # speed drifts by 10-20% within seconds
+                name = configs[i]
                 stats = engines[name].generate(prompt, max_new_tokens=tokens, ignore_eos=True).stats
                 rates[name].append(stats.decode_tokens_per_s)
                 predict[name].append(1e6 * stats.predict_s / max(1, stats.generated_tokens))

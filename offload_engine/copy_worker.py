@@ -5,8 +5,9 @@ worker (a futex; on a virtual machine an inter-processor interrupt) and the work
 for the GIL with the decode's own Python between torch ops. Measured on the 2-core VM (BENCHMARKS.md): pool
 tasks that copied *nothing* still cost the decode about as much as the stalls prefetch saved. This worker is
 one compiled loop (numba, nogil) that polls a ring of copy tasks: the caller writes task rows and bumps a
-counter; the loop copies and bumps the done counter. No lock, no wake-up, no GIL. While there is work it
-spins (yielding the CPU between polls); after IDLE_SPINS empty polls it exits, and the next post starts it.
+counter; the loop copies and bumps the done counter. No lock, no wake-up, no GIL. Between tasks it polls,
+first yielding the CPU, then napping on a timer (a spinning thread would take a core from torch's threads);
+after about two seconds with nothing to do it exits, and the next post starts it again.
 
 A task is one contiguous run of bytes: from host memory (memcpy) or from a file at an offset (pread, through
 the page cache: no pages of the file are mapped into the process, so nothing has to be dropped afterwards and
@@ -31,12 +32,15 @@ from numba.extending import intrinsic
 
 from .errors import CheckpointError
 
-IDLE_SPINS = 200_000  # empty polls (each a sched_yield, about a microsecond) before the thread exits
+SPIN_POLLS = 200  # empty polls that only yield the CPU (about a microsecond each) before the thread naps
+NAP_US = 200  # then a poll every NAP_US: the thread wakes itself on a timer, no other thread ever wakes it
+IDLE_NAPS = 10_000  # naps with nothing to do (about two seconds) before the thread exits
 CAPACITY = 4096  # tasks in flight at most; a post waits for room beyond that
 EINTR = 4
 
 # C functions the compiled loops call, found by symbol in the running process (libc), so the loops can be cached
 _sched_yield = types.ExternalFunction("sched_yield", types.int32())
+_usleep = types.ExternalFunction("usleep", types.int32(types.uint32))
 _memcpy = types.ExternalFunction("memcpy", types.voidptr(types.voidptr, types.voidptr, types.uintp))
 _pread = types.ExternalFunction("pread", types.intp(types.int32, types.voidptr, types.uintp, types.int64))
 _errno_location = types.ExternalFunction("__errno_location", types.CPointer(types.int32)())
@@ -90,16 +94,19 @@ def _run(tasks, first, last, box):  # pragma: no cover - compiled
 
 
 @numba.njit(nogil=True, cache=True)
-def _serve(box, tasks, idle_spins):  # pragma: no cover - compiled
+def _serve(box, tasks, spin_polls, nap_us, idle_naps):  # pragma: no cover - compiled
     idle = 0
-    while box[STOP] == 0 and idle < idle_spins:
+    while box[STOP] == 0 and idle < spin_polls + idle_naps:
         done, posted = box[DONE], box[POSTED]
         if posted > done:
             _run(tasks, done, posted, box)
             box[DONE] = posted
             idle = 0
-        else:
-            _sched_yield()  # an opaque call: the counters are read again from memory on every poll
+        else:  # opaque calls: the counters are read again from memory on every poll
+            if idle < spin_polls:
+                _sched_yield()
+            else:
+                _usleep(np.uint32(nap_us))
             idle += 1
 
 
@@ -122,7 +129,7 @@ class CopyWorker:
         self._keepalive = keepalive
         self._thread: threading.Thread | None = None
         copy_now(task_rows(0))  # compile (or load) the loops now, while the engine loads, not on the first post
-        _serve(np.array([0, 0, 1, NO_FAILURE], dtype=np.int64), self.tasks, 1)
+        _serve(np.array([0, 0, 1, NO_FAILURE], dtype=np.int64), self.tasks, 1, 1, 1)
 
     def post(self, rows: np.ndarray) -> "CopyTicket":
         box, capacity = self.box, len(self.tasks)
@@ -160,7 +167,7 @@ class CopyWorker:
 
 def _serve_keeping(box: np.ndarray, tasks: np.ndarray, keepalive) -> None:
     """The thread's body: `keepalive` (what the tasks address) lives as long as the thread."""
-    _serve(box, tasks, IDLE_SPINS)
+    _serve(box, tasks, SPIN_POLLS, NAP_US, IDLE_NAPS)
 
 
 class CopyTicket:

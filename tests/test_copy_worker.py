@@ -61,7 +61,8 @@ def test_copy_now_equals_plain_copies(spans, from_file):
 
 def test_the_thread_copies_every_batch_across_ring_wraps_and_restarts(data_file, monkeypatch):
     payload, fd, _ = data_file
-    monkeypatch.setattr(cw, "IDLE_SPINS", 50)  # the thread exits between batches: each post must restart it
+    monkeypatch.setattr(cw, "SPIN_POLLS", 20)  # the thread exits between batches: each post must restart it
+    monkeypatch.setattr(cw, "IDLE_NAPS", 5)
     worker = cw.CopyWorker(capacity=8)
     out = np.zeros((40, 1024), dtype=np.uint8)
     tickets = []
