@@ -134,11 +134,16 @@ class CopyWorker:
     def post(self, rows: np.ndarray) -> "CopyTicket":
         box, capacity = self.box, len(self.tasks)
         first = int(box[POSTED])
-        for row in rows:
-            while box[POSTED] - box[DONE] >= capacity:  # the ring is full: let the worker catch up
-                self._ensure_running()
-            self.tasks[box[POSTED] % capacity] = row
-            box[POSTED] += 1
+        at = first % capacity
+        if len(rows) <= capacity - at and box[POSTED] - box[DONE] + len(rows) <= capacity:  # the usual case: one write
+            self.tasks[at:at + len(rows)] = rows
+            box[POSTED] += len(rows)  # published after the rows
+        else:
+            for row in rows:
+                while box[POSTED] - box[DONE] >= capacity:  # the ring is full: let the worker catch up
+                    self._ensure_running()
+                self.tasks[box[POSTED] % capacity] = row
+                box[POSTED] += 1
         self._ensure_running()
         return CopyTicket(self, first, int(box[POSTED]))
 

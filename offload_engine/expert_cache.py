@@ -170,7 +170,7 @@ class ExpertCache:
                 raise CheckpointError(f"expert(s) {[e for e, _ in loads]} of MoE layer {layer_pos} could not be read "
                                       "from the checkpoint files (truncated or an I/O error since the model was "
                                       "loaded); check the disk, then reload the model")
-            return len(loads) * self.store.expert_nbytes()
+            return len(loads) * self.map.expert_bytes
         return sum(self.store.copy_into(layer_pos, e, self.slot_tensors(s), self.non_blocking) for e, s in loads)
 
     def _copy_tasks(self, layer_pos: int, loads: list[tuple[int, int]]) -> np.ndarray | None:
