@@ -14,7 +14,8 @@ class LayerCounters:
     bytes_to_device: int = 0  # every load: demand and prefetch
     evictions: int = 0
     stall_s: float = 0.0  # time calls waited for their experts (demand loads and unfinished prefetches)
-    copy_s: float = 0.0  # time spent copying experts into slots (CUDA: measured with events)
+    copy_s: float = 0.0  # time spent copying experts into slots (CUDA: measured with events; on the CPU the
+    # copy thread's prefetches are not timed, it never returns to Python: demand loads and pool copies only)
     cpu_experts: int = 0  # experts computed on the CPU from host memory instead of a slot
     cpu_s: float = 0.0  # time spent computing them
     predict_s: float = 0.0  # time the predictor took (observing the routing, predicting, informing the policy)
