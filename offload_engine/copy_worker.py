@@ -110,6 +110,11 @@ def _serve(box, tasks, spin_polls, nap_us, idle_naps):  # pragma: no cover - com
             idle += 1
 
 
+def warm() -> None:
+    """Compile (or load from numba's cache) the copy loop now: where the engine loads, not on the first token."""
+    _run(task_rows(1), 0, 0, np.array([0, 0, 0, NO_FAILURE], dtype=np.int64))
+
+
 def copy_now(tasks: np.ndarray) -> bool:
     """Run task rows in this thread (demand loads: the caller waits for them anyway), the GIL released;
     False if a file could not be read."""
@@ -128,7 +133,7 @@ class CopyWorker:
         self.tasks = task_rows(capacity)
         self._keepalive = keepalive
         self._thread: threading.Thread | None = None
-        copy_now(task_rows(0))  # compile (or load) the loops now, while the engine loads, not on the first post
+        warm()  # compile (or load) the loops now, not on the first post
         _serve(np.array([0, 0, 1, NO_FAILURE], dtype=np.int64), self.tasks, 1, 1, 1)
 
     def post(self, rows: np.ndarray) -> "CopyTicket":

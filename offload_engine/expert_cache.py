@@ -69,6 +69,8 @@ class ExpertCache:
         self._pool_base = np.array([t.data_ptr() for t in self.pool.values()], dtype=np.int64)
         self._pool_stride = np.array([t[0].numel() * t.element_size() for t in self.pool.values()], dtype=np.int64)
         self._worker: copy_worker.CopyWorker | None = None
+        if self.compiled_copies:
+            copy_worker.warm()
         self._templates: dict[Key, tuple[np.ndarray, np.ndarray, tuple] | None] = {}
 
     # -- views ----------------------------------------------------------------------------------------------
