@@ -191,7 +191,7 @@ class SafetensorsFile:
                                 f"{list(shape)} need {info.nbytes}")
         return info
 
-    def _span(self, info: TensorInfo, index: int | None) -> tuple[int, int]:
+    def span(self, info: TensorInfo, index: int | None = None) -> tuple[int, int]:
         """(absolute offset, bytes) of a tensor, or of expert `index` of a fused [E, ...] one."""
         if index is None:
             return info.begin, info.nbytes
@@ -201,11 +201,11 @@ class SafetensorsFile:
     def view(self, info: TensorInfo, index: int | None = None) -> torch.Tensor:
         """Zero-copy tensor over the mapped file (private: writes would never reach the file). Valid until
         the file changes: the caller copies it at once (a truncation in between is the one SIGBUS left)."""
-        begin, nbytes = self._span(info, index)
+        begin, nbytes = self.span(info, index)
         shape = info.shape[1:] if index is not None else info.shape
         if nbytes == 0:
             return torch.empty(shape, dtype=info.dtype)
-        self._identity.check(self._fd, self.path)  # a page past a truncated end is a SIGBUS, not an exception
+        self.check_identity()  # a page past a truncated end is a SIGBUS, not an exception
         flat = torch.frombuffer(self._mapped(), dtype=torch.uint8, count=nbytes, offset=begin)
         return flat.view(info.dtype).view(shape)
 
@@ -224,15 +224,13 @@ class SafetensorsFile:
         return self._fd
 
     def check_identity(self) -> None:
+        """Refuse a file changed on disk since it was loaded (before every read of it)."""
         self._identity.check(self._fd, self.path)
-
-    def span(self, info: TensorInfo, index: int | None = None) -> tuple[int, int]:
-        return self._span(info, index)
 
     def release(self, info: TensorInfo, index: int | None = None) -> None:
         """Drop a copied tensor's pages from this process (the page cache keeps them): without it every expert
         ever read would stay resident in the process."""
-        begin, nbytes = self._span(info, index)
+        begin, nbytes = self.span(info, index)
         if self._map is None or nbytes == 0:
             return
         start = begin - begin % mmap.PAGESIZE
@@ -241,12 +239,12 @@ class SafetensorsFile:
     def read_into(self, info: TensorInfo, out: torch.Tensor, index: int | None = None) -> None:
         """Read a tensor (or expert `index` of a fused [E, ...] tensor) straight into `out`, a contiguous CPU
         tensor of the same dtype and element count: one positional read, through the OS page cache."""
-        begin, nbytes = self._span(info, index)
+        begin, nbytes = self.span(info, index)
         if out.numel() * out.element_size() != nbytes or out.dtype != info.dtype or not out.is_contiguous():
             raise ValueError(f"cannot read {info.key} into a {out.dtype} tensor of shape {list(out.shape)}")
         if nbytes == 0:
             return
-        self._identity.check(self._fd, self.path)
+        self.check_identity()
         view = memoryview(out.view(torch.uint8).reshape(-1).numpy())
         done = 0
         while done < nbytes:  # a positional read may return short

@@ -110,15 +110,26 @@ def _serve(box, tasks, spin_polls, nap_us, idle_naps):  # pragma: no cover - com
             idle += 1
 
 
+def _mailbox(stop: int = 0) -> np.ndarray:
+    return np.array([0, 0, stop, NO_FAILURE], dtype=np.int64)
+
+
+def read_error(what: str = "an expert") -> CheckpointError:
+    return CheckpointError(f"{what} could not be read from the checkpoint files (truncated or an I/O error since "
+                           "the model was loaded); check the disk, then reload the model")
+
+
 def warm() -> None:
-    """Compile (or load from numba's cache) the copy loop now: where the engine loads, not on the first token."""
-    _run(task_rows(1), 0, 0, np.array([0, 0, 0, NO_FAILURE], dtype=np.int64))
+    """Compile (or load from numba's cache) the loops now, where the engine loads: not on the first token, nor
+    on the first prefetch."""
+    _run(task_rows(1), 0, 0, _mailbox())
+    _serve(_mailbox(stop=1), task_rows(1), 1, 1, 1)
 
 
 def copy_now(tasks: np.ndarray) -> bool:
     """Run task rows in this thread (demand loads: the caller waits for them anyway), the GIL released;
     False if a file could not be read."""
-    box = np.array([0, 0, 0, NO_FAILURE], dtype=np.int64)
+    box = _mailbox()
     if len(tasks):
         _run(tasks, 0, len(tasks), box)
     return box[FIRST_FAILED] == NO_FAILURE
@@ -129,12 +140,11 @@ class CopyWorker:
     files the tasks address (the slot pool, the checkpoint's open files) for as long as the thread may run."""
 
     def __init__(self, keepalive=(), capacity: int = CAPACITY):
-        self.box = np.array([0, 0, 0, NO_FAILURE], dtype=np.int64)
+        self.box = _mailbox()
         self.tasks = task_rows(capacity)
         self._keepalive = keepalive
         self._thread: threading.Thread | None = None
-        warm()  # compile (or load) the loops now, not on the first post
-        _serve(np.array([0, 0, 1, NO_FAILURE], dtype=np.int64), self.tasks, 1, 1, 1)
+        warm()
 
     def post(self, rows: np.ndarray) -> "CopyTicket":
         box, capacity = self.box, len(self.tasks)
@@ -193,8 +203,7 @@ class CopyTicket:
 
     def exception(self) -> CheckpointError | None:
         if self.done() and self.worker.box[FIRST_FAILED] < self.last:
-            return CheckpointError("an expert could not be read from the checkpoint files (truncated or an I/O "
-                                   "error since the model was loaded); check the disk, then reload the model")
+            return read_error()
         return None
 
     def result(self) -> None:

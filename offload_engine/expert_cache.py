@@ -24,7 +24,6 @@ from tqdm.auto import tqdm
 
 from . import copy_worker
 from .counters import CacheStats, LayerCounters, new_counters
-from .errors import CheckpointError
 from .expert_store import ExpertStore
 from .policies import Key, LRUPolicy
 from .slot_map import SlotMap, Staging
@@ -169,9 +168,7 @@ class ExpertCache:
         tasks = self._copy_tasks(layer_pos, loads)
         if tasks is not None:
             if not copy_worker.copy_now(tasks):
-                raise CheckpointError(f"expert(s) {[e for e, _ in loads]} of MoE layer {layer_pos} could not be read "
-                                      "from the checkpoint files (truncated or an I/O error since the model was "
-                                      "loaded); check the disk, then reload the model")
+                raise copy_worker.read_error(f"expert(s) {[e for e, _ in loads]} of MoE layer {layer_pos}")
             return len(loads) * self.map.expert_bytes
         return sum(self.store.copy_into(layer_pos, e, self.slot_tensors(s), self.non_blocking) for e, s in loads)
 
