@@ -139,11 +139,11 @@ class PredictivePolicy:
         self._probability = None
 
     def on_predictions(self, layer: int, predictions) -> None:
-        """predictions: (distance d >= 1, target layer j, ranked expert ids) for layers after `layer`."""
-        for depth, target, experts in predictions:
-            if target != layer and depth <= self.MAX_DEPTH:
-                _mark(self.predicted[target, depth], experts)
-                self.pending[target, depth] = True
+        """predictions: (distance d >= 1, target layer j, ranked expert ids) for the calls after `layer`'s."""
+        for depth, target, experts in predictions:  # depth L: the layer's own next call (the next token's)
+            d = min(depth, self.MAX_DEPTH)  # the farther ones share the last bucket of graded predictions
+            _mark(self.predicted[target, d], experts)
+            self.pending[target, d] = True
         self._probability = None
 
     def use_probability(self) -> np.ndarray:

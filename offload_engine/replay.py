@@ -79,7 +79,7 @@ def replay(trace: RoutingTrace, slots: int, policy: str, predictor=None, use_pre
     counters = new_counters(L)
     foresight = None
     if policy == "predictive" and use_predictor:
-        foresight = Foresight(predictor or HistoryPredictor(L, E, k), rule, k)
+        foresight = Foresight(predictor or HistoryPredictor(L, E, k), rule, k, L)
     paths, sequence = None, -1
     ids = trace.expert_ids
     for n, t, layer, experts in layer_calls(trace):

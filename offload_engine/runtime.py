@@ -38,7 +38,7 @@ class Runtime:
         self.expert_bytes = cache.store.expert_nbytes()
         self.flops_per_token = 2.0 * cache.store.spec.expert_numel()  # one multiply-add per weight
         self.predictor = predictor
-        self.foresight = Foresight(predictor, cache.policy, top_k) if predictor is not None else None
+        self.foresight = Foresight(predictor, cache.policy, top_k, num_layers) if predictor is not None else None
         self.prefetch_depth = prefetch_depth  # None: chosen from measured load and layer times; 0: off
         self.lock = threading.RLock()
         self.request: Request | None = None
@@ -197,7 +197,7 @@ class Runtime:
     def _look_ahead(self, request: Request, context: LayerContext, protected: set) -> None:
         """Predict the next layers' experts: the policy learns of them, and the nearest are loaded now."""
         start = time.perf_counter()
-        wanted = self.foresight.look_ahead(context)  # always HORIZON layers: a replay of the trace must see the same
+        wanted = self.foresight.look_ahead(context)  # always its whole horizon: a replay must see the same
         request.counters[context.layer].predict_s += time.perf_counter() - start
         depth = self.depth()
         if depth:

@@ -344,7 +344,7 @@ def twin_history_scores(p, paths, layer, depth, target, sources, k):
             for a in src[r, src_layer]:
                 if a >= 0:
                     for b in range(E):
-                        out[r, b] += p.evidence[src_layer, depth + back - 1, a, b]
+                        out[r, b] += p.evidence[src_layer, list(p.distances).index(depth + back), a, b]
         last = paths.current if target <= layer else paths.previous
         if last[r, target, 0] >= 0:
             for b in range(E):
@@ -355,32 +355,41 @@ def twin_history_scores(p, paths, layer, depth, target, sources, k):
 
 
 def test_history_predictor_kernels_equal_their_plain_loop_twin():
+    """Counts and scores against Python loops, at 6 layers (distances 1-4 and the own layer's next call, 6-8)
+    and at 4 (where the two overlap and a distance past L would reach two tokens back: not counted)."""
     from offload_engine.predictors import history
 
-    trace = random_trace(5, n=3, t=30, layers=4, experts=10, k=3)
-    p = HistoryPredictor(4, 10, 3)
-    paths = Paths.empty(3, 4, 3)
-    co = np.zeros_like(p.co)
-    for t in range(30):
-        for layer in range(4):
-            ids = trace.expert_ids[:, t, layer].astype(np.int64)
-            paths.observe(layer, ids)
-            ctx = LayerContext(layer, ids, None, paths)
-            p.observe(ctx)
-            for r in range(3):  # counts, written out
-                for d in range(1, p.span + 1):
-                    src_layer = layer - d
-                    src = paths.current if src_layer >= 0 else paths.previous
-                    if src[r, src_layer % 4, 0] >= 0:
-                        for a in src[r, src_layer % 4]:
-                            for b in ids[r]:
-                                co[src_layer % 4, d - 1, a, b] += 1
-            if t > 3:
-                p._refresh()
-                for d, j in ((1, (layer + 1) % 4), (3, (layer + 3) % 4)):
-                    got = p.scores(ctx, d, j)
-                    assert np.allclose(got, twin_history_scores(p, paths, layer, d, j, history.SOURCES, 3))
-    assert np.array_equal(co, p.co)
+    for L in (6, 4):
+        trace = random_trace(5, n=3, t=30, layers=L, experts=10, k=3)
+        p = HistoryPredictor(L, 10, 3)
+        wanted = sorted(set(range(1, 3 + history.SOURCES)) | set(range(L, L + history.SOURCES)))
+        assert p.distances.tolist() == wanted
+        paths = Paths.empty(3, L, 3)
+        co = np.zeros_like(p.co)
+        for t in range(30):
+            for layer in range(L):
+                ids = trace.expert_ids[:, t, layer].astype(np.int64)
+                paths.observe(layer, ids)
+                ctx = LayerContext(layer, ids, None, paths)
+                p.observe(ctx)
+                for r in range(3):  # counts, written out
+                    for i, d in enumerate(wanted):
+                        if d > layer + L:  # the source would be two tokens back
+                            continue
+                        src = paths.current if layer - d >= 0 else paths.previous
+                        if src[r, (layer - d) % L, 0] >= 0:
+                            for a in src[r, (layer - d) % L]:
+                                for b in ids[r]:
+                                    co[(layer - d) % L, i, a, b] += 1
+                if t > 3:
+                    p._refresh()
+                    for d in (1, 3, L):
+                        got = p.scores(ctx, d, (layer + d) % L)
+                        assert np.allclose(got, twin_history_scores(p, paths, layer, d, (layer + d) % L,
+                                                                    history.SOURCES, 3))
+                    predicted = [(q.depth, q.layer) for q in p.predict(ctx, L, 3)]
+                    assert predicted[-1] == (L, layer) and len(predicted) == min(3, L) + (L > 3)
+        assert np.array_equal(co, p.co)
 
 
 def test_history_predictor_learns_a_deterministic_path():

@@ -8,6 +8,9 @@ Two kinds of evidence, both learned online from what the router really chose:
 The score of b at layer j is naive Bayes over every expert of this token's last SOURCES layers and the
 repetition: log P(b) + sum over evidence of log(P(b | evidence) / P(b)). On the shared FLAME-MoE trace,
 three source layers raise recall@k one layer ahead from 0.44 (the current layer only) to 0.48.
+
+Besides the next layers it predicts each layer's own next call (the next token's routing there, L layers
+ahead), so the predictive cache has a prediction for every resident expert's next chance (foresight.py).
 """
 
 from __future__ import annotations
@@ -29,31 +32,38 @@ class HistoryPredictor(Predictor):
 
     def __init__(self, num_layers: int, num_experts: int, top_k: int, max_depth: int = 3):
         self.num_layers, self.num_experts, self.top_k, self.max_depth = num_layers, num_experts, top_k, max_depth
-        self.span = max_depth + SOURCES - 1  # the farthest (source, target) distance the evidence needs
-        # L=layers, D=distances, E=experts: co[l, d-1, a, b] counts tokens with a at l and b at l + d
-        self.co = np.zeros((num_layers, self.span, num_experts, num_experts), dtype=np.float32)
-        self.seen = np.zeros((num_layers, self.span, num_experts), dtype=np.float32)  # tokens with a at l
+        # the (source, target) distances the evidence needs: the next max_depth layers from this token's last
+        # SOURCES layers, and each layer's own next call (the next token's same layer, L ahead) from them
+        needed = set(range(1, max_depth + SOURCES)) | set(range(num_layers, num_layers + SOURCES))
+        self.distances = np.array(sorted(needed), dtype=np.int64)
+        self.slot = np.full(self.distances[-1] + 1, -1, dtype=np.int64)  # distance -> its index in the tables
+        self.slot[self.distances] = np.arange(len(self.distances))
+        D = len(self.distances)
+        # L=layers, D=distances, E=experts: co[l, i, a, b] counts tokens with a at l and b at l + distances[i]
+        self.co = np.zeros((num_layers, D, num_experts, num_experts), dtype=np.float32)
+        self.seen = np.zeros((num_layers, D, num_experts), dtype=np.float32)  # tokens with a at l
         self.usage = np.zeros((num_layers, num_experts), dtype=np.float64)
         self.repeat = np.full(num_layers, 0.5)  # share of a layer's experts the next token reuses
         # derived from the counts every REFRESH calls: log P(b) per layer and log(P(b | a) / P(b)) per pair
         self.log_prior = np.zeros((num_layers, num_experts))
-        self.evidence = np.zeros((num_layers, self.span, num_experts, num_experts), dtype=np.float32)
+        self.evidence = np.zeros((num_layers, D, num_experts, num_experts), dtype=np.float32)
         self._since_refresh = REFRESH
 
     def _refresh(self) -> None:
         k, E = self.top_k, self.num_experts
         prior = (self.usage + 1) / (self.usage.sum(axis=1, keepdims=True) + E) * k  # [L, E], rows sum to k
         self.log_prior = np.log(prior)
-        for d in range(1, self.span + 1):
+        for i, d in enumerate(self.distances.tolist()):
             target_prior = np.roll(prior, -d, axis=0)  # the prior of layer l + d (wrapped), per source layer l
-            p = (self.co[:, d - 1] + SMOOTHING * target_prior[:, None, :] / k) / (self.seen[:, d - 1, :, None] + SMOOTHING)
-            self.evidence[:, d - 1] = np.log(p) - np.log(target_prior)[:, None, :]
+            p = (self.co[:, i] + SMOOTHING * target_prior[:, None, :] / k) / (self.seen[:, i, :, None] + SMOOTHING)
+            self.evidence[:, i] = np.log(p) - np.log(target_prior)[:, None, :]
         self._since_refresh = 0
 
     def observe(self, ctx: LayerContext) -> None:
         """Learn from the call at ctx.layer (ctx.paths already holds it)."""
         paths = ctx.paths
-        _observe(self.co, self.seen, self.usage, self.repeat, paths.current, paths.previous, ctx.layer, REPEAT_DECAY)
+        _observe(self.co, self.seen, self.usage, self.repeat, paths.current, paths.previous, ctx.layer,
+                 self.distances, REPEAT_DECAY)
         self._since_refresh += 1
 
     def scores(self, ctx: LayerContext, depth: int, target: int) -> np.ndarray:
@@ -61,30 +71,34 @@ class HistoryPredictor(Predictor):
         if self._since_refresh >= REFRESH:
             self._refresh()
         paths = ctx.paths
-        return _scores(self.evidence, self.log_prior, self.repeat, paths.current, paths.previous, ctx.layer,
-                       depth, target, SOURCES, self.top_k)
+        return _scores(self.evidence, self.slot, self.log_prior, self.repeat, paths.current, paths.previous,
+                       ctx.layer, depth, target, SOURCES, self.top_k)
 
     def predict(self, ctx: LayerContext, depth: int, n: int) -> list[Prediction]:
-        out = []
-        for d, j in target_layers(ctx.layer, min(depth, self.max_depth), self.num_layers, self.wraps):
-            out.append(Prediction(d, j, ranked(self.scores(ctx, d, j), n)))
-        return out
+        """The next min(depth, max_depth) layers; with depth >= L, also this layer's own next call (the next
+        token's), so that every layer has a prediction of its next call."""
+        L = self.num_layers
+        targets = target_layers(ctx.layer, min(depth, self.max_depth), L, self.wraps)
+        if depth >= L and self.max_depth < L:
+            targets.append((L, ctx.layer))
+        return [Prediction(d, j, ranked(self.scores(ctx, d, j), n)) for d, j in targets]
 
 
 # -- kernels: a decode step calls these once per layer, so they must cost microseconds, not numpy dispatches --
 @numba.njit(cache=True)
-def _observe(co, seen, usage, repeat, current, previous, layer, decay):  # pragma: no cover - compiled
+def _observe(co, seen, usage, repeat, current, previous, layer, distances, decay):  # pragma: no cover - compiled
     # current/previous [rows, L, k]: ids per row and layer, -1 unknown
     rows, L, k = current.shape
-    span = co.shape[1]
     for r in range(rows):
         if current[r, layer, 0] < 0:
             continue
         for j in range(k):
             if current[r, layer, j] >= 0:
                 usage[layer, current[r, layer, j]] += 1.0
-        for d in range(1, span + 1):
-            src_layer = layer - d
+        for di in range(len(distances)):
+            src_layer = layer - distances[di]
+            if src_layer < -L:  # two tokens back: the paths do not keep it
+                continue
             src = current if src_layer >= 0 else previous
             src_layer %= L
             if src[r, src_layer, 0] < 0:
@@ -93,10 +107,10 @@ def _observe(co, seen, usage, repeat, current, previous, layer, decay):  # pragm
                 a = src[r, src_layer, i]
                 if a < 0:
                     continue
-                seen[src_layer, d - 1, a] += 1.0
+                seen[src_layer, di, a] += 1.0
                 for j in range(k):
                     if current[r, layer, j] >= 0:
-                        co[src_layer, d - 1, a, current[r, layer, j]] += 1.0
+                        co[src_layer, di, a, current[r, layer, j]] += 1.0
         if previous[r, layer, 0] >= 0:
             reused = 0
             for i in range(k):
@@ -107,7 +121,8 @@ def _observe(co, seen, usage, repeat, current, previous, layer, decay):  # pragm
 
 
 @numba.njit(cache=True)
-def _scores(evidence, log_prior, repeat, current, previous, layer, depth, target, sources, k):  # pragma: no cover
+def _scores(evidence, slot, log_prior, repeat, current, previous, layer, depth, target, sources,
+            k):  # pragma: no cover - compiled
     rows, L, _ = current.shape
     E = log_prior.shape[1]
     out = np.empty((rows, E))
@@ -123,7 +138,7 @@ def _scores(evidence, log_prior, repeat, current, previous, layer, depth, target
             for i in range(k):
                 if src[r, src_layer, i] < 0:
                     continue
-                row = evidence[src_layer, depth + back - 1, src[r, src_layer, i]]
+                row = evidence[src_layer, slot[depth + back], src[r, src_layer, i]]
                 for b in range(E):
                     out[r, b] += row[b]
         # the last token known at `target`: this token's if it wraps to the next one, else the previous one's
