@@ -52,6 +52,8 @@ def test_a_trained_predictor_saves_and_loads_whole(tmp_path):
     assert sorted(p.name for p in (tmp_path / "p").iterdir()) == sorted([CARD_FILE, WEIGHTS_FILE])
     again = LearnedPredictor.load(tmp_path / "p", num_layers=4, num_experts=E, hidden_size=32)
     assert torch.equal(again.weight, predictor.weight.half().float())
+    assert again.wraps and all(torch.equal(a, b.half().float()) for a, b in
+                               zip(again.next_call[::2], predictor.next_call[::2]))  # the fp16-stored ones
     assert again.card == json.loads(json.dumps(predictor.card))
     with pytest.raises(ConfigError, match="trained for 4 MoE layers of 16 experts"):
         LearnedPredictor.load(tmp_path / "p", num_layers=4, num_experts=8, hidden_size=32)
@@ -132,10 +134,46 @@ def test_the_compiled_heads_rank_as_the_plain_scores_do():
         ctx = LayerContext(layer, experts, torch.from_numpy(x), Paths.empty(3, L, 2))
         normalised = x / np.sqrt(np.square(x).mean(-1, keepdims=True) + 1e-6)
         for n in (2, 5):
-            got = predictor.predict(ctx, 3, n)
-            assert [p.depth for p in got] == list(range(1, min(3, L - 1 - layer) + 1))
+            within = list(range(1, min(3, L - 1 - layer) + 1))
+            assert [p.depth for p in predictor.predict(ctx, 3, n)] == within
+            got = predictor.predict(ctx, L, n)  # the engine's horizon: also the layer's own next call
+            assert [(p.depth, p.layer) for p in got] == [(d, layer + d) for d in within] + [(L, layer)]
             for p in got:  # the heads' formula, from the saved tensors, not from the stacked matrices
-                d = p.depth - 1
-                W, b, U = predictor.weight[layer, d].numpy(), predictor.bias[layer, d].numpy(), predictor.path_weight[layer, d].numpy()
+                if p.depth == L:
+                    W, b, U = (t[layer].numpy() for t in predictor.next_call)
+                else:
+                    d = p.depth - 1
+                    W, b, U = predictor.weight[layer, d].numpy(), predictor.bias[layer, d].numpy(), predictor.path_weight[layer, d].numpy()
                 want = ranked(normalised @ W.T + b + U[experts].sum(1), n)
                 assert np.array_equal(p.experts, want), (layer, p.depth, n)
+
+
+def test_the_next_call_heads_learn_the_next_tokens_routing():
+    """Routing where the residual at (token t, layer l) names the experts token t + 1 will use at l: each
+    layer's own next-call head learns it (chance: k / E = 0.125); a predictor trained without those heads
+    makes no such prediction."""
+    from offload_engine.predictors.base import LayerContext, Paths
+
+    rng = np.random.default_rng(0)
+    N, T, L, E, k, H = 16, 64, 2, 16, 2, 32
+    directions = rng.standard_normal((E, H)).astype(np.float32)
+    ids = np.stack([[[rng.choice(E, k, replace=False) for _ in range(L)] for _ in range(T)] for _ in range(N)])
+    hidden = rng.standard_normal((N, T, L, H)).astype(np.float32) * 0.1
+    hidden[:, :-1] += directions[ids[:, 1:]].sum(-2)
+    predictor = train_learned(ids.astype(np.int16), hidden, E, TrainSettings(max_depth=1, epochs=30, lr=3e-2),
+                              progress=False)
+    hits = total = 0
+    for n in range(N):
+        for t in range(T - 1):
+            for layer in range(L):
+                ctx = LayerContext(layer, ids[n, t, layer][None].astype(np.int64),
+                                   torch.from_numpy(hidden[n, t, layer][None]), Paths.empty(1, L, k))
+                (own,) = [p for p in predictor.predict(ctx, L, k) if p.depth == L]
+                hits += len(set(own.experts[0].tolist()) & set(ids[n, t + 1, layer].tolist()))
+                total += k
+    assert hits / total > 0.9
+    plain = train_learned(ids.astype(np.int16), hidden, E, TrainSettings(max_depth=1, epochs=1, next_call=False),
+                          progress=False)
+    ctx = LayerContext(0, ids[0, 0, 0][None].astype(np.int64), torch.from_numpy(hidden[0, 0, 0][None]),
+                       Paths.empty(1, L, k))
+    assert not plain.wraps and [p.depth for p in plain.predict(ctx, L, k)] == [1]
