@@ -13,7 +13,7 @@ import torch
 
 from .predictors.base import LayerContext, Paths, Prediction, Predictor
 
-HORIZON = 3  # MoE layers ahead the policy is told about (prefetch may use fewer)
+HORIZON = 3  # MoE layers ahead within reach of every predictor (prefetch may use fewer); see Foresight
 
 
 class Foresight:

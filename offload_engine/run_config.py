@@ -13,7 +13,7 @@ from .policies import POLICIES
 from .predictors import PREDICTOR_NAMES
 
 DEFAULT_MAX_CONTEXT = 4096
-MAX_PREFETCH_DEPTH = 3  # = foresight.HORIZON: the predictors look no further ahead
+MAX_PREFETCH_DEPTH = 3  # = foresight.HORIZON: no predictor looks further ahead within a token
 COLD_EXPERTS = ("stream", "cpu", "auto")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}

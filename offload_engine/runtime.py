@@ -126,15 +126,17 @@ class Runtime:
 
     def _in_groups(self, binding: ExpertsBinding, request: Request, layer: int, experts: list[int],
                    hidden_states: torch.Tensor, top_k_index: torch.Tensor, contributions: torch.Tensor,
-                   after_first_fetch=None) -> None:
+                   after_last_fetch=None) -> None:
         """The device's experts of a call, as many at a time as there are slots, each with unit weights into
-        contributions [T, k, H]."""
+        contributions [T, k, H]. `after_last_fetch` runs once the last group is staged: every group's fetch
+        tells the policy of a call of this layer, and a prediction of the layer's own next call made before
+        the last of them would be graded against this call."""
         cache = self.cache
         for start in range(0, len(experts), cache.num_slots):
             group = experts[start:start + cache.num_slots]
             slots = cache.fetch(layer, group, request.counters)
-            if start == 0 and after_first_fetch is not None:
-                after_first_fetch()
+            if start + cache.num_slots >= len(experts) and after_last_fetch is not None:
+                after_last_fetch()
             execute_unweighted(binding, cache, group, slots, hidden_states, top_k_index, contributions)
             cache.used(slots)
 
@@ -150,8 +152,7 @@ class Runtime:
         if not cold or self.cold_experts == "cpu":
             return set(cold)
         counts = torch.bincount(top_k_index.view(-1), minlength=max(experts) + 1).tolist()
-        needs = [Need(e, counts[e], (layer, e) not in cold, self.cache.policy.reuse((layer, e)))
-                 for e in experts]
+        needs = [Need(e, counts[e], e not in cold, self.cache.policy.reuse((layer, e))) for e in experts]
         return place(needs, self.expert_bytes, self.flops_per_token, self.hardware)
 
     def _hybrid(self, binding: ExpertsBinding, request: Request, layer: int, experts: list[int], on_cpu: set[int],

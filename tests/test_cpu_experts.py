@@ -51,6 +51,20 @@ def test_cpu_experts_are_counted_and_take_no_slot(checkpoints):
     assert stats.per_layer[1]["cpu_experts"] == 0 and stats.per_layer[1]["misses"] > 0
 
 
+def test_auto_places_the_cold_experts_where_the_cost_model_says(checkpoints):
+    """--cold-experts auto: with a CPU modelled as free every cold expert runs there (nothing is copied), with
+    a CPU modelled as hopeless none does (every cold expert is copied, as with stream)."""
+    path, _, _ = checkpoints("mixtral", "per_expert")
+    counts = {}
+    for label, cpu in (("free CPU", dict(cpu_call_s=1e-9, cpu_read_bytes_per_s=1e15, cpu_flops=1e18)),
+                       ("hopeless CPU", dict(cpu_call_s=1.0, cpu_read_bytes_per_s=1.0, cpu_flops=1.0))):
+        engine = OffloadEngine.from_pretrained(path, device="cpu", expert_slots=3, cold_experts="auto",
+                                               hardware=cpu, progress=False)
+        counts[label] = engine.generate(PROMPT, max_new_tokens=12, ignore_eos=True).stats
+    assert counts["free CPU"].cpu_experts > 0 and counts["free CPU"].misses == 0
+    assert counts["hopeless CPU"].cpu_experts == 0 and counts["hopeless CPU"].misses > 0
+
+
 @pytest.mark.parametrize("name", ["mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss", "qwen2_moe"])
 def test_bf16_cpu_experts_are_bit_identical_on_a_cpu_only_machine(tmp_path, name):
     from transformers import AutoModelForCausalLM

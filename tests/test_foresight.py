@@ -120,6 +120,58 @@ def test_prefetch_hits_count_only_prefetched_experts_used_before_eviction():
 
 
 # -- replay: the engine's cache without the model ---------------------------------------------------------
+def test_own_layer_predictions_are_graded_at_that_layers_next_call(checkpoints):
+    """With experts on the CPU and more device experts than slots (two rows, two slots), a call's fetch runs
+    once per group, and each tells the policy of a call of the layer; the look-ahead, which predicts the layer's
+    own next call too, runs after the last of them, so that prediction is graded at the layer's next call and
+    not against the rest of this one."""
+    path, _, _ = checkpoints("mixtral", "per_expert")
+    engine = OffloadEngine.from_pretrained(path, device="cpu", dtype="float32", expert_slots=2, max_batch=2,
+                                           policy="predictive", predictor="history", prefetch_depth=1,
+                                           progress=False)
+    runtime, policy = engine.runtime, engine.cache.policy
+
+    def one_cold_expert_on_the_cpu(layer, experts, top_k_index):
+        cold = [e for e in experts if (layer, e) not in engine.cache.slot_of]
+        return {max(cold)} if cold else set()
+
+    runtime._place = one_cold_expert_on_the_cpu
+    events = []
+    on_call, on_predictions = policy.on_call, policy.on_predictions
+    policy.on_call = lambda layer, experts: (events.append(("call", layer)), on_call(layer, experts))
+    policy.on_predictions = lambda layer, predictions: (
+        events.append(("predict", layer, {target for _, target, _ in predictions})),
+        on_predictions(layer, predictions))
+    engine.generate([[5, 17, 33, 9], [70, 3, 44, 101]], max_new_tokens=8, ignore_eos=True)
+    calls = [e for e in events if e[0] == "call"]
+    assert any(a == b for a, b in zip(calls, calls[1:]))  # some call was fetched in groups
+    own = [i for i, e in enumerate(events) if e[0] == "predict" and e[1] in e[2]]
+    assert own  # history predicts each layer's own next call
+    for i in own:
+        following = next((e for e in events[i + 1:] if e[0] == "call"), None)
+        assert following is None or following[1] != events[i][1], events[i - 2:i + 2]
+
+
+def test_predictive_policy_grades_a_prediction_of_the_layers_own_next_call():
+    """A prediction at distance L names experts for the layer that was just called (its next token's call);
+    it is graded at that call, also where L is past MAX_DEPTH (the farther distances share its bucket)."""
+    for L in (3, 12):
+        E, k = 6, 2
+        policy = PredictivePolicy(L, E, k)
+        d = min(L, PredictivePolicy.MAX_DEPTH)
+        for _ in range(40):
+            for layer in range(L):
+                policy.on_call(layer, [0, 1] if layer == 0 else [2, 3])
+                if layer == 0:
+                    policy.on_predictions(0, [(L, 0, np.array([0, 1]))])
+                    assert policy.pending[0, d] and policy.predicted[0, d, :2].all()
+        assert policy.pred_calls[d, 1].sum() - policy.pred_calls[d, 1].size * PredictivePolicy.PRIOR == 39 * 2
+        named = policy.pred_uses[d, 1] / policy.pred_calls[d, 1]
+        assert named.max() > 0.9  # the named experts were used every time
+        probability = policy.use_probability()
+        assert probability[0, 0] == pytest.approx(named[1])  # age 0 now: graded at age 1 at the next call
+
+
 def random_trace(seed, n=3, t=20, layers=3, experts=8, k=2, missing=0.0):
     rng = np.random.default_rng(seed)
     ids = np.stack([rng.permutation(experts)[:k] for _ in range(n * t * layers)]).reshape(n, t, layers, k)

@@ -59,6 +59,16 @@ def test_a_trained_predictor_saves_and_loads_whole(tmp_path):
         LearnedPredictor.load(tmp_path / "p", num_layers=4, num_experts=8, hidden_size=32)
     with pytest.raises(ConfigError, match="not a trained predictor"):
         LearnedPredictor.load(tmp_path, num_layers=4, num_experts=E, hidden_size=32)
+    from safetensors.torch import load_file, save_file
+
+    for name, bad in (("next_call_weight", torch.zeros(4, E, 7)), ("next_call_bias", torch.zeros(3, E))):
+        tensors = load_file(str(tmp_path / "p" / WEIGHTS_FILE))
+        tensors[name] = bad  # a damaged file: a tensor of the wrong shape
+        (tmp_path / name).mkdir()
+        save_file(tensors, str(tmp_path / name / WEIGHTS_FILE))
+        (tmp_path / name / CARD_FILE).write_text((tmp_path / "p" / CARD_FILE).read_text())
+        with pytest.raises(ConfigError, match="not a trained predictor"):
+            LearnedPredictor.load(tmp_path / name, num_layers=4, num_experts=E, hidden_size=32)
 
 
 def test_trace_train_eval_and_generate_with_a_learned_predictor(tmp_path, capsys):

@@ -118,7 +118,7 @@ class LearnedPredictor(Predictor):
             if "next_call_weight" in tensors:  # predictors trained before these heads have none
                 next_call = tuple(tensors[f"next_call_{name}"] for name in ("weight", "bias", "path_weight"))
             predictor = cls(tensors["weight"], tensors["bias"], tensors["path_weight"], card, next_call)
-        except (OSError, ValueError, KeyError, SafetensorError) as e:
+        except (OSError, ValueError, KeyError, IndexError, RuntimeError, SafetensorError) as e:  # shapes too
             raise ConfigError(f"{directory} is not a trained predictor ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
                               "train one with `moe-offload predictor train`") from None
         shape = (predictor.num_layers, predictor.num_experts, predictor.hidden_size)
