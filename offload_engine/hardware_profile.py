@@ -59,12 +59,19 @@ def _detail(value, depth: int = 0) -> bool:
     return False
 
 
-def hardware_of(table: dict | None, parallel: bool) -> Hardware:
-    """The cost model's Hardware from a checked table (defaults where a figure is missing)."""
+def hardware_of(table: dict | None, parallel: bool, model_name: str | None = None) -> Hardware:
+    """The cost model's Hardware from a checked table (defaults where a figure is missing), with the per-miss
+    costs calibrate measured if it measured them on this model (`model_name`, the checkpoint folder's name)."""
     base = Hardware(parallel=parallel)
     if not table:
         return base
     values = {k: float(v) for k, v in table.items() if k in NUMBERS and k != "layer_call_s"}
+    model = table.get("model")
+    if isinstance(model, dict) and model_name is not None and model.get("name") == model_name:
+        for key in ("miss_s", "cpu_miss_s"):
+            value = model.get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf:
+                values[key] = float(value)
     return Hardware.from_dict({**base.as_dict(), **values, "parallel": bool(table.get("parallel", parallel))})
 
 

@@ -221,7 +221,8 @@ def load(inspected: Inspected, run: RunConfig, plan: MemoryPlan):
         # the one global setting: CPU experts' threads, leaving the thread that drives the GPU its own core
         torch.set_num_threads(run.cpu_threads or max(1, (psutil.cpu_count(logical=False) or 2) - 1))
     runtime = Runtime(cache, spec.num_moe_layers, spec.top_k, predictor, run.prefetch_depth, run.max_batch,
-                      run.cold_experts, run.cpu_moe_layers, hardware_of(run.hardware, parallel=cuda))
+                      run.cold_experts, run.cpu_moe_layers,
+                      hardware_of(run.hardware, parallel=cuda, model_name=inspected.directory.name))
     reference_impl = inspected.model.get_correct_experts_implementation(None)  # what from_pretrained would use
     for layer_pos, path in enumerate(spec.experts_paths):
         module = inspected.model.get_submodule(path)

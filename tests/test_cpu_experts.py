@@ -120,3 +120,25 @@ def test_expected_reuse_makes_a_copy_worth_it():
     assert place(once, 8 * MB, 16e6, cpu_only) == {0}  # read once in place beats copy + compute
     assert place(again, 8 * MB, 16e6, cpu_only) == set()  # used ten times: copy it into a slot
     assert cpu_seconds(cpu_only, 1, 8 * MB, 16e6) == pytest.approx(5e-6 + 8 * MB / 10e9)
+
+
+def test_calibrated_miss_costs_decide_a_one_token_expert_without_a_gpu():
+    """Where calibrate measured this model's per-miss costs, a decode expert (one token) goes where they say,
+    whatever the rates; a prompt's expert (many tokens) still by the rates. hardware_of takes the costs only
+    from a profile calibrated on the same model."""
+    from offload_engine.hardware_profile import hardware_of
+
+    rates = dict(link_bytes_per_s=10e9, cpu_read_bytes_per_s=10e9, cpu_flops=50e9, cpu_call_s=5e-6,
+                 device_flops=50e9, device_call_s=5e-6)
+    cold = [Need(0, 1, resident=False)]
+    assert place(cold, 8 * MB, 16e6, Hardware(**rates)) == {0}  # by the rates: in place
+    copying_is_cheaper = Hardware(**rates, miss_s=0.1e-3, cpu_miss_s=0.2e-3)
+    assert place(cold, 8 * MB, 16e6, copying_is_cheaper) == set()
+    assert place([Need(0, 64, resident=False)], 8 * MB, 16e6, copying_is_cheaper) == {0}  # a prompt: the rates
+    cpu_is_cheaper = Hardware(**rates, miss_s=0.2e-3, cpu_miss_s=0.15e-3)
+    assert place(cold, 8 * MB, 16e6, cpu_is_cheaper) == {0}
+    assert place([Need(0, 1, resident=False, reuse=1.0)], 8 * MB, 16e6, cpu_is_cheaper) == set()  # copy halved
+    table = {**rates, "model": {"name": "m", "miss_s": 0.1e-3, "cpu_miss_s": 0.2e-3}}
+    assert hardware_of(table, parallel=False, model_name="m").cpu_miss_s == 0.2e-3
+    assert hardware_of(table, parallel=False, model_name="other").cpu_miss_s == 0.0
+    assert hardware_of(table, parallel=False).miss_s == 0.0
