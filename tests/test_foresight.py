@@ -442,6 +442,8 @@ def test_history_predictor_kernels_equal_their_plain_loop_twin():
                     predicted = [(q.depth, q.layer) for q in p.predict(ctx, L, 3)]
                     assert predicted[-1] == (L, layer) and len(predicted) == min(3, L) + (L > 3)
         assert np.array_equal(co, p.co)
+    with pytest.raises(ValueError, match="no evidence for 4 layers ahead"):
+        HistoryPredictor(8, 10, 3).scores(LayerContext(0, ids, None, Paths.empty(3, 8, 3)), 4, 4)
 
 
 def test_history_predictor_learns_a_deterministic_path():

@@ -38,6 +38,8 @@ class HistoryPredictor(Predictor):
         self.distances = np.array(sorted(needed), dtype=np.int64)
         self.slot = np.full(self.distances[-1] + 1, -1, dtype=np.int64)  # distance -> its index in the tables
         self.slot[self.distances] = np.arange(len(self.distances))
+        # the depths it can score: every source's distance to the target kept
+        self.depths = {d for d in range(1, len(self.slot)) if all(d + b in needed for b in range(SOURCES))}
         D = len(self.distances)
         # L=layers, D=distances, E=experts: co[l, i, a, b] counts tokens with a at l and b at l + distances[i]
         self.co = np.zeros((num_layers, D, num_experts, num_experts), dtype=np.float32)
@@ -70,6 +72,9 @@ class HistoryPredictor(Predictor):
         """[rows, E] log-odds-like scores of each expert being used at `target`, `depth` layers ahead."""
         if self._since_refresh >= REFRESH:
             self._refresh()
+        if depth not in self.depths:
+            raise ValueError(f"the history predictor keeps no evidence for {depth} layers ahead "
+                             f"(it predicts 1..{self.max_depth} and {self.num_layers})")
         paths = ctx.paths
         return _scores(self.evidence, self.slot, self.log_prior, self.repeat, paths.current, paths.previous,
                        ctx.layer, depth, target, SOURCES, self.top_k)
