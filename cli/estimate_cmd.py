@@ -24,6 +24,7 @@ def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from offload_engine.errors import ConfigError
     from offload_engine.estimate import base_step_s, strategies, ttft_s
+    from offload_engine.hardware_profile import model_name
     from offload_engine.loading import inspect_checkpoint, make_plan
 
     if args.hardware is None:
@@ -35,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     spec = inspected.spec
     hit_rates, source = _hit_rates(args, spec, plan)
     common = dict(non_expert_bytes=plan.non_expert_bytes, expert_bytes=plan.expert_bytes, layers=spec.num_moe_layers,
-                  top_k=spec.top_k, model_name=inspected.directory.name)
+                  top_k=spec.top_k, model_name=model_name(inspected.directory))
     table = strategies(args.hardware, hit_rates, **common)
     chosen = {"stream": "stream-predictive" if run_cfg.predictor != "none" else "stream-lru",
               "cpu": "cpu", "auto": "auto"}[run_cfg.cold_experts]

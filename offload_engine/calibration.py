@@ -21,6 +21,8 @@ from datetime import datetime, timezone
 
 import torch
 
+from .hardware_profile import model_name
+
 TOKEN_COUNTS = (1, 4, 16, 64)
 
 
@@ -125,7 +127,7 @@ def calibrate(engine, progress: bool = True) -> dict:
         "device_read_bytes_per_s": device_fit["bytes_per_s"],
         "device_call_s": device_fit["call_s"],
         "layer_call_s": layer_call,
-        "model": {"name": engine.directory.name, "expert_bytes": expert_bytes, "flops_per_token": flops,
+        "model": {"name": model_name(engine.directory), "expert_bytes": expert_bytes, "flops_per_token": flops,
                   "resident_decode_s": resident_decode, "prefill_s_per_token": prefill,
                   "miss_s": miss_s, "cpu_miss_s": cpu_miss_s,
                   "moe_layers": spec.num_moe_layers, "top_k": spec.top_k},

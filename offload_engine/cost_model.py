@@ -69,10 +69,12 @@ def copy_seconds(hw: Hardware, expert_bytes: int, reuse: float = 0.0) -> float:
 
 def _cheaper_on_cpu(n: Need, expert_bytes: int, flops_per_token: float, hw: Hardware) -> bool:
     """Without a GPU: whether a cold expert costs less computed on the CPU than copied and computed in a slot.
-    For one token, where this model was calibrated, the measured costs decide: the rates above leave out what
-    the engine's call really pays (on the 2-core VM they priced a CPU expert at 0.40 ms against 0.45 ms for
-    a copy and a slot's compute; measured through the call, 0.19 ms against 0.11 ms)."""
-    if n.tokens == 1 and hw.miss_s > 0 and hw.cpu_miss_s > 0:
+    Where this model was calibrated, the measured costs decide: the rates above leave out what the engine's
+    call really pays (on the 2-core VM they priced a CPU expert at 0.40 ms against 0.45 ms for a copy and a
+    slot's compute; measured through the call, 0.19 ms against 0.11 ms). They hold for any number of tokens:
+    both ways run the same kernel on the same cores and read the weights once, so what differs is the copy
+    against reading the weights where they lie, not the tokens' compute."""
+    if hw.miss_s > 0 and hw.cpu_miss_s > 0:
         return hw.cpu_miss_s < hw.miss_s / (1.0 + n.reuse)
     return (cpu_seconds(hw, n.tokens, expert_bytes, flops_per_token)
             < copy_seconds(hw, expert_bytes, n.reuse) + device_seconds(hw, n.tokens, flops_per_token, expert_bytes))

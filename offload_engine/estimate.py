@@ -24,6 +24,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from .hardware_profile import calibrated_model
+
 @dataclass(frozen=True)
 class Strategy:
     name: str
@@ -39,8 +41,8 @@ class Strategy:
 
 def base_step_s(hw: dict, non_expert_bytes: int, expert_bytes: int, layers: int, top_k: int, model_name: str) -> float:
     """A decode step with every needed expert resident."""
-    model = hw.get("model") or {}
-    if model.get("name") == model_name and model.get("resident_decode_s"):
+    model = calibrated_model(hw, model_name, expert_bytes, layers, top_k)
+    if model.get("resident_decode_s"):
         return float(model["resident_decode_s"])
     one_token = float((hw.get("device_expert_s") or {}).get("1", 0)) or expert_bytes / hw.get("link_bytes_per_s", 1e10)
     per_byte = one_token / expert_bytes
@@ -61,8 +63,8 @@ def strategies(hw: dict, hit_rates: dict[str, float], *, non_expert_bytes: int, 
     # what a miss adds to a step: with a GPU the CPU's share of a layer runs beside the device's; without one
     # a CPU expert replaces the device's compute of that expert (the same cores), a copy comes on top of it
     cpu_cost = cpu_one if parallel else max(cpu_one - dev_one, 0.0)
-    model = hw.get("model") or {}
-    if model.get("name") == model_name and model.get("miss_s") is not None:
+    model = calibrated_model(hw, model_name, expert_bytes, layers, top_k)
+    if model.get("miss_s") is not None:
         # calibrated on this model: a demand load and a CPU expert as the engine's own layer call costs them
         copy, cpu_cost = float(model["miss_s"]), float(model["cpu_miss_s"])
 

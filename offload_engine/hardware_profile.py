@@ -59,19 +59,33 @@ def _detail(value, depth: int = 0) -> bool:
     return False
 
 
-def hardware_of(table: dict | None, parallel: bool, model_name: str | None = None) -> Hardware:
+def model_name(directory) -> str:
+    """The name calibrate records for a model: its folder's, resolved (so `--model .` has one too)."""
+    return Path(directory).resolve().name
+
+
+def calibrated_model(table: dict | None, name: str, expert_bytes: int, moe_layers: int, top_k: int) -> dict:
+    """The [hardware.model] figures if calibrate measured them on this model: its folder's name, its expert
+    size (which covers the dtype), MoE layers and top-k all agree; else {}."""
+    model = (table or {}).get("model")
+    if not isinstance(model, dict):
+        return {}
+    same = (model.get("name") == name and model.get("expert_bytes") == expert_bytes
+            and model.get("moe_layers") == moe_layers and model.get("top_k") == top_k)
+    return model if same else {}
+
+
+def hardware_of(table: dict | None, parallel: bool, model: dict | None = None) -> Hardware:
     """The cost model's Hardware from a checked table (defaults where a figure is missing), with the per-miss
-    costs calibrate measured if it measured them on this model (`model_name`, the checkpoint folder's name)."""
+    costs of `model` (calibrated_model's figures for the model being run) where they are positive numbers."""
     base = Hardware(parallel=parallel)
     if not table:
         return base
     values = {k: float(v) for k, v in table.items() if k in NUMBERS and k != "layer_call_s"}
-    model = table.get("model")
-    if isinstance(model, dict) and model_name is not None and model.get("name") == model_name:
-        for key in ("miss_s", "cpu_miss_s"):
-            value = model.get(key)
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf:
-                values[key] = float(value)
+    for key in ("miss_s", "cpu_miss_s"):
+        value = (model or {}).get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf:
+            values[key] = float(value)
     return Hardware.from_dict({**base.as_dict(), **values, "parallel": bool(table.get("parallel", parallel))})
 
 

@@ -23,7 +23,7 @@ from .checkpoint_layout import CheckpointLayout
 from .errors import CheckpointError, ConfigError, ContextTooLongError, UnsupportedModelError
 from .expert_cache import ExpertCache
 from .expert_store import ExpertStore
-from .hardware_profile import hardware_of
+from .hardware_profile import calibrated_model, hardware_of, model_name
 from .memory_plan import MemoryPlan, cuda_allocator_bytes, kv_bytes_per_token, plan_memory, working_bytes
 from .model_spec import ModelSpec, describe, dtype_from_config, refuse_quantized
 from .offloaded_experts import IMPLEMENTATION_NAME, bind, register_experts_implementation
@@ -222,7 +222,9 @@ def load(inspected: Inspected, run: RunConfig, plan: MemoryPlan):
         torch.set_num_threads(run.cpu_threads or max(1, (psutil.cpu_count(logical=False) or 2) - 1))
     runtime = Runtime(cache, spec.num_moe_layers, spec.top_k, predictor, run.prefetch_depth, run.max_batch,
                       run.cold_experts, run.cpu_moe_layers,
-                      hardware_of(run.hardware, parallel=cuda, model_name=inspected.directory.name))
+                      hardware_of(run.hardware, parallel=cuda,
+                                  model=calibrated_model(run.hardware, model_name(inspected.directory),
+                                                         store.expert_nbytes(), spec.num_moe_layers, spec.top_k)))
     reference_impl = inspected.model.get_correct_experts_implementation(None)  # what from_pretrained would use
     for layer_pos, path in enumerate(spec.experts_paths):
         module = inspected.model.get_submodule(path)

@@ -70,7 +70,8 @@ def test_estimate_without_a_machine_profile_is_one_line(mixtral_dir, capsys):
 def test_estimate_model_follows_its_formula():
     hw = check_hardware(dict(link_bytes_per_s=1e9, cpu_read_bytes_per_s=4e9, cpu_call_s=1e-6, parallel=False,
                              layer_call_s=1e-5, device_expert_s={"1": 2e-4}, cpu_expert_s={"1": 3e-4},
-                             model={"name": "m", "resident_decode_s": 0.01}), "test")
+                             model={"name": "m", "expert_bytes": 10**6, "moe_layers": 4, "top_k": 2,
+                                    "resident_decode_s": 0.01}), "test")
     common = dict(non_expert_bytes=10**7, expert_bytes=10**6, layers=4, top_k=2, model_name="m")
     low = {s.name: s for s in strategies(hw, {"lru": 0.5, "predictive": 0.6}, **common)}
     high = {s.name: s for s in strategies(hw, {"lru": 0.9, "predictive": 0.9}, **common)}
@@ -91,7 +92,8 @@ def test_calibrated_miss_costs_replace_the_formulas_for_their_model():
     estimate uses them for that model (not for another)."""
     table = dict(link_bytes_per_s=1e9, cpu_read_bytes_per_s=4e9, cpu_call_s=1e-6, parallel=False, layer_call_s=1e-5,
                  device_expert_s={"1": 2e-4}, cpu_expert_s={"1": 3e-4},
-                 model={"name": "m", "resident_decode_s": 0.01, "miss_s": 2e-3, "cpu_miss_s": 5e-4})
+                 model={"name": "m", "expert_bytes": 10**6, "moe_layers": 4, "top_k": 2, "resident_decode_s": 0.01,
+                        "miss_s": 2e-3, "cpu_miss_s": 5e-4})
     hw = check_hardware(table, "test")
     common = dict(non_expert_bytes=10**7, expert_bytes=10**6, layers=4, top_k=2)
     got = {s.name: s for s in strategies(hw, {"lru": 0.5}, model_name="m", **common)}
@@ -99,6 +101,8 @@ def test_calibrated_miss_costs_replace_the_formulas_for_their_model():
     assert got["cpu"].step_s == pytest.approx(0.01 + 8 * 5e-4)
     other = {s.name: s for s in strategies(hw, {"lru": 0.5}, model_name="another", **common)}
     assert other["stream-lru"].step_s != got["stream-lru"].step_s  # another model: the formulas
+    bigger = {s.name: s for s in strategies(hw, {"lru": 0.5}, model_name="m", **{**common, "expert_bytes": 2 * 10**6})}
+    assert bigger["stream-lru"].step_s != got["stream-lru"].step_s  # the same name, other experts: the formulas
 
 
 def test_calibrate_measures_miss_costs_through_the_layer_call(mixtral_dir):

@@ -122,11 +122,11 @@ def test_expected_reuse_makes_a_copy_worth_it():
     assert cpu_seconds(cpu_only, 1, 8 * MB, 16e6) == pytest.approx(5e-6 + 8 * MB / 10e9)
 
 
-def test_calibrated_miss_costs_decide_a_one_token_expert_without_a_gpu():
-    """Where calibrate measured this model's per-miss costs, a decode expert (one token) goes where they say,
-    whatever the rates; a prompt's expert (many tokens) still by the rates. hardware_of takes the costs only
-    from a profile calibrated on the same model."""
-    from offload_engine.hardware_profile import hardware_of
+def test_calibrated_miss_costs_decide_without_a_gpu():
+    """Where calibrate measured this model's per-miss costs, a cold expert goes where they say, whatever the
+    rates and however many tokens it has (the same kernel on the same cores either way). hardware_of gets
+    them only from a profile calibrated on the same model: folder name, expert size, layers and top-k."""
+    from offload_engine.hardware_profile import calibrated_model, hardware_of, model_name
 
     rates = dict(link_bytes_per_s=10e9, cpu_read_bytes_per_s=10e9, cpu_flops=50e9, cpu_call_s=5e-6,
                  device_flops=50e9, device_call_s=5e-6)
@@ -134,11 +134,16 @@ def test_calibrated_miss_costs_decide_a_one_token_expert_without_a_gpu():
     assert place(cold, 8 * MB, 16e6, Hardware(**rates)) == {0}  # by the rates: in place
     copying_is_cheaper = Hardware(**rates, miss_s=0.1e-3, cpu_miss_s=0.2e-3)
     assert place(cold, 8 * MB, 16e6, copying_is_cheaper) == set()
-    assert place([Need(0, 64, resident=False)], 8 * MB, 16e6, copying_is_cheaper) == {0}  # a prompt: the rates
+    assert place([Need(0, 64, resident=False)], 8 * MB, 16e6, copying_is_cheaper) == set()  # a prompt too
     cpu_is_cheaper = Hardware(**rates, miss_s=0.2e-3, cpu_miss_s=0.15e-3)
     assert place(cold, 8 * MB, 16e6, cpu_is_cheaper) == {0}
     assert place([Need(0, 1, resident=False, reuse=1.0)], 8 * MB, 16e6, cpu_is_cheaper) == set()  # copy halved
-    table = {**rates, "model": {"name": "m", "miss_s": 0.1e-3, "cpu_miss_s": 0.2e-3}}
-    assert hardware_of(table, parallel=False, model_name="m").cpu_miss_s == 0.2e-3
-    assert hardware_of(table, parallel=False, model_name="other").cpu_miss_s == 0.0
+    measured = {"name": "m", "expert_bytes": 8 * MB, "moe_layers": 4, "top_k": 2, "miss_s": 0.1e-3,
+                "cpu_miss_s": 0.2e-3}
+    table = {**rates, "model": measured}
+    assert hardware_of(table, False, calibrated_model(table, "m", 8 * MB, 4, 2)).cpu_miss_s == 0.2e-3
+    for other in (("other", 8 * MB, 4, 2), ("m", 4 * MB, 4, 2), ("m", 8 * MB, 5, 2), ("m", 8 * MB, 4, 1)):
+        assert calibrated_model(table, *other) == {}, other
     assert hardware_of(table, parallel=False).miss_s == 0.0
+    assert hardware_of({**rates, "model": {**measured, "miss_s": "fast"}}, False, {**measured, "miss_s": "fast"}).miss_s == 0
+    assert model_name(".") == model_name(".").strip() != ""  # `--model .` has a name too

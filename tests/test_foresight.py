@@ -413,12 +413,13 @@ def twin_history_scores(p, paths, layer, depth, target, sources, k):
 
 
 def test_history_predictor_kernels_equal_their_plain_loop_twin():
-    """Counts and scores against Python loops, at 6 layers (distances 1-4 and the own layer's next call, 6-8)
-    and at 4 (where the two overlap and a distance past L would reach two tokens back: not counted)."""
+    """Counts and scores against Python loops, at 6 layers (distances 1-4 and the own layer's next call, 6-8),
+    at 4 (where the two overlap and a distance past L would reach two tokens back: not counted), and with a
+    fifth of the calls unknown (-1, as a trace pads them)."""
     from offload_engine.predictors import history
 
-    for L in (6, 4):
-        trace = random_trace(5, n=3, t=30, layers=L, experts=10, k=3)
+    for L, missing in ((6, 0.0), (4, 0.0), (6, 0.2)):
+        trace = random_trace(5, n=3, t=30, layers=L, experts=10, k=3, missing=missing)
         p = HistoryPredictor(L, 10, 3)
         wanted = sorted(set(range(1, 3 + history.SOURCES)) | set(range(L, L + history.SOURCES)))
         assert p.distances.tolist() == wanted
@@ -431,6 +432,8 @@ def test_history_predictor_kernels_equal_their_plain_loop_twin():
                 ctx = LayerContext(layer, ids, None, paths)
                 p.observe(ctx)
                 for r in range(3):  # counts, written out
+                    if ids[r][0] < 0:
+                        continue
                     for i, d in enumerate(wanted):
                         if d > layer + L:  # the source would be two tokens back
                             continue
