@@ -27,6 +27,9 @@ from .errors import ConfigError
 NUMBERS = ("link_bytes_per_s", "cpu_read_bytes_per_s", "cpu_flops", "cpu_call_s", "device_flops", "device_call_s",
            "device_read_bytes_per_s", "layer_call_s")
 TEXT = ("source", "description", "measured_on", "date", "device", "cpu", "dtype", "host_memory")
+# [hardware.model]: what calibrate measured on one model (the estimate and the CPU-only placement read them)
+MODEL_NUMBERS = ("expert_bytes", "flops_per_token", "resident_decode_s", "prefill_s_per_token", "miss_s",
+                 "cpu_miss_s", "moe_layers", "top_k")
 
 
 def check_hardware(table, where: str) -> dict:
@@ -44,9 +47,26 @@ def check_hardware(table, where: str) -> dict:
         elif key in TEXT:
             if not isinstance(value, str) or len(value) > 500:
                 raise ConfigError(f"{where}: hardware.{key} must be a short string")
+        elif key == "model":
+            _check_model(value, where)
         elif not _detail(value):
             raise ConfigError(f"{where}: hardware.{key} must be a number, a string or a table of them")
     return dict(table)
+
+
+def _check_model(table, where: str) -> None:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: [hardware.model] must be a table of what calibrate measured on a model")
+    for key in MODEL_NUMBERS:
+        value = table.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not 0 <= value < math.inf):
+            raise ConfigError(f"{where}: hardware.model.{key} must be a number, 0 or more, not {value!r}")
+    if ("miss_s" in table) != ("cpu_miss_s" in table):
+        raise ConfigError(f"{where}: hardware.model needs miss_s and cpu_miss_s together (moe-offload calibrate "
+                          "writes both)")
+    if not isinstance(table.get("name", ""), str):
+        raise ConfigError(f"{where}: hardware.model.name must be the model folder's name")
 
 
 def _detail(value, depth: int = 0) -> bool:

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 import tiny_models as tm
-from offload_engine import OffloadEngine
+from offload_engine import ConfigError, OffloadEngine
 from offload_engine.cli.main import main
 from offload_engine.estimate import strategies
 from offload_engine.hardware_profile import check_hardware, hardware_of, read_profile_hardware
@@ -85,6 +85,18 @@ def test_estimate_model_follows_its_formula():
         assert high[name].decode_tokens_per_s >= low[name].decode_tokens_per_s  # more hits, never slower
         assert low[name].bound_tokens_per_s >= low[name].decode_tokens_per_s
     assert high["cpu"].decode_tokens_per_s == low["cpu"].decode_tokens_per_s  # no slots used: hit rate moot
+
+
+@pytest.mark.parametrize("model, message", [
+    ({"name": "m", "miss_s": "fast", "cpu_miss_s": 1e-4}, "hardware.model.miss_s must be a number"),
+    ({"name": "m", "miss_s": -1e-4, "cpu_miss_s": 1e-4}, "hardware.model.miss_s must be a number"),
+    ({"name": "m", "miss_s": 1e-4}, "miss_s and cpu_miss_s together"),
+    ({"name": 3}, "hardware.model.name"),
+    ("m", r"\[hardware.model\] must be a table"),
+])
+def test_a_damaged_model_table_is_a_config_error(model, message):
+    with pytest.raises(ConfigError, match=message):
+        check_hardware(dict(link_bytes_per_s=1e9, model=model), "test")
 
 
 def test_calibrated_miss_costs_replace_the_formulas_for_their_model():
