@@ -19,6 +19,7 @@ class LayerCounters:
     cpu_experts: int = 0  # experts computed on the CPU from host memory instead of a slot
     cpu_s: float = 0.0  # time spent computing them
     predict_s: float = 0.0  # time the predictor took (observing the routing, predicting, informing the policy)
+    host_syncs: int = 0  # reads of the device the host waited for (host_read.py: one per layer call)
 
     def add(self, other: "LayerCounters") -> None:
         for f in fields(self):
@@ -44,6 +45,7 @@ class CacheStats:
     cpu_experts: int
     cpu_s: float
     predict_s: float
+    host_syncs: int
     per_layer: tuple[LayerCounters, ...] = field(repr=False)
 
     @classmethod

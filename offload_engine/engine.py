@@ -42,6 +42,7 @@ class GenerationStats:
     cpu_experts: int  # experts computed on the CPU where they lie (--cold-experts cpu/auto, --cpu-moe-layers)
     cpu_s: float  # time spent computing them
     predict_s: float  # time the routing predictor took
+    host_syncs: int  # reads of the device the host waited for: one per MoE layer call, one per decode step
     ttft_s: float  # prefill and first token
     decode_tokens_per_s: float  # tokens after the first, per second of decoding (prefill excluded)
     peak_device_bytes: int  # CUDA: max_memory_allocated; CPU: the engine's accounted tensors (see README)
@@ -310,12 +311,13 @@ class OffloadEngine:
             torch.cuda.reset_peak_memory_stats(self.run.device)
         first = None
         done = [False] * len(encoded)
-        count = count_first = 0
+        count = count_first = step_syncs = 0
         steps = decode_stream(self.model, input_ids, mask, cfg, self.eos_ids(), self.pad_id(),
                               forward=lambda **inputs: self.forward(request, **inputs),
                               cache=self._kv_cache(len(encoded)) if cuda else None)
         for step in steps:
             first = step.time_s if first is None else first
+            step_syncs += step.host_syncs
             tokens = step.tokens.tolist()
             texts = tuple("" if was_done else d.push(t) for d, t, was_done in zip(deltas, tokens, done))
             count += sum(not was_done for was_done in done)
@@ -323,7 +325,8 @@ class OffloadEngine:
             finished = tuple(step.finished.tolist())
             stats = None
             if all(finished) or step.index + 1 == cfg.max_new_tokens:
-                stats = self._stats(request, encoded, count, count_first, first, step.time_s, step.index + 1, cuda)
+                stats = self._stats(request, encoded, count, count_first, first, step.time_s, step.index + 1, cuda,
+                                    step_syncs)
             yield TokenEvent(step.index, tuple(tokens), texts, finished, stats)
             done = list(finished)
 
@@ -339,7 +342,8 @@ class OffloadEngine:
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None else ""
 
-    def _stats(self, request, encoded, generated, generated_first, first, last, steps, cuda) -> GenerationStats:
+    def _stats(self, request, encoded, generated, generated_first, first, last, steps, cuda,
+               step_syncs) -> GenerationStats:
         delta = self.cache.stats(request.counters)
         decode_s = (last - first) if last is not None and first is not None else 0.0
         if cuda:
@@ -362,6 +366,7 @@ class OffloadEngine:
             cpu_experts=delta.cpu_experts,
             cpu_s=delta.cpu_s,
             predict_s=delta.predict_s,
+            host_syncs=delta.host_syncs + step_syncs,
             ttft_s=first or 0.0,
             decode_tokens_per_s=(generated - generated_first) / decode_s if decode_s > 0 else 0.0,
             peak_device_bytes=int(peak),

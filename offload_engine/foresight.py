@@ -25,10 +25,16 @@ class Foresight:
         # The others reach HORIZON layers (next-gate would run a router per layer asked).
         self.horizon = num_layers if predictor.wraps else HORIZON
 
-    def observe(self, paths: Paths, layer: int, ids: np.ndarray, residual: torch.Tensor | None) -> LayerContext:
-        """ids [rows, k]: the call's routing, one token per row."""
+    def stage(self, layer: int, residual: torch.Tensor) -> torch.Tensor | None:
+        """The predictor's device-side work for this call (residual [rows, H]), queued before the call's one
+        read of the device and read to the host with its routing (host_read.py)."""
+        return self.predictor.stage(layer, residual, self.horizon, self.top_k)
+
+    def observe(self, paths: Paths, layer: int, ids: np.ndarray, residual: torch.Tensor | None,
+                staged: np.ndarray | None = None) -> LayerContext:
+        """ids [rows, k]: the call's routing, one token per row; staged: stage()'s result, on the host."""
         paths.observe(layer, ids)
-        context = LayerContext(layer, ids, residual, paths)
+        context = LayerContext(layer, ids, residual, paths, staged)
         self.predictor.observe(context)
         return context
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import GenerationInputError
+from .host_read import read_to_host
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,7 @@ class Step:
     finished: torch.Tensor  # [B] bool, after this token
     time_s: float  # since the start of prefill, taken after the token reached the CPU
     logits: torch.Tensor  # [B, V] the scores the token was chosen from, on the device
+    host_syncs: int = 1  # reads of the device the step's own loop waited for (the layer calls count theirs)
 
 
 def cache_keyword(model) -> str:
@@ -133,15 +135,20 @@ def decode_stream(
     for index in range(cfg.max_new_tokens):
         with torch.inference_mode():
             logits = out.logits[:, -1, :]
-            if not bool(torch.isfinite(logits).all()):  # NaN weights: no token can be read off these scores
-                raise GenerationInputError(
-                    f"the model produced non-finite scores (NaN or inf) at step {index}; its weights are corrupt "
-                    "or overflow in this dtype: check the checkpoint, or try --dtype float32")
-            tokens = sample(logits, cfg, generator)
+            # checked after the step's one read of the device; meanwhile the sampler sees finite scores only
+            finite = torch.isfinite(logits).all(dim=-1)
+            tokens = sample(torch.where(finite[:, None], logits, 0.0), cfg, generator)
             tokens = torch.where(finished, torch.full_like(tokens, pad_id), tokens)
             if eos is not None:
                 finished = finished | torch.isin(tokens, eos)
-            tokens_cpu, finished_cpu = tokens.cpu(), finished.cpu()
+            # the step's one read of the device: tokens, finished flags and finiteness together
+            rows = tokens.shape[0]
+            (host,) = read_to_host([torch.cat([tokens, finished.long(), finite.long()])])
+            tokens_cpu, finished_cpu, finite_cpu = host[:rows], host[rows:2 * rows].bool(), host[2 * rows:]
+            if not bool(finite_cpu.all()):  # NaN weights: no token can be read off these scores
+                raise GenerationInputError(
+                    f"the model produced non-finite scores (NaN or inf) at step {index}; its weights are corrupt "
+                    "or overflow in this dtype: check the checkpoint, or try --dtype float32")
         yield Step(index, tokens_cpu, finished_cpu, time.perf_counter() - start, logits)
         if bool(finished_cpu.all()) or index + 1 == cfg.max_new_tokens:
             return

@@ -3,7 +3,8 @@
 transformers applies the model's own routing (softmax/sigmoid, grouped top-k, renormalisation, scaling) and
 hands us `(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k])`. A call runs in four steps:
 
-    plan     which experts the call needs (ascending ids), in one group or, with fewer slots, several;
+    plan     which experts the call needs (ascending ids), in one group or, with fewer slots, several: from the
+             routing read to the host once (host_read.py), the call's only wait for the device;
     stage    make them resident (expert_cache.fetch: hits, demand loads, waits for prefetches), then let the
              predictor see the routing and start loading what the next layers are predicted to need;
     execute  transformers' own experts function (the one the reference model uses) over the slot pool;
@@ -18,12 +19,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from .expert_cache import ExpertCache
+from .host_read import CallRouting
 
 IMPLEMENTATION_NAME = "offload_engine"
-SMALL_CALL = 64  # routed (token, expert) pairs up to which the needed experts are found in Python
 MAX_SPANS = 256
 
 
@@ -97,12 +99,7 @@ def offloaded_experts_forward(
 
 
 # -- the steps ------------------------------------------------------------------------------------------------
-def plan(top_k_index: torch.Tensor) -> list[int]:
-    """The experts a call needs, ascending; on CUDA the one sync a layer needs. Few ids (decode): found in
-    Python, cheaper than torch.unique's dispatch."""
-    if top_k_index.numel() <= SMALL_CALL:
-        return sorted(set(top_k_index.view(-1).tolist()))
-    return top_k_index.unique().tolist()
+# plan: host_read.CallRouting (the call's one read of the device: its distinct experts and each one's tokens)
 
 
 def execute(binding: ExpertsBinding, cache: ExpertCache, slots: list[int], hidden_states: torch.Tensor,
@@ -117,54 +114,63 @@ def execute(binding: ExpertsBinding, cache: ExpertCache, slots: list[int], hidde
     return binding.compute(binding.span(cache, lo, hi), hidden_states, slot_index, top_k_weights)
 
 
-def execute_unweighted(binding: ExpertsBinding, cache: ExpertCache, experts: list[int], slots: list[int],
-                       hidden_states: torch.Tensor, top_k_index: torch.Tensor, contributions: torch.Tensor) -> None:
+def execute_unweighted(binding: ExpertsBinding, cache: ExpertCache, routing: CallRouting, experts: list[int],
+                       slots: list[int], hidden_states: torch.Tensor, contributions: torch.Tensor) -> None:
     """Each expert of a group on its own tokens, with unit weights, into contributions [T, k, H]."""
+    device = hidden_states.device
     for e, slot in zip(experts, slots):
-        token_idx, rank = torch.where(top_k_index == e)
-        ones = torch.ones((len(token_idx), 1), dtype=contributions.dtype, device=hidden_states.device)
-        y = binding.compute(binding.span(cache, slot, slot + 1), hidden_states[token_idx],
-                            torch.zeros((len(token_idx), 1), dtype=top_k_index.dtype, device=top_k_index.device), ones)
+        token_idx, rank = _on(device, *routing.positions(e))
+        ones = torch.ones((len(token_idx), 1), dtype=contributions.dtype, device=device)
+        zeros = torch.zeros((len(token_idx), 1), dtype=torch.long, device=device)
+        y = binding.compute(binding.span(cache, slot, slot + 1), hidden_states[token_idx], zeros, ones)
         contributions[token_idx, rank] = y.to(contributions.dtype)
 
 
-def reduce(binding: ExpertsBinding, contributions: torch.Tensor, top_k_index: torch.Tensor,
-           top_k_weights: torch.Tensor, experts: list[int], dtype: torch.dtype) -> torch.Tensor:
+def reduce(binding: ExpertsBinding, contributions: torch.Tensor, routing: CallRouting, top_k_weights: torch.Tensor,
+           dtype: torch.dtype) -> torch.Tensor:
     """The reference's reduction of per-(token, rank) outputs [T, k, H]: grouped_mm and batched_mm weight them
     and sum over k (accumulating in fp32); the eager loop adds each expert's weighted output in expert order."""
     weighted = contributions * top_k_weights.unsqueeze(-1)
     if binding.implementation != "eager":
         return weighted.sum(dim=1).to(dtype)
     out = torch.zeros(contributions.shape[0], contributions.shape[-1], dtype=dtype, device=contributions.device)
-    for e in experts:
-        token_idx, rank = torch.where(top_k_index == e)
+    for e in routing.experts:
+        token_idx, rank = _on(contributions.device, *routing.positions(e))
         out.index_add_(0, token_idx, weighted[token_idx, rank].to(dtype))
     return out
 
 
-def execute_on_cpu(binding: ExpertsBinding, store, layer_pos: int, experts: list[int], hidden_states: torch.Tensor,
-                   top_k_index: torch.Tensor, contributions: torch.Tensor) -> None:
+def execute_on_cpu(binding: ExpertsBinding, store, layer_pos: int, routing: CallRouting, experts: list[int],
+                   contributions: torch.Tensor) -> None:
     """Experts computed on the CPU where they lie (host buffers, or the memory map), into contributions
-    [T, k, H] with unit weights: no slot, no copy to the device but the outputs'. Weights split over several
-    file tensors (a per-expert layout's gate and up) are read in place, block by block (piecewise); the
-    others go through transformers' own experts function on a one-expert view."""
-    cpu = torch.device("cpu")
+    [T, k, H] with unit weights: no slot, no copy to the device but the outputs'. The inputs are the call's
+    hidden states as read to the host with its routing (routing.hidden): no wait for the device here, so on
+    CUDA the device's kernels, queued first, run meanwhile. Weights split over several file tensors (a
+    per-expert layout's gate and up) are read in place, block by block (piecewise); the others go through
+    transformers' own experts function on a one-expert view."""
     module = binding.module
+    device = contributions.device
     # T=tokens routed to the expert, H=hidden
     for e in experts:
-        token_idx, rank = torch.where(top_k_index == e)
-        x = hidden_states[token_idx].to(cpu)
+        token_idx, rank = routing.positions(e)
+        x = routing.hidden[torch.as_tensor(token_idx)]
         pieces = store.host_pieces(layer_pos, e) if _piecewise_ok(module) else None
         if pieces is not None:
             y = piecewise(module, pieces, x)
         else:
             view = SlotExperts(module, store.host_view(layer_pos, e))
             ones = torch.ones((len(token_idx), 1), dtype=contributions.dtype)
-            y = binding.compute(view, x, torch.zeros((len(token_idx), 1), dtype=top_k_index.dtype), ones)
-        contributions[token_idx, rank] = y.to(contributions.device, contributions.dtype, non_blocking=True)
+            y = binding.compute(view, x, torch.zeros((len(token_idx), 1), dtype=torch.long), ones)
+        token_idx, rank = _on(device, token_idx, rank)
+        contributions[token_idx, rank] = y.to(device, contributions.dtype, non_blocking=True)
     # The memory map's pages stay mapped, as llama.cpp keeps them: they are clean file pages the kernel may
     # reclaim under memory pressure, and dropping them after each call (as a copy into a slot does) made the
     # next token fault every page back in (the 213M Mixtral-shaped benchmark model: 29 -> 37 tok/s on 2 cores).
+
+
+def _on(device: torch.device, *arrays: np.ndarray) -> tuple[torch.Tensor, ...]:
+    """Host index arrays as index tensors on `device` (host to device: queued, never a wait)."""
+    return tuple(torch.as_tensor(a).to(device, non_blocking=True) for a in arrays)
 
 
 def _piecewise_ok(module) -> bool:

@@ -13,12 +13,12 @@ import threading
 import time
 from contextlib import contextmanager
 
-import numpy as np
 import torch
 
 from .expert_cache import ExpertCache
 from .cost_model import Hardware, Need, place
-from .offloaded_experts import ExpertsBinding, execute, execute_on_cpu, execute_unweighted, plan, reduce
+from .host_read import CallRouting
+from .offloaded_experts import ExpertsBinding, execute, execute_on_cpu, execute_unweighted, reduce
 from .errors import GenerationInputError
 from .foresight import Foresight
 from .predictors.base import LayerContext, Predictor
@@ -102,14 +102,15 @@ class Runtime:
                    top_k_weights: torch.Tensor) -> torch.Tensor:
         # T=tokens, k=active experts per token, H=hidden
         request, cache, layer = self.current(), self.cache, binding.layer_pos
+        residual = request.residuals.pop(layer, None)  # this layer's only: no layer's [B, T, H] outlives its call
         if request.recorder is not None:
-            request.recorder.record(layer, top_k_index, top_k_weights, request.residuals.get(layer))
-        experts = plan(top_k_index)
-        context = self._observe(request, layer, top_k_index)
-        on_cpu = self._place(layer, experts, top_k_index)
+            request.recorder.record(layer, top_k_index, top_k_weights, residual)
+        routing = self._read(request, layer, hidden_states, top_k_index, residual)
+        experts = routing.experts
+        context = self._observe(request, layer, routing, residual)
+        on_cpu = self._place(layer, routing)
         if on_cpu:
-            return self._hybrid(binding, request, layer, experts, on_cpu, hidden_states, top_k_index, top_k_weights,
-                                context)
+            return self._hybrid(binding, request, layer, routing, on_cpu, hidden_states, top_k_weights, context)
         if len(experts) <= cache.num_slots:
             loaded = self._loads(request, layer)
             slots = cache.fetch(layer, experts, request.counters)
@@ -121,11 +122,26 @@ class Runtime:
             return out
         # more experts than slots: a group at a time, each expert with unit weights, then one reduction
         contributions = hidden_states.new_zeros((*top_k_index.shape, hidden_states.shape[-1]))
-        self._in_groups(binding, request, layer, experts, hidden_states, top_k_index, contributions)
-        return reduce(binding, contributions, top_k_index, top_k_weights, experts, hidden_states.dtype)
+        self._in_groups(binding, request, layer, routing, experts, hidden_states, contributions)
+        return reduce(binding, contributions, routing, top_k_weights, hidden_states.dtype)
 
-    def _in_groups(self, binding: ExpertsBinding, request: Request, layer: int, experts: list[int],
-                   hidden_states: torch.Tensor, top_k_index: torch.Tensor, contributions: torch.Tensor,
+    def _read(self, request: Request, layer: int, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+              residual: torch.Tensor | None) -> CallRouting:
+        """The call's one read of the device (host_read.py): the routing, the predictor's device-side work for
+        this call, and the hidden states where experts may be computed on the CPU."""
+        staged = None
+        if self.foresight is not None and residual is not None and request.rows and \
+                top_k_index.shape[0] % request.rows == 0:
+            start = time.perf_counter()
+            staged = self.foresight.stage(layer, last_positions(residual, request.rows))
+            request.counters[layer].predict_s += time.perf_counter() - start
+        cpu_possible = layer < self.cpu_moe_layers or self.cold_experts != "stream"
+        routing = CallRouting.read(top_k_index, staged, hidden_states if cpu_possible else None)
+        request.counters[layer].host_syncs += 1
+        return routing
+
+    def _in_groups(self, binding: ExpertsBinding, request: Request, layer: int, routing: CallRouting,
+                   experts: list[int], hidden_states: torch.Tensor, contributions: torch.Tensor,
                    after_last_fetch=None) -> None:
         """The device's experts of a call, as many at a time as there are slots, each with unit weights into
         contributions [T, k, H]. `after_last_fetch` runs once the last group is staged: every group's fetch
@@ -137,12 +153,13 @@ class Runtime:
             slots = cache.fetch(layer, group, request.counters)
             if start + cache.num_slots >= len(experts) and after_last_fetch is not None:
                 after_last_fetch()
-            execute_unweighted(binding, cache, group, slots, hidden_states, top_k_index, contributions)
+            execute_unweighted(binding, cache, routing, group, slots, hidden_states, contributions)
             cache.used(slots)
 
-    def _place(self, layer: int, experts: list[int], top_k_index: torch.Tensor) -> set[int]:
+    def _place(self, layer: int, routing: CallRouting) -> set[int]:
         """The experts of this call computed on the CPU: all of a --cpu-moe-layers layer's; the cold ones with
         --cold-experts cpu; with auto, the cost model's choice (cost_model.place)."""
+        experts = routing.experts
         if layer < self.cpu_moe_layers:
             return set(experts)
         if self.cold_experts == "stream":
@@ -151,49 +168,48 @@ class Runtime:
         cold = [e for e in experts if (layer, e) not in slot_of]
         if not cold or self.cold_experts == "cpu":
             return set(cold)
-        counts = torch.bincount(top_k_index.view(-1), minlength=max(experts) + 1).tolist()
+        counts = routing.counts().tolist()
         needs = [Need(e, counts[e], e not in cold, self.cache.policy.reuse((layer, e))) for e in experts]
         return place(needs, self.expert_bytes, self.flops_per_token, self.hardware)
 
-    def _hybrid(self, binding: ExpertsBinding, request: Request, layer: int, experts: list[int], on_cpu: set[int],
-                hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+    def _hybrid(self, binding: ExpertsBinding, request: Request, layer: int, routing: CallRouting, on_cpu: set[int],
+                hidden_states: torch.Tensor, top_k_weights: torch.Tensor,
                 context: LayerContext | None) -> torch.Tensor:
         """Some experts on the device (resident, or copied into slots), the rest on the CPU from host memory;
         every expert with unit weights into [T, k, H] contributions, reduced once as the reference does. The
-        device's kernels are queued first (asynchronous on CUDA), so the CPU works while they run."""
-        contributions = hidden_states.new_zeros((*top_k_index.shape, hidden_states.shape[-1]))
+        device's kernels are queued first (asynchronous on CUDA) and the CPU experts read the hidden states
+        already on the host, so the CPU works while the device's kernels run."""
+        experts = routing.experts
+        contributions = hidden_states.new_zeros((*routing.ids.shape, hidden_states.shape[-1]))
         on_device = [e for e in experts if e not in on_cpu]
         look_ahead = None if context is None else \
             (lambda: self._look_ahead(request, context, {(layer, e) for e in experts}))
-        self._in_groups(binding, request, layer, on_device, hidden_states, top_k_index, contributions, look_ahead)
+        self._in_groups(binding, request, layer, routing, on_device, hidden_states, contributions, look_ahead)
         if look_ahead is not None and not on_device:
             look_ahead()
         start = time.perf_counter()
-        execute_on_cpu(binding, self.cache.store, layer, sorted(on_cpu), hidden_states, top_k_index, contributions)
+        execute_on_cpu(binding, self.cache.store, layer, routing, sorted(on_cpu), contributions)
         c = request.counters[layer]
         c.cpu_experts += len(on_cpu)
         c.cpu_s += time.perf_counter() - start
-        return reduce(binding, contributions, top_k_index, top_k_weights, experts, hidden_states.dtype)
+        return reduce(binding, contributions, routing, top_k_weights, hidden_states.dtype)
 
-    def _observe(self, request: Request, layer: int, top_k_index: torch.Tensor) -> LayerContext | None:
+    def _observe(self, request: Request, layer: int, routing: CallRouting,
+                 residual: torch.Tensor | None) -> LayerContext | None:
         """Record the call's routing in the request's paths; a decode call (one token per row) gets a context
         for predictions. A prefill's last position per row becomes the history its first decode step sees."""
         rows = request.rows
-        if self.foresight is None or rows == 0 or top_k_index.shape[0] % rows:
+        ids = routing.ids
+        if self.foresight is None or rows == 0 or ids.shape[0] % rows:
             return None
         start = time.perf_counter()
-        residual = request.residuals.get(layer)
-        if top_k_index.shape[0] == rows:  # decode: one token per row (the hot path: as few torch calls as can be)
-            ids = np.array(top_k_index.tolist(), dtype=np.int64)
-            if residual is not None:
-                residual = residual.reshape(rows, -1)
-        else:
-            ids = top_k_index.view(rows, -1, top_k_index.shape[-1])[:, -1].cpu().numpy().astype(np.int64)
-            if residual is not None:
-                residual = residual.reshape(rows, -1, residual.shape[-1])[:, -1]
-        context = self.foresight.observe(request.paths, layer, ids, residual)
+        decode = ids.shape[0] == rows
+        last = ids if decode else ids.reshape(rows, -1, ids.shape[-1])[:, -1]
+        if residual is not None:
+            residual = last_positions(residual, rows)
+        context = self.foresight.observe(request.paths, layer, last, residual, routing.staged)
         request.counters[layer].predict_s += time.perf_counter() - start
-        return context if top_k_index.shape[0] == rows else None
+        return context if decode else None
 
     def _look_ahead(self, request: Request, context: LayerContext, protected: set) -> None:
         """Predict the next layers' experts: the policy learns of them, and the nearest are loaded now."""
@@ -234,3 +250,8 @@ class Runtime:
         elif loads:
             per_expert = (c.copy_s - before[0]) / loads
             self.load_time += TIME_DECAY * (per_expert - self.load_time) if self.load_time else per_expert
+
+
+def last_positions(residual: torch.Tensor, rows: int) -> torch.Tensor:
+    """[rows, H]: each row's newest position of a call's residual stream ([rows * T, H] or [rows, T, H])."""
+    return residual.reshape(rows, -1, residual.shape[-1])[:, -1]

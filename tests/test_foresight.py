@@ -128,11 +128,11 @@ def test_own_layer_predictions_are_graded_at_that_layers_next_call(checkpoints):
     path, _, _ = checkpoints("mixtral", "per_expert")
     engine = OffloadEngine.from_pretrained(path, device="cpu", dtype="float32", expert_slots=2, max_batch=2,
                                            policy="predictive", predictor="history", prefetch_depth=1,
-                                           progress=False)
+                                           cold_experts="cpu", progress=False)
     runtime, policy = engine.runtime, engine.cache.policy
 
-    def one_cold_expert_on_the_cpu(layer, experts, top_k_index):
-        cold = [e for e in experts if (layer, e) not in engine.cache.slot_of]
+    def one_cold_expert_on_the_cpu(layer, routing):
+        cold = [e for e in routing.experts if (layer, e) not in engine.cache.slot_of]
         return {max(cold)} if cold else set()
 
     runtime._place = one_cold_expert_on_the_cpu

@@ -69,6 +69,7 @@ class LayerContext:
     experts: np.ndarray  # [rows, k] the router's choice at this layer, descending score
     residual: torch.Tensor | None  # [rows, H] the residual stream entering this layer's MoE block
     paths: Paths = field(repr=False)
+    staged: np.ndarray | None = field(default=None, repr=False)  # Predictor.stage's result, read to the host
 
 
 class Predictor:
@@ -80,6 +81,13 @@ class Predictor:
 
     def predict(self, ctx: LayerContext, depth: int, n: int) -> list[Prediction]:
         return []
+
+    def stage(self, layer: int, residual: torch.Tensor, depth: int, n: int) -> torch.Tensor | None:
+        """Device work for predict(ctx, depth, n) at `layer`, from the residual [rows, H]: queued before the
+        layer call's one read of the device and handed back, on the host, as ctx.staged (None: no device
+        work). A predictor that reads the residual must do so here: reading it in predict would wait for
+        the device a second time."""
+        return None
 
     def observe(self, ctx: LayerContext) -> None:
         pass

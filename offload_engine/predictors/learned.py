@@ -82,10 +82,14 @@ class LearnedPredictor(Predictor):
             targets.append((L, ctx.layer))  # its block follows the distances' (all of them: depth >= max_depth)
         if not targets:
             return []
-        x = ctx.residual.detach().to("cpu", torch.float32).numpy()
+        x = ctx.staged if ctx.staged is not None else self.stage(ctx.layer, ctx.residual, depth, n).cpu().numpy()
         weight, bias, path = self._heads[ctx.layer]
         best = _ranked_heads(x, ctx.experts, weight, bias, path, len(targets), self.num_experts, n)
         return [Prediction(d, j, best[:, i]) for i, (d, j) in enumerate(targets)]
+
+    def stage(self, layer: int, residual: torch.Tensor, depth: int, n: int) -> torch.Tensor:
+        """The residual [rows, H] in float32, read to the host with the layer's routing (the heads run there)."""
+        return residual.detach().float()
 
     def save(self, directory: Path) -> None:
         """predictor.safetensors (fp16 weights) and predictor.json (the card), each written whole or not at all."""

@@ -8,11 +8,10 @@ grouped top-k, correction biases and scaling are the architecture's, whatever it
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import nn
 
-from .base import LayerContext, Prediction, Predictor, ranked, target_layers
+from .base import LayerContext, Prediction, Predictor, target_layers
 
 
 class NextGatePredictor(Predictor):
@@ -22,24 +21,36 @@ class NextGatePredictor(Predictor):
     def __init__(self, routers: list[nn.Module], norms: list[nn.Module | None]):
         self.routers, self.norms = routers, norms
 
-    def ranking(self, residual: torch.Tensor, target: int, n: int) -> np.ndarray:
-        """[rows, n] experts best first: the router's own choice (by its weights), then the others by logit."""
+    def ranking(self, residual: torch.Tensor, target: int, n: int) -> torch.Tensor:
+        """[rows, n] experts best first, on the residual's device: the router's own choice (by its weights),
+        then the others by logit (ties: the lower id)."""
         norm = self.norms[target]
         x = norm(residual) if norm is not None else residual
         logits, weights, index = self.routers[target](x)
         if n <= index.shape[-1]:  # the router's top-k, already ordered: no full ranking needed (the engine's case)
             order = weights.float().reshape(index.shape).argsort(dim=-1, descending=True, stable=True)
-            return index.gather(-1, order)[:, :n].cpu().numpy().astype(np.int64)
+            return index.gather(-1, order)[:, :n].long()
         logits = logits.float().reshape(index.shape[0], -1)
         # the chosen k rank above every logit, in the order of their routing weights
         top = logits.max(dim=-1, keepdim=True).values + 1
-        return ranked(logits.scatter(1, index.long(), top + weights.float().reshape(index.shape)).cpu().numpy(), n)
+        scores = logits.scatter(1, index.long(), top + weights.float().reshape(index.shape))
+        return scores.sort(dim=-1, descending=True, stable=True).indices[:, :n]
+
+    def stage(self, layer: int, residual: torch.Tensor, depth: int, n: int) -> torch.Tensor | None:
+        """[targets, rows, n]: every target layer's ranking, computed where the residual is."""
+        targets = target_layers(layer, depth, len(self.routers), wraps=False)
+        if not targets:
+            return None
+        return torch.stack([self.ranking(residual, j, n) for _, j in targets])
 
     def predict(self, ctx: LayerContext, depth: int, n: int) -> list[Prediction]:
-        if ctx.residual is None:
-            return []
-        return [Prediction(d, j, self.ranking(ctx.residual, j, n))
-                for d, j in target_layers(ctx.layer, depth, len(self.routers), wraps=False)]
+        targets = target_layers(ctx.layer, depth, len(self.routers), wraps=False)
+        staged = ctx.staged
+        if staged is None or staged.shape[0] != len(targets) or staged.shape[-1] != n:
+            if ctx.residual is None or not targets:
+                return []
+            staged = self.stage(ctx.layer, ctx.residual, depth, n).cpu().numpy()
+        return [Prediction(d, j, staged[i]) for i, (d, j) in enumerate(targets)]
 
 
 def model_routers(model: nn.Module, experts_paths: tuple[str, ...]) -> tuple[list[nn.Module], list[nn.Module | None]]:

@@ -1,0 +1,131 @@
+"""Python's own time per MoE layer call: the call's wall time minus its expert kernels, copies and CPU experts.
+
+Every experts module's layer call is timed whole, and inside it transformers' experts function (the kernels,
+with their own thin wrapper) and the engine's copy and CPU-expert timers; what is left is the engine's
+bookkeeping: planning, the cache, the predictor, the policy, prefetch decisions. Decode calls only (one
+token per row), batch 1, greedy, after a warm-up generation. On the CPU the kernels run in the calling
+thread, so the subtraction is exact up to the timers' own cost (~0.1 us each).
+
+    python benchmarks/bench_layer_call.py [--model DIR] [--slots 64,all] [--configs lru,predictive:next-gate]
+    python benchmarks/make_checkpoint.py --shape qwen3-30b-a3b --layers 4 --vocab 4096 --out /tmp/q3
+    python benchmarks/bench_layer_call.py --model /tmp/q3 --slots 128,all --tokens 16
+
+`--configs` names policy:predictor pairs. Prints one row per (slots, config): median and mean Python time per
+layer call, the median call and kernel times, and the host syncs per decode step if the engine counts them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+class CallTimer:
+    """Wraps one engine's layer calls and kernels with timers; decode calls' figures in `rows`."""
+
+    def __init__(self, engine):
+        self.engine, self.runtime = engine, engine.runtime
+        self.rows: list[tuple[float, float, float]] = []  # (call s, kernels s, copies + CPU experts s)
+        self.kernel_s = 0.0
+        self.recording = False
+        original_call = self.runtime.layer_call
+
+        def timed_call(binding, hidden_states, top_k_index, top_k_weights):
+            request = self.runtime.current()
+            c = request.counters[binding.layer_pos]
+            before_io = c.copy_s + c.cpu_s
+            kernel_before = self.kernel_s
+            start = time.perf_counter()
+            out = original_call(binding, hidden_states, top_k_index, top_k_weights)
+            elapsed = time.perf_counter() - start
+            if self.recording and top_k_index.shape[0] == max(request.rows, 1):
+                self.rows.append((elapsed, self.kernel_s - kernel_before, c.copy_s + c.cpu_s - before_io))
+            return out
+
+        self.runtime.layer_call = timed_call
+        for module in engine.model.modules():
+            binding = getattr(module, "_offload", None)
+            if binding is not None:
+                binding.compute = self._timed_kernel(binding.compute)
+
+    def _timed_kernel(self, compute):
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            out = compute(*args, **kwargs)
+            self.kernel_s += time.perf_counter() - start
+            return out
+        return timed
+
+
+def measure(model: Path, slots: int | None, policy: str, predictor: str, tokens: int, threads: int) -> dict:
+    from offload_engine import OffloadEngine
+
+    kwargs = {"expert_slots": slots} if slots else {}
+    engine_args = dict(policy=policy, predictor=predictor, progress=False, **kwargs)
+    try:
+        engine = OffloadEngine.from_pretrained(model, threads=threads, **engine_args)
+    except TypeError:  # before the engine took threads=
+        torch.set_num_threads(threads)
+        engine = OffloadEngine.from_pretrained(model, **engine_args)
+    timer = CallTimer(engine)
+    prompt = [5, 17, 301, 42, 7, 99, 1000, 12]
+    engine.generate(prompt, max_new_tokens=4, ignore_eos=True)  # warm-up: compiled kernels, first copies
+    timer.recording = True
+    result = engine.generate(prompt, max_new_tokens=tokens, ignore_eos=True)
+    engine.close()
+    python = [call - kernels - io for call, kernels, io in timer.rows]
+    stats = result.stats
+    syncs = getattr(stats, "host_syncs", None)
+    decode_steps = max(stats.generated_tokens - 1, 1)
+    return {
+        "calls": len(timer.rows),
+        "python_us_median": 1e6 * statistics.median(python),
+        "python_us_mean": 1e6 * statistics.fmean(python),
+        "call_us_median": 1e6 * statistics.median(r[0] for r in timer.rows),
+        "kernel_us_median": 1e6 * statistics.median(r[1] for r in timer.rows),
+        "hit_rate": stats.hit_rate,
+        "host_syncs_per_step": None if syncs is None else syncs / (decode_steps + 1),
+    }
+
+
+def main(argv=None) -> None:
+    from offload_engine import DEFAULT_MODEL
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, default=Path(DEFAULT_MODEL))
+    parser.add_argument("--slots", default="64,all", help="comma-separated slot counts; 'all' = every expert")
+    parser.add_argument("--configs", default="lru:none,predictive:next-gate,predictive:history,predictive:learned")
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    args = parser.parse_args(argv)
+    rows = []
+    for slots in args.slots.split(","):
+        for config in args.configs.split(","):
+            policy, _, predictor = config.partition(":")
+            try:
+                r = measure(args.model, None if slots == "all" else int(slots), policy, predictor or "none",
+                            args.tokens, args.threads)
+            except Exception as e:  # a predictor the model has none of (learned on a random checkpoint)
+                print(f"{slots:>5} {config:<24} skipped: {str(e).splitlines()[0]}", flush=True)
+                continue
+            rows.append({"slots": slots, "config": config, **r})
+            syncs = "-" if r["host_syncs_per_step"] is None else f"{r['host_syncs_per_step']:.1f}"
+            print(f"{slots:>5} {config:<24} python/call {r['python_us_median']:7.1f} us median "
+                  f"{r['python_us_mean']:7.1f} mean | call {r['call_us_median']:8.1f} kernels "
+                  f"{r['kernel_us_median']:8.1f} us | hit {r['hit_rate']:.3f} | syncs/step {syncs}", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""Random-weight checkpoints at the shapes of real MoE models, written one decoder layer at a time.
+
+    python benchmarks/make_checkpoint.py --shape qwen3-30b-a3b --layers 4 [--dtype bf16] [--vocab N] --out DIR
+
+Each shape is the model's real configuration (hidden size, experts, top-k, expert and shared-expert sizes,
+attention, vocabulary) with as many decoder layers as asked (default: all). Weights are N(0, 0.02) (norms
+one), drawn tensor by tensor and written as one safetensors shard per decoder layer plus one for the
+embeddings and head, so no more than one layer is ever in memory. Router weights are scaled (`--router-scale`)
+so that a token's top-k has clear margins instead of near-ties; the load balance this gives is printed by
+`--report` (routing statistics of a short random prompt, through transformers' own model).
+
+`--vocab` shrinks the embedding and head for benchmarks whose subject is the MoE layers (Python time per
+layer call, copies): the experts keep their real shape. The written layout is transformers' own in-memory
+layout (fused [E, ...] expert tensors), which the engine and `from_pretrained` both read. No tokenizer is
+written: benchmarks feed token ids.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+ROUTER_SCALE = 8.0  # router weights at 8 x 0.02: logit gaps of ~0.5 between neighbouring experts at H ~ 2048
+INIT_STD = 0.02
+
+# The published configurations (config.json of each model on the hub), less what only training reads.
+SHAPES: dict[str, tuple[str, dict]] = {
+    "mixtral-8x7b": ("mixtral", dict(
+        vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2,
+        max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        bos_token_id=1, eos_token_id=2)),
+    "qwen3-30b-a3b": ("qwen3_moe", dict(
+        vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+        num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
+        num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+        max_position_embeddings=40960, rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        bos_token_id=151643, eos_token_id=151645)),
+    "olmoe-1b-7b": ("olmoe", dict(
+        vocab_size=50304, hidden_size=2048, intermediate_size=1024, num_hidden_layers=16,
+        num_attention_heads=16, num_key_value_heads=16, num_experts=64, num_experts_per_tok=8,
+        norm_topk_prob=False, max_position_embeddings=4096, rope_theta=10000.0, rms_norm_eps=1e-5,
+        clip_qkv=None, tie_word_embeddings=False, pad_token_id=1, eos_token_id=50279)),
+    "deepseek-v2-lite": ("deepseek_v2", dict(
+        vocab_size=102400, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
+        num_hidden_layers=27, num_attention_heads=16, num_key_value_heads=16, n_routed_experts=64,
+        n_shared_experts=2, num_experts_per_tok=6, first_k_dense_replace=1, kv_lora_rank=512,
+        q_lora_rank=None, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_group=1, topk_group=1,
+        topk_method="greedy", norm_topk_prob=False, routed_scaling_factor=1.0, max_position_embeddings=163840,
+        rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=100000,
+        eos_token_id=100001)),
+    "gpt-oss-20b": ("gpt_oss", dict(
+        vocab_size=201088, hidden_size=2880, intermediate_size=2880, num_hidden_layers=24,
+        num_attention_heads=64, num_key_value_heads=8, head_dim=64, num_local_experts=32,
+        num_experts_per_tok=4, sliding_window=128, max_position_embeddings=131072, rope_theta=150000.0,
+        rms_norm_eps=1e-5, tie_word_embeddings=False, eos_token_id=200002, pad_token_id=199999)),
+}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def config_of(shape: str, layers: int | None = None, vocab: int | None = None, dtype: str = "bf16"):
+    """The transformers config of `shape`, with `layers` decoder layers and, optionally, a smaller vocabulary."""
+    from transformers import AutoConfig
+
+    model_type, fields = SHAPES[shape]
+    fields = dict(fields)
+    if layers is not None:
+        if not 1 <= layers <= fields["num_hidden_layers"]:
+            raise SystemExit(f"--layers must be 1..{fields['num_hidden_layers']} for {shape}")
+        fields["num_hidden_layers"] = layers
+        if model_type == "gpt_oss":  # alternating sliding and full attention, as the real model
+            fields["layer_types"] = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
+    if vocab is not None:
+        fields["vocab_size"] = vocab
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if fields.get(key) is not None and fields[key] >= vocab:
+                fields[key] = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}[key]
+    return AutoConfig.for_model(model_type, dtype={"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype],
+                                **fields)
+
+
+def write_random(config, out: Path, dtype: torch.dtype, seed: int = 0, router_scale: float = ROUTER_SCALE,
+                 progress: bool = True) -> Path:
+    """Write random weights for `config` to `out`, one shard per decoder layer (never the whole model in
+    memory), with config.json and model.safetensors.index.json."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+    from tqdm.auto import tqdm
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    shapes = {name: (tuple(t.shape), t.dtype) for name, t in model.state_dict().items()}
+    groups: dict[str, list[str]] = {}
+    for name in shapes:
+        m = LAYER.match(name)
+        groups.setdefault(f"layer-{int(m.group(1)):03d}" if m else "embeddings", []).append(name)
+    out.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(seed)
+    weight_map, total = {}, 0
+    names = sorted(groups)
+    for i, group in enumerate(tqdm(names, desc="shards", unit="shard", disable=None if progress else True)):
+        file = f"model-{i + 1:05d}-of-{len(names):05d}.safetensors"
+        tensors = {}
+        for name in groups[group]:
+            shape, tdtype = shapes[name]
+            tensors[name] = _random(name, shape, tdtype, generator, router_scale)
+            weight_map[name] = file
+            total += tensors[name].numel() * tensors[name].element_size()
+        save_file(tensors, str(out / file), metadata={"format": "pt"})
+        del tensors
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    config.save_pretrained(out)
+    return out
+
+
+def _random(name: str, shape: tuple, dtype: torch.dtype, generator: torch.Generator, router_scale: float):
+    leaf = name.rsplit(".", 1)[-1]
+    if "norm" in name and leaf == "weight" and len(shape) == 1:
+        return torch.ones(shape, dtype=dtype)
+    if leaf.endswith("bias") or "bias" in leaf or leaf == "sinks":
+        return (torch.randn(shape, generator=generator) * INIT_STD).to(dtype)
+    t = torch.empty(shape, dtype=dtype)
+    t.normal_(0.0, INIT_STD, generator=generator)
+    if _is_router(name, shape):
+        t.mul_(router_scale)
+    return t
+
+
+def _is_router(name: str, shape: tuple) -> bool:
+    return len(shape) == 2 and (".mlp.gate.weight" in name or ".mlp.router.weight" in name)
+
+
+def report(out: Path, tokens: int = 64, seed: int = 0) -> dict:
+    """Routing statistics of a random prompt through transformers' own model: per MoE layer, the share of
+    routings the busiest expert takes (1/E is perfectly balanced, 1 collapsed) and how many experts were used."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(seed))
+    picks = []
+    hooks = [m.register_forward_hook(lambda mod, args, outputs: picks.append(outputs[2].flatten()))
+             for name, m in model.named_modules() if _is_router(name + ".weight", (1, 1))]
+    with torch.inference_mode():
+        model(input_ids=ids)
+    for h in hooks:
+        h.remove()
+    E = model.config.get_text_config().num_experts if hasattr(model.config, "num_experts") else None
+    rows = []
+    for layer, p in enumerate(picks):
+        counts = torch.bincount(p, minlength=E or int(p.max()) + 1).float()
+        rows.append({"layer": layer, "busiest_share": round(float(counts.max() / counts.sum()), 3),
+                     "experts_used": int((counts > 0).sum()), "experts": len(counts)})
+    return {"tokens": tokens, "layers": rows}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--shape", required=True, choices=sorted(SHAPES))
+    parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: all of the model's)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--vocab", type=int, default=None, help="a smaller vocabulary (default: the model's)")
+    parser.add_argument("--router-scale", type=float, default=ROUTER_SCALE)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--report", action="store_true", help="print the routing balance of a random prompt")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    if args.out.exists() and any(args.out.iterdir()):
+        raise SystemExit(f"{args.out} is not empty; give a new folder")
+    config = config_of(args.shape, args.layers, args.vocab, args.dtype)
+    write_random(config, args.out, DTYPES[args.dtype], args.seed, args.router_scale)
+    size = sum(f.stat().st_size for f in args.out.glob("*.safetensors"))
+    print(f"{args.shape}: {config.num_hidden_layers} layers, {size / 2**30:.2f} GiB in {args.out}", file=sys.stderr)
+    if args.report:
+        print(json.dumps(report(args.out), indent=1))
+
+
+if __name__ == "__main__":
+    main()
