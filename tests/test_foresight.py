@@ -109,6 +109,28 @@ def test_an_arriving_slot_is_never_given_away():
     assert staged.waits == [cache.slot_of[(0, 1)]] and counters[0].prefetch_hits == 1
 
 
+@pytest.mark.parametrize("make_room", ["call", "prefetch"])
+def test_an_arriving_slot_is_never_given_away_even_as_the_oldest(make_room):
+    """The arriving key is LRU's first choice of victim here (loaded before the resident one), so only the
+    arriving protection keeps its slot, for a call's miss and for a prefetch alike."""
+    cache = SlotMap(2, LRUPolicy(), expert_bytes=1)
+    counters = new_counters(2)
+    arriving = cache.prefetch((0, 1), set(), counters, [])  # in flight, and the oldest in LRU order
+    cache.call(0, [0], counters)
+    cache.arrived(cache.slot_of[(0, 0)])
+    assert cache.policy.victim(set()) == (0, 1)  # unprotected, LRU would take the arriving slot
+    evicted = []
+    if make_room == "call":
+        evicted = cache.call(1, [2], counters).evicted
+    else:
+        assert cache.prefetch((1, 2), set(), counters, evicted) is not None
+    assert evicted == [(0, 0)]
+    assert cache.slot_of[(0, 1)] == arriving and cache.slot_of[(1, 2)] != arriving
+    cache.call(0, [1], counters)  # every other key is now arriving or protected: nothing may be evicted
+    assert cache.prefetch((1, 3), set(), counters, []) is None
+    assert cache.key_in[arriving] == (0, 1)
+
+
 def test_prefetch_hits_count_only_prefetched_experts_used_before_eviction():
     cache = SlotMap(2, LRUPolicy(), expert_bytes=1)
     counters = new_counters(1)
