@@ -6,6 +6,8 @@ the engine's own counters. Plain-loop twins check the simulator, the predictor m
 predictor's compiled kernels.
 """
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -491,3 +493,52 @@ def test_history_predictor_learns_a_deterministic_path():
     assert acc.overall[1]["recall"][k] > 0.8 and acc.overall[2]["recall"][k] > 0.8
     assert early.overall[1]["recall"][k] < acc.overall[1]["recall"][k]
     assert NEXT_TOKEN in acc.overall  # history also guesses the next token's first layers
+
+
+def twin_router_logits(norm_weight, eps, router_weight, x):
+    """A softmax router's logits for one residual row x [H], written out: RMSNorm, then one dot product per
+    expert (softmax keeps their order, so the router's top-k are the k largest)."""
+    rms = math.sqrt(sum(float(v) ** 2 for v in x) / len(x) + eps)
+    normed = x / rms * norm_weight
+    return [float(torch.dot(w, normed)) for w in router_weight]
+
+
+@pytest.mark.parametrize("name", ["default", "qwen3_moe"])
+def test_next_gate_names_each_target_layers_own_router_top_k(tmp_path, name):
+    """Next-gate's prediction for layer l + d is layer (l + d)'s router (after its post-attention norm) applied to
+    the residual given, for every layer and distance: the bundled model (6 MoE layers) and a tiny qwen3-moe whose
+    MoE layers are decoder layers 1 and 3 (a position is not a decoder layer's index)."""
+    from offload_engine import DEFAULT_MODEL
+    from offload_engine.foresight import HORIZON
+
+    path = DEFAULT_MODEL if name == "default" else tm.save_checkpoint(tm.build_reference(name), tmp_path, "fused")
+    engine = OffloadEngine.from_pretrained(path, device="cpu", dtype="float32", predictor="next-gate", progress=False)
+    spec, config = engine.spec, engine.model.config
+    L, E, k = spec.num_moe_layers, spec.num_experts, spec.top_k
+    decoder = engine.model.model.layers
+    rows = 5
+    residual = torch.randn(rows, config.hidden_size, generator=torch.Generator().manual_seed(0))
+    logits, top = {}, {}
+    for j in range(L):
+        layer = decoder[spec.moe_layers[j]]
+        for r in range(rows):
+            logits[j, r] = twin_router_logits(layer.post_attention_layernorm.weight.detach(), config.rms_norm_eps,
+                                              layer.mlp.gate.weight.detach(), residual[r])
+            order = sorted(range(E), key=lambda e: -logits[j, r][e])
+            gaps = [logits[j, r][a] - logits[j, r][b] for a, b in zip(order[:k], order[1:k + 1])]
+            assert min(gaps) > 1e-5, (j, r)  # no near-tie within the top k or at its edge
+            top[j, r] = order[:k]
+    predictor = engine.runtime.predictor
+    for layer in range(L):
+        ctx = LayerContext(layer, np.zeros((rows, k), dtype=np.int64), residual, Paths.empty(rows, L, k))
+        for n in (k, E):  # the router's own top-k (the engine's case), and the full ranking after it
+            predictions = predictor.predict(ctx, HORIZON, n)
+            assert [(p.depth, p.layer) for p in predictions] == [(d, layer + d) for d in range(1, HORIZON + 1)
+                                                                 if layer + d < L]
+            for p in predictions:
+                for r in range(rows):
+                    ranking = p.experts[r].tolist()
+                    assert ranking[:k] == top[p.layer, r], (layer, p.depth, n, r)
+                    ranked = [logits[p.layer, r][e] for e in ranking]  # best first, up to rounding
+                    assert len(set(ranking)) == len(ranking) == n
+                    assert all(a >= b - 1e-5 for a, b in zip(ranked, ranked[1:])), (layer, p.depth, r)
