@@ -291,6 +291,42 @@ def test_predictive_policy_knows_the_layer_order():
     assert belady == 149 and predictive >= belady - 5
 
 
+def trained_predictive_cache(residents):
+    """A predictive policy that has seen 30 tokens of layer 0 using experts 0 and 1, layer 1 using 2 and 3, and
+    a cache holding `residents` (loaded into free slots: no victim was weighed)."""
+    policy = PredictivePolicy(2, 6, 2)
+    for _ in range(30):
+        policy.on_call(0, [0, 1])
+        policy.on_call(1, [2, 3])
+    cache, counters = SlotMap(len(residents), policy, expert_bytes=1), new_counters(2)
+    for key in residents:
+        cache.arrived(cache.prefetch(key, set(), counters, []))
+    return cache, counters
+
+
+def test_predictive_policy_refuses_a_prefetch_less_likely_than_its_victim():
+    """Expert 5 of layer 0 was never used: loading it would cost a resident that is used at every call."""
+    cache, counters = trained_predictive_cache([(0, 0), (0, 1)])
+    probability = cache.policy.use_probability()
+    assert probability[0, 5] < 0.1 < 0.9 < probability[0, 0]
+    assert not cache.policy.worth_prefetching((0, 5), (0, 0))
+    evicted = []
+    assert cache.prefetch((0, 5), set(), counters, evicted) is None
+    assert evicted == [] and set(cache.slot_of) == {(0, 0), (0, 1)}
+    assert (counters[0].prefetches, counters[0].evictions) == (2, 0)
+
+
+def test_predictive_policy_accepts_a_prefetch_more_likely_than_its_victim():
+    """Expert 1 of layer 0 is used at every call; the resident expert 5 never is: it gives way."""
+    cache, counters = trained_predictive_cache([(0, 0), (0, 5)])
+    assert cache.policy.worth_prefetching((0, 1), (0, 5))
+    evicted = []
+    slot = cache.slot_of[(0, 5)]
+    assert cache.prefetch((0, 1), set(), counters, evicted) == slot
+    assert evicted == [(0, 5)] and set(cache.slot_of) == {(0, 0), (0, 1)}
+    assert (counters[0].prefetches, counters[0].evictions) == (3, 1)
+
+
 def test_predictive_probabilities_match_their_formula():
     """The compiled counts and use probabilities against the formula written out with plain loops: hazards by
     (layer, popularity bucket, age), predictions graded by (distance, named, age), a named expert's
