@@ -439,43 +439,81 @@ def test_evaluation_scores_an_oracle_perfectly_and_counts_every_prediction():
     assert [acc.overall[d]["tokens"] for d in (1, 2, 3)] == [4 * 10 * 3, 4 * 10 * 2, 4 * 10 * 1]
 
 
-def twin_history_scores(p, paths, layer, depth, target, sources, k):
-    """The history predictor's score written out with Python loops over its counts: naive Bayes with the
-    target layer's smoothed usage as the prior, each source expert's smoothed co-occurrence as evidence."""
-    from offload_engine.predictors.history import SMOOTHING
+class TwinHistory:
+    """The history predictor written out with Python loops: every table learned here from the routing observed
+    (nothing read from the predictor under test), and its score from them: naive Bayes with the target layer's
+    smoothed usage as the prior, each source expert's smoothed co-occurrence as evidence, and the repetition."""
 
-    rows, L, _ = paths.current.shape
-    E = p.num_experts
-    prior = [(p.usage[target, b] + 1) / (p.usage[target].sum() + E) * k for b in range(E)]
-    out = np.zeros((rows, E))
-    for r in range(rows):
-        for b in range(E):
-            out[r, b] = np.log(prior[b])
-        for back in range(sources):
-            src_layer = layer - back
-            src = paths.current if src_layer >= 0 else paths.previous
-            src_layer %= L
-            if src[r, src_layer, 0] < 0:
+    def __init__(self, L, E, k, distances):
+        self.L, self.E, self.k, self.distances = L, E, k, list(distances)
+        D = len(self.distances)
+        self.co = np.zeros((L, D, E, E))  # co[l, i, a, b]: tokens with a at l and b at l + distances[i]
+        self.seen = np.zeros((L, D, E))  # tokens with a at l
+        self.usage = np.zeros((L, E))
+        self.repeat = np.full(L, 0.5)  # share of a layer's experts the next token reuses
+
+    def observe(self, paths, layer):
+        from offload_engine.predictors.history import REPEAT_DECAY
+
+        for r in range(paths.current.shape[0]):
+            if paths.current[r, layer, 0] < 0:
                 continue
-            i = list(p.distances).index(depth + back)
-            for a in src[r, src_layer]:
-                if a >= 0:
-                    for b in range(E):
-                        given_a = (p.co[src_layer, i, a, b] + SMOOTHING * prior[b] / k) / (p.seen[src_layer, i, a] + SMOOTHING)
-                        out[r, b] += np.log(given_a / prior[b])
-        last = paths.current if target <= layer else paths.previous
-        if last[r, target, 0] >= 0:
+            ids = [b for b in paths.current[r, layer].tolist() if b >= 0]
+            for b in ids:
+                self.usage[layer, b] += 1
+            for i, d in enumerate(self.distances):
+                if d > layer + self.L:  # the source would be two tokens back
+                    continue
+                src = paths.current if layer - d >= 0 else paths.previous
+                src_layer = (layer - d) % self.L
+                if src[r, src_layer, 0] < 0:
+                    continue
+                for a in src[r, src_layer].tolist():
+                    if a >= 0:
+                        self.seen[src_layer, i, a] += 1
+                        for b in ids:
+                            self.co[src_layer, i, a, b] += 1
+            last = paths.previous[r, layer].tolist()
+            if last[0] >= 0:
+                reused = len(set(ids) & set(last))
+                self.repeat[layer] += REPEAT_DECAY * (reused / self.k - self.repeat[layer])
+
+    def scores(self, paths, layer, depth, target, sources):
+        from offload_engine.predictors.history import SMOOTHING
+
+        rows, L, _ = paths.current.shape
+        E, k = self.E, self.k
+        prior = [(self.usage[target, b] + 1) / (self.usage[target].sum() + E) * k for b in range(E)]
+        out = np.zeros((rows, E))
+        for r in range(rows):
             for b in range(E):
-                used = b in set(last[r, target].tolist())
-                prob = p.repeat[target] if used else (1 - p.repeat[target]) * k / (E - k)
-                out[r, b] += np.log(prob / prior[b])
-    return out
+                out[r, b] = np.log(prior[b])
+            for back in range(sources):
+                src_layer = layer - back
+                src = paths.current if src_layer >= 0 else paths.previous
+                src_layer %= L
+                if src[r, src_layer, 0] < 0:
+                    continue
+                i = self.distances.index(depth + back)
+                for a in src[r, src_layer]:
+                    if a >= 0:
+                        for b in range(E):
+                            given_a = ((self.co[src_layer, i, a, b] + SMOOTHING * prior[b] / k)
+                                       / (self.seen[src_layer, i, a] + SMOOTHING))
+                            out[r, b] += np.log(given_a / prior[b])
+            last = paths.current if target <= layer else paths.previous
+            if last[r, target, 0] >= 0:
+                for b in range(E):
+                    used = b in set(last[r, target].tolist())
+                    prob = self.repeat[target] if used else (1 - self.repeat[target]) * k / (E - k)
+                    out[r, b] += np.log(prob / prior[b])
+        return out
 
 
 def test_history_predictor_kernels_equal_their_plain_loop_twin():
-    """Counts and scores against Python loops, at 6 layers (distances 1-4 and the own layer's next call, 6-8),
-    at 4 (where the two overlap and a distance past L would reach two tokens back: not counted), and with a
-    fifth of the calls unknown (-1, as a trace pads them)."""
+    """Every table and score against the twin's own, at 6 layers (distances 1-4 and the own layer's next call,
+    6-8), at 4 (where the two overlap and a distance past L would reach two tokens back: not counted), and with
+    a fifth of the calls unknown (-1, as a trace pads them)."""
     from offload_engine.predictors import history
 
     for L, missing in ((6, 0.0), (4, 0.0), (6, 0.2)):
@@ -483,33 +521,24 @@ def test_history_predictor_kernels_equal_their_plain_loop_twin():
         p = HistoryPredictor(L, 10, 3)
         wanted = sorted(set(range(1, 3 + history.SOURCES)) | set(range(L, L + history.SOURCES)))
         assert p.distances.tolist() == wanted
+        twin = TwinHistory(L, 10, 3, wanted)
         paths = Paths.empty(3, L, 3)
-        co = np.zeros_like(p.co)
         for t in range(30):
             for layer in range(L):
                 ids = trace.expert_ids[:, t, layer].astype(np.int64)
                 paths.observe(layer, ids)
                 ctx = LayerContext(layer, ids, None, paths)
                 p.observe(ctx)
-                for r in range(3):  # counts, written out
-                    if ids[r][0] < 0:
-                        continue
-                    for i, d in enumerate(wanted):
-                        if d > layer + L:  # the source would be two tokens back
-                            continue
-                        src = paths.current if layer - d >= 0 else paths.previous
-                        if src[r, (layer - d) % L, 0] >= 0:
-                            for a in src[r, (layer - d) % L]:
-                                for b in ids[r]:
-                                    co[(layer - d) % L, i, a, b] += 1
+                twin.observe(paths, layer)
                 if t > 3:
                     for d in (1, 3, L):
                         got = p.scores(ctx, d, (layer + d) % L)
-                        assert np.allclose(got, twin_history_scores(p, paths, layer, d, (layer + d) % L,
-                                                                    history.SOURCES, 3))
+                        assert np.allclose(got, twin.scores(paths, layer, d, (layer + d) % L, history.SOURCES))
                     predicted = [(q.depth, q.layer) for q in p.predict(ctx, L, 3)]
                     assert predicted[-1] == (L, layer) and len(predicted) == min(3, L) + (L > 3)
-        assert np.array_equal(co, p.co)
+        for table in ("co", "seen", "usage"):
+            assert np.array_equal(getattr(p, table), getattr(twin, table)), (L, missing, table)
+        assert np.allclose(p.repeat, twin.repeat) and np.abs(twin.repeat - 0.5).min() > 0.05  # learned, and moved
     with pytest.raises(ValueError, match="no evidence for 4 layers ahead"):
         HistoryPredictor(8, 10, 3).scores(LayerContext(0, ids, None, Paths.empty(3, 8, 3)), 4, 4)
 
