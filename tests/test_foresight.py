@@ -7,6 +7,7 @@ predictor's compiled kernels.
 """
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -21,6 +22,8 @@ from offload_engine.predictors.base import LayerContext, Paths, Prediction, Pred
 from offload_engine.predictors.evaluate import evaluate
 from offload_engine.predictors.metrics import NEXT_TOKEN, Tally
 from offload_engine.replay import layer_calls, replay
+from offload_engine.request import Request
+from offload_engine.runtime import Runtime
 from offload_engine.slot_map import SlotMap
 from offload_engine.trace_file import RoutingTrace
 from test_exactness import checkpoints  # noqa: F401 (the shared fixture of tiny checkpoints)
@@ -82,6 +85,67 @@ def test_prefetch_loads_ahead_and_counts_it(checkpoints):
     off = OffloadEngine.from_pretrained(path, device="cpu", expert_slots=6, progress=False, policy="predictive",
                                         predictor="next-gate", prefetch_depth=0)
     assert off.generate(PROMPT, max_new_tokens=NEW_TOKENS, ignore_eos=True).stats.prefetches == 0
+
+
+class EveryDistance(Predictor):
+    """Names experts 10 d and 10 d + 1 at every distance d it is asked for, so a key tells its distance."""
+
+    name = "every-distance"
+    wraps = True  # asked for the whole horizon: L layers ahead
+
+    def predict(self, ctx, depth, n):
+        L = ctx.paths.current.shape[1]
+        return [Prediction(d, (ctx.layer + d) % L, np.array([[10 * d, 10 * d + 1]])) for d in range(1, depth + 1)]
+
+
+class PrefetchRecorder:
+    """What the runtime needs of an ExpertCache for a look-ahead; keeps the keys it is asked to prefetch."""
+
+    device = torch.device("cpu")
+    store = SimpleNamespace(expert_nbytes=lambda: 1, spec=SimpleNamespace(expert_numel=lambda: 1))
+
+    def __init__(self, resident=()):
+        self.policy, self.slot_of, self.prefetched = LRUPolicy(), {key: 0 for key in resident}, []
+
+    def prefetch(self, keys, protected, counters=None):
+        self.prefetched += keys
+        return len(keys)
+
+
+def look_ahead_once(prefetch_depth, top_k=2, load_time=0.0, layer_time=0.0, layer=5, resident=()):
+    """The runtime's look-ahead after one decode call of `layer` (of 8): (its depth, the keys it prefetched)."""
+    L = 8
+    cache = PrefetchRecorder(resident)
+    runtime = Runtime(cache, L, top_k, EveryDistance(), prefetch_depth)
+    runtime.load_time, runtime.layer_time = load_time, layer_time
+    request = Request(rows=1, num_layers=L, top_k=top_k)
+    context = runtime.foresight.observe(request.paths, layer, np.arange(top_k)[None], None)
+    runtime._look_ahead(request, context, set())
+    return runtime.depth(), cache.prefetched
+
+
+def test_prefetch_depth_d_prefetches_exactly_distances_one_to_d():
+    layer = 5
+    for depth in range(0, 6):
+        got_depth, prefetched = look_ahead_once(depth, layer=layer)
+        want = [((layer + d) % 8, e) for d in range(1, depth + 1) for e in (10 * d, 10 * d + 1)]
+        assert got_depth == depth and prefetched == want, depth
+    _, prefetched = look_ahead_once(2, layer=layer, resident=[(6, 10)])  # a resident key is never prefetched
+    assert prefetched == [(6, 11), (7, 20), (7, 21)]
+
+
+def test_automatic_prefetch_depth_follows_its_formula():
+    """Unset, the depth is ceil(top_k * one expert's load time / one layer's time), from 1 to AUTO_DEPTH_LIMIT
+    (3); 1 before a layer time is measured. The look-ahead prefetches exactly that many distances."""
+    cases = [  # (top_k, load time, layer time) -> depth
+        ((2, 5.0, 0.0), 1), ((2, 0.0, 1.0), 1), ((2, 0.25, 1.0), 1), ((2, 0.5, 1.0), 1), ((2, 0.6, 1.0), 2),
+        ((2, 1.0, 1.0), 2), ((2, 1.1, 1.0), 3), ((2, 30.0, 1.0), 3), ((4, 0.5, 1.0), 2), ((4, 0.3, 0.1), 3),
+        ((1, 0.15, 0.1), 2),
+    ]
+    for (top_k, load_time, layer_time), depth in cases:
+        got_depth, prefetched = look_ahead_once(None, top_k, load_time, layer_time)
+        assert got_depth == depth, (top_k, load_time, layer_time)
+        assert sorted({e // 10 for _, e in prefetched}) == list(range(1, depth + 1))
 
 
 # -- the cache: protected experts, arriving slots ---------------------------------------------------------
