@@ -6,6 +6,9 @@ the engine's own counters. Plain-loop twins check the simulator, the predictor m
 predictor's compiled kernels.
 """
 
+import math
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -19,6 +22,8 @@ from offload_engine.predictors.base import LayerContext, Paths, Prediction, Pred
 from offload_engine.predictors.evaluate import evaluate
 from offload_engine.predictors.metrics import NEXT_TOKEN, Tally
 from offload_engine.replay import layer_calls, replay
+from offload_engine.request import Request
+from offload_engine.runtime import Runtime
 from offload_engine.slot_map import SlotMap
 from offload_engine.trace_file import RoutingTrace
 from test_exactness import checkpoints  # noqa: F401 (the shared fixture of tiny checkpoints)
@@ -82,6 +87,67 @@ def test_prefetch_loads_ahead_and_counts_it(checkpoints):
     assert off.generate(PROMPT, max_new_tokens=NEW_TOKENS, ignore_eos=True).stats.prefetches == 0
 
 
+class EveryDistance(Predictor):
+    """Names experts 10 d and 10 d + 1 at every distance d it is asked for, so a key tells its distance."""
+
+    name = "every-distance"
+    wraps = True  # asked for the whole horizon: L layers ahead
+
+    def predict(self, ctx, depth, n):
+        L = ctx.paths.current.shape[1]
+        return [Prediction(d, (ctx.layer + d) % L, np.array([[10 * d, 10 * d + 1]])) for d in range(1, depth + 1)]
+
+
+class PrefetchRecorder:
+    """What the runtime needs of an ExpertCache for a look-ahead; keeps the keys it is asked to prefetch."""
+
+    device = torch.device("cpu")
+    store = SimpleNamespace(expert_nbytes=lambda: 1, spec=SimpleNamespace(expert_numel=lambda: 1))
+
+    def __init__(self, resident=()):
+        self.policy, self.slot_of, self.prefetched = LRUPolicy(), {key: 0 for key in resident}, []
+
+    def prefetch(self, keys, protected, counters=None):
+        self.prefetched += keys
+        return len(keys)
+
+
+def look_ahead_once(prefetch_depth, top_k=2, load_time=0.0, layer_time=0.0, layer=5, resident=()):
+    """The runtime's look-ahead after one decode call of `layer` (of 8): (its depth, the keys it prefetched)."""
+    L = 8
+    cache = PrefetchRecorder(resident)
+    runtime = Runtime(cache, L, top_k, EveryDistance(), prefetch_depth)
+    runtime.load_time, runtime.layer_time = load_time, layer_time
+    request = Request(rows=1, num_layers=L, top_k=top_k)
+    context = runtime.foresight.observe(request.paths, layer, np.arange(top_k)[None], None)
+    runtime._look_ahead(request, context, set())
+    return runtime.depth(), cache.prefetched
+
+
+def test_prefetch_depth_d_prefetches_exactly_distances_one_to_d():
+    layer = 5
+    for depth in range(0, 6):
+        got_depth, prefetched = look_ahead_once(depth, layer=layer)
+        want = [((layer + d) % 8, e) for d in range(1, depth + 1) for e in (10 * d, 10 * d + 1)]
+        assert got_depth == depth and prefetched == want, depth
+    _, prefetched = look_ahead_once(2, layer=layer, resident=[(6, 10)])  # a resident key is never prefetched
+    assert prefetched == [(6, 11), (7, 20), (7, 21)]
+
+
+def test_automatic_prefetch_depth_follows_its_formula():
+    """Unset, the depth is ceil(top_k * one expert's load time / one layer's time), from 1 to AUTO_DEPTH_LIMIT
+    (3); 1 before a layer time is measured. The look-ahead prefetches exactly that many distances."""
+    cases = [  # (top_k, load time, layer time) -> depth
+        ((2, 5.0, 0.0), 1), ((2, 0.0, 1.0), 1), ((2, 0.25, 1.0), 1), ((2, 0.5, 1.0), 1), ((2, 0.6, 1.0), 2),
+        ((2, 1.0, 1.0), 2), ((2, 1.1, 1.0), 3), ((2, 30.0, 1.0), 3), ((4, 0.5, 1.0), 2), ((4, 0.3, 0.1), 3),
+        ((1, 0.15, 0.1), 2),
+    ]
+    for (top_k, load_time, layer_time), depth in cases:
+        got_depth, prefetched = look_ahead_once(None, top_k, load_time, layer_time)
+        assert got_depth == depth, (top_k, load_time, layer_time)
+        assert sorted({e // 10 for _, e in prefetched}) == list(range(1, depth + 1))
+
+
 # -- the cache: protected experts, arriving slots ---------------------------------------------------------
 def test_a_prefetch_never_evicts_what_the_current_call_needs():
     policy = LRUPolicy()
@@ -107,6 +173,28 @@ def test_an_arriving_slot_is_never_given_away():
     assert staging.evicted == [(0, 0)]
     staged = cache.call(0, [1], counters)
     assert staged.waits == [cache.slot_of[(0, 1)]] and counters[0].prefetch_hits == 1
+
+
+@pytest.mark.parametrize("make_room", ["call", "prefetch"])
+def test_an_arriving_slot_is_never_given_away_even_as_the_oldest(make_room):
+    """The arriving key is LRU's first choice of victim here (loaded before the resident one), so only the
+    arriving protection keeps its slot, for a call's miss and for a prefetch alike."""
+    cache = SlotMap(2, LRUPolicy(), expert_bytes=1)
+    counters = new_counters(2)
+    arriving = cache.prefetch((0, 1), set(), counters, [])  # in flight, and the oldest in LRU order
+    cache.call(0, [0], counters)
+    cache.arrived(cache.slot_of[(0, 0)])
+    assert cache.policy.victim(set()) == (0, 1)  # unprotected, LRU would take the arriving slot
+    evicted = []
+    if make_room == "call":
+        evicted = cache.call(1, [2], counters).evicted
+    else:
+        assert cache.prefetch((1, 2), set(), counters, evicted) is not None
+    assert evicted == [(0, 0)]
+    assert cache.slot_of[(0, 1)] == arriving and cache.slot_of[(1, 2)] != arriving
+    cache.call(0, [1], counters)  # every other key is now arriving or protected: nothing may be evicted
+    assert cache.prefetch((1, 3), set(), counters, []) is None
+    assert cache.key_in[arriving] == (0, 1)
 
 
 def test_prefetch_hits_count_only_prefetched_experts_used_before_eviction():
@@ -267,6 +355,42 @@ def test_predictive_policy_knows_the_layer_order():
     assert belady == 149 and predictive >= belady - 5
 
 
+def trained_predictive_cache(residents):
+    """A predictive policy that has seen 30 tokens of layer 0 using experts 0 and 1, layer 1 using 2 and 3, and
+    a cache holding `residents` (loaded into free slots: no victim was weighed)."""
+    policy = PredictivePolicy(2, 6, 2)
+    for _ in range(30):
+        policy.on_call(0, [0, 1])
+        policy.on_call(1, [2, 3])
+    cache, counters = SlotMap(len(residents), policy, expert_bytes=1), new_counters(2)
+    for key in residents:
+        cache.arrived(cache.prefetch(key, set(), counters, []))
+    return cache, counters
+
+
+def test_predictive_policy_refuses_a_prefetch_less_likely_than_its_victim():
+    """Expert 5 of layer 0 was never used: loading it would cost a resident that is used at every call."""
+    cache, counters = trained_predictive_cache([(0, 0), (0, 1)])
+    probability = cache.policy.use_probability()
+    assert probability[0, 5] < 0.1 < 0.9 < probability[0, 0]
+    assert not cache.policy.worth_prefetching((0, 5), (0, 0))
+    evicted = []
+    assert cache.prefetch((0, 5), set(), counters, evicted) is None
+    assert evicted == [] and set(cache.slot_of) == {(0, 0), (0, 1)}
+    assert (counters[0].prefetches, counters[0].evictions) == (2, 0)
+
+
+def test_predictive_policy_accepts_a_prefetch_more_likely_than_its_victim():
+    """Expert 1 of layer 0 is used at every call; the resident expert 5 never is: it gives way."""
+    cache, counters = trained_predictive_cache([(0, 0), (0, 5)])
+    assert cache.policy.worth_prefetching((0, 1), (0, 5))
+    evicted = []
+    slot = cache.slot_of[(0, 5)]
+    assert cache.prefetch((0, 1), set(), counters, evicted) == slot
+    assert evicted == [(0, 5)] and set(cache.slot_of) == {(0, 0), (0, 1)}
+    assert (counters[0].prefetches, counters[0].evictions) == (3, 1)
+
+
 def test_predictive_probabilities_match_their_formula():
     """The compiled counts and use probabilities against the formula written out with plain loops: hazards by
     (layer, popularity bucket, age), predictions graded by (distance, named, age), a named expert's
@@ -379,43 +503,81 @@ def test_evaluation_scores_an_oracle_perfectly_and_counts_every_prediction():
     assert [acc.overall[d]["tokens"] for d in (1, 2, 3)] == [4 * 10 * 3, 4 * 10 * 2, 4 * 10 * 1]
 
 
-def twin_history_scores(p, paths, layer, depth, target, sources, k):
-    """The history predictor's score written out with Python loops over its counts: naive Bayes with the
-    target layer's smoothed usage as the prior, each source expert's smoothed co-occurrence as evidence."""
-    from offload_engine.predictors.history import SMOOTHING
+class TwinHistory:
+    """The history predictor written out with Python loops: every table learned here from the routing observed
+    (nothing read from the predictor under test), and its score from them: naive Bayes with the target layer's
+    smoothed usage as the prior, each source expert's smoothed co-occurrence as evidence, and the repetition."""
 
-    rows, L, _ = paths.current.shape
-    E = p.num_experts
-    prior = [(p.usage[target, b] + 1) / (p.usage[target].sum() + E) * k for b in range(E)]
-    out = np.zeros((rows, E))
-    for r in range(rows):
-        for b in range(E):
-            out[r, b] = np.log(prior[b])
-        for back in range(sources):
-            src_layer = layer - back
-            src = paths.current if src_layer >= 0 else paths.previous
-            src_layer %= L
-            if src[r, src_layer, 0] < 0:
+    def __init__(self, L, E, k, distances):
+        self.L, self.E, self.k, self.distances = L, E, k, list(distances)
+        D = len(self.distances)
+        self.co = np.zeros((L, D, E, E))  # co[l, i, a, b]: tokens with a at l and b at l + distances[i]
+        self.seen = np.zeros((L, D, E))  # tokens with a at l
+        self.usage = np.zeros((L, E))
+        self.repeat = np.full(L, 0.5)  # share of a layer's experts the next token reuses
+
+    def observe(self, paths, layer):
+        from offload_engine.predictors.history import REPEAT_DECAY
+
+        for r in range(paths.current.shape[0]):
+            if paths.current[r, layer, 0] < 0:
                 continue
-            i = list(p.distances).index(depth + back)
-            for a in src[r, src_layer]:
-                if a >= 0:
-                    for b in range(E):
-                        given_a = (p.co[src_layer, i, a, b] + SMOOTHING * prior[b] / k) / (p.seen[src_layer, i, a] + SMOOTHING)
-                        out[r, b] += np.log(given_a / prior[b])
-        last = paths.current if target <= layer else paths.previous
-        if last[r, target, 0] >= 0:
+            ids = [b for b in paths.current[r, layer].tolist() if b >= 0]
+            for b in ids:
+                self.usage[layer, b] += 1
+            for i, d in enumerate(self.distances):
+                if d > layer + self.L:  # the source would be two tokens back
+                    continue
+                src = paths.current if layer - d >= 0 else paths.previous
+                src_layer = (layer - d) % self.L
+                if src[r, src_layer, 0] < 0:
+                    continue
+                for a in src[r, src_layer].tolist():
+                    if a >= 0:
+                        self.seen[src_layer, i, a] += 1
+                        for b in ids:
+                            self.co[src_layer, i, a, b] += 1
+            last = paths.previous[r, layer].tolist()
+            if last[0] >= 0:
+                reused = len(set(ids) & set(last))
+                self.repeat[layer] += REPEAT_DECAY * (reused / self.k - self.repeat[layer])
+
+    def scores(self, paths, layer, depth, target, sources):
+        from offload_engine.predictors.history import SMOOTHING
+
+        rows, L, _ = paths.current.shape
+        E, k = self.E, self.k
+        prior = [(self.usage[target, b] + 1) / (self.usage[target].sum() + E) * k for b in range(E)]
+        out = np.zeros((rows, E))
+        for r in range(rows):
             for b in range(E):
-                used = b in set(last[r, target].tolist())
-                prob = p.repeat[target] if used else (1 - p.repeat[target]) * k / (E - k)
-                out[r, b] += np.log(prob / prior[b])
-    return out
+                out[r, b] = np.log(prior[b])
+            for back in range(sources):
+                src_layer = layer - back
+                src = paths.current if src_layer >= 0 else paths.previous
+                src_layer %= L
+                if src[r, src_layer, 0] < 0:
+                    continue
+                i = self.distances.index(depth + back)
+                for a in src[r, src_layer]:
+                    if a >= 0:
+                        for b in range(E):
+                            given_a = ((self.co[src_layer, i, a, b] + SMOOTHING * prior[b] / k)
+                                       / (self.seen[src_layer, i, a] + SMOOTHING))
+                            out[r, b] += np.log(given_a / prior[b])
+            last = paths.current if target <= layer else paths.previous
+            if last[r, target, 0] >= 0:
+                for b in range(E):
+                    used = b in set(last[r, target].tolist())
+                    prob = self.repeat[target] if used else (1 - self.repeat[target]) * k / (E - k)
+                    out[r, b] += np.log(prob / prior[b])
+        return out
 
 
 def test_history_predictor_kernels_equal_their_plain_loop_twin():
-    """Counts and scores against Python loops, at 6 layers (distances 1-4 and the own layer's next call, 6-8),
-    at 4 (where the two overlap and a distance past L would reach two tokens back: not counted), and with a
-    fifth of the calls unknown (-1, as a trace pads them)."""
+    """Every table and score against the twin's own, at 6 layers (distances 1-4 and the own layer's next call,
+    6-8), at 4 (where the two overlap and a distance past L would reach two tokens back: not counted), and with
+    a fifth of the calls unknown (-1, as a trace pads them)."""
     from offload_engine.predictors import history
 
     for L, missing in ((6, 0.0), (4, 0.0), (6, 0.2)):
@@ -423,33 +585,24 @@ def test_history_predictor_kernels_equal_their_plain_loop_twin():
         p = HistoryPredictor(L, 10, 3)
         wanted = sorted(set(range(1, 3 + history.SOURCES)) | set(range(L, L + history.SOURCES)))
         assert p.distances.tolist() == wanted
+        twin = TwinHistory(L, 10, 3, wanted)
         paths = Paths.empty(3, L, 3)
-        co = np.zeros_like(p.co)
         for t in range(30):
             for layer in range(L):
                 ids = trace.expert_ids[:, t, layer].astype(np.int64)
                 paths.observe(layer, ids)
                 ctx = LayerContext(layer, ids, None, paths)
                 p.observe(ctx)
-                for r in range(3):  # counts, written out
-                    if ids[r][0] < 0:
-                        continue
-                    for i, d in enumerate(wanted):
-                        if d > layer + L:  # the source would be two tokens back
-                            continue
-                        src = paths.current if layer - d >= 0 else paths.previous
-                        if src[r, (layer - d) % L, 0] >= 0:
-                            for a in src[r, (layer - d) % L]:
-                                for b in ids[r]:
-                                    co[(layer - d) % L, i, a, b] += 1
+                twin.observe(paths, layer)
                 if t > 3:
                     for d in (1, 3, L):
                         got = p.scores(ctx, d, (layer + d) % L)
-                        assert np.allclose(got, twin_history_scores(p, paths, layer, d, (layer + d) % L,
-                                                                    history.SOURCES, 3))
+                        assert np.allclose(got, twin.scores(paths, layer, d, (layer + d) % L, history.SOURCES))
                     predicted = [(q.depth, q.layer) for q in p.predict(ctx, L, 3)]
                     assert predicted[-1] == (L, layer) and len(predicted) == min(3, L) + (L > 3)
-        assert np.array_equal(co, p.co)
+        for table in ("co", "seen", "usage"):
+            assert np.array_equal(getattr(p, table), getattr(twin, table)), (L, missing, table)
+        assert np.allclose(p.repeat, twin.repeat) and np.abs(twin.repeat - 0.5).min() > 0.05  # learned, and moved
     with pytest.raises(ValueError, match="no evidence for 4 layers ahead"):
         HistoryPredictor(8, 10, 3).scores(LayerContext(0, ids, None, Paths.empty(3, 8, 3)), 4, 4)
 
@@ -469,3 +622,52 @@ def test_history_predictor_learns_a_deterministic_path():
     assert acc.overall[1]["recall"][k] > 0.8 and acc.overall[2]["recall"][k] > 0.8
     assert early.overall[1]["recall"][k] < acc.overall[1]["recall"][k]
     assert NEXT_TOKEN in acc.overall  # history also guesses the next token's first layers
+
+
+def twin_router_logits(norm_weight, eps, router_weight, x):
+    """A softmax router's logits for one residual row x [H], written out: RMSNorm, then one dot product per
+    expert (softmax keeps their order, so the router's top-k are the k largest)."""
+    rms = math.sqrt(sum(float(v) ** 2 for v in x) / len(x) + eps)
+    normed = x / rms * norm_weight
+    return [float(torch.dot(w, normed)) for w in router_weight]
+
+
+@pytest.mark.parametrize("name", ["default", "qwen3_moe"])
+def test_next_gate_names_each_target_layers_own_router_top_k(tmp_path, name):
+    """Next-gate's prediction for layer l + d is layer (l + d)'s router (after its post-attention norm) applied to
+    the residual given, for every layer and distance: the bundled model (6 MoE layers) and a tiny qwen3-moe whose
+    MoE layers are decoder layers 1 and 3 (a position is not a decoder layer's index)."""
+    from offload_engine import DEFAULT_MODEL
+    from offload_engine.foresight import HORIZON
+
+    path = DEFAULT_MODEL if name == "default" else tm.save_checkpoint(tm.build_reference(name), tmp_path, "fused")
+    engine = OffloadEngine.from_pretrained(path, device="cpu", dtype="float32", predictor="next-gate", progress=False)
+    spec, config = engine.spec, engine.model.config
+    L, E, k = spec.num_moe_layers, spec.num_experts, spec.top_k
+    decoder = engine.model.model.layers
+    rows = 5
+    residual = torch.randn(rows, config.hidden_size, generator=torch.Generator().manual_seed(0))
+    logits, top = {}, {}
+    for j in range(L):
+        layer = decoder[spec.moe_layers[j]]
+        for r in range(rows):
+            logits[j, r] = twin_router_logits(layer.post_attention_layernorm.weight.detach(), config.rms_norm_eps,
+                                              layer.mlp.gate.weight.detach(), residual[r])
+            order = sorted(range(E), key=lambda e: -logits[j, r][e])
+            gaps = [logits[j, r][a] - logits[j, r][b] for a, b in zip(order[:k], order[1:k + 1])]
+            assert min(gaps) > 1e-5, (j, r)  # no near-tie within the top k or at its edge
+            top[j, r] = order[:k]
+    predictor = engine.runtime.predictor
+    for layer in range(L):
+        ctx = LayerContext(layer, np.zeros((rows, k), dtype=np.int64), residual, Paths.empty(rows, L, k))
+        for n in (k, E):  # the router's own top-k (the engine's case), and the full ranking after it
+            predictions = predictor.predict(ctx, HORIZON, n)
+            assert [(p.depth, p.layer) for p in predictions] == [(d, layer + d) for d in range(1, HORIZON + 1)
+                                                                 if layer + d < L]
+            for p in predictions:
+                for r in range(rows):
+                    ranking = p.experts[r].tolist()
+                    assert ranking[:k] == top[p.layer, r], (layer, p.depth, n, r)
+                    ranked = [logits[p.layer, r][e] for e in ranking]  # best first, up to rounding
+                    assert len(set(ranking)) == len(ranking) == n
+                    assert all(a >= b - 1e-5 for a, b in zip(ranked, ranked[1:])), (layer, p.depth, r)
