@@ -65,8 +65,9 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpu-moe-layers", type=bounded_int(0, 1 << 16), default=0, metavar="N",
                    help="the experts of the first N MoE layers always run on the CPU and are never cached "
                         "(llama.cpp's --n-cpu-moe)")
-    p.add_argument("--cpu-threads", type=bounded_int(1, 4096), default=None, metavar="N",
-                   help="with a GPU: torch threads for CPU experts (default: physical cores - 1)")
+    p.add_argument("--threads", "--cpu-threads", dest="threads", type=bounded_int(1, 4096), default=None,
+                   metavar="N", help="compute threads, on every device (default: the cores this process may use, "
+                                     "less one for the expert loader; --cpu-threads is its former name)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(hardware=None)  # a profile's [hardware] table (apply_profile)
 
@@ -88,6 +89,8 @@ def apply_profile(parser: argparse.ArgumentParser, argv: list[str] | None, any_c
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise ConfigError(f"cannot read profile {profile}: {e}") from None
     values = {k.replace("-", "_"): v for k, v in values.items()}
+    if "cpu_threads" in values and "threads" not in values:  # threads' former name
+        values["threads"] = values.pop("cpu_threads")
     if "hardware" in values:  # the machine's figures for the cost model, not a flag
         from offload_engine.hardware_profile import check_hardware
 
@@ -136,6 +139,6 @@ def run_config(args) -> "RunConfig":
         device=args.device, dtype=args.dtype, memory_budget=args.memory_budget, expert_slots=args.expert_slots,
         host_memory=args.host_memory, max_context=args.max_context, max_batch=args.max_batch,
         policy=args.policy, predictor=args.predictor, prefetch_depth=args.prefetch_depth,
-        cold_experts=args.cold_experts, cpu_moe_layers=args.cpu_moe_layers, cpu_threads=args.cpu_threads,
+        cold_experts=args.cold_experts, cpu_moe_layers=args.cpu_moe_layers, threads=args.threads,
         hardware=args.hardware, progress=not args.quiet,
     )

@@ -139,13 +139,15 @@ class OffloadEngine:
         prefetch_depth: int | None = None,
         cold_experts: str = "stream",
         cpu_moe_layers: int = 0,
-        cpu_threads: int | None = None,
+        threads: int | None = None,
         hardware: dict | None = None,
         progress: bool = True,
+        cpu_threads: int | None = None,
     ) -> "OffloadEngine":
+        """threads: compute threads (default: the usable cores less one); cpu_threads: its former name."""
         run = RunConfig.build(device, dtype, memory_budget, expert_slots, host_memory, max_context, max_batch,
-                              policy, predictor, prefetch_depth, cold_experts, cpu_moe_layers, cpu_threads,
-                              hardware, progress)
+                              policy, predictor, prefetch_depth, cold_experts, cpu_moe_layers, threads,
+                              hardware, progress, cpu_threads)
         return cls.from_run_config(name_or_path, run)
 
     @classmethod

@@ -217,9 +217,8 @@ def load(inspected: Inspected, run: RunConfig, plan: MemoryPlan):
     policy = make_policy(run.policy, spec.num_moe_layers, spec.num_experts, spec.top_k)
     cache = ExpertCache(store, plan.expert_slots, run.device, policy)
     cuda = run.device.type == "cuda"
-    if cuda and (run.cold_experts != "stream" or run.cpu_moe_layers):
-        # the one global setting: CPU experts' threads, leaving the thread that drives the GPU its own core
-        torch.set_num_threads(run.cpu_threads or max(1, (psutil.cpu_count(logical=False) or 2) - 1))
+    # the one process-wide setting the engine makes: its compute threads (run_config.default_threads)
+    torch.set_num_threads(run.threads)
     runtime = Runtime(cache, spec.num_moe_layers, spec.top_k, predictor, run.prefetch_depth, run.max_batch,
                       run.cold_experts, run.cpu_moe_layers,
                       hardware_of(run.hardware, parallel=cuda,

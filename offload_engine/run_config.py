@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
+import psutil
 import torch
 
 from .errors import ConfigError
@@ -33,7 +35,7 @@ class RunConfig:
     prefetch_depth: int | None = None  # MoE layers ahead to load predicted experts; None: automatic, 0: off
     cold_experts: str = "stream"  # stream (copy into a slot), cpu (compute where they lie) or auto (cost model)
     cpu_moe_layers: int = 0  # the first N MoE layers' experts always on the CPU, never cached (--n-cpu-moe)
-    cpu_threads: int | None = None  # CUDA: torch threads for CPU experts; None: physical cores
+    threads: int = 1  # compute threads (torch's intra-op pool); build() picks them from the usable cores
     hardware: dict | None = None  # a profile's [hardware] figures for the cost model; None: defaults
     progress: bool = True
 
@@ -52,9 +54,10 @@ class RunConfig:
         prefetch_depth: int | None = None,
         cold_experts: str = "stream",
         cpu_moe_layers: int = 0,
-        cpu_threads: int | None = None,
+        threads: int | None = None,
         hardware: dict | None = None,
         progress: bool = True,
+        cpu_threads: int | None = None,
     ) -> "RunConfig":
         """Validate user-facing settings once; every error is one line naming the setting."""
         for name, value in (("host_memory", host_memory), ("policy", policy)):
@@ -99,15 +102,46 @@ class RunConfig:
             raise ConfigError(f"cold_experts must be one of {COLD_EXPERTS}, not {cold_experts!r}")
         if not isinstance(cpu_moe_layers, int) or isinstance(cpu_moe_layers, bool) or not 0 <= cpu_moe_layers <= 1 << 16:
             raise ConfigError(f"cpu_moe_layers must be a whole number of MoE layers >= 0, not {cpu_moe_layers!r}")
-        if cpu_threads is not None and (not isinstance(cpu_threads, int) or isinstance(cpu_threads, bool)
-                                        or not 1 <= cpu_threads <= 4096):
-            raise ConfigError(f"cpu_threads must be a whole number from 1 to 4096, not {cpu_threads!r}")
+        threads = _threads(threads, cpu_threads)
         if hardware is not None:
             from .hardware_profile import check_hardware
 
             hardware = check_hardware(hardware, "hardware")
         return cls(dev, dtype, budget, expert_slots, host_memory, max_context, max_batch, policy, predictor,
-                   prefetch_depth, cold_experts, cpu_moe_layers, cpu_threads, hardware, progress)
+                   prefetch_depth, cold_experts, cpu_moe_layers, threads, hardware, progress)
+
+
+def _threads(threads: int | None, cpu_threads: int | None) -> int:
+    """threads as given, or the default; cpu_threads is its former name (CPU experts' threads with a GPU)."""
+    for name, value in (("threads", threads), ("cpu_threads", cpu_threads)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 4096):
+            raise ConfigError(f"{name} must be a whole number from 1 to 4096, not {value!r}")
+    if threads is not None and cpu_threads is not None and threads != cpu_threads:
+        raise ConfigError(f"threads={threads} and cpu_threads={cpu_threads} disagree; cpu_threads is threads' "
+                          "former name: give threads alone")
+    chosen = threads if threads is not None else cpu_threads
+    return chosen if chosen is not None else default_threads()
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity, as a container or taskset sets it), hyperthreads counted
+    as the share of a physical core they are."""
+    try:
+        logical = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        logical = os.cpu_count() or 1
+    machine_logical = psutil.cpu_count(logical=True) or logical
+    machine_physical = psutil.cpu_count(logical=False) or machine_logical
+    return max(1, logical * machine_physical // max(machine_logical, 1))
+
+
+def default_threads() -> int:
+    """One compute thread less than the usable cores (at least one). The core left over runs the engine's
+    other thread (the expert loader, or the one driving the GPU) and whatever else the machine runs: torch's
+    threads wait for each other at every operation, so one descheduled thread stalls them all, and a decode's
+    operations are too small for a second thread to pay on few cores (BENCHMARKS.md, "threads": on two cores
+    with another busy process, 2 threads ran at 0.28x of 1)."""
+    return max(1, usable_cores() - 1)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
