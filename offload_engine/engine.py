@@ -18,7 +18,7 @@ import torch
 from .errors import CheckpointError, GenerationInputError
 from .generation import SamplingConfig, decode_stream
 from .loading import Inspected, inspect_checkpoint, load, make_plan
-from .memory_plan import MemoryPlan, kv_bytes_per_token
+from .memory_plan import MemoryPlan, kv_bytes_per_token, kv_head_dims
 from .request import Request, RoutingRecorder
 from .run_config import RunConfig
 from .trace_file import RoutingTrace
@@ -333,13 +333,11 @@ class OffloadEngine:
             done = list(finished)
 
     def _kv_cache(self, rows: int):
-        """On CUDA the KV cache is allocated whole, up front, to the planned context: it cannot grow past the
-        memory plan mid-generation. Models with a cache of their own (MiniMax's) keep it."""
+        """On CUDA the KV cache is allocated whole, before the first token, to the planned context: it cannot
+        grow past the memory plan mid-generation. Models with a cache of their own (MiniMax's) keep it."""
         if not getattr(self.model, "_can_compile_fullgraph", False):
             return None
-        from transformers import StaticCache
-
-        return StaticCache(config=self.model.config, max_cache_len=self.plan.max_context)
+        return static_kv_cache(self.model.config, rows, self.plan.max_context, self.store.dtype, self.run.device)
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None else ""
@@ -397,6 +395,21 @@ def _token_ids(prompt) -> list[int]:
     if bad is not None:
         raise GenerationInputError(f"token ids must be integers, not {bad!r} ({type(bad).__name__})")
     return [int(t) for t in prompt]
+
+
+def static_kv_cache(config, rows: int, max_context: int, dtype: torch.dtype, device: torch.device):
+    """transformers' StaticCache with every layer's keys and values allocated now (it would allocate them
+    inside the first forward, amid prefill's activations): [rows, kv heads, max_context (or the sliding
+    window), head dim] each, as memory_plan.kv_bytes_per_token counts them."""
+    from transformers import StaticCache
+
+    cache = StaticCache(config=config, max_cache_len=max_context)
+    heads, k_dim, v_dim = kv_head_dims(config)
+    for layer in cache.layers:
+        if layer.supports_early_init and not layer.is_initialized:
+            layer.lazy_initialization(torch.empty((rows, heads, 0, k_dim), dtype=dtype, device=device),
+                                      torch.empty((rows, heads, 0, v_dim), dtype=dtype, device=device))
+    return cache
 
 
 def load_tokenizer(directory: Path):

@@ -68,14 +68,21 @@ def format_bytes(n: float) -> str:
 def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
     """KV-cache bytes one token costs across all layers (an upper bound for sliding-window/hybrid models)."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads, k_dim, v_dim = kv_head_dims(config)
+    return text.num_hidden_layers * heads * (k_dim + v_dim) * dtype.itemsize
+
+
+def kv_head_dims(config) -> tuple[int, int, int]:
+    """(heads, key dim, value dim) of one layer's KV cache: MLA (DeepSeek) caches its compressed latent as one
+    head (the normed kv_lora_rank part as keys, the rotary part as values; transformers >= 5.25), the others
+    num_key_value_heads of head_dim each. tests/test_kv_cache.py checks this against transformers' own cache."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
     heads = text.num_attention_heads
-    if getattr(text, "kv_lora_rank", None):  # MLA: transformers caches decompressed keys and values per head
-        per_layer = heads * (text.qk_nope_head_dim + text.qk_rope_head_dim + text.v_head_dim)
-    else:
-        kv_heads = getattr(text, "num_key_value_heads", None) or heads
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-        per_layer = 2 * kv_heads * head_dim
-    return text.num_hidden_layers * per_layer * dtype.itemsize
+    if getattr(text, "kv_lora_rank", None):
+        return 1, text.kv_lora_rank, text.qk_rope_head_dim
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    return kv_heads, head_dim, head_dim
 
 
 def working_bytes(config, spec: ModelSpec, dtype: torch.dtype, max_context: int, batch: int) -> int:

@@ -1,0 +1,43 @@
+"""The static KV cache the engine hands a CUDA generation is allocated before the first token, layer for
+layer the same tensors transformers' StaticCache allocates inside the first forward, and the memory plan
+counts exactly its bytes."""
+
+import pytest
+import torch
+from transformers import StaticCache
+
+import tiny_models as tm
+from offload_engine.engine import static_kv_cache
+from offload_engine.memory_plan import kv_bytes_per_token
+
+STATIC = [name for name in tm.ARCHITECTURES if getattr(tm.build_reference(name), "_can_compile_fullgraph", False)]
+
+
+def test_most_architectures_take_a_static_cache():
+    assert {"mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss"} <= set(STATIC)
+
+
+@pytest.mark.parametrize("name", STATIC)
+def test_early_allocation_matches_transformers_lazy_one(name):
+    model = tm.build_reference(name)
+    rows, context = 2, 40
+    early = static_kv_cache(model.config, rows, context, torch.float32, torch.device("cpu"))
+    allocated = [(layer.keys.shape, layer.values.shape) for layer in early.layers if _initialized(layer)]
+    assert allocated, "nothing was allocated before the first token"
+    lazy = StaticCache(config=model.config, max_cache_len=context)
+    ids = torch.tensor([[5, 17, 33, 9, 70], [3, 44, 101, 7, 8]])
+    with torch.no_grad():
+        reference = model(input_ids=ids, cache=lazy, use_cache=True).logits
+        again = model(input_ids=ids, cache=early, use_cache=True).logits
+    assert [(layer.keys.shape, layer.values.shape) for layer in lazy.layers if _initialized(layer)] == allocated
+    torch.testing.assert_close(again, reference, rtol=0, atol=0)
+    # the plan's count is an upper bound that is exact without sliding windows
+    held = sum(layer.keys.numel() + layer.values.numel() for layer in early.layers if _initialized(layer)) * 4
+    assert held <= kv_bytes_per_token(model.config, torch.float32) * context * rows
+    if all(_initialized(layer) and not layer.is_sliding for layer in early.layers):
+        assert held == kv_bytes_per_token(model.config, torch.float32) * context * rows
+
+
+def _initialized(layer) -> bool:
+    """An attention layer's keys and values exist (linear-attention layers keep small states of their own)."""
+    return getattr(layer, "is_initialized", False)
