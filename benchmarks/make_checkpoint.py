@@ -64,12 +64,13 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
-def config_of(shape: str, layers: int | None = None, vocab: int | None = None, dtype: str = "bf16"):
-    """The transformers config of `shape`, with `layers` decoder layers and, optionally, a smaller vocabulary."""
+def config_of(shape: str, layers: int | None = None, vocab: int | None = None, dtype: str = "bf16", **overrides):
+    """The transformers config of `shape`, with `layers` decoder layers and, optionally, a smaller vocabulary
+    (`overrides`: any other field, e.g. a shrunken copy for a dry run)."""
     from transformers import AutoConfig
 
     model_type, fields = SHAPES[shape]
-    fields = dict(fields)
+    fields = {**fields, **overrides}
     if layers is not None:
         if not 1 <= layers <= fields["num_hidden_layers"]:
             raise SystemExit(f"--layers must be 1..{fields['num_hidden_layers']} for {shape}")
@@ -86,9 +87,10 @@ def config_of(shape: str, layers: int | None = None, vocab: int | None = None, d
 
 
 def write_random(config, out: Path, dtype: torch.dtype, seed: int = 0, router_scale: float = ROUTER_SCALE,
-                 progress: bool = True) -> Path:
+                 progress: bool = True, device: str = "cpu") -> Path:
     """Write random weights for `config` to `out`, one shard per decoder layer (never the whole model in
-    memory), with config.json and model.safetensors.index.json."""
+    memory), with config.json and model.safetensors.index.json. `device`: where the numbers are drawn (a GPU
+    draws a Mixtral layer in milliseconds; the CPU takes seconds)."""
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
     from tqdm.auto import tqdm
@@ -101,7 +103,7 @@ def write_random(config, out: Path, dtype: torch.dtype, seed: int = 0, router_sc
         m = LAYER.match(name)
         groups.setdefault(f"layer-{int(m.group(1)):03d}" if m else "embeddings", []).append(name)
     out.mkdir(parents=True, exist_ok=True)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device=device).manual_seed(seed)
     weight_map, total = {}, 0
     names = sorted(groups)
     for i, group in enumerate(tqdm(names, desc="shards", unit="shard", disable=None if progress else True)):
@@ -109,7 +111,7 @@ def write_random(config, out: Path, dtype: torch.dtype, seed: int = 0, router_sc
         tensors = {}
         for name in groups[group]:
             shape, tdtype = shapes[name]
-            tensors[name] = _random(name, shape, tdtype, generator, router_scale)
+            tensors[name] = _random(name, shape, tdtype, generator, router_scale, device).cpu()
             weight_map[name] = file
             total += tensors[name].numel() * tensors[name].element_size()
         save_file(tensors, str(out / file), metadata={"format": "pt"})
@@ -120,13 +122,14 @@ def write_random(config, out: Path, dtype: torch.dtype, seed: int = 0, router_sc
     return out
 
 
-def _random(name: str, shape: tuple, dtype: torch.dtype, generator: torch.Generator, router_scale: float):
+def _random(name: str, shape: tuple, dtype: torch.dtype, generator: torch.Generator, router_scale: float,
+            device: str = "cpu"):
     leaf = name.rsplit(".", 1)[-1]
     if "norm" in name and leaf == "weight" and len(shape) == 1:
         return torch.ones(shape, dtype=dtype)
     if leaf.endswith("bias") or "bias" in leaf or leaf == "sinks":
-        return (torch.randn(shape, generator=generator) * INIT_STD).to(dtype)
-    t = torch.empty(shape, dtype=dtype)
+        return (torch.randn(shape, generator=generator, device=device) * INIT_STD).to(dtype)
+    t = torch.empty(shape, dtype=dtype, device=device)
     t.normal_(0.0, INIT_STD, generator=generator)
     if _is_router(name, shape):
         t.mul_(router_scale)
@@ -170,12 +173,13 @@ def main(argv=None) -> None:
     parser.add_argument("--router-scale", type=float, default=ROUTER_SCALE)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--report", action="store_true", help="print the routing balance of a random prompt")
+    parser.add_argument("--device", default="cpu", help="where to draw the random numbers (cuda: much faster)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     if args.out.exists() and any(args.out.iterdir()):
         raise SystemExit(f"{args.out} is not empty; give a new folder")
     config = config_of(args.shape, args.layers, args.vocab, args.dtype)
-    write_random(config, args.out, DTYPES[args.dtype], args.seed, args.router_scale)
+    write_random(config, args.out, DTYPES[args.dtype], args.seed, args.router_scale, device=args.device)
     size = sum(f.stat().st_size for f in args.out.glob("*.safetensors"))
     print(f"{args.shape}: {config.num_hidden_layers} layers, {size / 2**30:.2f} GiB in {args.out}", file=sys.stderr)
     if args.report:

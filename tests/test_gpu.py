@@ -112,3 +112,86 @@ def test_pinned_store_is_one_registered_allocation(tmp_path):
     assert first.is_pinned()
     engine.close()
     assert not engine.store.pinned
+
+
+def test_decode_waits_for_the_gpu_once_per_layer_call_and_step(tmp_path):
+    """Under torch.cuda.set_sync_debug_mode every wait for the device warns, from the line that waited: the
+    engine's are exactly its counted reads (host_read.py), in every mode; pinned copies never wait."""
+    import warnings
+    from pathlib import Path
+
+    import offload_engine
+
+    package = Path(offload_engine.__file__).resolve().parent
+    tm.save_checkpoint(tm.build_reference("mixtral"), tmp_path, "per_expert")
+    for settings in (dict(), dict(policy="predictive", predictor="next-gate", prefetch_depth=2),
+                     dict(policy="predictive", predictor="history", cold_experts="auto"),
+                     dict(cold_experts="cpu")):
+        engine = OffloadEngine.from_pretrained(tmp_path, device="cuda", dtype="float32", expert_slots=3,
+                                               host_memory="pinned", progress=False, **settings)
+        engine.generate(PROMPT, max_new_tokens=3, ignore_eos=True)  # warm: first-use allocations
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                stats = engine.generate(PROMPT, max_new_tokens=6, ignore_eos=True).stats
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+            engine.close()
+        waits = [w for w in caught if "synchroniz" in str(w.message)]
+        ours = [w for w in waits if package in Path(w.filename).resolve().parents]
+        layers = engine.spec.num_moe_layers
+        assert stats.host_syncs == 6 * (layers + 1), settings
+        assert [Path(w.filename).name for w in ours] == ["host_read.py"] * stats.host_syncs, settings
+        print(settings, "transformers' own waits:", sorted({f"{Path(w.filename).name}:{w.lineno}"
+                                                            for w in waits if w not in ours}))
+
+
+@pytest.mark.parametrize("share", [0, 1, 2])
+def test_reserved_memory_stays_within_the_budget_at_the_planned_context(tmp_path, share):
+    """The budget is a hard cap on what the caching allocator reserves: at the plan's minimum budget and a
+    third and two thirds of the experts above it, with a prompt that fills the planned context."""
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+    from offload_engine.loading import inspect_checkpoint, make_plan
+    from offload_engine.run_config import RunConfig
+
+    config = Qwen3MoeConfig(vocab_size=4096, hidden_size=512, intermediate_size=1024, moe_intermediate_size=256,
+                            num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4, head_dim=64,
+                            num_experts=32, num_experts_per_tok=8, max_position_embeddings=2048,
+                            bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(tmp_path)
+    run = RunConfig.build(device="cuda", max_context=1024, progress=False)
+    plan = make_plan(inspect_checkpoint(tmp_path, run), run)
+    budget = plan.minimum_bytes + (plan.total_experts - plan.min_slots) * share // 3 * plan.expert_bytes
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_reserved()
+    engine = OffloadEngine.from_pretrained(tmp_path, device="cuda", memory_budget=budget, max_context=1024,
+                                           policy="predictive", predictor="next-gate", progress=False)
+    result = engine.generate(list(range(10, 10 + 1024 - 32)), max_new_tokens=32, ignore_eos=True)
+    engine.close()
+    assert result.stats.misses > 0 or share == 2
+    assert torch.cuda.max_memory_reserved() - base <= budget
+
+
+def test_cuda_greedy_matches_transformers_with_the_same_static_cache(tmp_path):
+    """The engine decodes into a StaticCache on CUDA; the reference here decodes into one too, so both take
+    the same attention kernels: equal tokens in fp32 and in bf16."""
+    from transformers import StaticCache
+
+    model = tm.build_reference("qwen3_moe")
+    tm.save_checkpoint(model, tmp_path, "per_expert")
+    for dtype in (torch.float32, torch.bfloat16):
+        ref_model = model.to("cuda", dtype)
+        ref_model.generation_config.eos_token_id = None
+        cache = StaticCache(config=ref_model.config, max_cache_len=64)
+        with torch.no_grad():
+            ref = ref_model.generate(torch.tensor([PROMPT], device="cuda"), do_sample=False, max_new_tokens=24,
+                                     pad_token_id=0, past_key_values=cache)[0, len(PROMPT):].tolist()
+        for slots in (2, 1 << 20):
+            engine = OffloadEngine.from_pretrained(tmp_path, device="cuda", dtype=dtype, expert_slots=slots,
+                                                   max_context=64, progress=False)
+            assert engine.generate(PROMPT, max_new_tokens=24, ignore_eos=True).token_ids == ref, (dtype, slots)
+            engine.close()
