@@ -143,7 +143,11 @@ def test_decode_waits_for_the_gpu_once_per_layer_call_and_step(tmp_path):
         ours = [w for w in waits if package in Path(w.filename).resolve().parents]
         layers = engine.spec.num_moe_layers
         assert stats.host_syncs == 6 * (layers + 1), settings
-        assert [Path(w.filename).name for w in ours] == ["host_read.py"] * stats.host_syncs, settings
+        reads = [w for w in ours if Path(w.filename).name == "host_read.py"]
+        others = [f"{Path(w.filename).name}:{w.lineno}" for w in ours if w not in reads]
+        assert len(reads) == stats.host_syncs, settings
+        # the one other wait: the copy times read once at the end for the stats (expert_cache.stats)
+        assert len(others) <= 1 and all(o.startswith("expert_cache.py") for o in others), (settings, others)
         print(settings, "transformers' own waits:", sorted({f"{Path(w.filename).name}:{w.lineno}"
                                                             for w in waits if w not in ours}))
 
