@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .detokenizer import IncrementalDetokenizer
 from .errors import CheckpointError, GenerationInputError
 from .generation import SamplingConfig, decode_stream
 from .loading import Inspected, inspect_checkpoint, load, make_plan
@@ -81,23 +82,6 @@ class GenerationResult:
     token_ids: list[int]  # generated tokens only (an EOS that ended the sequence included)
     stats: GenerationStats
     trace: RoutingTrace | None = None  # with record_trace=True: the batch's routing (prompt and fed-back tokens)
-
-
-class _TextDelta:
-    """Incremental detokenisation: emit only text that no later token can change."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer, self.ids, self.emitted = tokenizer, [], ""
-
-    def push(self, token_id: int) -> str:
-        if self.tokenizer is None:
-            return ""
-        self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # a multi-byte character is not complete yet
-            return ""
-        delta, self.emitted = text[len(self.emitted):], text
-        return delta
 
 
 class OffloadEngine:
@@ -303,7 +287,7 @@ class OffloadEngine:
 
     def _steps(self, encoded: list[list[int]], cfg: SamplingConfig, recorder) -> Iterator[TokenEvent]:
         input_ids, mask = self._padded(encoded)
-        deltas = [_TextDelta(self.tokenizer) for _ in encoded]
+        deltas = [IncrementalDetokenizer(self.tokenizer) for _ in encoded]
         request = self.request(len(encoded), recorder)
         cuda = self.run.device.type == "cuda"
         if cuda:
@@ -317,12 +301,15 @@ class OffloadEngine:
         for step in steps:
             first = step.time_s if first is None else first
             tokens = step.tokens.tolist()
-            texts = tuple("" if was_done else d.push(t) for d, t, was_done in zip(deltas, tokens, done))
+            finished = tuple(step.finished.tolist())
+            last = step.index + 1 == cfg.max_new_tokens
+            # a sequence's last token also brings the text held back for an unfinished character
+            texts = tuple("" if was_done else d.push(t, last=last or ends)
+                          for d, t, was_done, ends in zip(deltas, tokens, done, finished))
             count += sum(not was_done for was_done in done)
             count_first = count_first if step.index else count
-            finished = tuple(step.finished.tolist())
             stats = None
-            if all(finished) or step.index + 1 == cfg.max_new_tokens:
+            if all(finished) or last:
                 stats = self._stats(request, encoded, count, count_first, first, step.time_s, step.index + 1, cuda)
             yield TokenEvent(step.index, tuple(tokens), texts, finished, stats)
             done = list(finished)
