@@ -24,7 +24,7 @@ def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from offload_engine.atomic_write import atomic_output
+    from offload_engine.atomic_write import atomic_output, check_not_an_input
     from offload_engine.calibration import calibrate
     from offload_engine.engine import OffloadEngine
     from offload_engine.hardware_profile import profile_text
@@ -33,6 +33,7 @@ def run(args: argparse.Namespace) -> int:
 
     output_path(args.out)
     model = args.model or str(DEFAULT_MODEL)
+    check_not_an_input(args.out, "--out", [("the model in", model)])
     probe = RunConfig.build(device=args.device, dtype=args.dtype, expert_slots=1 << 20, progress=False)
     slots = args.expert_slots or inspect_checkpoint(model, probe).spec.total_experts
     engine = OffloadEngine.from_pretrained(model, device=args.device, dtype=args.dtype, expert_slots=slots,

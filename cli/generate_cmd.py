@@ -7,6 +7,9 @@ import json
 import sys
 from pathlib import Path
 
+from offload_engine.atomic_write import check_not_an_input
+
+from .model_inputs import model_inputs
 from .run_options import add_model_options, model_path, output_path, positive_int, run_config
 
 
@@ -44,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
     # check sampling flags before the model is loaded, not after
     SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed, args.ignore_eos)
     run_cfg = run_config(args)
-    output_path(args.trace_out)
+    if output_path(args.trace_out) is not None:
+        check_not_an_input(args.trace_out, "--trace-out", model_inputs(args))
     engine = OffloadEngine.from_run_config(model_path(args), run_cfg)
     kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                   top_k=args.top_k, seed=args.seed, chat=args.chat, ignore_eos=args.ignore_eos)

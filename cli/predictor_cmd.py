@@ -44,13 +44,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def train(args) -> int:
-    from offload_engine.atomic_write import check_output_path
-    from offload_engine.predictors.learned import TrainSettings, train_learned
+    from offload_engine.atomic_write import check_not_an_input, check_output_path
+    from offload_engine.predictors.learned import CARD_FILE, WEIGHTS_FILE, TrainSettings, train_learned
     from offload_engine.trace_file import load_trace
 
     if args.out.exists() and not args.out.is_dir():
         raise ConfigError(f"--out {args.out} is a file; give a folder for predictor.safetensors and predictor.json")
     check_output_path(args.out / "predictor.json" if args.out.is_dir() else args.out)
+    for name in (CARD_FILE, WEIGHTS_FILE):
+        check_not_an_input(args.out / name, "--out", [("the trace", args.trace)])
     trace = load_trace(args.trace)
     if trace.hidden_states is None:
         raise ConfigError(f"{args.trace} has no hidden states; record it with `moe-offload trace --hidden-states`")

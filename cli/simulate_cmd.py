@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from offload_engine.atomic_write import check_not_an_input
 from offload_engine.errors import ConfigError
 
 from .consistency_cmd import _csv, _num_experts, _plot_path
@@ -47,6 +48,8 @@ def run(args: argparse.Namespace) -> int:
     from offload_engine.replay import replay_all
     from offload_engine.trace_file import load_trace
 
+    if args.plot:
+        check_not_an_input(args.plot, "--plot", [("the trace", args.trace)])
     trace = load_trace(args.trace, num_experts=args.num_experts)
     slots = [int(c) for c in args.slots]
     too_few = [c for c in slots if c < trace.k]
