@@ -37,6 +37,11 @@ def test_the_readme_has_its_examples():
     assert not re.search(r"\.\./shared|\{\{", README), "the README points outside the repository or has a hole"
 
 
+def test_benchmarks_points_inside_the_repository():
+    """A command a new user copies from BENCHMARKS.md reads the repository's files, not a folder beside it."""
+    assert not re.search(r"\.\./shared", (ROOT / "BENCHMARKS.md").read_text("utf-8"))
+
+
 def test_the_setup_commands_are_the_ones_ci_runs():
     setup = [body.strip() for lang, body in BLOCKS if lang == "sh"]
     assert len(setup) == 2
