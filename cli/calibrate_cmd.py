@@ -43,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
     busy = busy_note(table)  # the profile is written all the same, spreads included, and says so
     comment = (f"Measured by `moe-offload calibrate` on {table['measured_on']}, {table['date']}: {table['description']}.\n"
                f"Model {table['model']['name']} ({table['dtype']}, host memory {table['host_memory']}). "
-               "Add flag defaults above [hardware] to use it as a run profile." + (f"\nCaution: {busy}." if busy else ""))
+               "Add flag defaults above [hardware] to use it as a run profile."
+               + (f"\nCaution: {busy}." if busy else ""))
     with atomic_output(args.out) as f:
         f.write(profile_text(table, comment).encode())
     print(f"wrote {args.out}: link {table['link_bytes_per_s'] / 1e9:.2f} GB/s, CPU expert "

@@ -142,7 +142,8 @@ def calibrate(engine, progress: bool = True, clock: Clock = time.perf_counter) -
         store.copy_into(0, e, {name: t[e] for name, t in host.items()})
     pinned = {n: t.pin_memory() for n, t in host.items()} if device.type == "cuda" else None
     copies = {"pageable": lambda: [dst[n].copy_(host[n]) for n in dst],
-              "mmap_warm": lambda: [store.copy_into(0, e, {n: dst[n][e] for n in dst}) for e in range(spec.num_experts)]}
+              "mmap_warm": lambda: [store.copy_into(0, e, {n: dst[n][e] for n in dst})
+                                    for e in range(spec.num_experts)]}
     if pinned is not None:
         copies["pinned"] = lambda: [dst[n].copy_(pinned[n], non_blocking=True) for n in dst]
     # -- one expert on the CPU and on the device, by token count ----------------------------------------------
