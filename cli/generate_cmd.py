@@ -34,9 +34,12 @@ def stats_line(stats) -> str:
     from offload_engine.memory_plan import format_bytes
 
     prefetched = f", {stats.prefetches} prefetched" if stats.prefetches else ""
+    # with --cold-experts cpu the misses are computed where they lie: without this the line read "0 misses"
+    on_cpu = f" | {stats.cpu_experts} experts on CPU ({stats.cpu_s:.3f} s)" if stats.cpu_experts else ""
     return (f"TTFT {stats.ttft_s:.3f} s | decode {stats.decode_tokens_per_s:.1f} tok/s | "
             f"hit rate {100 * stats.hit_rate:.1f}% ({stats.hits} hits, {stats.misses} misses{prefetched}) | "
-            f"moved {format_bytes(stats.bytes_to_device)} | peak device {format_bytes(stats.peak_device_bytes)}")
+            f"moved {format_bytes(stats.bytes_to_device)}{on_cpu} | "
+            f"peak device {format_bytes(stats.peak_device_bytes)}")
 
 
 def run(args: argparse.Namespace) -> int:

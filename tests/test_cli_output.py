@@ -1,0 +1,31 @@
+"""What the commands tell a new user: the figures line, progress bars only on a terminal, refusals before the
+weights load, defaults in --help."""
+
+import pytest
+
+from offload_engine.cli.main import main
+from test_bad_input import copy_of, good_dir, run_cli  # noqa: F401 (good_dir: a fixture)
+from tiny_tokenizer import save_char_tokenizer
+
+BAR = "%|"  # tqdm's bar: "42%|████      | 5/12"
+
+
+@pytest.fixture
+def model(good_dir, tmp_path):
+    path = copy_of(good_dir, tmp_path)
+    save_char_tokenizer(path)
+    return path
+
+
+def generate(capsys, model, *flags):
+    code, err = run_cli(capsys, "generate", "--model", str(model), "--prompt", "ab", "--max-new-tokens", "4", *flags)
+    assert code == 0, err
+    return err
+
+
+def test_the_figures_line_counts_the_experts_computed_on_the_cpu(model, capsys):
+    line = generate(capsys, model, "--expert-slots", "2", "--cold-experts", "cpu", "--quiet")[-1]
+    assert " experts on CPU (" in line and " s)" in line
+    count = int(line.split(" experts on CPU")[0].rsplit("| ", 1)[1])
+    assert count > 0
+    assert " experts on CPU" not in generate(capsys, model, "--expert-slots", "2", "--quiet")[-1]  # none: not said
