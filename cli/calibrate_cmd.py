@@ -20,7 +20,8 @@ def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
     p.add_argument("--expert-slots", type=int, default=None,
                    help="slots to load the model with (default: every expert, which the resident decode step needs)")
     p.add_argument("--out", type=Path, required=True, help="the profile to write, e.g. profiles/my-machine.toml")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bars (shown only when stderr is a terminal)")
     return p
 
 

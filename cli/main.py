@@ -90,6 +90,8 @@ def _run(argv: list[str] | None) -> int:
             any_command = {a.dest for p in subparsers.values() for a in p._actions}
             apply_profile(subparsers[args.command], _after_command(argv, args.command), any_command)
             args = _parse(parser, argv)
+        if getattr(args, "quiet", None) is False and not _is_terminal(sys.stderr):
+            args.quiet = True  # a bar redraws itself in place: in a redirected log it is lines of carriage returns
         if args.command in LOADS_A_MODEL:
             quiet_libraries()
         return importlib.import_module(COMMANDS[args.command]).run(args) or 0
@@ -100,6 +102,13 @@ def _run(argv: list[str] | None) -> int:
         where = f": {e.filename}" if e.filename else ""
         print(f"error: {one_line(f'{e.strerror or e}{where}')}", file=sys.stderr)
         return 2
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return stream is not None and stream.isatty()
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
 
 
 def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:

@@ -23,7 +23,8 @@ def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
     train.add_argument("--depth", type=bounded_int(1, 8), default=3, help="MoE layers ahead to predict (default 3)")
     train.add_argument("--epochs", type=bounded_int(1, 1000), default=6)
     train.add_argument("--seed", type=bounded_int(0, 2**32 - 1), default=0)
-    train.add_argument("--quiet", action="store_true", help="no progress bars")
+    train.add_argument("--quiet", action="store_true",
+                       help="no progress bars (shown only when stderr is a terminal)")
     ev = sub.add_parser("eval", help="recall@n and precision@n of a predictor on a trace, 1..depth layers ahead")
     ev.add_argument("--trace", type=Path, required=True, help="routing trace (.npz); next-gate and learned need "
                                                                "its hidden states")
@@ -35,7 +36,8 @@ def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
                     help="routed experts per layer, for trace files that do not store num_experts")
     ev.add_argument("--per-layer", action="store_true", help="also print each source layer")
     ev.add_argument("--json", dest="as_json", action="store_true", help="print one JSON object instead of a table")
-    ev.add_argument("--quiet", action="store_true", help="no progress bars")
+    ev.add_argument("--quiet", action="store_true",
+                    help="no progress bars (shown only when stderr is a terminal)")
     return p
 
 

@@ -67,7 +67,8 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                         "(llama.cpp's --n-cpu-moe)")
     p.add_argument("--cpu-threads", type=bounded_int(1, 4096), default=None, metavar="N",
                    help="with a GPU: torch threads for CPU experts (default: physical cores - 1)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bars (shown only when stderr is a terminal)")
     p.set_defaults(hardware=None)  # a profile's [hardware] table (apply_profile)
 
 

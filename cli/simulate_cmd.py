@@ -40,6 +40,8 @@ def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
     p.add_argument("--json", dest="as_json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--plot", metavar="OUT.png", type=_plot_path, default=None,
                    help="draw hit rate against cache size for each policy (the extension picks the format)")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bar (shown only when stderr is a terminal)")
     return p
 
 
@@ -58,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
     factory = None
     if args.predictor == "history":
         factory = lambda: HistoryPredictor(trace.num_layers, trace.num_experts, trace.k)  # noqa: E731
-    results = replay_all(trace, slots, list(args.policies), factory, use_predictor=args.predictor != "none")
+    results = replay_all(trace, slots, list(args.policies), factory, use_predictor=args.predictor != "none",
+                         progress=not args.quiet)
     if args.as_json:
         print(json.dumps({str(c): {p: {"hits": r.hits, "misses": r.misses, "hit_rate": r.hit_rate}
                                    for p, r in row.items()} for c, row in results.items()}, indent=1))

@@ -3,6 +3,7 @@ weights load, defaults in --help."""
 
 import pytest
 
+from consistency_traces import FLAME
 from offload_engine.cli.main import main
 from test_bad_input import copy_of, good_dir, run_cli  # noqa: F401 (good_dir: a fixture)
 from tiny_tokenizer import save_char_tokenizer
@@ -29,3 +30,21 @@ def test_the_figures_line_counts_the_experts_computed_on_the_cpu(model, capsys):
     count = int(line.split(" experts on CPU")[0].rsplit("| ", 1)[1])
     assert count > 0
     assert " experts on CPU" not in generate(capsys, model, "--expert-slots", "2", "--quiet")[-1]  # none: not said
+
+
+def test_progress_bars_only_on_a_terminal(model, capsys, monkeypatch):
+    """Loading draws bars (weights to the device); into a file or a pipe they would be lines of carriage
+    returns, so there the command draws none, --quiet or not."""
+    assert not any(BAR in line for line in generate(capsys, model))
+    monkeypatch.setattr("sys.stderr.isatty", lambda: True, raising=False)
+    assert any(BAR in line for line in generate(capsys, model))
+    assert not any(BAR in line for line in generate(capsys, model, "--quiet"))
+
+
+def test_simulate_shows_its_progress_on_a_terminal(capsys, monkeypatch):
+    argv = ["simulate", str(FLAME), "--num-experts", "64", "--slots", "24", "--policies", "lru"]
+    monkeypatch.setattr("sys.stderr.isatty", lambda: True, raising=False)
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "replaying" in err and BAR in err
+    assert main([*argv, "--quiet"]) == 0 and BAR not in capsys.readouterr().err
