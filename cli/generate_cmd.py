@@ -43,7 +43,7 @@ def stats_line(stats) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from offload_engine.engine import OffloadEngine
+    from offload_engine.engine import OffloadEngine, check_chat_prompt
     from offload_engine.generation import SamplingConfig
     from offload_engine.trace_file import save_trace
 
@@ -52,6 +52,8 @@ def run(args: argparse.Namespace) -> int:
     run_cfg = run_config(args)
     if output_path(args.trace_out) is not None:
         check_not_an_input(args.trace_out, "--trace-out", model_inputs(args))
+    if args.chat:
+        check_chat_prompt(model_path(args))
     engine = OffloadEngine.from_run_config(model_path(args), run_cfg)
     kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                   top_k=args.top_k, seed=args.seed, chat=args.chat, ignore_eos=args.ignore_eos)

@@ -145,14 +145,8 @@ class OffloadEngine:
             except UnicodeEncodeError as e:  # lone surrogates, e.g. from undecodable bytes on a command line
                 raise GenerationInputError(f"the prompt is not valid text (character {e.start} cannot be encoded as "
                                            "UTF-8); pass UTF-8 text") from None
-            if self.tokenizer is None:
-                raise GenerationInputError(
-                    f"{self.directory} has no tokenizer, so text prompts cannot be encoded; pass token ids "
-                    "or add the tokenizer files to the model directory"
-                )
+            _check_tokenizer(self.tokenizer, self.directory, chat)
             if chat:
-                if not getattr(self.tokenizer, "chat_template", None):
-                    raise GenerationInputError("this tokenizer has no chat template; drop --chat / chat=True")
                 ids = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
                                                          add_generation_prompt=True, tokenize=True)
                 ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
@@ -377,6 +371,23 @@ def _token_ids(prompt) -> list[int]:
     if bad is not None:
         raise GenerationInputError(f"token ids must be integers, not {bad!r} ({type(bad).__name__})")
     return [int(t) for t in prompt]
+
+
+def _check_tokenizer(tokenizer, directory: Path, chat: bool) -> None:
+    if tokenizer is None:
+        raise GenerationInputError(f"{directory} has no tokenizer, so text prompts cannot be encoded; pass token ids "
+                                   "or add the tokenizer files to the model directory")
+    if chat and not getattr(tokenizer, "chat_template", None):
+        raise GenerationInputError("this tokenizer has no chat template; drop --chat / chat=True")
+
+
+def check_chat_prompt(name_or_path: str | Path) -> None:
+    """Refuse a chat prompt for a model whose tokenizer cannot make one (none, or no chat template), from the
+    tokenizer alone: before the weights load, not after."""
+    from .checkpoint import resolve_checkpoint
+
+    directory = resolve_checkpoint(name_or_path)
+    _check_tokenizer(load_tokenizer(directory), directory, chat=True)
 
 
 def load_tokenizer(directory: Path):

@@ -48,3 +48,17 @@ def test_simulate_shows_its_progress_on_a_terminal(capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "replaying" in err and BAR in err
     assert main([*argv, "--quiet"]) == 0 and BAR not in capsys.readouterr().err
+
+
+def test_chat_without_a_template_is_refused_before_the_weights_load(model, capsys, monkeypatch):
+    from offload_engine import engine
+    from test_bad_input import assert_one_line_error
+
+    (model / "chat_template.jinja").unlink()
+
+    def load(*args, **kwargs):
+        raise AssertionError("the weights were loaded")
+
+    monkeypatch.setattr(engine, "load", load)
+    code, err = run_cli(capsys, "generate", "--model", str(model), "--chat", "--quiet")
+    assert_one_line_error(code, err, "no chat template", "--chat")
