@@ -27,8 +27,26 @@ COMMANDS = {
 LOADS_A_MODEL = frozenset({"generate", "plan", "trace", "predictor", "calibrate", "estimate"})  # their runs import transformers
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """--help shows each flag's default: the parser's own, appended where the help does not state it already.
+    A default of None means "decided at run time" (the profile's value, or a rule the help describes): there
+    the help string says what it is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help
+        default = action.default
+        if (not text or "default" in text or default is None or default is argparse.SUPPRESS
+                or isinstance(default, bool)):
+            return text
+        return text + (" (default: %(default)r)" if isinstance(default, str) else " (default: %(default)s)")
+
+
 class OneLineParser(argparse.ArgumentParser):
     """A bad flag gets one line (what is wrong, where to look) and exit code 2, not a usage dump."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"error: {one_line(message)} (see {self.prog} --help)\n")

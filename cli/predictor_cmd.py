@@ -21,8 +21,8 @@ def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
                        help="routing trace with hidden states (moe-offload trace --hidden-states)")
     train.add_argument("--out", type=Path, required=True, help="folder for predictor.safetensors and predictor.json")
     train.add_argument("--depth", type=bounded_int(1, 8), default=3, help="MoE layers ahead to predict (default 3)")
-    train.add_argument("--epochs", type=bounded_int(1, 1000), default=6)
-    train.add_argument("--seed", type=bounded_int(0, 2**32 - 1), default=0)
+    train.add_argument("--epochs", type=bounded_int(1, 1000), default=6, help="passes over the trace")
+    train.add_argument("--seed", type=bounded_int(0, 2**32 - 1), default=0, help="seed of the heads' initial weights")
     train.add_argument("--quiet", action="store_true",
                        help="no progress bars (shown only when stderr is a terminal)")
     ev = sub.add_parser("eval", help="recall@n and precision@n of a predictor on a trace, 1..depth layers ahead")

@@ -43,7 +43,8 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="compute dtype (default: the checkpoint's, as transformers loads it)")
     p.add_argument("--memory-budget", help="device memory the engine may use, e.g. 6GiB (default: automatic)")
-    p.add_argument("--expert-slots", type=positive_int, help="number of expert slots (instead of a budget)")
+    p.add_argument("--expert-slots", type=positive_int,
+                   help="number of expert slots (default: as many as the memory budget holds)")
     p.add_argument("--host-memory", choices=["mmap", "files", "ram", "pinned"],
                    help="where cold experts wait: pinned or ram (host memory), or read on demand from the "
                         "checkpoint through a memory map (mmap) or positional reads (files) "

@@ -62,3 +62,50 @@ def test_chat_without_a_template_is_refused_before_the_weights_load(model, capsy
     monkeypatch.setattr(engine, "load", load)
     code, err = run_cli(capsys, "generate", "--model", str(model), "--chat", "--quiet")
     assert_one_line_error(code, err, "no chat template", "--chat")
+
+
+def _flags(parser, name="moe-offload"):
+    """(command, parser, action) of every option flag of every command, subcommands included."""
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub, subparser in action.choices.items():
+                yield from _flags(subparser, f"{name} {sub}")
+        elif action.option_strings and not isinstance(action, argparse._HelpAction):
+            yield name, parser, action
+
+
+def test_help_shows_every_default(capsys):
+    """A flag with a default says it in --help (a switch's is off); generate's were missing."""
+    import argparse
+
+    from offload_engine.cli.main import build_parser
+
+    for command, parser, action in _flags(build_parser()):
+        if action.default is None or isinstance(action, argparse._StoreTrueAction):
+            continue  # decided at run time (the help says how) or a switch
+        assert "default" in parser._get_formatter()._expand_help(action), (command, action.option_strings)
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for shown in ("tokens to generate at most (default: 64)", "(default: 'The')", "0 = greedy (default: 0.0)",
+                  "(default: 1.0)", "prompts per batch to plan for (default: 1)"):
+        assert shown in text
+
+
+def test_the_defaults_help_shows_are_the_engines():
+    """The CLI's defaults are the Python API's: one value each, where both have the flag."""
+    import inspect
+
+    from offload_engine import OffloadEngine
+    from offload_engine.cli.main import build_parser
+    from offload_engine.run_config import DEFAULT_MAX_CONTEXT
+
+    parser = build_parser()
+    flags = {a.dest: a for command, _, a in _flags(parser) if command == "moe-offload generate"}
+    for method in (OffloadEngine.generate, OffloadEngine.from_pretrained):
+        for name, param in inspect.signature(method).parameters.items():
+            if name in flags and param.default is not inspect.Parameter.empty:
+                assert flags[name].default == param.default, name
+    assert f"min(model, {DEFAULT_MAX_CONTEXT})" in flags["max_context"].help
