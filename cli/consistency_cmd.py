@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass
 from fractions import Fraction
 
-from offload_engine.atomic_write import check_output_path
+from offload_engine.atomic_write import check_not_an_input, check_output_path
 from offload_engine.errors import ConfigError, OffloadEngineError, short_repr
 from offload_engine.trace_file import MAX_EXPERTS
 
@@ -116,6 +116,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = ConsistencyConfig(trace=args.trace, segment_lengths=args.segment_lengths, cache_ratios=args.cache_ratios,
                             per_layer=args.per_layer, as_json=args.as_json, plot=args.plot,
                             num_experts=args.num_experts)
+    if cfg.plot:
+        check_not_an_input(cfg.plot, "--plot", [("the trace", cfg.trace)])
     trace = load_trace(cfg.trace, num_experts=cfg.num_experts)
     check_ratios(cfg.cache_ratios, trace.num_experts, trace.k)
     report = consistency_report(trace, [int(m) for m in cfg.segment_lengths], cfg.cache_ratios,

@@ -7,6 +7,9 @@ import json
 import sys
 from pathlib import Path
 
+from offload_engine.atomic_write import check_not_an_input
+
+from .model_inputs import model_inputs
 from .run_options import add_model_options, model_path, output_path, positive_int, run_config
 
 
@@ -14,12 +17,13 @@ def add_parser(subparsers, name: str):
     p = subparsers.add_parser(name, help="generate text with offloaded experts (the prompt, then the "
                                          "continuation as it is produced, on stdout; figures on stderr)")
     add_model_options(p)
-    p.add_argument("--prompt", default="The", help="the prompt text (default: 'The')")
-    p.add_argument("--max-new-tokens", type=positive_int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--prompt", default="The", help="the prompt text")
+    p.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens to generate at most")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="sample from the most likely tokens up to this total probability; 1 = all")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens; 0 = all")
+    p.add_argument("--seed", type=int, help="sampling seed (default: a new one each run)")
     p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
     p.add_argument("--json", action="store_true", help="print one JSON object {text, token_ids, stats}")
@@ -31,20 +35,26 @@ def stats_line(stats) -> str:
     from offload_engine.memory_plan import format_bytes
 
     prefetched = f", {stats.prefetches} prefetched" if stats.prefetches else ""
+    # with --cold-experts cpu the misses are computed where they lie: without this the line read "0 misses"
+    on_cpu = f" | {stats.cpu_experts} experts on CPU ({stats.cpu_s:.3f} s)" if stats.cpu_experts else ""
     return (f"TTFT {stats.ttft_s:.3f} s | decode {stats.decode_tokens_per_s:.1f} tok/s | "
             f"hit rate {100 * stats.hit_rate:.1f}% ({stats.hits} hits, {stats.misses} misses{prefetched}) | "
-            f"moved {format_bytes(stats.bytes_to_device)} | peak device {format_bytes(stats.peak_device_bytes)}")
+            f"moved {format_bytes(stats.bytes_to_device)}{on_cpu} | "
+            f"peak device {format_bytes(stats.peak_device_bytes)}")
 
 
 def run(args: argparse.Namespace) -> int:
-    from offload_engine.engine import OffloadEngine
+    from offload_engine.engine import OffloadEngine, check_chat_prompt
     from offload_engine.generation import SamplingConfig
     from offload_engine.trace_file import save_trace
 
     # check sampling flags before the model is loaded, not after
     SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed, args.ignore_eos)
     run_cfg = run_config(args)
-    output_path(args.trace_out)
+    if output_path(args.trace_out) is not None:
+        check_not_an_input(args.trace_out, "--trace-out", model_inputs(args))
+    if args.chat:
+        check_chat_prompt(model_path(args))
     engine = OffloadEngine.from_run_config(model_path(args), run_cfg)
     kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                   top_k=args.top_k, seed=args.seed, chat=args.chat, ignore_eos=args.ignore_eos)

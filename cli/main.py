@@ -27,8 +27,26 @@ COMMANDS = {
 LOADS_A_MODEL = frozenset({"generate", "plan", "trace", "predictor", "calibrate", "estimate"})  # their runs import transformers
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """--help shows each flag's default: the parser's own, appended where the help does not state it already.
+    A default of None means "decided at run time" (the profile's value, or a rule the help describes): there
+    the help string says what it is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help
+        default = action.default
+        if (not text or "default" in text or default is None or default is argparse.SUPPRESS
+                or isinstance(default, bool)):
+            return text
+        return text + (" (default: %(default)r)" if isinstance(default, str) else " (default: %(default)s)")
+
+
 class OneLineParser(argparse.ArgumentParser):
     """A bad flag gets one line (what is wrong, where to look) and exit code 2, not a usage dump."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"error: {one_line(message)} (see {self.prog} --help)\n")
@@ -90,6 +108,8 @@ def _run(argv: list[str] | None) -> int:
             any_command = {a.dest for p in subparsers.values() for a in p._actions}
             apply_profile(subparsers[args.command], _after_command(argv, args.command), any_command)
             args = _parse(parser, argv)
+        if getattr(args, "quiet", None) is False and not _is_terminal(sys.stderr):
+            args.quiet = True  # a bar redraws itself in place: in a redirected log it is lines of carriage returns
         if args.command in LOADS_A_MODEL:
             quiet_libraries()
         return importlib.import_module(COMMANDS[args.command]).run(args) or 0
@@ -100,6 +120,13 @@ def _run(argv: list[str] | None) -> int:
         where = f": {e.filename}" if e.filename else ""
         print(f"error: {one_line(f'{e.strerror or e}{where}')}", file=sys.stderr)
         return 2
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return stream is not None and stream.isatty()
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
 
 
 def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:

@@ -21,9 +21,10 @@ def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
                        help="routing trace with hidden states (moe-offload trace --hidden-states)")
     train.add_argument("--out", type=Path, required=True, help="folder for predictor.safetensors and predictor.json")
     train.add_argument("--depth", type=bounded_int(1, 8), default=3, help="MoE layers ahead to predict (default 3)")
-    train.add_argument("--epochs", type=bounded_int(1, 1000), default=6)
-    train.add_argument("--seed", type=bounded_int(0, 2**32 - 1), default=0)
-    train.add_argument("--quiet", action="store_true", help="no progress bars")
+    train.add_argument("--epochs", type=bounded_int(1, 1000), default=6, help="passes over the trace")
+    train.add_argument("--seed", type=bounded_int(0, 2**32 - 1), default=0, help="seed of the heads' initial weights")
+    train.add_argument("--quiet", action="store_true",
+                       help="no progress bars (shown only when stderr is a terminal)")
     ev = sub.add_parser("eval", help="recall@n and precision@n of a predictor on a trace, 1..depth layers ahead")
     ev.add_argument("--trace", type=Path, required=True, help="routing trace (.npz); next-gate and learned need "
                                                                "its hidden states")
@@ -35,7 +36,8 @@ def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
                     help="routed experts per layer, for trace files that do not store num_experts")
     ev.add_argument("--per-layer", action="store_true", help="also print each source layer")
     ev.add_argument("--json", dest="as_json", action="store_true", help="print one JSON object instead of a table")
-    ev.add_argument("--quiet", action="store_true", help="no progress bars")
+    ev.add_argument("--quiet", action="store_true",
+                    help="no progress bars (shown only when stderr is a terminal)")
     return p
 
 
@@ -44,13 +46,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def train(args) -> int:
-    from offload_engine.atomic_write import check_output_path
-    from offload_engine.predictors.learned import TrainSettings, train_learned
+    from offload_engine.atomic_write import check_not_an_input, check_output_path
+    from offload_engine.predictors.learned import CARD_FILE, WEIGHTS_FILE, TrainSettings, train_learned
     from offload_engine.trace_file import load_trace
 
     if args.out.exists() and not args.out.is_dir():
         raise ConfigError(f"--out {args.out} is a file; give a folder for predictor.safetensors and predictor.json")
     check_output_path(args.out / "predictor.json" if args.out.is_dir() else args.out)
+    for name in (CARD_FILE, WEIGHTS_FILE):
+        check_not_an_input(args.out / name, "--out", [("the trace", args.trace)])
     trace = load_trace(args.trace)
     if trace.hidden_states is None:
         raise ConfigError(f"{args.trace} has no hidden states; record it with `moe-offload trace --hidden-states`")

@@ -43,7 +43,8 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="compute dtype (default: the checkpoint's, as transformers loads it)")
     p.add_argument("--memory-budget", help="device memory the engine may use, e.g. 6GiB (default: automatic)")
-    p.add_argument("--expert-slots", type=positive_int, help="number of expert slots (instead of a budget)")
+    p.add_argument("--expert-slots", type=positive_int,
+                   help="number of expert slots (default: as many as the memory budget holds)")
     p.add_argument("--host-memory", choices=["mmap", "files", "ram", "pinned"],
                    help="where cold experts wait: pinned or ram (host memory), or read on demand from the "
                         "checkpoint through a memory map (mmap) or positional reads (files) "
@@ -68,7 +69,8 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", "--cpu-threads", dest="threads", type=bounded_int(1, 4096), default=None,
                    metavar="N", help="compute threads, on every device (default: the cores this process may use, "
                                      "less one for the expert loader; --cpu-threads is its former name)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bars (shown only when stderr is a terminal)")
     p.set_defaults(hardware=None)  # a profile's [hardware] table (apply_profile)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from offload_engine.atomic_write import check_not_an_input
 from offload_engine.errors import ConfigError
 
 from .consistency_cmd import _csv, _num_experts, _plot_path
@@ -39,6 +40,8 @@ def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
     p.add_argument("--json", dest="as_json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--plot", metavar="OUT.png", type=_plot_path, default=None,
                    help="draw hit rate against cache size for each policy (the extension picks the format)")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bar (shown only when stderr is a terminal)")
     return p
 
 
@@ -47,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
     from offload_engine.replay import replay_all
     from offload_engine.trace_file import load_trace
 
+    if args.plot:
+        check_not_an_input(args.plot, "--plot", [("the trace", args.trace)])
     trace = load_trace(args.trace, num_experts=args.num_experts)
     slots = [int(c) for c in args.slots]
     too_few = [c for c in slots if c < trace.k]
@@ -55,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
     factory = None
     if args.predictor == "history":
         factory = lambda: HistoryPredictor(trace.num_layers, trace.num_experts, trace.k)  # noqa: E731
-    results = replay_all(trace, slots, list(args.policies), factory, use_predictor=args.predictor != "none")
+    results = replay_all(trace, slots, list(args.policies), factory, use_predictor=args.predictor != "none",
+                         progress=not args.quiet)
     if args.as_json:
         print(json.dumps({str(c): {p: {"hits": r.hits, "misses": r.misses, "hit_rate": r.hit_rate}
                                    for p, r in row.items()} for c, row in results.items()}, indent=1))

@@ -5,6 +5,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from offload_engine.atomic_write import check_not_an_input
+
+from .model_inputs import model_inputs
 from .run_options import add_model_options, model_path, output_path, positive_int, run_config
 
 
@@ -35,6 +38,7 @@ def run(args) -> int:
     args.max_context = args.max_context or args.seq_len
     run_cfg = run_config(args)
     output_path(args.out)
+    check_not_an_input(args.out, "--out", model_inputs(args) + [("the input", item.path) for item in inputs])
     try:
         engine = OffloadEngine.from_run_config(model_path(args), run_cfg)
     except ContextTooLongError as e:

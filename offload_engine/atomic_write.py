@@ -18,7 +18,7 @@ import contextlib
 import os
 import secrets
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -35,6 +35,60 @@ def check_output_path(path: str | os.PathLike) -> Path:
     if not path.parent.is_dir():
         raise ConfigError(f"cannot write {path}: directory {path.parent} does not exist")
     return path
+
+
+def check_not_an_input(output: str | os.PathLike, flag: str,
+                       inputs: Iterable[tuple[str, str | os.PathLike | None]]) -> None:
+    """Refuse an output that would replace what the command reads: an input file (also through a symbolic or
+    hard link), or any file inside an input folder (a model's weights, config, tokenizer or predictor: the
+    atomic rename would swap the checkpoint for the output while the run still reads the old one). `inputs`
+    are (how the message names it, path) pairs, a path of None for one not given; an output not there yet is
+    no input.
+
+    >>> import tempfile, pathlib
+    >>> model = pathlib.Path(tempfile.mkdtemp())
+    >>> _ = (model / "config.json").write_text("{}")
+    >>> check_not_an_input(model / "config.json", "--out", [("the model in", model)])  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    offload_engine.errors.ConfigError: --out ... would overwrite a file of the model in ..., which this command reads; write it elsewhere
+    """
+    try:
+        written = os.stat(output)
+    except (OSError, ValueError):  # not there (or not a name at all): check_output_path says what is wrong
+        return
+    places = {os.path.abspath(output), os.path.realpath(output)}  # the name given, and the file it reaches
+    for what, path in inputs:
+        if path is None:
+            continue
+        try:
+            read = os.stat(path)
+        except (OSError, ValueError):
+            continue
+        if stat.S_ISDIR(read.st_mode):
+            folders = {os.path.abspath(path), os.path.realpath(path)}
+            if any(os.path.commonpath([p, f]) == f for p in places for f in folders) or _holds(path, written):
+                raise ConfigError(f"{flag} {output} would overwrite a file of {what} {path}, which this command "
+                                  "reads; write it elsewhere")
+        elif os.path.samestat(written, read):
+            raise ConfigError(f"{flag} {output} would overwrite {what} {path}, which this command reads; "
+                              "write it elsewhere")
+
+
+def _holds(folder: str | os.PathLike, file: os.stat_result) -> bool:
+    """Whether one of the folder's own entries is `file`: a hard link to it, or a link into a hub cache's
+    blobs/ (a checkpoint's files are at its top level)."""
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return False
+    for entry in entries:
+        try:
+            if os.path.samestat(os.stat(entry.path), file):
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def _naming(error: OSError, path: Path) -> OSError:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .detokenizer import IncrementalDetokenizer
 from .errors import CheckpointError, GenerationInputError
 from .generation import SamplingConfig, decode_stream
 from .loading import Inspected, inspect_checkpoint, load, make_plan
@@ -84,23 +85,6 @@ class GenerationResult:
     trace: RoutingTrace | None = None  # with record_trace=True: the batch's routing (prompt and fed-back tokens)
 
 
-class _TextDelta:
-    """Incremental detokenisation: emit only text that no later token can change."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer, self.ids, self.emitted = tokenizer, [], ""
-
-    def push(self, token_id: int) -> str:
-        if self.tokenizer is None:
-            return ""
-        self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # a multi-byte character is not complete yet
-            return ""
-        delta, self.emitted = text[len(self.emitted):], text
-        return delta
-
-
 class OffloadEngine:
     def __init__(self, inspected: Inspected, run: RunConfig, plan: MemoryPlan, tokenizer=None):
         self.run, self.plan, self.spec = run, plan, inspected.spec
@@ -164,14 +148,8 @@ class OffloadEngine:
             except UnicodeEncodeError as e:  # lone surrogates, e.g. from undecodable bytes on a command line
                 raise GenerationInputError(f"the prompt is not valid text (character {e.start} cannot be encoded as "
                                            "UTF-8); pass UTF-8 text") from None
-            if self.tokenizer is None:
-                raise GenerationInputError(
-                    f"{self.directory} has no tokenizer, so text prompts cannot be encoded; pass token ids "
-                    "or add the tokenizer files to the model directory"
-                )
+            _check_tokenizer(self.tokenizer, self.directory, chat)
             if chat:
-                if not getattr(self.tokenizer, "chat_template", None):
-                    raise GenerationInputError("this tokenizer has no chat template; drop --chat / chat=True")
                 ids = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
                                                          add_generation_prompt=True, tokenize=True)
                 ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
@@ -306,7 +284,7 @@ class OffloadEngine:
 
     def _steps(self, encoded: list[list[int]], cfg: SamplingConfig, recorder) -> Iterator[TokenEvent]:
         input_ids, mask = self._padded(encoded)
-        deltas = [_TextDelta(self.tokenizer) for _ in encoded]
+        deltas = [IncrementalDetokenizer(self.tokenizer) for _ in encoded]
         request = self.request(len(encoded), recorder)
         cuda = self.run.device.type == "cuda"
         if cuda:
@@ -321,12 +299,15 @@ class OffloadEngine:
             first = step.time_s if first is None else first
             step_syncs += step.host_syncs
             tokens = step.tokens.tolist()
-            texts = tuple("" if was_done else d.push(t) for d, t, was_done in zip(deltas, tokens, done))
+            finished = tuple(step.finished.tolist())
+            last = step.index + 1 == cfg.max_new_tokens
+            # a sequence's last token also brings the text held back for an unfinished character
+            texts = tuple("" if was_done else d.push(t, last=last or ends)
+                          for d, t, was_done, ends in zip(deltas, tokens, done, finished))
             count += sum(not was_done for was_done in done)
             count_first = count_first if step.index else count
-            finished = tuple(step.finished.tolist())
             stats = None
-            if all(finished) or step.index + 1 == cfg.max_new_tokens:
+            if all(finished) or last:
                 stats = self._stats(request, encoded, count, count_first, first, step.time_s, step.index + 1, cuda,
                                     step_syncs)
             yield TokenEvent(step.index, tuple(tokens), texts, finished, stats)
@@ -410,6 +391,23 @@ def static_kv_cache(config, rows: int, max_context: int, dtype: torch.dtype, dev
             layer.lazy_initialization(torch.empty((rows, heads, 0, k_dim), dtype=dtype, device=device),
                                       torch.empty((rows, heads, 0, v_dim), dtype=dtype, device=device))
     return cache
+
+
+def _check_tokenizer(tokenizer, directory: Path, chat: bool) -> None:
+    if tokenizer is None:
+        raise GenerationInputError(f"{directory} has no tokenizer, so text prompts cannot be encoded; pass token ids "
+                                   "or add the tokenizer files to the model directory")
+    if chat and not getattr(tokenizer, "chat_template", None):
+        raise GenerationInputError("this tokenizer has no chat template; drop --chat / chat=True")
+
+
+def check_chat_prompt(name_or_path: str | Path) -> None:
+    """Refuse a chat prompt for a model whose tokenizer cannot make one (none, or no chat template), from the
+    tokenizer alone: before the weights load, not after."""
+    from .checkpoint import resolve_checkpoint
+
+    directory = resolve_checkpoint(name_or_path)
+    _check_tokenizer(load_tokenizer(directory), directory, chat=True)
 
 
 def load_tokenizer(directory: Path):

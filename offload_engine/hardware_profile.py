@@ -14,6 +14,9 @@ published specifications (marked as such). Keys:
     parallel              true when a separate device (GPU) computes while the CPU does
     layer_call_s          the engine's fixed cost per MoE layer call (s), for estimates
     source                "measured" or "spec"; description, measured_on, date: free text
+
+calibrate also records measurement details the cost model does not read: per-mode link rates, expert times by
+token count, and beside them how much their repetitions disagreed (`*_spread`, offload_engine/calibration.py).
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ from .model_spec import ModelSpec, describe, dtype_from_config, refuse_quantized
 from .offloaded_experts import IMPLEMENTATION_NAME, bind, register_experts_implementation
 from .policies import make_policy
 from .predictors import make_predictor
-from .predictors.next_gate import decoder_layer_norm
+from .residual_stream import first_input, residual_tap
 from .runtime import Runtime
 from .run_config import DEFAULT_MAX_CONTEXT, RunConfig
 
@@ -228,9 +228,11 @@ def load(inspected: Inspected, run: RunConfig, plan: MemoryPlan):
     for layer_pos, path in enumerate(spec.experts_paths):
         module = inspected.model.get_submodule(path)
         module._offload = bind(module, layer_pos, runtime, reference_impl)
-        norm = decoder_layer_norm(inspected.model, path.rpartition(".")[0])
-        if norm is not None:  # the residual stream entering the MoE block: for predictors and hidden-state traces
-            norm.register_forward_pre_hook(lambda m, args, i=layer_pos: runtime.capture_residual(i, args[0]))
+        tap = residual_tap(inspected.model, path.rpartition(".")[0])
+        if tap is not None:  # the residual stream entering the MoE block: for predictors and hidden-state traces
+            tap.module.register_forward_pre_hook(
+                lambda m, args, kwargs, i=layer_pos: runtime.capture_residual(i, first_input(args, kwargs)),
+                with_kwargs=True)
     model = inspected.model.eval()
     # forwards that bypass the engine's API (engine.model.generate) still run one at a time
     model.register_forward_pre_hook(lambda m, args: runtime.lock.acquire() and None)

@@ -97,11 +97,19 @@ def replay(trace: RoutingTrace, slots: int, policy: str, predictor=None, use_pre
 
 
 def replay_all(trace: RoutingTrace, slots: Sequence[int], policies: Sequence[str],
-               predictor_factory=None, use_predictor: bool = True) -> dict[int, dict[str, ReplayResult]]:
-    """Every (slots, policy) pair; each predictive run gets a fresh predictor from `predictor_factory()`."""
+               predictor_factory=None, use_predictor: bool = True,
+               progress: bool = False) -> dict[int, dict[str, ReplayResult]]:
+    """Every (slots, policy) pair; each predictive run gets a fresh predictor from `predictor_factory()`.
+    progress=True: a bar over the runs (a few seconds each on a real trace)."""
+    from tqdm.auto import tqdm
+
     out: dict[int, dict[str, ReplayResult]] = {}
+    bar = tqdm(total=len(slots) * len(policies), desc="replaying", unit="run", disable=not progress)
     for c in slots:
         for p in policies:
+            bar.set_postfix_str(f"{c} slots, {p}")
             predictor = predictor_factory() if (p == "predictive" and predictor_factory) else None
             out.setdefault(c, {})[p] = replay(trace, c, p, predictor, use_predictor)
+            bar.update()
+    bar.close()
     return out

@@ -1,6 +1,6 @@
 """Every example in the README runs as written: the set-up commands are the ones CI runs, each `bash` line
 (in order, in one scratch folder that sees the repository's profiles/, data/ and tests/) exits 0, and each
-`python` block runs without an exception."""
+`python` block runs without an exception; their outputs go under runs/, never into the repository root."""
 
 import contextlib
 import io
@@ -21,6 +21,8 @@ BLOCKS = re.findall(r"^```(\w+)\n(.*?)^```$", README, flags=re.S | re.M)
 COMMANDS = [line for lang, body in BLOCKS if lang == "bash" for line in body.splitlines()
             if line.strip() and not line.startswith("#")]
 PYTHON = [body for lang, body in BLOCKS if lang == "python"]
+OUTPUT_FLAGS = ("--out", "--plot", "--trace-out")
+SCRATCH = "runs"  # in .gitignore
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +39,11 @@ def test_the_readme_has_its_examples():
     assert not re.search(r"\.\./shared|\{\{", README), "the README points outside the repository or has a hole"
 
 
+def test_benchmarks_points_inside_the_repository():
+    """A command a new user copies from BENCHMARKS.md reads the repository's files, not a folder beside it."""
+    assert not re.search(r"\.\./shared", (ROOT / "BENCHMARKS.md").read_text("utf-8"))
+
+
 def test_the_setup_commands_are_the_ones_ci_runs():
     setup = [body.strip() for lang, body in BLOCKS if lang == "sh"]
     assert len(setup) == 2
@@ -45,11 +52,29 @@ def test_the_setup_commands_are_the_ones_ci_runs():
     assert tests.endswith("-m pytest -q") and tests in (ROOT / ".ci" / "run").read_text("utf-8")
 
 
+def outputs(argv: list[str]) -> list[str]:
+    """The paths a README command writes."""
+    written = [value for flag, value in zip(argv, argv[1:]) if flag in OUTPUT_FLAGS]
+    if argv[:4] == ["python", "-m", "offload_engine.trace_file", "convert"]:
+        written.append([a for a in argv[4:] if not a.startswith("-")][1])
+    return written
+
+
+def test_the_examples_write_under_the_scratch_folder():
+    written = [path for command in COMMANDS for path in outputs(shlex.split(command))]
+    assert len(written) >= 5
+    assert all(path.startswith(f"{SCRATCH}/") for path in written), written
+    assert f"mkdir -p {SCRATCH}" in COMMANDS
+    assert f"/{SCRATCH}/" in (ROOT / ".gitignore").read_text("utf-8").splitlines()
+
+
 @pytest.mark.parametrize("command", COMMANDS)
 def test_command(command, workdir, monkeypatch):
     monkeypatch.chdir(workdir)
     argv = shlex.split(command)
-    if argv[0] == "moe-offload":
+    if argv[:2] == ["mkdir", "-p"]:
+        (workdir / argv[2]).mkdir(parents=True, exist_ok=True)
+    elif argv[0] == "moe-offload":
         with contextlib.redirect_stdout(io.StringIO()):
             assert main(argv[1:]) == 0, command
     else:
@@ -65,3 +90,9 @@ def test_python_example(block, workdir, monkeypatch):
     with contextlib.redirect_stdout(io.StringIO()) as out:
         exec(compile(PYTHON[block], f"README python example {block}", "exec"), {"__name__": "readme"})
     assert out.getvalue().strip()
+
+
+def test_the_examples_left_nothing_beside_the_scratch_folder(workdir):
+    """After the commands above (when run with them, in this module's order): the scratch folder holds every
+    output, the folder they ran in nothing else."""
+    assert {p.name for p in workdir.iterdir()} - {"data", "profiles", "tests"} <= {SCRATCH}

@@ -1,8 +1,8 @@
 """What every routing predictor sees and returns.
 
 At a MoE layer call the engine knows: the layer (its position l among the MoE layers), the experts the router
-chose for each token of the call, the residual stream entering the layer's MoE block (the input of its
-post-attention norm), and the paths of earlier tokens. A predictor returns, for the next `depth` MoE layers,
+chose for each token of the call, the residual stream entering the layer's MoE block (after the attention
+residual add, before any norm: see residual_stream.py), and the paths of earlier tokens. A predictor returns, for the next `depth` MoE layers,
 the experts it expects each token to use, best first. Layers after the last one wrap to the next token's
 first layers; only predictors that can see that far (history) answer for them.
 """

@@ -1,7 +1,8 @@
 """`next-gate`: the next layers' own routers applied to the current residual stream (no training).
 
-The residual stream changes little from one layer to the next, so layer j's post-attention norm and router,
-applied to the residual entering layer l's MoE block, guess layer j's routing. The routers are the model's
+The residual stream changes little from one layer to the next, so layer j's router, through the norm layer j's
+MoE block reads the stream through (none in a post-norm model: residual_stream.py), applied to the residual
+entering layer l's MoE block, guesses layer j's routing. The routers are the model's
 own modules (transformers 5.x routers return (logits, weights, indices)), so softmax or sigmoid scoring,
 grouped top-k, correction biases and scaling are the architecture's, whatever it is.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..residual_stream import residual_tap
 from .base import LayerContext, Prediction, Predictor, target_layers
 
 
@@ -54,8 +56,9 @@ class NextGatePredictor(Predictor):
 
 
 def model_routers(model: nn.Module, experts_paths: tuple[str, ...]) -> tuple[list[nn.Module], list[nn.Module | None]]:
-    """Each MoE layer's router (the MoE block's `gate`/`router` child) and its decoder layer's post-attention
-    norm, found from the experts modules' paths (e.g. model.layers.3.mlp.experts)."""
+    """Each MoE layer's router (the MoE block's `gate`/`router` child) and the norm between the residual stream
+    and that block (residual_stream.py; None where the block reads the stream as it is), found from the
+    experts modules' paths (e.g. model.layers.3.mlp.experts)."""
     routers, norms = [], []
     for path in experts_paths:
         block_path, _, _ = path.rpartition(".")
@@ -64,12 +67,6 @@ def model_routers(model: nn.Module, experts_paths: tuple[str, ...]) -> tuple[lis
         if router is None:
             raise ValueError(f"{block_path} has no router module named gate or router")
         routers.append(router)
-        norms.append(decoder_layer_norm(model, block_path))
+        tap = residual_tap(model, block_path)
+        norms.append(tap.norm if tap is not None else None)
     return routers, norms
-
-
-def decoder_layer_norm(model: nn.Module, block_path: str) -> nn.Module | None:
-    """The post-attention norm of the decoder layer holding the MoE block (None if it has none)."""
-    layer_path, _, _ = block_path.rpartition(".")
-    layer = model.get_submodule(layer_path)
-    return getattr(layer, "post_attention_layernorm", None)
