@@ -1,8 +1,9 @@
 """Python's own time per MoE layer call: the call's wall time minus its expert kernels, copies and CPU experts.
 
 Every experts module's layer call is timed whole, and inside it transformers' experts function (the kernels,
-with their own thin wrapper) and the engine's copy and CPU-expert timers; what is left is the engine's
-bookkeeping: planning, the cache, the predictor, the policy, prefetch decisions. Decode calls only (one
+with their own thin wrapper), the predictor's device work (next-gate's routers: `stage`, or `ranking` before
+it existed) and the engine's copy and CPU-expert timers; what is left is the engine's bookkeeping: planning,
+the cache, the predictor's host work, the policy, prefetch decisions. Decode calls only (one
 token per row), batch 1, greedy, after a warm-up generation. On the CPU the kernels run in the calling
 thread, so the subtraction is exact up to the timers' own cost (~0.1 us each).
 
@@ -10,8 +11,10 @@ thread, so the subtraction is exact up to the timers' own cost (~0.1 us each).
     python benchmarks/make_checkpoint.py --shape qwen3-30b-a3b --layers 4 --vocab 4096 --out /tmp/q3
     python benchmarks/bench_layer_call.py --model /tmp/q3 --slots 128,all --tokens 16
 
-`--configs` names policy:predictor pairs. Prints one row per (slots, config): median and mean Python time per
-layer call, the median call and kernel times, and the host syncs per decode step if the engine counts them.
+`--configs` names policy:predictor pairs. Prints one row per (slots, config): the replayed Python time per
+layer call (the figure to read: `replayed`, below), the same by subtraction inside the timed decode (noisier:
+it subtracts kernel times that vary more than the Python does), the median call and kernel times, and the
+host syncs per decode step if the engine counts them.
 """
 
 from __future__ import annotations
@@ -56,6 +59,12 @@ class CallTimer:
             binding = getattr(module, "_offload", None)
             if binding is not None:
                 binding.compute = self._timed_kernel(binding.compute)
+        # the predictor's device work (next-gate's routers) is kernels too: its stage() now, its ranking() before
+        predictor = self.runtime.predictor
+        own = type(predictor).__dict__ if predictor is not None else {}
+        name = "stage" if "stage" in own else "ranking" if "ranking" in own else None
+        if name is not None:
+            setattr(predictor, name, self._timed_kernel(getattr(predictor, name)))
 
     def _timed_kernel(self, compute):
         def timed(*args, **kwargs):
@@ -64,6 +73,66 @@ class CallTimer:
             self.kernel_s += time.perf_counter() - start
             return out
         return timed
+
+
+def replayed(engine, prompt: list[int], tokens: int, repeats: int = 5) -> list[float]:
+    """Python's own time of each decode layer call with the kernels taken out: a real generation's calls
+    (hidden states, routing, captured residuals) recorded, then replayed `repeats` times through the engine's
+    layer call with transformers' experts function replaced by one that returns its input (copies, CPU
+    experts and the predictor's device work are still done, and subtracted as measured)."""
+    runtime = engine.runtime
+    calls = []
+    original = runtime.layer_call
+
+    def record(binding, hidden_states, top_k_index, top_k_weights):
+        request = runtime.current()
+        if top_k_index.shape[0] == max(request.rows, 1):
+            residual = request.residuals.get(binding.layer_pos)
+            calls.append((binding, hidden_states.clone(), top_k_index.clone(), top_k_weights.clone(),
+                          None if residual is None else residual.clone()))
+        return original(binding, hidden_states, top_k_index, top_k_weights)
+
+    runtime.layer_call = record
+    engine.generate(prompt, max_new_tokens=tokens, ignore_eos=True)
+    runtime.layer_call = original
+    kernels = {}
+    for module in engine.model.modules():
+        binding = getattr(module, "_offload", None)
+        if binding is not None:
+            kernels[id(binding)] = binding.compute
+            binding.compute = lambda experts, hidden_states, index, weights: hidden_states
+    predictor_s = [0.0]
+    predictor = runtime.predictor
+    own = type(predictor).__dict__ if predictor is not None else {}
+    name = "stage" if "stage" in own else "ranking" if "ranking" in own else None
+    if name is not None:
+        inner = getattr(predictor, name)
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            out = inner(*args, **kwargs)
+            predictor_s[0] += time.perf_counter() - start
+            return out
+        setattr(predictor, name, timed)
+    out = []
+    with torch.inference_mode():
+        for _ in range(repeats):
+            request = engine.request(1)
+            with runtime.serving(request):
+                for binding, hidden_states, top_k_index, top_k_weights, residual in calls:
+                    c = request.counters[binding.layer_pos]
+                    if residual is not None:
+                        request.residuals[binding.layer_pos] = residual
+                    io, pred = c.copy_s + c.cpu_s, predictor_s[0]
+                    start = time.perf_counter()
+                    runtime.layer_call(binding, hidden_states, top_k_index, top_k_weights)
+                    elapsed = time.perf_counter() - start
+                    out.append(elapsed - (c.copy_s + c.cpu_s - io) - (predictor_s[0] - pred))
+    for module in engine.model.modules():
+        binding = getattr(module, "_offload", None)
+        if binding is not None:
+            binding.compute = kernels[id(binding)]
+    return out
 
 
 def measure(model: Path, slots: int | None, policy: str, predictor: str, tokens: int, threads: int) -> dict:
@@ -81,6 +150,7 @@ def measure(model: Path, slots: int | None, policy: str, predictor: str, tokens:
     engine.generate(prompt, max_new_tokens=4, ignore_eos=True)  # warm-up: compiled kernels, first copies
     timer.recording = True
     result = engine.generate(prompt, max_new_tokens=tokens, ignore_eos=True)
+    replay = replayed(engine, prompt, tokens)
     engine.close()
     python = [call - kernels - io for call, kernels, io in timer.rows]
     stats = result.stats
@@ -88,6 +158,8 @@ def measure(model: Path, slots: int | None, policy: str, predictor: str, tokens:
     decode_steps = max(stats.generated_tokens - 1, 1)
     return {
         "calls": len(timer.rows),
+        "replayed_python_us_median": 1e6 * statistics.median(replay),
+        "replayed_python_us_mean": 1e6 * statistics.fmean(replay),
         "python_us_median": 1e6 * statistics.median(python),
         "python_us_mean": 1e6 * statistics.fmean(python),
         "call_us_median": 1e6 * statistics.median(r[0] for r in timer.rows),
@@ -120,7 +192,8 @@ def main(argv=None) -> None:
                 continue
             rows.append({"slots": slots, "config": config, **r})
             syncs = "-" if r["host_syncs_per_step"] is None else f"{r['host_syncs_per_step']:.1f}"
-            print(f"{slots:>5} {config:<24} python/call {r['python_us_median']:7.1f} us median "
+            print(f"{slots:>5} {config:<24} replayed python/call {r['replayed_python_us_median']:7.1f} us median "
+                  f"{r['replayed_python_us_mean']:7.1f} mean | in decode: {r['python_us_median']:7.1f} us median "
                   f"{r['python_us_mean']:7.1f} mean | call {r['call_us_median']:8.1f} kernels "
                   f"{r['kernel_us_median']:8.1f} us | hit {r['hit_rate']:.3f} | syncs/step {syncs}", flush=True)
     if args.json:

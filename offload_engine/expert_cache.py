@@ -44,12 +44,10 @@ class ExpertCache:
             p.name: torch.empty((num_slots, *p.shape), dtype=store.dtype, device=self.device)
             for p in spec.expert_params
         }
-        # [L, E] -> slot (-1: not resident), so a layer call turns expert ids into slot ids with one gather
-        table = np.full((spec.num_moe_layers, spec.num_experts), -1, dtype=np.int64)
-        self.slot_table = torch.from_numpy(table).to(self.device)
-        # written through numpy on the CPU, where the tensor shares the array (a write ~100 ns, a torch element
-        # write microseconds); on a device through the tensor (each write a queued fill, never a sync)
-        self._table_writes = table if self.device.type == "cpu" else self.slot_table
+        # [L, E] -> slot (-1: not resident), on the host: a layer call turns its routing, already read to the
+        # host, into slot ids with one numpy gather (a write ~100 ns; a device table cost a queued fill a write
+        # and a torch gather and subtraction a call)
+        self.slot_table = np.full((spec.num_moe_layers, spec.num_experts), -1, dtype=np.int64)
         self.counters = new_counters(spec.num_moe_layers)  # used when no request's counters are given
         self.lock = threading.Lock()  # the map is touched by the forward thread and by prefetch completions
         cuda = self.device.type == "cuda"
@@ -160,9 +158,9 @@ class ExpertCache:
     # -- loads ----------------------------------------------------------------------------------------------
     def _retable(self, evicted: list[Key], placed: list[tuple[int, int, int]]) -> None:
         for key in evicted:
-            self._table_writes[key] = -1
+            self.slot_table[key] = -1
         for layer, e, slot in placed:
-            self._table_writes[layer, e] = slot
+            self.slot_table[layer, e] = slot
 
     def _copy(self, layer_pos: int, loads: list[tuple[int, int]]) -> int:
         tasks = self._copy_tasks(layer_pos, loads)

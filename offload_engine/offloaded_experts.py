@@ -102,15 +102,16 @@ def offloaded_experts_forward(
 # plan: host_read.CallRouting (the call's one read of the device: its distinct experts and each one's tokens)
 
 
-def execute(binding: ExpertsBinding, cache: ExpertCache, slots: list[int], hidden_states: torch.Tensor,
-            top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+def execute(binding: ExpertsBinding, cache: ExpertCache, routing: CallRouting, slots: list[int],
+            hidden_states: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
     """All of the call's experts resident at once: transformers' own kernel and reduction over the slot pool,
     bit for bit what the reference computes over its [E, ...] tensors."""
     # only the span of slots in use: grouped_mm's cost grows with the number of groups it is handed
     lo, hi = min(slots), max(slots) + 1
-    slot_index = cache.slot_table[binding.layer_pos][top_k_index]
+    slot_index = cache.slot_table[binding.layer_pos][routing.ids]  # [T, k], on the host
     if lo:
-        slot_index = slot_index - lo
+        slot_index -= lo
+    (slot_index,) = _on(hidden_states.device, slot_index)
     return binding.compute(binding.span(cache, lo, hi), hidden_states, slot_index, top_k_weights)
 
 

@@ -117,7 +117,7 @@ class Runtime:
             self._time_loads(request, layer, loaded)
             if context is not None:
                 self._look_ahead(request, context, {(layer, e) for e in experts})
-            out = execute(binding, cache, slots, hidden_states, top_k_index, top_k_weights)
+            out = execute(binding, cache, routing, slots, hidden_states, top_k_weights)
             cache.used(slots)
             return out
         # more experts than slots: a group at a time, each expert with unit weights, then one reduction
