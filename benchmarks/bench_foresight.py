@@ -53,7 +53,7 @@ def make_engine(model: Path, slots: int, name: str):
 
     engine = OffloadEngine.from_pretrained(model, expert_slots=slots, progress=False, **CONFIGS[TORCH_COPIES.get(name, name)])
     if name in TORCH_COPIES:
-        engine.cache.compiled_copies = False
+        engine.cache.loader.compiled_copies = False
     return engine
 
 

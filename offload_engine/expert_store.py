@@ -139,8 +139,10 @@ class ExpertStore:
     def _register(self, arena: torch.Tensor) -> bool:
         """Page-lock `arena` for asynchronous copies; on failure, warn and stay pageable (copies synchronous)."""
         nbytes = arena.numel() * arena.element_size()
-        code = torch.cuda.cudart().cudaHostRegister(arena.data_ptr(), nbytes, 0)
+        cudart = torch.cuda.cudart()
+        code = cudart.cudaHostRegister(arena.data_ptr(), nbytes, 0)
         if int(code) != 0:
+            clear_cuda_error()
             warnings.warn(f"pinning {nbytes / 2**30:.2f} GiB of host memory failed (CUDA error {int(code)}); using "
                           "pageable memory, copies will be synchronous", stacklevel=3)
             return False
@@ -214,3 +216,21 @@ class ExpertStore:
                 out.copy_(self.host[layer_pos][name][expert], non_blocking=non_blocking)
             written += out.numel() * out.element_size()
         return written
+
+
+def clear_cuda_error() -> bool:
+    """Read (and so reset) the CUDA runtime's last error. A failed call such as cudaHostRegister also leaves
+    its error as the "last error", which PyTorch's next kernel-launch check would report as that kernel's
+    own. torch's cudart bindings do not expose cudaGetLastError: call it in the runtime library this process
+    already loaded (the same instance PyTorch uses). False if that library cannot be found."""
+    import ctypes
+
+    try:
+        with open("/proc/self/maps") as maps:
+            path = next((line.split()[-1] for line in maps if "libcudart" in line.split()[-1]), None)
+        if path is None:
+            return False
+        ctypes.CDLL(path).cudaGetLastError()
+        return True
+    except OSError:
+        return False

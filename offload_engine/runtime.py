@@ -36,6 +36,7 @@ class Runtime:
         self.cold_experts, self.cpu_moe_layers = cold_experts, cpu_moe_layers
         self.hardware = hardware or Hardware(parallel=cache.device.type == "cuda")
         self.expert_bytes = cache.store.expert_nbytes()
+        self.queued_kernels = cache.device.type == "cuda"  # kernels run asynchronously, after the call returns
         self.flops_per_token = 2.0 * cache.store.spec.expert_numel()  # one multiply-add per weight
         self.predictor = predictor
         self.foresight = Foresight(predictor, cache.policy, top_k, num_layers) if predictor is not None else None
@@ -115,10 +116,14 @@ class Runtime:
             loaded = self._loads(request, layer)
             slots = cache.fetch(layer, experts, request.counters)
             self._time_loads(request, layer, loaded)
-            if context is not None:
+            # prefetch where it overlaps this call's compute: on CUDA after the kernels are queued (issued
+            # first, its copies would delay them); on the CPU, whose kernels run here, before them
+            if context is not None and not self.queued_kernels:
                 self._look_ahead(request, context, {(layer, e) for e in experts})
             out = execute(binding, cache, routing, slots, hidden_states, top_k_weights)
             cache.used(slots)
+            if context is not None and self.queued_kernels:
+                self._look_ahead(request, context, {(layer, e) for e in experts})
             return out
         # more experts than slots: a group at a time, each expert with unit weights, then one reduction
         contributions = hidden_states.new_zeros((*top_k_index.shape, hidden_states.shape[-1]))
@@ -245,7 +250,7 @@ class Runtime:
     def _time_loads(self, request: Request, layer: int, before: tuple[float, int]) -> None:
         c = request.counters[layer]
         loads = c.misses - before[1]
-        if self.cache.copy_stream is not None:  # CUDA copies are asynchronous: timed by their events
+        if self.cache.loader.timed_by_events:  # CUDA copies are asynchronous: timed by their events
             self.load_time = self.cache.copy_time
         elif loads:
             per_expert = (c.copy_s - before[0]) / loads

@@ -101,11 +101,11 @@ def test_a_short_read_fails_its_batch_and_every_later_one_not_the_earlier(data_f
 def test_the_cache_fills_cpu_slots_with_compiled_copies(mixtral_dir):  # noqa: F811
     for mode in ("mmap", "files", "ram"):
         cache = make_cache(mixtral_dir, 4, mode)
-        assert cache.compiled_copies
+        assert cache.loader.compiled_copies
         slots = cache.fetch(1, [2, 5])
         cache.prefetch([(1, 6), (0, 3)], protected={(1, 2), (1, 5)})
         cache.drain()
-        assert cache._worker is not None  # the prefetches went through the copy thread
+        assert cache.loader._worker is not None  # the prefetches went through the copy thread
         for (layer, e), slot in [((1, 2), slots[0]), ((1, 5), slots[1]), ((1, 6), cache.slot_of[1, 6]),
                                  ((0, 3), cache.slot_of[0, 3])]:
             gate_up, down = expert_from_disk(mixtral_dir, layer, e)
@@ -125,7 +125,7 @@ def test_a_dtype_to_convert_keeps_torch_copies(mixtral_dir):  # noqa: F811
     store = ExpertStore(inspected.tensors, inspected.layout, inspected.spec, torch.bfloat16, "mmap", progress=False)
     cache = ExpertCache(store, 2, "cpu", LRUPolicy())
     slot, = cache.fetch(0, [1])
-    assert not cache.compiled_copies
+    assert not cache.loader.compiled_copies
     gate_up, _ = expert_from_disk(mixtral_dir, 0, 1)
     assert torch.equal(cache.slot_tensors(slot)["gate_up_proj"], gate_up.bfloat16())
 

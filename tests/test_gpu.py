@@ -199,3 +199,21 @@ def test_cuda_greedy_matches_transformers_with_the_same_static_cache(tmp_path):
                                                    max_context=64, progress=False)
             assert engine.generate(PROMPT, max_new_tokens=24, ignore_eos=True).token_ids == ref, (dtype, slots)
             engine.close()
+
+
+def test_a_failed_pin_leaves_no_cuda_error_behind():
+    """cudaHostRegister of memory already registered fails; the engine warns, goes on with pageable memory,
+    and the failure is not reported later by an unrelated kernel launch."""
+    from offload_engine.expert_store import ExpertStore
+
+    arena = torch.empty(1 << 20)
+    cudart = torch.cuda.cudart()
+    assert int(cudart.cudaHostRegister(arena.data_ptr(), arena.numel() * 4, 0)) == 0
+    try:
+        store = object.__new__(ExpertStore)  # only the pinning step is exercised
+        with pytest.warns(UserWarning, match="pinning"):
+            assert not store._register(arena)
+        torch.ones(4, device="cuda").add_(1)  # launch checks read the last error
+        torch.cuda.synchronize()
+    finally:
+        cudart.cudaHostUnregister(arena.data_ptr())
