@@ -36,8 +36,10 @@ def run(setting: str, tokens: int) -> float:
         threads = setting.partition("+")[2] or "default"
     if threads != "default":
         cmd += ["--threads", threads]
-    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout
-    return json.loads(out)["stats"]["decode_tokens_per_s"]
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed: {out.stderr.strip()[-500:]}")
+    return json.loads(out.stdout)["stats"]["decode_tokens_per_s"]
 
 
 def main(argv=None) -> None:

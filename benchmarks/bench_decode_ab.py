@@ -1,0 +1,73 @@
+"""The demo's decode rate, this checkout against an earlier one, interleaved, each run a fresh process.
+
+    git worktree add ../base <commit>
+    python benchmarks/bench_decode_ab.py --base ../base [--rounds 6] [--tokens 96] [--threads 1]
+
+Both run the demo profile's settings (the bundled model, a 64.2 MiB budget, sampled with seed 1) through the
+Python API of their own checkout (PYTHONPATH), with the same threads (`--threads`: torch.set_num_threads in
+the old one, `threads=` in this one; `default`: each checkout's own default). Prints the median decode
+tokens/s of each, and the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RUN = """
+import sys, torch
+from offload_engine import DEFAULT_MODEL, OffloadEngine
+threads = sys.argv[1]
+kwargs = dict(memory_budget="64.2MiB", max_context=512, progress=False)
+if threads != "default":
+    try:
+        engine = OffloadEngine.from_pretrained(DEFAULT_MODEL, threads=int(threads), **kwargs)
+    except TypeError:  # a checkout from before threads=
+        torch.set_num_threads(int(threads))
+        engine = OffloadEngine.from_pretrained(DEFAULT_MODEL, **kwargs)
+else:
+    engine = OffloadEngine.from_pretrained(DEFAULT_MODEL, **kwargs)
+result = engine.generate("In the beginning", max_new_tokens=int(sys.argv[2]), temperature=0.7, top_p=0.9, seed=1,
+                         ignore_eos=True)
+print(result.stats.decode_tokens_per_s, torch.get_num_threads())
+"""
+
+
+def run(tree: Path, threads: str, tokens: int) -> tuple[float, int]:
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    out = subprocess.run([sys.executable, "-c", RUN, threads, str(tokens)], cwd="/tmp", env=env, capture_output=True,
+                         text=True)
+    if out.returncode:
+        raise SystemExit(f"{tree}: {out.stderr.strip().splitlines()[-1]}")
+    rate, used = out.stdout.split()
+    return float(rate), int(used)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--base", type=Path, required=True)
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--tokens", type=int, default=96)
+    parser.add_argument("--threads", default="1")
+    args = parser.parse_args(argv)
+    trees = {"base": args.base.resolve(), "this": ROOT}
+    rates: dict[str, list[float]] = {name: [] for name in trees}
+    used = {}
+    print(f"load {os.getloadavg()[0]:.2f}", flush=True)
+    for r in range(args.rounds):
+        for name in (list(trees) if r % 2 == 0 else list(trees)[::-1]):
+            rate, used[name] = run(trees[name], args.threads, args.tokens)
+            rates[name].append(rate)
+    for name, values in rates.items():
+        print(f"{name:<5} {statistics.median(values):7.1f} tok/s median ({used[name]} threads)   "
+              + " ".join(f"{v:.1f}" for v in values))
+    print(f"this / base: {statistics.median(rates['this']) / statistics.median(rates['base']):.3f}")
+
+
+if __name__ == "__main__":
+    main()
