@@ -3,7 +3,7 @@
     git worktree add ../base <commit>
     python benchmarks/bench_decode_ab.py --base ../base [--rounds 6] [--tokens 96] [--threads 1]
 
-Both run the demo profile's settings (the bundled model, a 64.2 MiB budget, sampled with seed 1) through the
+Both run the demo profile's settings (the bundled model, 64 expert slots as at the demo budget, sampled with seed 1) through the
 Python API of their own checkout (PYTHONPATH), with the same threads (`--threads`: torch.set_num_threads in
 the old one, `threads=` in this one; `default`: each checkout's own default). Prints the median decode
 tokens/s of each, and the ratio.
@@ -23,7 +23,7 @@ RUN = """
 import sys, torch
 from offload_engine import DEFAULT_MODEL, OffloadEngine
 threads = sys.argv[1]
-kwargs = dict(memory_budget="64.2MiB", max_context=512, progress=False)
+kwargs = dict(expert_slots=64, max_context=512, progress=False)
 if threads != "default":
     try:
         engine = OffloadEngine.from_pretrained(DEFAULT_MODEL, threads=int(threads), **kwargs)

@@ -150,6 +150,7 @@ def measure(model: Path, slots: int | None, policy: str, predictor: str, tokens:
     engine.generate(prompt, max_new_tokens=4, ignore_eos=True)  # warm-up: compiled kernels, first copies
     timer.recording = True
     result = engine.generate(prompt, max_new_tokens=tokens, ignore_eos=True)
+    timer.recording = False  # the replay's calls are not the decode's
     replay = replayed(engine, prompt, tokens)
     engine.close()
     python = [call - kernels - io for call, kernels, io in timer.rows]

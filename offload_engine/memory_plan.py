@@ -86,11 +86,18 @@ def kv_head_dims(config) -> tuple[int, int, int]:
 
 
 def working_bytes(config, spec: ModelSpec, dtype: torch.dtype, max_context: int, batch: int) -> int:
-    """Activations of a full-context prefill: hidden states, one layer's expert/MLP intermediates, logits."""
+    """Activations of a full-context prefill: hidden states, one layer's expert/MLP intermediates, logits.
+
+    The grouped experts function holds, for every routed (token, expert) pair, the token's hidden state
+    while it computes either the up projection and gate (2I, then I and I) or the down projection and the
+    weighted output (H each, the weighted one in fp32 where the routing weights are: 2H in bf16): k x
+    max(H + 4I, 5H + I) per token, measured with tests/live_bytes.py (tests/test_working_memory.py; before,
+    k x 3I fell short at top-8 and top-16)."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    intermediate = max((p.shape[0] for p in spec.expert_params), default=0)
+    H = text.hidden_size
+    intermediate = spec.expert_numel() // (3 * H)  # I of a gated expert (gate, up, down: H x I each)
     dense = getattr(text, "intermediate_size", 0) or 0
-    per_token = 12 * text.hidden_size + 3 * spec.top_k * intermediate + 3 * dense
+    per_token = 12 * H + spec.top_k * max(H + 4 * intermediate, 5 * H + intermediate) + 3 * dense
     logits = 2 * batch * spec.vocab_size * 4  # fp32 logits of the last position, and the sampling copy
     scores = 0
     if getattr(text, "_attn_implementation", None) == "eager":  # eager attention materialises [B, heads, T, T]
