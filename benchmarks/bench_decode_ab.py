@@ -6,7 +6,8 @@
 Both run the demo profile's settings (the bundled model, 64 expert slots as at the demo budget, sampled with seed 1) through the
 Python API of their own checkout (PYTHONPATH), with the same threads (`--threads`: torch.set_num_threads in
 the old one, `threads=` in this one; `default`: each checkout's own default). Prints the median decode
-tokens/s of each, and the ratio.
+tokens/s of each, and the ratio. Each process times its second generation (the first warms numba's caches,
+the allocator and the first copies) unless `--cold`.
 """
 
 from __future__ import annotations
@@ -32,16 +33,19 @@ if threads != "default":
         engine = OffloadEngine.from_pretrained(DEFAULT_MODEL, **kwargs)
 else:
     engine = OffloadEngine.from_pretrained(DEFAULT_MODEL, **kwargs)
-result = engine.generate("In the beginning", max_new_tokens=int(sys.argv[2]), temperature=0.7, top_p=0.9, seed=1,
-                         ignore_eos=True)
-print(result.stats.decode_tokens_per_s, torch.get_num_threads())
+def run(tokens):
+    return engine.generate("In the beginning", max_new_tokens=tokens, temperature=0.7, top_p=0.9, seed=1,
+                           ignore_eos=True)
+if sys.argv[3] == "warm":
+    run(int(sys.argv[2]))  # the process's first generation: numba's caches, the allocator, first copies
+print(run(int(sys.argv[2])).stats.decode_tokens_per_s, torch.get_num_threads())
 """
 
 
-def run(tree: Path, threads: str, tokens: int) -> tuple[float, int]:
+def run(tree: Path, threads: str, tokens: int, warm: bool) -> tuple[float, int]:
     env = {**os.environ, "PYTHONPATH": str(tree)}
-    out = subprocess.run([sys.executable, "-c", RUN, threads, str(tokens)], cwd="/tmp", env=env, capture_output=True,
-                         text=True)
+    out = subprocess.run([sys.executable, "-c", RUN, threads, str(tokens), "warm" if warm else "cold"], cwd="/tmp",
+                         env=env, capture_output=True, text=True)
     if out.returncode:
         raise SystemExit(f"{tree}: {out.stderr.strip().splitlines()[-1]}")
     rate, used = out.stdout.split()
@@ -54,6 +58,8 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--tokens", type=int, default=96)
     parser.add_argument("--threads", default="1")
+    parser.add_argument("--cold", action="store_true", help="time the process's first generation (as the CLI demo "
+                                                            "runs); default: a second one, after a warm-up")
     args = parser.parse_args(argv)
     trees = {"base": args.base.resolve(), "this": ROOT}
     rates: dict[str, list[float]] = {name: [] for name in trees}
@@ -61,7 +67,7 @@ def main(argv=None) -> None:
     print(f"load {os.getloadavg()[0]:.2f}", flush=True)
     for r in range(args.rounds):
         for name in (list(trees) if r % 2 == 0 else list(trees)[::-1]):
-            rate, used[name] = run(trees[name], args.threads, args.tokens)
+            rate, used[name] = run(trees[name], args.threads, args.tokens, not args.cold)
             rates[name].append(rate)
     for name, values in rates.items():
         print(f"{name:<5} {statistics.median(values):7.1f} tok/s median ({used[name]} threads)   "
