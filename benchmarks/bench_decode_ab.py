@@ -6,7 +6,7 @@
 Both run the demo profile's settings (the bundled model, 64 expert slots as at the demo budget, sampled with seed 1) through the
 Python API of their own checkout (PYTHONPATH), with the same threads (`--threads`: torch.set_num_threads in
 the old one, `threads=` in this one; `default`: each checkout's own default). Prints the median decode
-tokens/s of each, and the ratio. Each process times its second generation (the first warms numba's caches,
+tokens/s and CPU milliseconds per token of each, and the ratios. Each process times its second generation (the first warms numba's caches,
 the allocator and the first copies) unless `--cold`.
 """
 
@@ -36,20 +36,24 @@ else:
 def run(tokens):
     return engine.generate("In the beginning", max_new_tokens=tokens, temperature=0.7, top_p=0.9, seed=1,
                            ignore_eos=True)
+import time
 if sys.argv[3] == "warm":
     run(int(sys.argv[2]))  # the process's first generation: numba's caches, the allocator, first copies
-print(run(int(sys.argv[2])).stats.decode_tokens_per_s, torch.get_num_threads())
+cpu = time.process_time()
+result = run(int(sys.argv[2]))
+cpu = time.process_time() - cpu
+print(result.stats.decode_tokens_per_s, torch.get_num_threads(), 1e3 * cpu / result.stats.generated_tokens)
 """
 
 
-def run(tree: Path, threads: str, tokens: int, warm: bool) -> tuple[float, int]:
+def run(tree: Path, threads: str, tokens: int, warm: bool) -> tuple[float, int, float]:
     env = {**os.environ, "PYTHONPATH": str(tree)}
     out = subprocess.run([sys.executable, "-c", RUN, threads, str(tokens), "warm" if warm else "cold"], cwd="/tmp",
                          env=env, capture_output=True, text=True)
     if out.returncode:
         raise SystemExit(f"{tree}: {out.stderr.strip().splitlines()[-1]}")
-    rate, used = out.stdout.split()
-    return float(rate), int(used)
+    rate, used, cpu_ms = out.stdout.split()
+    return float(rate), int(used), float(cpu_ms)
 
 
 def main(argv=None) -> None:
@@ -63,16 +67,22 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     trees = {"base": args.base.resolve(), "this": ROOT}
     rates: dict[str, list[float]] = {name: [] for name in trees}
+    cpu: dict[str, list[float]] = {name: [] for name in trees}
     used = {}
     print(f"load {os.getloadavg()[0]:.2f}", flush=True)
     for r in range(args.rounds):
         for name in (list(trees) if r % 2 == 0 else list(trees)[::-1]):
-            rate, used[name] = run(trees[name], args.threads, args.tokens, not args.cold)
+            rate, used[name], cpu_ms = run(trees[name], args.threads, args.tokens, not args.cold)
             rates[name].append(rate)
+            cpu[name].append(cpu_ms)
     for name, values in rates.items():
         print(f"{name:<5} {statistics.median(values):7.1f} tok/s median ({used[name]} threads)   "
               + " ".join(f"{v:.1f}" for v in values))
-    print(f"this / base: {statistics.median(rates['this']) / statistics.median(rates['base']):.3f}")
+    for name, values in cpu.items():
+        print(f"{name:<5} {statistics.median(values):7.2f} CPU ms per token median (the process's CPU time over the "
+              "generation, prefill included: what a busy host's steal time does not inflate)")
+    print(f"this / base: {statistics.median(rates['this']) / statistics.median(rates['base']):.3f} (tok/s); "
+          f"CPU time per token {statistics.median(cpu['this']) / statistics.median(cpu['base']):.3f}")
 
 
 if __name__ == "__main__":

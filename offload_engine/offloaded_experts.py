@@ -171,6 +171,8 @@ def execute_on_cpu(binding: ExpertsBinding, store, layer_pos: int, routing: Call
 
 def _on(device: torch.device, *arrays: np.ndarray) -> tuple[torch.Tensor, ...]:
     """Host index arrays as index tensors on `device` (host to device: queued, never a wait)."""
+    if device.type == "cpu":
+        return tuple(torch.as_tensor(a) for a in arrays)
     return tuple(torch.as_tensor(a).to(device, non_blocking=True) for a in arrays)
 
 

@@ -9,6 +9,8 @@ frame it came from.
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from device_reads import counting_reads
 from offload_engine import DEFAULT_MODEL, OffloadEngine
@@ -74,3 +76,24 @@ def test_the_check_sees_a_stray_read(monkeypatch):
         layers = engine.spec.num_moe_layers
     assert len(mode.stray) == 2 * layers and all(s.startswith("tolist at runtime.py") for s in mode.stray)
     assert mode.reads == stats.host_syncs == 2 * (layers + 1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 8), st.integers(8, 64), st.integers(0, 2**32 - 1))
+def test_positions_equal_torch_where(tokens, k, experts, seed):
+    """CallRouting's per-expert (tokens, ranks), on both of its paths (a Python loop for a few routings, a
+    stable sort for many), against torch.where on the same ids."""
+    import numpy as np
+    import torch
+
+    from offload_engine.host_read import CallRouting
+
+    k = min(k, experts)
+    rng = np.random.default_rng(seed)
+    ids = np.stack([rng.choice(experts, k, replace=False) for _ in range(tokens)]).astype(np.int64)
+    routing = CallRouting(ids)
+    assert routing.experts == sorted(set(ids.reshape(-1).tolist()))
+    for e in range(experts):
+        token_idx, rank = routing.positions(e)
+        want = torch.where(torch.from_numpy(ids) == e)
+        assert np.array_equal(token_idx, want[0].numpy()) and np.array_equal(rank, want[1].numpy())
