@@ -106,9 +106,12 @@ class Runtime:
         residual = request.residuals.pop(layer, None)  # this layer's only: no layer's [B, T, H] outlives its call
         if request.recorder is not None:
             request.recorder.record(layer, top_k_index, top_k_weights, residual)
-        routing = self._read(request, layer, hidden_states, top_k_index, residual)
+        rows = request.rows
+        tracked = self.foresight is not None and rows and top_k_index.shape[0] % rows == 0  # the paths follow it
+        newest = last_positions(residual, rows) if tracked and residual is not None else None  # [rows, H]
+        routing = self._read(request, layer, hidden_states, top_k_index, newest)
         experts = routing.experts
-        context = self._observe(request, layer, routing, residual)
+        context = self._observe(request, layer, routing, newest) if tracked else None
         on_cpu = self._place(layer, routing)
         if on_cpu:
             return self._hybrid(binding, request, layer, routing, on_cpu, hidden_states, top_k_weights, context)
@@ -131,14 +134,14 @@ class Runtime:
         return reduce(binding, contributions, routing, top_k_weights, hidden_states.dtype)
 
     def _read(self, request: Request, layer: int, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-              residual: torch.Tensor | None) -> CallRouting:
+              newest: torch.Tensor | None) -> CallRouting:
         """The call's one read of the device (host_read.py): the routing, the predictor's device-side work for
-        this call, and the hidden states where experts may be computed on the CPU."""
+        this call (from `newest`, each row's newest residual), and the hidden states where experts may be
+        computed on the CPU."""
         staged = None
-        if self.foresight is not None and residual is not None and request.rows and \
-                top_k_index.shape[0] % request.rows == 0:
+        if newest is not None:
             start = time.perf_counter()
-            staged = self.foresight.stage(layer, last_positions(residual, request.rows))
+            staged = self.foresight.stage(layer, newest)
             request.counters[layer].predict_s += time.perf_counter() - start
         cpu_possible = layer < self.cpu_moe_layers or self.cold_experts != "stream"
         routing = CallRouting.read(top_k_index, staged, hidden_states if cpu_possible else None)
@@ -200,19 +203,15 @@ class Runtime:
         return reduce(binding, contributions, routing, top_k_weights, hidden_states.dtype)
 
     def _observe(self, request: Request, layer: int, routing: CallRouting,
-                 residual: torch.Tensor | None) -> LayerContext | None:
-        """Record the call's routing in the request's paths; a decode call (one token per row) gets a context
-        for predictions. A prefill's last position per row becomes the history its first decode step sees."""
-        rows = request.rows
-        ids = routing.ids
-        if self.foresight is None or rows == 0 or ids.shape[0] % rows:
-            return None
+                 newest: torch.Tensor | None) -> LayerContext | None:
+        """Record the call's routing in the request's paths (a call of whole rows); a decode call (one token per
+        row) gets a context for predictions. A prefill's last position per row becomes the history its first
+        decode step sees."""
+        rows, ids = request.rows, routing.ids
         start = time.perf_counter()
         decode = ids.shape[0] == rows
         last = ids if decode else ids.reshape(rows, -1, ids.shape[-1])[:, -1]
-        if residual is not None:
-            residual = last_positions(residual, rows)
-        context = self.foresight.observe(request.paths, layer, last, residual, routing.staged)
+        context = self.foresight.observe(request.paths, layer, last, newest, routing.staged)
         request.counters[layer].predict_s += time.perf_counter() - start
         return context if decode else None
 

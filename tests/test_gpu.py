@@ -28,7 +28,7 @@ def test_cuda_greedy_matches_transformers_on_cuda(tmp_path, name):
     for slots in (2, 5, 1 << 20):
         engine = OffloadEngine.from_pretrained(tmp_path, device="cuda", dtype="float32", expert_slots=slots,
                                                progress=False)
-        assert engine.store.mode == "pinned" and engine.cache.non_blocking
+        assert engine.store.mode == "pinned" and engine.cache.loader.non_blocking
         assert engine.generate(PROMPT, max_new_tokens=24, ignore_eos=True).token_ids == ref
 
 
@@ -107,7 +107,7 @@ def test_pinned_store_is_one_registered_allocation(tmp_path):
     tm.save_checkpoint(tm.build_reference("mixtral"), tmp_path, "per_expert")
     engine = OffloadEngine.from_pretrained(tmp_path, device="cuda", dtype="float32", expert_slots=2,
                                            host_memory="pinned", progress=False)
-    assert engine.store.pinned and engine.cache.non_blocking
+    assert engine.store.pinned and engine.cache.loader.non_blocking
     first = engine.store.host[0]["gate_up_proj"]
     assert first.is_pinned()
     engine.close()
