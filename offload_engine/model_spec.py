@@ -104,7 +104,9 @@ def _numbers(value, where: str):
     while stack:
         where, node = stack.pop()
         if isinstance(node, dict):
-            stack.extend((f"{where}.{k}" if where else k, v) for k, v in node.items())
+            # a key with a newline or another control character is named escaped: the error stays one line
+            keys = ((k if k.isprintable() else repr(k), v) for k, v in node.items())
+            stack.extend((f"{where}.{k}" if where else k, v) for k, v in keys)
         elif isinstance(node, list):
             stack.extend((f"{where}[{i}]", v) for i, v in enumerate(node))
         elif isinstance(node, (int, float)):

@@ -341,3 +341,14 @@ def test_an_output_folder_that_does_not_exist_is_one_line(capsys):
 
     code, err = run_cli(capsys, "consistency", str(FLAME), "--num-experts", "64", "--plot", "/no/such/dir/p.png")
     assert_one_line_error(code, err, "/no/such/dir/p.png")
+
+
+def test_a_config_key_with_a_newline_is_named_on_one_line():
+    """Hypothesis found it: a non-finite number under a key holding a newline gave a two-line error."""
+    from pathlib import Path
+
+    from offload_engine.model_spec import check_config
+
+    with pytest.raises(CheckpointError) as error:
+        check_config({"architectures": {"\n": float("inf")}}, Path("config.json"))
+    assert "\n" not in str(error.value) and "architectures.'\\n'" in str(error.value)
