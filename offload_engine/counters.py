@@ -11,6 +11,7 @@ class LayerCounters:
     misses: int = 0  # loads a call had to start itself (demand loads)
     prefetches: int = 0  # loads started ahead of the call that needs them
     prefetch_hits: int = 0  # prefetched experts used by a call before their eviction
+    prefetches_dropped: int = 0  # prefetches still queued when their layer's routing proved them wrong (never moved)
     bytes_to_device: int = 0  # every load: demand and prefetch
     evictions: int = 0
     stall_s: float = 0.0  # time calls waited for their experts (demand loads and unfinished prefetches)
@@ -38,6 +39,7 @@ class CacheStats:
     misses: int
     prefetches: int
     prefetch_hits: int
+    prefetches_dropped: int
     bytes_to_device: int
     evictions: int
     stall_s: float

@@ -36,6 +36,7 @@ class GenerationStats:
     misses: int  # loads a layer call had to start itself (demand loads)
     prefetches: int  # loads started ahead of the call that needs them
     prefetch_hits: int  # prefetched experts used before their eviction
+    prefetches_dropped: int  # queued prefetches the routing proved wrong before they started (never moved)
     bytes_to_device: int  # all loads, demand and prefetch
     evictions: int
     stall_s: float  # time layer calls waited for their experts
@@ -340,6 +341,7 @@ class OffloadEngine:
             misses=delta.misses,
             prefetches=delta.prefetches,
             prefetch_hits=delta.prefetch_hits,
+            prefetches_dropped=delta.prefetches_dropped,
             bytes_to_device=delta.bytes_to_device,
             evictions=delta.evictions,
             stall_s=delta.stall_s,

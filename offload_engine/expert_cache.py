@@ -26,7 +26,10 @@ from .slot_map import SlotMap
 
 
 class ExpertCache:
-    def __init__(self, store: ExpertStore, num_slots: int, device: torch.device, policy=None):
+    def __init__(self, store: ExpertStore, num_slots: int, device: torch.device, policy=None,
+                 prefetch_window: int | None = -1, bounce: int | None = None):
+        """`prefetch_window`, `bounce`: the loader's (loader.py): prefetched experts in flight at most (-1: the
+        device's default), bounce buffers per ring (None: where the device needs them)."""
         self.store = store
         self.device = torch.device(device)
         spec = store.spec
@@ -44,7 +47,8 @@ class ExpertCache:
         self.slot_table = np.full((spec.num_moe_layers, spec.num_experts), -1, dtype=np.int64)
         self.counters = new_counters(spec.num_moe_layers)  # used when no request's counters are given
         self.lock = threading.Lock()  # the map is touched by the forward thread and by prefetch completions
-        self.loader = Loader(store, self.pool, self.device, self.lock, store.expert_nbytes())
+        self.loader = Loader(store, self.pool, self.device, self.lock, store.expert_nbytes(), spec.top_k,
+                             prefetch_window, bounce)
         self.ready: dict[int, Ticket] = {}  # slot -> its load's ticket, until the slot is found complete
 
     # -- views ----------------------------------------------------------------------------------------------
@@ -76,6 +80,7 @@ class ExpertCache:
     def fetch(self, layer_pos: int, experts: Sequence[int], counters: list[LayerCounters] | None = None) -> list[int]:
         """Make `experts` (distinct) of one MoE layer resident together; their slots, in the same order."""
         counters = self.counters if counters is None else counters
+        self._drop_stale(layer_pos, experts, counters[layer_pos])
         self._sweep()
         if len(self.map.arriving) > self.num_slots - len(experts):
             self._wait(list(self.map.arriving), counters[layer_pos])  # too many slots still being written
@@ -137,11 +142,11 @@ class ExpertCache:
 
     def _load(self, layer_pos: int, loads: list[tuple[int, int]], c: LayerCounters, demand: bool) -> None:
         try:
-            ticket = self.loader.load(layer_pos, loads, c, demand)
+            tickets = self.loader.load(layer_pos, loads, c, demand)
         except BaseException:  # a slot whose copy failed must not be found resident later
             self._forget([slot for _, slot in loads])
             raise
-        for _, slot in loads:
+        for (_, slot), ticket in zip(loads, tickets):
             self.ready[slot] = ticket
 
     def _wait(self, slots: Sequence[int], c: LayerCounters) -> None:
@@ -168,8 +173,23 @@ class ExpertCache:
         if failed is not None:
             raise failed
 
+    def _drop_stale(self, layer_pos: int, experts: Sequence[int], c: LayerCounters) -> None:
+        """Prefetches of this layer still queued that its routing did not ask for never start: their slots are
+        free for this call's misses, and the bytes they would have moved are not counted."""
+        if not self.loader.queue:
+            return
+        dropped = self.loader.drop_stale(layer_pos, set(experts))
+        if dropped:
+            self._forget(dropped)
+            with self.lock:
+                c.prefetches -= len(dropped)
+                c.prefetches_dropped += len(dropped)
+                c.bytes_to_device -= len(dropped) * self.map.expert_bytes
+
     def _sweep(self) -> None:
-        """Mark finished loads as arrived (an arriving slot cannot be evicted); drop failed prefetches."""
+        """Start queued prefetches that now have room; mark finished loads as arrived (an arriving slot cannot
+        be evicted); drop failed prefetches."""
+        self.loader.pump()
         done, failed = [], []
         for slot, ticket in list(self.ready.items()):
             if ticket.done():

@@ -1,155 +1,263 @@
-"""One loader for every way an expert reaches a slot, and one kind of ticket for waiting on it.
+"""One loader for every way an expert reaches a slot, demand loads first, and one kind of ticket for waiting.
 
     ticket = loader.load(layer, [(expert, slot), ...], counters, demand=True)   # a batch of one layer's loads
+    loader.drop_stale(layer, routed)   # prefetches of this layer not started yet and not routed: their slots
+    loader.pump()            # start queued prefetches that now have room (every layer call does)
     ticket.done()            # finished (or failed), without waiting
     ticket.wait(stream)      # CUDA: the stream waits for the copies (the host does not); CPU: the host waits
     loader.used(slots)       # CUDA: the compute stream's queued kernels read these slots
-    loader.drain()           # the host waits for every copy in flight, on every stream and thread
+    loader.drain()           # the host waits for every load, queued or in flight, on every stream and thread
+
+Demand loads start at once. Prefetches queue and start while fewer than `window` prefetched experts are in
+flight (on CUDA twice the top-k; on the CPU no limit, its copies are memcpy-fast), so a prefetch the router
+has since proved wrong can still be dropped before it takes the link, and one it proved right starts at once
+as a demand load.
 
 Where the bytes go and how:
 
 - CUDA: demand loads on a high-priority copy stream, prefetches on their own normal-priority one, so a
   demand load never queues behind a prefetch; each batch records an event the compute stream waits on, and a
   copy into a reused slot first waits for the last kernels that read it (`used`). From pinned memory the
-  copies are asynchronous; from pageable memory, the memory map or the files they are not (yet: no bounce
-  buffers), and the host waits for each.
-- CPU slots (x86-64): compiled copies (copy_worker.py): demand loads in the calling thread with the GIL
-  released, prefetches on a thread that never takes the GIL.
-- Otherwise (a dtype to convert, another architecture): torch's copies, prefetches on a one-thread pool.
+  copies go straight to the slots. From pageable memory (the memory map, the files, ordinary RAM, or a failed
+  pin) they go through a ring of pinned bounce buffers: the GIL-free copy thread (or, for a demand load, the
+  calling thread) fills a buffer, then an asynchronous copy moves it to the slot; a buffer is reused once
+  that copy is done. No host mode blocks the forward thread on the link.
+- CPU slots: filled directly (slot_fill.py: compiled copies or torch's).
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+import warnings
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 
-from . import copy_worker
 from .counters import LayerCounters
 from .expert_store import ExpertStore
+from .slot_fill import SlotFill
+from .tickets import DONE, CudaTicket, Ticket
 
 COPY_TIME_DECAY = 0.1  # weight of the newest copy in the running copy time
+BOUNCE_BYTES = 1 << 30  # pinned bytes a ring may take, beyond its two buffers
 
 
-class Ticket:
-    """Loads that completed in the calling thread: nothing to wait for."""
+class BounceRing:
+    """Host buffers of one expert each that copies to the device start from (pinned where it can: the copy is
+    then asynchronous). A buffer is free again once the copy that read it is done."""
 
-    __slots__ = ()
+    def __init__(self, like: dict[str, torch.Tensor], n: int, pin: bool):
+        try:
+            self.pool = {name: torch.empty((n, *t.shape[1:]), dtype=t.dtype, pin_memory=pin) for name, t in like.items()}
+            self.pinned = pin
+        except RuntimeError as e:
+            warnings.warn(f"pinning {n} bounce buffers failed ({str(e).splitlines()[0]}); copies from pageable "
+                          "memory will be synchronous", stacklevel=4)
+            self.pool = {name: torch.empty((n, *t.shape[1:]), dtype=t.dtype) for name, t in like.items()}
+            self.pinned = False
+        self.size = n
+        self.free = list(range(n - 1, -1, -1))
+        self.reading: list[tuple[torch.cuda.Event, list[int]]] = []  # copies in flight and the buffers they read
+
+    def available(self) -> int:
+        self._release()
+        return len(self.free)
+
+    def take(self, n: int) -> list[int]:
+        """`n` free buffers (the caller made sure there are)."""
+        return [self.free.pop() for _ in range(n)]
+
+    def take_waiting(self) -> int:
+        """A buffer, the host waiting for the oldest copy in flight if none is free."""
+        while not self.available():
+            event, buffers = self.reading.pop(0)
+            event.synchronize()
+            self.free.extend(buffers)
+        return self.free.pop()
+
+    def release_after(self, buffers: list[int], event: torch.cuda.Event | None) -> None:
+        if event is None:
+            self.free.extend(buffers)
+        else:
+            self.reading.append((event, buffers))
+
+    def _release(self) -> None:
+        if self.reading:
+            left = []
+            for event, buffers in self.reading:
+                if event.query():
+                    self.free.extend(buffers)
+                else:
+                    left.append((event, buffers))
+            self.reading = left
+
+
+class BounceTicket(Ticket):
+    """A prefetch through the bounce ring: the copy thread fills the buffers; once it has, the forward thread
+    (at its next look: `done`, `wait`) queues the copies to the slots, and the buffers come free after them."""
+
+    __slots__ = ("loader", "pairs", "fill", "c", "event", "published")
+
+    def __init__(self, loader: "Loader", pairs: list[tuple[int, int]], fill: Ticket, c: LayerCounters):
+        self.loader, self.pairs, self.fill, self.c = loader, pairs, fill, c  # pairs: (slot, buffer)
+        self.event, self.published = None, False
+
+    def _advance(self) -> None:
+        if not self.published and self.fill.done():
+            self.published = True
+            ring = self.loader.prefetch_ring
+            if self.fill.error() is None:
+                self.event = self.loader._publish(self.pairs, self.loader.prefetch_stream, ring, self.c)
+            else:
+                ring.release_after([b for _, b in self.pairs], None)
 
     def done(self) -> bool:
-        return True
+        self._advance()
+        return self.published and (self.event is None or self.event.query())
 
     def error(self) -> BaseException | None:
-        return None
+        return self.fill.error()
 
     def wait(self, stream=None) -> None:
-        pass
+        if not self.published:
+            try:
+                self.fill.wait()
+            finally:
+                self._advance()
+        if self.event is not None:
+            stream.wait_event(self.event)
+
+    def settle(self) -> None:
+        try:
+            self.fill.wait()
+        except Exception:
+            pass
+        self._advance()
+        if self.event is not None:
+            self.event.synchronize()
 
 
-DONE = Ticket()
+class QueuedLoad(Ticket):
+    """One prefetched expert of a queued batch: not started yet, or the ticket of its started part."""
 
+    __slots__ = ("batch", "expert", "slot", "part")
 
-class PoolTicket(Ticket):
-    __slots__ = ("future",)
-
-    def __init__(self, future: Future):
-        self.future = future
+    def __init__(self, batch: "QueuedBatch", expert: int, slot: int):
+        self.batch, self.expert, self.slot, self.part = batch, expert, slot, None
 
     def done(self) -> bool:
-        return self.future.done()
+        return self.part is not None and self.part.done()
 
     def error(self) -> BaseException | None:
-        return self.future.exception() if self.future.done() else None
+        return None if self.part is None else self.part.error()
 
     def wait(self, stream=None) -> None:
-        self.future.result()
+        if self.part is None:  # a call needs it now: what of its batch has not started starts as a demand load
+            self.batch.loader._promote(self.batch)
+        self.part.wait(stream)
 
 
-class WorkerTicket(Ticket):
-    __slots__ = ("posted",)
+class QueuedBatch:
+    """One layer's prefetches, in the queue until the window has room for them."""
 
-    def __init__(self, posted: copy_worker.CopyTicket):
-        self.posted = posted
+    __slots__ = ("loader", "layer_pos", "c", "loads")
 
-    def done(self) -> bool:
-        return self.posted.done()
+    def __init__(self, loader: "Loader", layer_pos: int, loads: list[tuple[int, int]], c: LayerCounters):
+        self.loader, self.layer_pos, self.c = loader, layer_pos, c
+        self.loads = [QueuedLoad(self, e, s) for e, s in loads]  # not started yet
 
-    def error(self) -> BaseException | None:
-        return self.posted.exception()
-
-    def wait(self, stream=None) -> None:
-        self.posted.result()
-
-
-class CudaTicket(Ticket):
-    __slots__ = ("event",)
-
-    def __init__(self, event: torch.cuda.Event):
-        self.event = event
-
-    def done(self) -> bool:
-        return self.event.query()
-
-    def wait(self, stream=None) -> None:
-        stream.wait_event(self.event)
+    def start(self, n: int, demand: bool) -> None:
+        started, self.loads = self.loads[:n], self.loads[n:]
+        part = self.loader._start(self.layer_pos, [(q.expert, q.slot) for q in started], self.c, demand)
+        for q in started:
+            q.part = part
 
 
 class Loader:
     def __init__(self, store: ExpertStore, pool: dict[str, torch.Tensor], device: torch.device, lock: threading.Lock,
-                 expert_bytes: int):
+                 expert_bytes: int, top_k: int = 2, window: int | None = -1, bounce: int | None = None):
+        """`window`: prefetched experts in flight at most (None: no limit; -1: the device's default).
+        `bounce`: buffers per bounce ring (None: CUDA from pageable memory only; a CPU run may ask for a ring,
+        to test it)."""
         self.store, self.pool, self.device, self.lock = store, pool, device, lock
         self.expert_bytes = expert_bytes
         cuda = device.type == "cuda"
         # demand loads on a high-priority stream: they never wait behind a prefetch's copies
         self.demand_stream = torch.cuda.Stream(device, priority=-1) if cuda else None
         self.prefetch_stream = torch.cuda.Stream(device) if cuda else None
-        self.non_blocking = cuda and store.pinned
+        if bounce is None and cuda and not store.pinned:
+            bounce = max(2, min(top_k, BOUNCE_BYTES // max(expert_bytes, 1)))
+        self.demand_ring = self.prefetch_ring = None
+        if bounce:  # two rings: a demand load never waits for a buffer a prefetch holds
+            self.demand_ring = BounceRing(pool, bounce, pin=cuda)
+            self.prefetch_ring = BounceRing(pool, bounce, pin=cuda)
+            self.demand_fill = SlotFill(store, self.demand_ring.pool, lock)
+            self.prefetch_fill = SlotFill(store, self.prefetch_ring.pool, lock)
+            self.non_blocking = cuda and self.demand_ring.pinned
+        else:
+            self.demand_fill = self.prefetch_fill = SlotFill(store, pool, lock)
+            self.non_blocking = cuda and store.pinned
+        if window == -1:
+            window = 2 * top_k if cuda else None
+        if self.prefetch_ring is not None:  # a started prefetch holds its buffers until its copy is done
+            window = self.prefetch_ring.size if window is None else min(window, self.prefetch_ring.size)
+        if window is not None and window < 1:
+            raise ValueError(f"the prefetch window must hold at least one expert, not {window}")
+        self.window = window
+        self.queue: list[QueuedBatch] = []
+        self._in_flight: list[tuple[Ticket, int]] = []  # started prefetches and their experts
         self.last_use: dict[int, torch.cuda.Event] = {}  # CUDA: slot -> after the last kernels that read it
         # CUDA copy timings: (counters, start, end, experts copied), read once the copies are done
         self._copy_events: list[tuple[LayerCounters, torch.cuda.Event, torch.cuda.Event, int]] = []
         self.copy_time = 0.0  # CUDA: running mean of one expert's copy, from the events (prefetch depth reads it)
-        self._pool_thread: ThreadPoolExecutor | None = None
-        # CPU slots filled by compiled copies: where a store's bytes cannot be copied as they are, torch's copies
-        # (a benchmark sets it False to compare the two)
-        self.compiled_copies = device.type == "cpu" and copy_worker.available()
-        self._pool_base = np.array([t.data_ptr() for t in pool.values()], dtype=np.int64)
-        self._pool_stride = np.array([t[0].numel() * t.element_size() for t in pool.values()], dtype=np.int64)
-        self._worker: copy_worker.CopyWorker | None = None
-        if self.compiled_copies:
-            copy_worker.warm()
-        self._templates: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, tuple] | None] = {}
 
     @property
     def timed_by_events(self) -> bool:
         return self.demand_stream is not None
 
+    @property
+    def compiled_copies(self) -> bool:
+        return self.prefetch_fill.compiled
+
+    @compiled_copies.setter
+    def compiled_copies(self, on: bool) -> None:  # a benchmark compares them with torch's copies
+        self.demand_fill.compiled = self.prefetch_fill.compiled = on
+
     # -- loading ----------------------------------------------------------------------------------------------
-    def load(self, layer_pos: int, loads: list[tuple[int, int]], c: LayerCounters, demand: bool) -> Ticket:
-        """Start copying `loads` (expert, slot) of one MoE layer; demand loads on the CPU are done on return."""
-        if self.demand_stream is not None:
-            return self._load_cuda(layer_pos, loads, c, self.demand_stream if demand else self.prefetch_stream)
-        if demand:  # the call waits for its own copies: they are stall time too
-            start = time.perf_counter()
-            self._copy(layer_pos, loads)
-            elapsed = time.perf_counter() - start
-            with self.lock:
-                c.copy_s += elapsed
-                c.stall_s += elapsed
-            return DONE
-        tasks = self._copy_tasks(layer_pos, loads)
-        if tasks is not None:
-            if self._worker is None:
-                self._worker = copy_worker.CopyWorker(keepalive=(self.pool, self.store.tensors))
-            return WorkerTicket(self._worker.post(tasks))  # not timed: the copy thread never comes back to Python
-        if self._pool_thread is None:
-            self._pool_thread = ThreadPoolExecutor(1, thread_name_prefix="expert-prefetch")
-        # one task a layer (less Python per call): a call waits for its layer's whole batch, and one failed
-        # copy drops the batch's experts (they were all predicted for that same call)
-        return PoolTicket(self._pool_thread.submit(self._timed_copy, layer_pos, loads, c))
+    def load(self, layer_pos: int, loads: list[tuple[int, int]], c: LayerCounters, demand: bool) -> list[Ticket]:
+        """Start copying `loads` (expert, slot) of one MoE layer (a prefetch may wait in the queue); each load's
+        ticket. Demand loads on the CPU are done on return."""
+        if demand or self.window is None:  # no window: a prefetch starts at once, like a demand load
+            return [self._start(layer_pos, loads, c, demand)] * len(loads)
+        batch = QueuedBatch(self, layer_pos, loads, c)
+        tickets = list(batch.loads)
+        self.queue.append(batch)
+        self.pump()
+        return tickets
+
+    def pump(self) -> None:
+        """Start queued prefetches, oldest first, while the window has room."""
+        while self.queue:
+            head = self.queue[0]
+            room = self._room()
+            if room <= 0:
+                return
+            head.start(room, demand=False)
+            if not head.loads:
+                self.queue.pop(0)
+
+    def drop_stale(self, layer_pos: int, routed: set[int]) -> list[int]:
+        """Drop the queued (not started) prefetches of `layer_pos` whose expert its call did not route to;
+        their slots, for the cache to forget."""
+        dropped = []
+        for batch in self.queue:
+            if batch.layer_pos == layer_pos:
+                dropped += [q.slot for q in batch.loads if q.expert not in routed]
+                batch.loads = [q for q in batch.loads if q.expert in routed]
+        if dropped:
+            self.queue = [b for b in self.queue if b.loads]
+        return dropped
 
     def used(self, slots: Sequence[int]) -> None:
         """The current stream's kernels read these slots (CUDA): a later copy into them waits for the kernels."""
@@ -163,88 +271,119 @@ class Loader:
             event.record(stream)
 
     def drain(self) -> None:
-        """The host waits until every copy posted so far has finished (before timing, or before the pinned
-        memory the copies read from is unlocked)."""
-        if self._worker is not None:
-            self._worker.wait(int(self._worker.box[copy_worker.POSTED]))
-        if self._pool_thread is not None:
-            self._pool_thread.submit(lambda: None).result()  # one thread, in order: every earlier task is done
+        """The host waits until every load posted so far, queued or started, has finished (before timing, or
+        before the pinned memory the copies read from is unlocked)."""
+        while self.queue:  # what waits for room starts now, in this thread
+            self._promote(self.queue[0])
+        for ticket, _ in self._in_flight:
+            _settle(ticket)
+        self._in_flight = []
+        self.demand_fill.drain()
+        self.prefetch_fill.drain()
         if self.demand_stream is not None:
             self.demand_stream.synchronize()
             self.prefetch_stream.synchronize()
 
     def close(self) -> None:
         self.drain()
-        if self._worker is not None:
-            self._worker.close()
-            self._worker = None
-        if self._pool_thread is not None:
-            self._pool_thread.shutdown(wait=True)
-            self._pool_thread = None
+        for fill in {id(f): f for f in (self.demand_fill, self.prefetch_fill)}.values():
+            fill.close()
 
-    # -- copies ---------------------------------------------------------------------------------------------
-    def _copy(self, layer_pos: int, loads: list[tuple[int, int]]) -> int:
-        tasks = self._copy_tasks(layer_pos, loads)
-        if tasks is not None:
-            if not copy_worker.copy_now(tasks):
-                raise copy_worker.read_error(f"expert(s) {[e for e, _ in loads]} of MoE layer {layer_pos}")
-            return len(loads) * self.expert_bytes
-        return sum(self.store.copy_into(layer_pos, e, {name: t[s] for name, t in self.pool.items()},
-                                        self.non_blocking) for e, s in loads)
+    # -- starting ---------------------------------------------------------------------------------------------
+    def _room(self) -> int:
+        if self.window is None:
+            return len(self.queue[0].loads)
+        self._in_flight = [(t, n) for t, n in self._in_flight if not t.done()]
+        room = self.window - sum(n for _, n in self._in_flight)
+        if self.prefetch_ring is not None:
+            room = min(room, self.prefetch_ring.available())
+        return room
 
-    def _copy_tasks(self, layer_pos: int, loads: list[tuple[int, int]]) -> np.ndarray | None:
-        """The loads as copy_worker task rows (destination in the slot pool, source in host memory or the map),
-        or None where they need torch's copies (CUDA, a dtype to convert, not x86-64)."""
-        if not self.compiled_copies:
-            return None
-        parts, files = [], set()
-        for e, slot in loads:
-            template = self._templates.get((layer_pos, e))
-            if template is None:
-                template = self._templates[layer_pos, e] = self._template(layer_pos, e)
-                if template is None:
-                    self.compiled_copies = False  # one layout for every expert: the others cannot be copied as they are
-                    return None
-            rows, strides, sources = template
-            rows = rows.copy()
-            rows[:, 0] += slot * strides
-            parts.append(rows)
-            files.update(sources)
-        self.store.check_sources(files)
-        return np.concatenate(parts) if len(parts) > 1 else parts[0]
+    def _promote(self, batch: QueuedBatch) -> None:
+        self.queue.remove(batch)
+        batch.start(len(batch.loads), demand=True)
 
-    def _template(self, layer_pos: int, e: int):
-        """An expert's task rows for slot 0, the per-row stride of one slot, and its source files."""
-        plan = self.store.copy_plan(layer_pos, e)
-        if plan is None:
-            return None
-        rows, sources = plan
-        param = rows[:, 0]
-        tasks = copy_worker.task_rows(len(rows))
-        tasks[:, 0] = self._pool_base[param] + rows[:, 1]
-        tasks[:, 1:] = rows[:, 2:]
-        return tasks, self._pool_stride[param], sources
+    def _start(self, layer_pos: int, loads: list[tuple[int, int]], c: LayerCounters, demand: bool) -> Ticket:
+        if self.demand_ring is not None:
+            ticket = self._bounced(layer_pos, loads, c, demand)
+        elif self.demand_stream is not None:
+            ticket = self._cuda(layer_pos, loads, c, self.demand_stream if demand else self.prefetch_stream)
+        elif demand:  # the call waits for its own copies: they are stall time too
+            start = time.perf_counter()
+            self.demand_fill.now(layer_pos, loads)
+            self._timed(c, time.perf_counter() - start)
+            ticket = DONE
+        else:
+            ticket = self.prefetch_fill.post(layer_pos, loads, c)
+        if not demand and self.window is not None:
+            self._in_flight.append((ticket, len(loads)))
+        return ticket
 
-    def _timed_copy(self, layer_pos: int, loads: list[tuple[int, int]], c: LayerCounters) -> None:
-        start = time.perf_counter()
-        with torch.inference_mode():  # the pool may be an inference tensor (made under inference mode)
-            self._copy(layer_pos, loads)
+    def _timed(self, c: LayerCounters, elapsed: float) -> None:
         with self.lock:
-            c.copy_s += time.perf_counter() - start
+            c.copy_s += elapsed
+            c.stall_s += elapsed
 
-    def _load_cuda(self, layer_pos: int, loads: list[tuple[int, int]], c: LayerCounters,
-                   stream: torch.cuda.Stream) -> CudaTicket:
+    def _cuda(self, layer_pos: int, loads: list[tuple[int, int]], c: LayerCounters,
+              stream: torch.cuda.Stream) -> CudaTicket:
+        """From pinned memory: asynchronous copies straight to the slots."""
         self.harvest_copy_times(wait=False)
         with torch.cuda.stream(stream):
-            for _, slot in loads:  # a reused slot may still be read by queued kernels
-                if slot in self.last_use:
-                    stream.wait_event(self.last_use[slot])
+            self._wait_for_readers([slot for _, slot in loads], stream)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record(stream)
-            self._copy(layer_pos, loads)
+            self.demand_fill.now(layer_pos, loads, self.non_blocking)
             end.record(stream)
         self._copy_events.append((c, start, end, len(loads)))
         return CudaTicket(end)
+
+    def _bounced(self, layer_pos: int, loads: list[tuple[int, int]], c: LayerCounters, demand: bool) -> Ticket:
+        """Through a bounce ring: a demand load fills each buffer in this thread (the copy thread's GIL-free
+        loop, run here) and queues its copy to the device before filling the next, so the copies overlap the
+        fills; a prefetch's buffers are filled by the copy thread."""
+        if not demand:
+            buffers = self.prefetch_ring.take(len(loads))
+            fill = self.prefetch_fill.post(layer_pos, [(e, b) for (e, _), b in zip(loads, buffers)], c)
+            return BounceTicket(self, [(slot, b) for (_, slot), b in zip(loads, buffers)], fill, c)
+        event = None
+        for e, slot in loads:
+            buffer = self.demand_ring.take_waiting()
+            start = time.perf_counter()
+            try:
+                self.demand_fill.now(layer_pos, [(e, buffer)])
+            except BaseException:
+                self.demand_ring.release_after([buffer], None)
+                raise
+            self._timed(c, time.perf_counter() - start)
+            event = self._publish([(slot, buffer)], self.demand_stream, self.demand_ring, c)
+        return DONE if event is None else CudaTicket(event)
+
+    def _publish(self, pairs: list[tuple[int, int]], stream, ring: BounceRing, c: LayerCounters):
+        """Copy filled buffers to their slots (CUDA: queued on `stream`; the event after them, which frees the
+        buffers); on the CPU the copies are done on return."""
+        if stream is None:
+            for slot, buffer in pairs:
+                for name, t in self.pool.items():
+                    t[slot].copy_(ring.pool[name][buffer])
+            ring.release_after([b for _, b in pairs], None)
+            return None
+        self.harvest_copy_times(wait=False)
+        with torch.cuda.stream(stream):
+            self._wait_for_readers([slot for slot, _ in pairs], stream)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(stream)
+            for slot, buffer in pairs:
+                for name, t in self.pool.items():
+                    t[slot].copy_(ring.pool[name][buffer], non_blocking=ring.pinned)
+            end.record(stream)
+        self._copy_events.append((c, start, end, len(pairs)))
+        ring.release_after([b for _, b in pairs], end)
+        return end
+
+    def _wait_for_readers(self, slots: list[int], stream) -> None:
+        for slot in slots:  # a reused slot may still be read by queued kernels
+            if slot in self.last_use:
+                stream.wait_event(self.last_use[slot])
 
     def harvest_copy_times(self, wait: bool) -> None:
         """CUDA copy times, read from their events once the copies are done: without `wait`, only those already
@@ -264,3 +403,16 @@ class Loader:
             per_expert = elapsed / max(n, 1)
             self.copy_time += COPY_TIME_DECAY * (per_expert - self.copy_time) if self.copy_time else per_expert
         self._copy_events = left
+
+
+def _settle(ticket: Ticket) -> None:
+    """The host waits for a started load, whatever its kind; a failure stays on the ticket for the cache."""
+    if isinstance(ticket, BounceTicket):
+        ticket.settle()
+    elif isinstance(ticket, CudaTicket):
+        ticket.event.synchronize()
+    else:
+        try:
+            ticket.wait()
+        except Exception:
+            pass

@@ -105,7 +105,7 @@ def test_the_cache_fills_cpu_slots_with_compiled_copies(mixtral_dir):  # noqa: F
         slots = cache.fetch(1, [2, 5])
         cache.prefetch([(1, 6), (0, 3)], protected={(1, 2), (1, 5)})
         cache.drain()
-        assert cache.loader._worker is not None  # the prefetches went through the copy thread
+        assert cache.loader.prefetch_fill.worker_started  # the prefetches went through the copy thread
         for (layer, e), slot in [((1, 2), slots[0]), ((1, 5), slots[1]), ((1, 6), cache.slot_of[1, 6]),
                                  ((0, 3), cache.slot_of[0, 3])]:
             gate_up, down = expert_from_disk(mixtral_dir, layer, e)

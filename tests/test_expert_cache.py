@@ -22,11 +22,12 @@ def mixtral_dir(tmp_path_factory):
     return path
 
 
-def make_cache(path, slots, mode="mmap"):
+def make_cache(path, slots, mode="mmap", **loader):
+    """`loader`: the loader's prefetch_window and bounce (expert_cache.py)."""
     run = RunConfig.build(device="cpu", expert_slots=slots, progress=False)
     inspected = inspect_checkpoint(path, run)
     store = ExpertStore(inspected.tensors, inspected.layout, inspected.spec, torch.float32, mode, progress=False)
-    return ExpertCache(store, slots, "cpu", LRUPolicy())
+    return ExpertCache(store, slots, "cpu", LRUPolicy(), **loader)
 
 
 def expert_from_disk(path, layer, e):

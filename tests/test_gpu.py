@@ -217,3 +217,40 @@ def test_a_failed_pin_leaves_no_cuda_error_behind():
         torch.cuda.synchronize()
     finally:
         cudart.cudaHostUnregister(arena.data_ptr())
+
+
+@pytest.mark.parametrize("host", ["mmap", "files", "ram"])
+def test_pageable_sources_go_through_pinned_bounce_buffers(tmp_path, host):
+    """From the memory map, the files or pageable RAM every copy goes through the pinned bounce rings (the
+    forward thread never blocks on the link), with the default prefetch window, and tokens are the
+    reference's; the host waits only for its counted reads and for bounce buffers to come free."""
+    import warnings
+    from pathlib import Path
+
+    import offload_engine
+
+    package = Path(offload_engine.__file__).resolve().parent
+    ref = cuda_reference("mixtral", tmp_path)
+    for slots, settings in ((3, {}), (4, dict(policy="predictive", predictor="next-gate", prefetch_depth=2)),
+                            (4, dict(policy="lru", predictor="history", prefetch_depth=2))):
+        engine = OffloadEngine.from_pretrained(tmp_path, device="cuda", dtype="float32", expert_slots=slots,
+                                               host_memory=host, progress=False, **settings)
+        loader = engine.cache.loader
+        assert loader.demand_ring is not None and loader.demand_ring.pinned and loader.non_blocking
+        assert loader.window == loader.prefetch_ring.size
+        engine.generate(PROMPT, max_new_tokens=3, ignore_eos=True)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                result = engine.generate(PROMPT, max_new_tokens=24, ignore_eos=True)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        assert result.token_ids == ref, (host, slots, settings)
+        ours = [f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)
+                and package in Path(w.filename).resolve().parents]
+        assert all(o.split(":")[0] in ("host_read.py", "loader.py", "expert_cache.py") for o in ours), ours
+        engine.close()
+        assert loader.demand_ring.available() == loader.demand_ring.size
+        assert loader.prefetch_ring.available() == loader.prefetch_ring.size
