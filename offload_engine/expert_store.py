@@ -137,14 +137,15 @@ class ExpertStore:
             self.host.append(buffers)
 
     def _register(self, arena: torch.Tensor) -> bool:
-        """Page-lock `arena` for asynchronous copies; on failure, warn and stay pageable (copies synchronous)."""
+        """Page-lock `arena` for asynchronous copies; on failure, warn and stay pageable (the loader then copies
+        through its pinned bounce buffers)."""
         nbytes = arena.numel() * arena.element_size()
         cudart = torch.cuda.cudart()
         code = cudart.cudaHostRegister(arena.data_ptr(), nbytes, 0)
         if int(code) != 0:
             clear_cuda_error()
             warnings.warn(f"pinning {nbytes / 2**30:.2f} GiB of host memory failed (CUDA error {int(code)}); using "
-                          "pageable memory, copies will be synchronous", stacklevel=3)
+                          "pageable memory, copied to the device through small pinned bounce buffers", stacklevel=3)
             return False
         self._registered = arena
         return True
