@@ -24,7 +24,8 @@ from .errors import CheckpointError, ConfigError, ContextTooLongError, Unsupport
 from .expert_cache import ExpertCache
 from .expert_store import ExpertStore
 from .hardware_profile import calibrated_model, hardware_of, model_name
-from .memory_plan import MemoryPlan, cuda_allocator_bytes, kv_bytes_per_token, plan_memory, working_bytes
+from .memory_plan import (MemoryPlan, cuda_allocator_bytes, growing_kv_bytes, kv_bytes_per_token, plan_memory,
+                          working_bytes)
 from .model_spec import ModelSpec, describe, dtype_from_config, refuse_quantized
 from .offloaded_experts import IMPLEMENTATION_NAME, bind, register_experts_implementation
 from .policies import make_policy
@@ -128,7 +129,11 @@ def make_plan(inspected: Inspected, run: RunConfig) -> MemoryPlan:
                                   "lower it", run.max_context, limit)
     max_context = run.max_context or min(limit, DEFAULT_MAX_CONTEXT)
     config = inspected.model.config  # the built model's: it knows the attention implementation chosen
-    kv = kv_bytes_per_token(config, dtype) * max_context * run.max_batch
+    grows = not getattr(inspected.model, "_can_compile_fullgraph", False)  # no static cache (engine._kv_cache)
+    if grows:
+        kv = growing_kv_bytes(config, dtype, max_context, run.max_batch)
+    else:
+        kv = kv_bytes_per_token(config, dtype) * max_context * run.max_batch
     work = working_bytes(config, spec, dtype, max_context, run.max_batch)
     expert_bytes = spec.expert_numel() * dtype.itemsize
     budget = run.memory_budget
@@ -136,7 +141,7 @@ def make_plan(inspected: Inspected, run: RunConfig) -> MemoryPlan:
         budget = automatic_budget(run.device)
     allocator = cuda_allocator_bytes(sizes, len(spec.expert_params)) if run.device.type == "cuda" else 0
     return plan_memory(spec, non_expert, kv, work, expert_bytes, budget, run.expert_slots, max_context, run.max_batch,
-                       allocator)
+                       allocator, grows)
 
 
 def automatic_budget(device: torch.device) -> int:

@@ -72,6 +72,21 @@ def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
     return text.num_hidden_layers * heads * (k_dim + v_dim) * dtype.itemsize
 
 
+def growing_kv_bytes(config, dtype: torch.dtype, max_context: int, batch: int) -> int:
+    """The most a KV cache that grows by concatenation holds (a model that cannot take a static cache:
+    MiniMax's own cache): full-attention layers' keys and values at `max_context` (the engine refuses a
+    generation past it), linear-attention layers' states ([batch, heads, head_dim, head_dim], fp32 at most),
+    and, while a layer grows, its old and new tensors at once (one more layer's keys and values)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads, k_dim, v_dim = kv_head_dims(config)
+    layer_bytes = batch * max_context * heads * (k_dim + v_dim) * dtype.itemsize
+    types = getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers
+    linear = sum(t == "linear_attention" for t in types)
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    state = batch * text.num_attention_heads * head_dim * head_dim * 4
+    return (len(types) - linear + 1) * layer_bytes + linear * state
+
+
 def kv_head_dims(config) -> tuple[int, int, int]:
     """(heads, key dim, value dim) of one layer's KV cache: MLA (DeepSeek) caches its compressed latent as one
     head (the normed kv_lora_rank part as keys, the rotary part as values; transformers >= 5.25), the others
@@ -118,6 +133,7 @@ class MemoryPlan:
     max_context: int
     batch: int
     allocator_bytes: int = 0  # CUDA: what the caching allocator's rounding adds to the tensors above
+    kv_cache_grows: bool = False  # no static cache: counted at its most (growing_kv_bytes), allocated as it grows
 
     @property
     def fixed_bytes(self) -> int:
@@ -144,7 +160,8 @@ class MemoryPlan:
         rows = [
             ("memory budget", budget),
             ("non-expert weights", format_bytes(self.non_expert_bytes)),
-            (f"KV cache ({self.batch} x {self.max_context} tokens)", format_bytes(self.kv_cache_bytes)),
+            (f"KV cache ({self.batch} x {self.max_context} tokens{', grows' if self.kv_cache_grows else ''})",
+             format_bytes(self.kv_cache_bytes)),
             ("working memory (estimate)", format_bytes(self.working_bytes)),
             *([("allocator rounding (CUDA)", format_bytes(self.allocator_bytes))] if self.allocator_bytes else []),
             (f"expert slots ({self.expert_slots} x {format_bytes(self.expert_bytes)})", format_bytes(self.slot_bytes)),
@@ -167,12 +184,13 @@ def plan_memory(
     max_context: int,
     batch: int,
     allocator_bytes: int = 0,
+    kv_cache_grows: bool = False,
 ) -> MemoryPlan:
     """Choose the slot count: as given, or as many as the budget holds (never more than there are experts).
     Given both, the budget is the hard cap and the slot count a request inside it."""
     total = spec.total_experts
     plan = MemoryPlan(budget_bytes, non_expert_bytes, kv_cache_bytes, work_bytes, expert_bytes, 0, total,
-                      spec.top_k, max_context, batch, allocator_bytes)
+                      spec.top_k, max_context, batch, allocator_bytes, kv_cache_grows)
     if expert_slots is not None:
         if expert_slots < spec.top_k:
             raise MemoryBudgetError(
@@ -197,7 +215,7 @@ def plan_memory(
             f"{spec.top_k} expert slots); raise --memory-budget or lower --max-context"
         )
     return MemoryPlan(budget_bytes, non_expert_bytes, kv_cache_bytes, work_bytes, expert_bytes, slots, total,
-                      spec.top_k, max_context, batch, allocator_bytes)
+                      spec.top_k, max_context, batch, allocator_bytes, kv_cache_grows)
 
 
 CUDA_LARGE = 1 << 20  # the caching allocator's small/large boundary

@@ -41,3 +41,29 @@ def test_early_allocation_matches_transformers_lazy_one(name):
 def _initialized(layer) -> bool:
     """An attention layer's keys and values exist (linear-attention layers keep small states of their own)."""
     return getattr(layer, "is_initialized", False)
+
+
+GROWING = [name for name in tm.ARCHITECTURES if name not in STATIC]
+
+
+@pytest.mark.parametrize("name", GROWING)
+def test_the_plan_bounds_a_cache_that_grows(name):
+    """A model without a static cache (MiniMax's own cache) grows its cache by concatenation up to the planned
+    context: the plan counts what it holds then, plus one layer's keys and values for the moment a layer's old
+    and new tensors both exist; and no more than that."""
+    from offload_engine.memory_plan import growing_kv_bytes
+
+    model = tm.build_reference(name)
+    rows, context = 2, 24
+    ids = torch.randint(3, 100, (rows, context))
+    with torch.no_grad():
+        out = model(input_ids=ids[:, :8], use_cache=True)
+        cache = out.past_key_values
+        for t in range(8, context):  # decode to the planned context, a token at a time
+            cache = model(input_ids=ids[:, t:t + 1], cache=cache, use_cache=True).past_key_values
+    keys_values = [layer.keys.nbytes + layer.values.nbytes for layer in cache.layers if _initialized(layer)]
+    states = [s.nbytes for s in getattr(cache, "linear_cache", []) if isinstance(s, torch.Tensor)]
+    assert keys_values, "no attention layer cached anything"
+    held = sum(keys_values) + sum(states)
+    plan = growing_kv_bytes(model.config, torch.float32, context, rows)
+    assert plan == held + max(keys_values)  # the end state, and one layer's copy while it grows: exactly
