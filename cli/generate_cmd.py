@@ -35,6 +35,8 @@ def stats_line(stats) -> str:
     from offload_engine.memory_plan import format_bytes
 
     prefetched = f", {stats.prefetches} prefetched" if stats.prefetches else ""
+    if stats.prefetches_dropped:  # queued prefetches the routing proved wrong before they moved
+        prefetched += f", {stats.prefetches_dropped} dropped"
     # with --cold-experts cpu the misses are computed where they lie: without this the line read "0 misses"
     on_cpu = f" | {stats.cpu_experts} experts on CPU ({stats.cpu_s:.3f} s)" if stats.cpu_experts else ""
     return (f"TTFT {stats.ttft_s:.3f} s | decode {stats.decode_tokens_per_s:.1f} tok/s | "

@@ -168,3 +168,14 @@ def test_a_window_and_bounce_buffers_never_change_tokens(checkpoints, loader, mo
             assert {k: int(engine.cache.slot_table[k]) for k in engine.cache.slot_of} == engine.cache.slot_of
     if loader.get("prefetch_window") == 1:
         assert dropped > 0  # the history predictor's misses were dropped before they moved a byte
+
+
+def test_the_summary_line_names_dropped_prefetches():
+    from types import SimpleNamespace
+
+    from cli.generate_cmd import stats_line
+
+    base = dict(ttft_s=0.1, decode_tokens_per_s=10.0, hit_rate=0.5, hits=1, misses=1, bytes_to_device=10,
+                cpu_experts=0, cpu_s=0.0, peak_device_bytes=0, prefetches=3)
+    assert "3 prefetched, 2 dropped" in stats_line(SimpleNamespace(**base, prefetches_dropped=2))
+    assert "dropped" not in stats_line(SimpleNamespace(**base, prefetches_dropped=0))
