@@ -15,7 +15,7 @@ def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--model", help="the model whose expert shape and dtype to measure (default: the bundled model)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype (default: the model's)")
-    p.add_argument("--host-memory", choices=["mmap", "files", "ram", "pinned"],
+    p.add_argument("--host-memory", choices=["mmap", "files", "ram", "pinned", "direct"],
                    help="where cold experts wait (default: as the engine chooses)")
     p.add_argument("--expert-slots", type=int, default=None,
                    help="slots to load the model with (default: every expert, which the resident decode step needs)")

@@ -45,10 +45,12 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory-budget", help="device memory the engine may use, e.g. 6GiB (default: automatic)")
     p.add_argument("--expert-slots", type=positive_int,
                    help="number of expert slots (default: as many as the memory budget holds)")
-    p.add_argument("--host-memory", choices=["mmap", "files", "ram", "pinned"],
+    p.add_argument("--host-memory", choices=["mmap", "files", "ram", "pinned", "direct"],
                    help="where cold experts wait: pinned or ram (host memory), or read on demand from the "
-                        "checkpoint through a memory map (mmap) or positional reads (files) "
-                        "(default: pinned with CUDA if they fit in RAM, else mmap)")
+                        "checkpoint through a memory map (mmap), positional reads (files) or reads that bypass "
+                        "the page cache (direct: for models larger than RAM) "
+                        "(default: pinned with CUDA if they fit in RAM, else mmap; direct if the model does not "
+                        "fit in the memory this process may use)")
     p.add_argument("--max-context", type=positive_int, help="tokens of KV cache to plan for (default: min(model, 4096))")
     p.add_argument("--max-batch", type=positive_int, default=1, help="prompts per batch to plan for")
     p.add_argument("--policy", choices=POLICIES, default="lru",

@@ -126,6 +126,7 @@ class SafetensorsFile:
         self._map: mmap.mmap | None = None
         self._map_lock = threading.Lock()  # demand loads and the prefetch thread may map at once
         self._fd, self._identity = open_regular(path, root)
+        self._direct_fd: int | None = None
         try:
             self.tensors: dict[str, TensorInfo] = self._read_header()
         except BaseException:
@@ -223,6 +224,19 @@ class SafetensorsFile:
         """The descriptor kept open (compiled copies read it with pread); check_identity() before each use."""
         return self._fd
 
+    def direct_fileno(self) -> int:
+        """A second descriptor of the same open file (not of whatever its name points at now) whose reads
+        bypass the page cache (O_DIRECT), or -1 where the filesystem refuses O_DIRECT."""
+        if self._direct_fd is None:
+            try:
+                self._direct_fd = os.open(f"/proc/self/fd/{self._fd}", os.O_RDONLY | getattr(os, "O_DIRECT", 0))
+            except OSError:
+                self._direct_fd = -1
+            if not getattr(os, "O_DIRECT", 0) and self._direct_fd >= 0:
+                os.close(self._direct_fd)
+                self._direct_fd = -1
+        return self._direct_fd
+
     def check_identity(self) -> None:
         """Refuse a file changed on disk since it was loaded (before every read of it)."""
         self._identity.check(self._fd, self.path)
@@ -268,6 +282,9 @@ class SafetensorsFile:
         if self._map is not None:
             self._map.close()
             self._map = None
+        if getattr(self, "_direct_fd", None) is not None and self._direct_fd >= 0:
+            os.close(self._direct_fd)
+        self._direct_fd = None
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None

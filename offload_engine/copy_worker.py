@@ -11,7 +11,10 @@ after about two seconds with nothing to do it exits, and the next post starts it
 
 A task is one contiguous run of bytes: from host memory (memcpy) or from a file at an offset (pread, through
 the page cache: no pages of the file are mapped into the process, so nothing has to be dropped afterwards and
-a file truncated under us gives a short read, not a SIGBUS). After the first failed task every later one
+a file truncated under us gives a short read, not a SIGBUS). A file task may instead bypass the page cache
+(the direct tier, for models larger than RAM): HOW=DIRECT reads whole aligned blocks with O_DIRECT into the
+thread's own aligned scratch buffer and copies the wanted bytes out of it; HOW=DROP reads through the page
+cache and then tells the kernel to drop those pages (POSIX_FADV_DONTNEED), where O_DIRECT is refused. After the first failed task every later one
 fails too (the file is damaged: the caller reports it and the model must be reloaded), so a batch failed
 exactly when it ends after the first failure.
 
@@ -44,10 +47,16 @@ _usleep = types.ExternalFunction("usleep", types.int32(types.uint32))
 _memcpy = types.ExternalFunction("memcpy", types.voidptr(types.voidptr, types.voidptr, types.uintp))
 _pread = types.ExternalFunction("pread", types.intp(types.int32, types.voidptr, types.uintp, types.int64))
 _errno_location = types.ExternalFunction("__errno_location", types.CPointer(types.int32)())
+_fadvise = types.ExternalFunction("posix_fadvise", types.int32(types.int32, types.int64, types.int64, types.int32))
 
 POSTED, DONE, STOP, FIRST_FAILED = range(4)  # the mailbox's counters
-DST, SRC, NBYTES, FD = range(4)  # a task row: destination address; source address, or offset in file FD (>= 0)
+DST, SRC, NBYTES, FD, HOW = range(5)  # a task row: destination address; source address, or offset in file
+# FD (>= 0); how a file is read:
+CACHED, DIRECT, DROP = range(3)  # through the page cache; O_DIRECT (FD opened so); cached, then its pages dropped
 NO_FAILURE = np.iinfo(np.int64).max
+ALIGN = 4096  # O_DIRECT's alignment of offsets, lengths and buffers (the largest logical block size in use)
+SCRATCH_BYTES = 4 << 20  # each copying thread's aligned buffer for direct reads
+FADV_DONTNEED = 4
 
 
 def available() -> bool:
@@ -55,7 +64,14 @@ def available() -> bool:
 
 
 def task_rows(n: int) -> np.ndarray:
-    return np.zeros((n, 4), dtype=np.int64)
+    return np.zeros((n, 5), dtype=np.int64)
+
+
+def scratch_buffer(nbytes: int = SCRATCH_BYTES) -> np.ndarray:
+    """An ALIGN-aligned buffer of `nbytes` (a multiple of ALIGN) for direct reads."""
+    raw = np.empty(nbytes + ALIGN, dtype=np.uint8)
+    start = -raw.ctypes.data % ALIGN
+    return raw[start:start + nbytes]
 
 
 @intrinsic
@@ -66,40 +82,75 @@ def _pointer(typingctx, address):  # pragma: no cover - compiled
 
 
 @numba.njit(nogil=True, cache=True)
-def _copy(dst, src, nbytes, fd):  # pragma: no cover - compiled
+def _pread_all(fd, dst, nbytes, offset):  # pragma: no cover - compiled
+    """Bytes read from `offset` until `nbytes` or the end of the file (-1 on an error)."""
+    done = 0
+    while done < nbytes:  # a positional read may return short
+        got = _pread(np.int32(fd), _pointer(dst + done), nbytes - done, offset + done)
+        if got < 0 and _errno_location()[0] == EINTR:
+            continue
+        if got < 0:
+            return -1
+        if got == 0:
+            break
+        done += got
+    return done
+
+
+@numba.njit(nogil=True, cache=True)
+def _direct(dst, offset, nbytes, fd, scratch, scratch_bytes):  # pragma: no cover - compiled
+    """Read [offset, offset + nbytes) with O_DIRECT: whole aligned blocks into `scratch`, the wanted bytes
+    copied out of each."""
+    end = offset + nbytes
+    pos = offset - offset % ALIGN
+    while pos < end:
+        span = min(scratch_bytes, end - pos)
+        span += -span % ALIGN
+        got = _pread_all(fd, scratch, span, pos)  # short only at the end of the file
+        lo, hi = max(pos, offset), min(pos + got, end)
+        if got <= 0 or hi <= lo or (got < span and hi < end):
+            return False
+        _memcpy(_pointer(dst + lo - offset), _pointer(scratch + lo - pos), hi - lo)
+        pos += got
+    return True
+
+
+@numba.njit(nogil=True, cache=True)
+def _copy(dst, src, nbytes, fd, how, scratch, scratch_bytes):  # pragma: no cover - compiled
     """One task; False if the file could not be read whole."""
     if fd < 0:
         if nbytes > 0:  # libc's memcpy: a compiled byte loop runs at a third of its speed
             _memcpy(_pointer(dst), _pointer(src), nbytes)
         return True
-    done = 0
-    while done < nbytes:  # a positional read may return short
-        got = _pread(np.int32(fd), _pointer(dst + done), nbytes - done, src + done)
-        if got < 0 and _errno_location()[0] == EINTR:
-            continue
-        if got <= 0:
-            return False
-        done += got
-    return True
+    if nbytes <= 0:
+        return True
+    if how == DIRECT:
+        return _direct(dst, src, nbytes, fd, scratch, scratch_bytes)
+    ok = _pread_all(fd, dst, nbytes, src) == nbytes
+    if how == DROP:
+        _fadvise(np.int32(fd), src, nbytes, np.int32(FADV_DONTNEED))
+    return ok
 
 
 @numba.njit(nogil=True, cache=True)
-def _run(tasks, first, last, box):  # pragma: no cover - compiled
-    """Task numbers first..last-1 (ring positions number % capacity), in order; a failure is kept in box."""
+def _run(tasks, first, last, box, scratch):  # pragma: no cover - compiled
+    """Task numbers first..last-1 (ring positions number % capacity), in order; a failure is kept in box.
+    `scratch`: this thread's aligned buffer for direct reads."""
     capacity = tasks.shape[0]
     for n in range(first, last):
         t = n % capacity
-        if box[FIRST_FAILED] != NO_FAILURE or not _copy(tasks[t, DST], tasks[t, SRC], tasks[t, NBYTES], tasks[t, FD]):
+        if box[FIRST_FAILED] != NO_FAILURE or not _copy(tasks[t, DST], tasks[t, SRC], tasks[t, NBYTES], tasks[t, FD],
+                                                       tasks[t, HOW], scratch.ctypes.data, scratch.size):
             box[FIRST_FAILED] = min(box[FIRST_FAILED], n)
 
 
 @numba.njit(nogil=True, cache=True)
-def _serve(box, tasks, spin_polls, nap_us, idle_naps):  # pragma: no cover - compiled
+def _serve(box, tasks, scratch, spin_polls, nap_us, idle_naps):  # pragma: no cover - compiled
     idle = 0
     while box[STOP] == 0 and idle < spin_polls + idle_naps:
         done, posted = box[DONE], box[POSTED]
         if posted > done:
-            _run(tasks, done, posted, box)
+            _run(tasks, done, posted, box, scratch)
             box[DONE] = posted
             idle = 0
         else:  # opaque calls: the counters are read again from memory on every poll
@@ -108,6 +159,9 @@ def _serve(box, tasks, spin_polls, nap_us, idle_naps):  # pragma: no cover - com
             else:
                 _usleep(np.uint32(nap_us))
             idle += 1
+
+
+_NO_SCRATCH = np.zeros(0, dtype=np.uint8)  # a direct read with it fails (its first read gets no bytes)
 
 
 def _mailbox(stop: int = 0) -> np.ndarray:
@@ -122,16 +176,17 @@ def read_error(what: str = "an expert") -> CheckpointError:
 def warm() -> None:
     """Compile (or load from numba's cache) the loops now, where the engine loads: not on the first token, nor
     on the first prefetch."""
-    _run(task_rows(1), 0, 0, _mailbox())
-    _serve(_mailbox(stop=1), task_rows(1), 1, 1, 1)
+    scratch = scratch_buffer(ALIGN)
+    _run(task_rows(1), 0, 0, _mailbox(), scratch)
+    _serve(_mailbox(stop=1), task_rows(1), scratch, 1, 1, 1)
 
 
-def copy_now(tasks: np.ndarray) -> bool:
+def copy_now(tasks: np.ndarray, scratch: np.ndarray | None = None) -> bool:
     """Run task rows in this thread (demand loads: the caller waits for them anyway), the GIL released;
-    False if a file could not be read."""
+    False if a file could not be read. Direct reads need `scratch` (scratch_buffer()), this thread's own."""
     box = _mailbox()
     if len(tasks):
-        _run(tasks, 0, len(tasks), box)
+        _run(tasks, 0, len(tasks), box, _NO_SCRATCH if scratch is None else scratch)
     return box[FIRST_FAILED] == NO_FAILURE
 
 
@@ -142,6 +197,7 @@ class CopyWorker:
     def __init__(self, keepalive=(), capacity: int = CAPACITY):
         self.box = _mailbox()
         self.tasks = task_rows(capacity)
+        self.scratch = scratch_buffer()  # the copy thread's own, for direct reads
         self._keepalive = keepalive
         self._thread: threading.Thread | None = None
         warm()
@@ -180,14 +236,15 @@ class CopyWorker:
         # so a task is never stranded.
         if self.box[POSTED] > self.box[DONE] and (self._thread is None or not self._thread.is_alive()):
             self.box[STOP] = 0
-            self._thread = threading.Thread(target=_serve_keeping, args=(self.box, self.tasks, self._keepalive),
+            self._thread = threading.Thread(target=_serve_keeping,
+                                            args=(self.box, self.tasks, self.scratch, self._keepalive),
                                             name="expert-copy", daemon=True)
             self._thread.start()
 
 
-def _serve_keeping(box: np.ndarray, tasks: np.ndarray, keepalive) -> None:
+def _serve_keeping(box: np.ndarray, tasks: np.ndarray, scratch: np.ndarray, keepalive) -> None:
     """The thread's body: `keepalive` (what the tasks address) lives as long as the thread."""
-    _serve(box, tasks, SPIN_POLLS, NAP_US, IDLE_NAPS)
+    _serve(box, tasks, scratch, SPIN_POLLS, NAP_US, IDLE_NAPS)
 
 
 class CopyTicket:

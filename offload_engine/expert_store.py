@@ -1,12 +1,16 @@
 """The host-side home of every expert: where cold experts are copied from.
 
-Four ways to hold them:
+Five ways to hold them:
 - "mmap": nothing held; each miss copies the expert straight from a memory map of the safetensors files,
   then drops those pages from the process (RAM smaller than the model; the CPU default). Experts computed
   on the CPU in place (--cold-experts cpu) keep their pages mapped, as llama.cpp does;
 - "files": the same through one positional read (preadv) per tensor instead of the map;
 - "ram": each layer's experts in ordinary host memory, in the compute dtype;
-- "pinned": the same in page-locked memory, so host-to-GPU copies can run asynchronously (the CUDA default).
+- "pinned": the same in page-locked memory, so host-to-GPU copies can run asynchronously (the CUDA default);
+- "direct": nothing held, and nothing left in the page cache either: each miss reads the expert from the
+  files with O_DIRECT (aligned blocks through a scratch buffer; where the filesystem refuses O_DIRECT, a
+  read whose pages are then dropped), so the slot pool is the only cache and the process stays within a
+  memory limit smaller than the model (the tier for models larger than RAM).
 Experts are read one at a time, each from its own tensors; a layer's experts share one host buffer per
 runtime parameter, never the whole model in one stack. Into CPU slots (x86-64) "mmap" and "files" both copy by
 compiled positional reads (copy_plan, copy_worker.py): through the page cache, no page mapped, so there is
@@ -16,6 +20,7 @@ nothing to drop afterwards (a map's page faults and the drop cost more than the 
 from __future__ import annotations
 
 import math
+import os
 import threading
 import warnings
 
@@ -23,13 +28,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from . import copy_worker
 from .checkpoint import CheckpointTensors
 from .checkpoint_layout import CheckpointLayout
 from .errors import MemoryBudgetError
 from .model_spec import ModelSpec
 
-HOST_MODES = ("mmap", "files", "ram", "pinned")
-READ_ON_DEMAND = ("mmap", "files")
+HOST_MODES = ("mmap", "files", "ram", "pinned", "direct")
+READ_ON_DEMAND = ("mmap", "files", "direct")
 
 
 class ExpertStore:
@@ -58,10 +64,11 @@ class ExpertStore:
         return self.spec.expert_numel() * self.dtype.itemsize
 
     def copy_plan(self, layer_pos: int, expert: int) -> tuple[np.ndarray, tuple] | None:
-        """One expert's copies for the compiled copier (copy_worker.py): rows [n, 5] (int64) of the runtime
+        """One expert's copies for the compiled copier (copy_worker.py): rows [n, 6] (int64) of the runtime
         parameter's index (spec.expert_params order), the byte offset in the expert's tensor, then the task's
-        source, bytes and file (ram: an address, -1; mmap and files: an offset and the open file's descriptor,
-        read with pread through the page cache, so no page stays mapped); and the files whose identity the
+        source, bytes, file and how it is read (ram: an address, -1; mmap and files: an offset and the open
+        file's descriptor, read with pread through the page cache, so no page stays mapped; direct: the
+        file's O_DIRECT descriptor); and the files whose identity the
         caller must check before the copies run (check_sources), as every read checks it. None when the bytes
         cannot be copied as they are (another dtype on disk)."""
         key = (layer_pos, expert)
@@ -76,7 +83,7 @@ class ExpertStore:
 
     def _make_plan(self, layer_pos: int, expert: int):
         if self.mode not in READ_ON_DEMAND:
-            rows = [(i, 0, t[expert].data_ptr(), t[expert].numel() * t.element_size(), -1)
+            rows = [(i, 0, t[expert].data_ptr(), t[expert].numel() * t.element_size(), -1, copy_worker.CACHED)
                     for i, t in enumerate(self.host[layer_pos].values())]
             return np.array(rows, dtype=np.int64), ()
         rows, files = [], set()
@@ -88,9 +95,18 @@ class ExpertStore:
                 begin, nbytes = f.span(info, piece.index)
                 if info.dtype != self.dtype or nbytes != (piece.stop - piece.start) * row_bytes:
                     return None
-                rows.append((i, piece.start * row_bytes, begin, nbytes, f.fileno()))
+                rows.append((i, piece.start * row_bytes, begin, nbytes, *self._descriptor(f)))
                 files.add(f)
         return np.array(rows, dtype=np.int64), tuple(files)
+
+    def _descriptor(self, f) -> tuple[int, int]:
+        """How the compiled copier reads file `f`: its descriptor and copy_worker's HOW."""
+        if self.mode != "direct":
+            return f.fileno(), copy_worker.CACHED
+        direct = f.direct_fileno()
+        if direct < 0:  # a filesystem without O_DIRECT (tmpfs): read, then drop the pages
+            return f.fileno(), copy_worker.DROP
+        return direct, copy_worker.DIRECT
 
     def _read(self, layer_pos: int, expert: int, name: str, out: torch.Tensor, mapped: bool = False) -> None:
         for piece in self.layout.expert_pieces(layer_pos, expert)[name]:
@@ -105,6 +121,10 @@ class ExpertStore:
                 stage = self._stage(info.dtype, dst.numel())
                 self.tensors.read_into(piece.key, stage, piece.index)
                 dst.copy_(stage.view(dst.shape))
+            if self.mode == "direct":  # torch's copies read through the page cache: drop what they brought in
+                f, info = self.tensors.locate(piece.key)
+                begin, nbytes = f.span(info, piece.index)
+                os.posix_fadvise(f.fileno(), begin, nbytes, os.POSIX_FADV_DONTNEED)
 
     def _stage(self, dtype: torch.dtype, numel: int) -> torch.Tensor:
         buffers = self._staging.__dict__.setdefault("by_dtype", {})

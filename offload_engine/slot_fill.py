@@ -31,6 +31,7 @@ class SlotFill:
         self._pool_stride = np.array([t[0].numel() * t.element_size() for t in pool.values()], dtype=np.int64)
         self._worker: copy_worker.CopyWorker | None = None
         self._pool_thread: ThreadPoolExecutor | None = None
+        self._scratch = None  # the calling thread's aligned buffer for direct reads (the copy thread has its own)
         if self.compiled:
             copy_worker.warm()
         self._templates: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, tuple] | None] = {}
@@ -39,7 +40,9 @@ class SlotFill:
         """Fill (expert, slot) `loads` of one MoE layer in this thread."""
         tasks = self._copy_tasks(layer_pos, loads)
         if tasks is not None:
-            if not copy_worker.copy_now(tasks):
+            if self._scratch is None:
+                self._scratch = copy_worker.scratch_buffer()
+            if not copy_worker.copy_now(tasks, self._scratch):
                 raise copy_worker.read_error(f"expert(s) {[e for e, _ in loads]} of MoE layer {layer_pos}")
             return
         for e, s in loads:

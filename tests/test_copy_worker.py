@@ -16,11 +16,11 @@ pytestmark = pytest.mark.skipif(not cw.available(), reason="compiled copies run 
 
 
 def memory_task(dst: np.ndarray, dst_at: int, src: np.ndarray, src_at: int, n: int) -> list[int]:
-    return [dst.ctypes.data + dst_at, src.ctypes.data + src_at, n, -1]
+    return [dst.ctypes.data + dst_at, src.ctypes.data + src_at, n, -1, cw.CACHED]
 
 
-def file_task(dst: np.ndarray, dst_at: int, fd: int, offset: int, n: int) -> list[int]:
-    return [dst.ctypes.data + dst_at, offset, n, fd]
+def file_task(dst: np.ndarray, dst_at: int, fd: int, offset: int, n: int, how: int = cw.CACHED) -> list[int]:
+    return [dst.ctypes.data + dst_at, offset, n, fd, how]
 
 
 @pytest.fixture
@@ -143,3 +143,90 @@ def test_a_file_cut_short_under_the_compiled_copies_is_an_error(mixtral_dir, tmp
     os.truncate(path / "model.safetensors", 1024)
     with pytest.raises(CheckpointError, match="reload the model"):
         cache.fetch(1, [7])
+
+
+# -- reads that bypass the page cache (the direct tier) -----------------------------------------------------
+def _resident_pages(path) -> int:
+    """Pages of `path` in the page cache: mincore over a fresh shared map of it (mapping reads nothing)."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    size = os.path.getsize(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        assert address not in (None, ctypes.c_void_p(-1).value), ctypes.get_errno()
+        pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+        vec = (ctypes.c_ubyte * pages)()
+        try:
+            assert libc.mincore(address, size, vec) == 0, ctypes.get_errno()
+        finally:
+            libc.munmap(address, size)
+        return sum(v & 1 for v in vec)
+    finally:
+        os.close(fd)
+
+
+def _uncached_file(tmp_path, n=1 << 18, seed=3):
+    payload = np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8)
+    path = tmp_path / "direct.bin"
+    path.write_bytes(payload.tobytes())
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    return payload, path, fd
+
+
+@settings(max_examples=60, deadline=None)
+@given(spans=st.lists(st.tuples(st.integers(0, (1 << 18) - 1), st.integers(0, 40_000)), min_size=1, max_size=8),
+       scratch_pages=st.integers(1, 5))
+def test_direct_reads_equal_plain_reads(tmp_path_factory, spans, scratch_pages):
+    """Unaligned offsets and lengths, spans longer than the scratch buffer, and spans reaching the end of a
+    file whose size is not a multiple of the block: the bytes equal a plain read's."""
+    tmp = tmp_path_factory.mktemp("direct")
+    payload, path, fd = _uncached_file(tmp, n=(1 << 18) - 777)
+    direct = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    scratch = cw.scratch_buffer(scratch_pages * cw.ALIGN)
+    try:
+        for offset, n in spans:
+            offset %= len(payload)
+            n = min(n, len(payload) - offset)
+            got = np.zeros(n + 1, dtype=np.uint8)
+            assert cw.copy_now(np.array([file_task(got, 0, direct, offset, n, cw.DIRECT)], dtype=np.int64), scratch)
+            assert np.array_equal(got[:n], payload[offset:offset + n]) and got[n] == 0  # nothing past the span
+        past_end = np.zeros(16, dtype=np.uint8)
+        assert not cw.copy_now(np.array([file_task(past_end, 0, direct, len(payload) - 8, 16, cw.DIRECT)],
+                                        dtype=np.int64), scratch)
+    finally:
+        os.close(direct)
+        os.close(fd)
+
+
+def test_direct_and_dropped_reads_leave_the_page_cache_empty(tmp_path):
+    payload, path, fd = _uncached_file(tmp_path)
+    direct = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        assert _resident_pages(path) == 0
+        out = np.zeros(len(payload), dtype=np.uint8)
+        rows = [file_task(out, i, direct, i, 10_000, cw.DIRECT) for i in range(5, len(payload) - 10_000, 30_011)]
+        worker = cw.CopyWorker()
+        worker.post(np.array(rows, dtype=np.int64)).result()  # the copy thread's own scratch
+        worker.close()
+        for offset, *_ in [(r[1],) for r in rows]:
+            assert np.array_equal(out[offset:offset + 10_000], payload[offset:offset + 10_000])
+        assert _resident_pages(path) == 0  # O_DIRECT: nothing went through the page cache
+        dropped = np.zeros(100_000, dtype=np.uint8)
+        assert cw.copy_now(np.array([file_task(dropped, 0, fd, 4096, 100_000, cw.DROP)], dtype=np.int64))
+        assert np.array_equal(dropped, payload[4096:104_096])
+        assert _resident_pages(path) <= 1  # read through the cache, then dropped
+        cached = np.zeros(100_000, dtype=np.uint8)
+        assert cw.copy_now(np.array([file_task(cached, 0, fd, 4096, 100_000)], dtype=np.int64))
+        assert _resident_pages(path) >= 24  # the detector sees a cached read
+    finally:
+        os.close(direct)
+        os.close(fd)
