@@ -15,12 +15,17 @@ def add_parser(subparsers, name: str):
 
 
 def run(args) -> int:
-    from offload_engine.loading import inspect_checkpoint, make_plan
+    from offload_engine.host_memory import host_memory
+    from offload_engine.loading import fits_in_memory, host_mode, inspect_checkpoint, make_plan
+    from offload_engine.memory_plan import format_bytes
 
     run_cfg = run_config(args)
     inspected = inspect_checkpoint(model_path(args), run_cfg)
     plan = make_plan(inspected, run_cfg)
     spec = inspected.spec
+    memory = host_memory()
+    experts_bytes = plan.total_experts * plan.expert_bytes
+    host = host_mode(run_cfg, plan, memory)
     if args.json:
         print(json.dumps({
             "model_type": spec.model_type, "moe_layers": len(spec.moe_layers), "experts_per_layer": spec.num_experts,
@@ -30,10 +35,21 @@ def run(args) -> int:
             "expert_bytes": plan.expert_bytes, "expert_slots": plan.expert_slots,
             "total_experts": plan.total_experts, "resident_share": plan.resident_share,
             "total_bytes": plan.total_bytes, "minimum_bytes": plan.minimum_bytes,
+            "kv_cache_grows": plan.kv_cache_grows, "host_memory": host, "experts_total_bytes": experts_bytes,
+            "host_available_bytes": memory.available_bytes, "memory_limit_bytes": memory.limit_bytes,
+            "experts_fit_in_memory": fits_in_memory(experts_bytes, memory),
         }))
         return 0
     print(f"model          {spec.architecture} ({spec.model_type}), {len(spec.moe_layers)} MoE layers of "
           f"{spec.num_experts} experts, top-{spec.top_k}")
     print(f"device, dtype  {run_cfg.device}, {str(inspected.dtype).removeprefix('torch.')}")
     print(plan.describe())
+    limit = f", a cgroup limit of {format_bytes(memory.limit_bytes)}" if memory.limited_by_cgroup else ""
+    print(f"host side      {host}: the experts take {format_bytes(experts_bytes)}; this process may use "
+          f"{format_bytes(memory.available_bytes)}{limit}")
+    if not fits_in_memory(experts_bytes, memory):
+        print("               the model does not fit in memory: "
+              + ("experts are read from the files around the page cache, the slot pool is the only cache"
+                 if host == "direct" else f"--host-memory {host} as asked (the direct tier would keep the page "
+                                          "cache out of the way)"))
     return 0

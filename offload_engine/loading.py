@@ -13,7 +13,6 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -24,6 +23,7 @@ from .errors import CheckpointError, ConfigError, ContextTooLongError, Unsupport
 from .expert_cache import ExpertCache
 from .expert_store import ExpertStore
 from .hardware_profile import calibrated_model, hardware_of, model_name
+from .host_memory import HostMemory, host_memory
 from .memory_plan import (MemoryPlan, cuda_allocator_bytes, growing_kv_bytes, kv_bytes_per_token, plan_memory,
                           working_bytes)
 from .model_spec import ModelSpec, describe, dtype_from_config, refuse_quantized
@@ -37,7 +37,9 @@ from .run_config import DEFAULT_MAX_CONTEXT, RunConfig
 CPU_BUDGET_SHARE = 0.5  # of available RAM: the rest stays for the page cache the experts are read from
 CUDA_BUDGET_SHARE = 0.9  # of free GPU memory
 CUDA_RESERVE = 512 * 1024**2  # CUDA context, cuBLAS workspaces, fragmentation
-HOST_RAM_SHARE = 0.7  # pin the experts in RAM only if they take less than this share of what is available
+HOST_RAM_SHARE = 0.7  # the experts "fit" (pinned with CUDA, else the page cache) below this share of what is available
+DIRECT_BUDGET_SHARE = 0.85  # the direct tier on the CPU: of what is available beyond the process's own reserve
+PROCESS_RESERVE = 768 * 1024**2  # Python, torch and transformers themselves, the loader's reads, the tokenizer
 
 
 @dataclass
@@ -138,27 +140,39 @@ def make_plan(inspected: Inspected, run: RunConfig) -> MemoryPlan:
     expert_bytes = spec.expert_numel() * dtype.itemsize
     budget = run.memory_budget
     if budget is None and run.expert_slots is None:
-        budget = automatic_budget(run.device)
+        budget = automatic_budget(run.device, spec.total_experts * expert_bytes)
     allocator = cuda_allocator_bytes(sizes, len(spec.expert_params)) if run.device.type == "cuda" else 0
     return plan_memory(spec, non_expert, kv, work, expert_bytes, budget, run.expert_slots, max_context, run.max_batch,
                        allocator, grows)
 
 
-def automatic_budget(device: torch.device) -> int:
+def automatic_budget(device: torch.device, experts_bytes: int, memory: HostMemory | None = None) -> int:
+    """CUDA: a share of the free GPU memory. CPU: a share of the memory this process may use (a cgroup limit
+    counted): half where the page cache is to hold the model's files, all but a reserve for the process
+    itself where the model does not fit and the direct tier reads around the page cache."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return max(0, int(free * CUDA_BUDGET_SHARE) - CUDA_RESERVE)
-    return int(psutil.virtual_memory().available * CPU_BUDGET_SHARE)
+    memory = memory or host_memory()
+    if not fits_in_memory(experts_bytes, memory):
+        return max(0, int((memory.available_bytes - PROCESS_RESERVE) * DIRECT_BUDGET_SHARE))
+    return int(memory.available_bytes * CPU_BUDGET_SHARE)
 
 
-def host_mode(run: RunConfig, plan: MemoryPlan) -> str:
-    """As asked; otherwise pinned RAM with CUDA when every expert fits in available RAM with room to spare,
-    else copy them from the memory-mapped files on demand (the CPU default: the page cache holds them already)."""
+def fits_in_memory(experts_bytes: int, memory: HostMemory) -> bool:
+    return experts_bytes < HOST_RAM_SHARE * memory.available_bytes
+
+
+def host_mode(run: RunConfig, plan: MemoryPlan, memory: HostMemory | None = None) -> str:
+    """As asked; otherwise, when the experts do not fit in the memory this process may use (a cgroup limit
+    counted), the direct tier (read around the page cache: the slot pool is the cache); when they do, pinned
+    RAM with CUDA, else copies from the memory-mapped files on demand (the CPU default: the page cache holds
+    them already)."""
     if run.host_memory is not None:
         return run.host_memory
-    experts_bytes = plan.total_experts * plan.expert_bytes
-    fits = experts_bytes < HOST_RAM_SHARE * psutil.virtual_memory().available
-    return "pinned" if run.device.type == "cuda" and fits else "mmap"
+    if not fits_in_memory(plan.total_experts * plan.expert_bytes, memory or host_memory()):
+        return "direct"
+    return "pinned" if run.device.type == "cuda" else "mmap"
 
 
 def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
