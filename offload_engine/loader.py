@@ -9,7 +9,8 @@
     loader.drain()           # the host waits for every load, queued or in flight, on every stream and thread
 
 Demand loads start at once. Prefetches queue and start while fewer than `window` prefetched experts are in
-flight (on CUDA twice the top-k; on the CPU no limit, its copies are memcpy-fast), so a prefetch the router
+flight (on CUDA and from the disk twice the top-k; on the CPU from memory no limit, its copies are
+memcpy-fast), so a prefetch the router
 has since proved wrong can still be dropped before it takes the link, and one it proved right starts at once
 as a demand load.
 
@@ -198,8 +199,8 @@ class Loader:
         else:
             self.demand_fill = self.prefetch_fill = SlotFill(store, pool, lock)
             self.non_blocking = cuda and store.pinned
-        if window == -1:
-            window = 2 * top_k if cuda else None
+        if window == -1:  # where the link is slow (PCIe, the disk) stale prefetches must not hold it up
+            window = 2 * top_k if cuda or store.mode == "direct" else None
         if self.prefetch_ring is not None:  # a started prefetch holds its buffers until its copy is done
             window = self.prefetch_ring.size if window is None else min(window, self.prefetch_ring.size)
         if window is not None and window < 1:

@@ -45,6 +45,7 @@ def test_experts_are_read_unaligned_and_leave_the_page_cache_empty(tmp_path):
     rows, _ = engine.store.copy_plan(0, 1)
     how = set(rows[:, 5].tolist())
     assert how <= {copy_worker.DIRECT, copy_worker.DROP}
+    assert engine.cache.loader.window == 2 * engine.spec.top_k  # from the disk, stale prefetches are dropped
     assert any(offset % copy_worker.ALIGN for offset in rows[:, 2]), "no expert starts off a block boundary"
     fd = os.open(shard, os.O_RDONLY)
     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # as after a drop of the page cache
