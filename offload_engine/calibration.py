@@ -4,7 +4,8 @@ What is measured (each figure the median of timed repetitions after a warm-up; t
 rounds spread over the run, so that a machine busy for part of it shows as disagreeing repetitions):
 - host -> device copy bandwidth of one layer's experts: from pinned and pageable host memory (CUDA), and
   from the memory map of the checkpoint, warm (pages cached) and cold (pages dropped from the page cache
-  with posix_fadvise first: the disk's rate);
+  with posix_fadvise first: the disk's rate); with --host-memory direct, the direct tier's own O_DIRECT
+  reads (`direct`: the disk tier's bandwidth, which then bounds a miss);
 - the CPU computing one expert of the model, from host memory, at 1, 4, 16 and 64 tokens: its fixed cost,
   the rate it streams the weights and its FLOP/s (fitted: a + max(S / BW, n F / F));
 - the device computing one resident expert at the same token counts (a_g + n F / F_dev);
@@ -172,6 +173,8 @@ def calibrate(engine, progress: bool = True, clock: Clock = time.perf_counter) -
     link = {k: layer_bytes / t.median for k, t in copy_t.items()}
     if store.mode == "mmap":  # once: the pages are cached after it
         link["mmap_cold"] = layer_bytes / _cold_read(engine, dst, device, clock)
+    if store.mode == "direct":  # the direct tier's own reads (O_DIRECT: from the disk every time)
+        link["direct"] = layer_bytes / min(_direct_read(engine, host, clock) for _ in range(ROUNDS))
     cpu_times = {n: t.median for n, t in cpu_t.items()}
     device_times = {n: t.median for n, t in device_t.items()}
     cpu_fit = _fit(cpu_times, expert_bytes, flops)
@@ -184,7 +187,10 @@ def calibrate(engine, progress: bool = True, clock: Clock = time.perf_counter) -
     steps.update()
     steps.close()
     cuda = device.type == "cuda"
-    mode_link = link.get("pinned" if cuda and store.pinned else "mmap_warm" if store.mode == "mmap" else "pageable")
+    mode_link = link.get("pinned" if cuda and store.pinned else "mmap_warm" if store.mode == "mmap"
+                         else "direct" if store.mode == "direct" else "pageable")
+    if store.mode == "direct" and cuda:  # the disk, then the link: the slower bounds a miss
+        mode_link = min(link["direct"], link["pageable"])
     return {
         "source": "measured",
         "description": f"{'CUDA ' + torch.cuda.get_device_name(device) if cuda else 'CPU only'} / {_cpu_name()}",
@@ -237,6 +243,20 @@ def _cold_read(engine, dst: dict, device: torch.device, clock: Clock) -> float:
     for e in range(spec.num_experts):
         store.copy_into(1 % spec.num_moe_layers, e, {n: dst[n][e] for n in dst})
     _sync(device)
+    return clock() - start
+
+
+def _direct_read(engine, host: dict, clock: Clock) -> float:
+    """Reading one layer's experts the way the direct tier does (slot_fill.py: compiled O_DIRECT reads) into
+    host memory."""
+    import threading
+
+    from .slot_fill import SlotFill
+
+    spec = engine.spec
+    fill = SlotFill(engine.store, host, threading.Lock())
+    start = clock()
+    fill.now(1 % spec.num_moe_layers, [(e, e) for e in range(spec.num_experts)])
     return clock() - start
 
 

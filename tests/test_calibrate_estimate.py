@@ -126,3 +126,14 @@ def test_calibrate_measures_miss_costs_through_the_layer_call(mixtral_dir):
     assert engine.runtime.cold_experts == "stream"  # restored
     fresh = OffloadEngine.from_pretrained(mixtral_dir, device="cpu", expert_slots=4, progress=False)
     assert engine.generate([5, 6, 7], max_new_tokens=6).token_ids == fresh.generate([5, 6, 7], max_new_tokens=6).token_ids
+
+
+def test_calibrate_measures_the_direct_tiers_reads(mixtral_dir, tmp_path):
+    """With --host-memory direct, calibrate times the tier's own O_DIRECT reads of a layer's experts, and that
+    is the link a miss costs in the profile (what estimate and the cost model read)."""
+    out = tmp_path / "direct.toml"
+    assert main(["calibrate", "--model", str(mixtral_dir), "--device", "cpu", "--host-memory", "direct",
+                 "--out", str(out), "--quiet"]) == 0
+    table = read_profile_hardware(out)
+    assert table["host_memory"] == "direct" and table["link"]["direct"] > 0
+    assert table["link_bytes_per_s"] == pytest.approx(table["link"]["direct"], rel=1e-4)
