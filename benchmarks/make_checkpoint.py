@@ -10,9 +10,12 @@ so that a token's top-k has clear margins instead of near-ties; the load balance
 `--report` (routing statistics of a short random prompt, through transformers' own model).
 
 `--vocab` shrinks the embedding and head for benchmarks whose subject is the MoE layers (Python time per
-layer call, copies): the experts keep their real shape. The written layout is transformers' own in-memory
-layout (fused [E, ...] expert tensors), which the engine and `from_pretrained` both read. No tokenizer is
-written: benchmarks feed token ids.
+layer call, copies): the experts keep their real shape. `--layout hub` (the default) writes the tensor names
+and per-expert split the published checkpoints use (transformers' own reverse conversion, as save_pretrained
+does), which llama.cpp's converter also reads; `--layout fused` writes transformers' in-memory layout
+([E, ...] expert tensors). Both the engine and `from_pretrained` read either. A tokenizer padded to the
+vocabulary is written beside the weights (benchmarks/llamacpp/synthetic_tokenizer.py: byte-level BPE, the
+model's pad/BOS/EOS ids), so `moe-offload generate --model DIR --prompt ...` and the GGUF conversion work.
 """
 
 from __future__ import annotations
@@ -24,6 +27,10 @@ import sys
 from pathlib import Path
 
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script: benchmarks.llamacpp is importable from the project root
+    sys.path.insert(0, str(ROOT))
 
 ROUTER_SCALE = 8.0  # router weights at 8 x 0.02: logit gaps of ~0.5 between neighbouring experts at H ~ 2048
 INIT_STD = 0.02
@@ -60,6 +67,7 @@ SHAPES: dict[str, tuple[str, dict]] = {
         num_experts_per_tok=4, sliding_window=128, max_position_embeddings=131072, rope_theta=150000.0,
         rms_norm_eps=1e-5, tie_word_embeddings=False, eos_token_id=200002, pad_token_id=199999)),
 }
+LAYOUTS = ("hub", "fused")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
@@ -87,13 +95,19 @@ def config_of(shape: str, layers: int | None = None, vocab: int | None = None, d
 
 
 def write_random(config, out: Path, dtype: torch.dtype, seed: int = 0, router_scale: float = ROUTER_SCALE,
-                 progress: bool = True, device: str = "cpu") -> Path:
+                 progress: bool = True, device: str = "cpu", layout: str = "hub") -> Path:
     """Write random weights for `config` to `out`, one shard per decoder layer (never the whole model in
-    memory), with config.json and model.safetensors.index.json. `device`: where the numbers are drawn (a GPU
-    draws a Mixtral layer in milliseconds; the CPU takes seconds)."""
+    memory), with config.json, model.safetensors.index.json and a tokenizer. `device`: where the numbers are
+    drawn (a GPU draws a Mixtral layer in milliseconds; the CPU takes seconds). `layout`: see LAYOUTS."""
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
+    from transformers.core_model_loading import revert_weight_conversion
     from tqdm.auto import tqdm
+
+    from benchmarks.llamacpp.synthetic_tokenizer import write_for_config
+
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -112,13 +126,17 @@ def write_random(config, out: Path, dtype: torch.dtype, seed: int = 0, router_sc
         for name in groups[group]:
             shape, tdtype = shapes[name]
             tensors[name] = _random(name, shape, tdtype, generator, router_scale, device).cpu()
+        if layout == "hub":  # the published names and split; the same numbers
+            tensors = {k: t.contiguous() for k, t in revert_weight_conversion(model, tensors).items()}
+        for name, t in tensors.items():
             weight_map[name] = file
-            total += tensors[name].numel() * tensors[name].element_size()
+            total += t.numel() * t.element_size()
         save_file(tensors, str(out / file), metadata={"format": "pt"})
         del tensors
     (out / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
     config.save_pretrained(out)
+    write_for_config(out, config.to_dict())
     return out
 
 
@@ -140,9 +158,16 @@ def _is_router(name: str, shape: tuple) -> bool:
     return len(shape) == 2 and (".mlp.gate.weight" in name or ".mlp.router.weight" in name)
 
 
-def report(out: Path, tokens: int = 64, seed: int = 0) -> dict:
+def report(out: Path, tokens: int = 64, seed: int = 0, m: int = 16) -> dict:
     """Routing statistics of a random prompt through transformers' own model: per MoE layer, the share of
-    routings the busiest expert takes (1/E is perfectly balanced, 1 collapsed) and how many experts were used."""
+    routings the busiest expert takes (1/E is perfectly balanced, 1 collapsed), how many experts were used, and
+    SRP at segment length m (docs/routing-consistency.md). Random tokens carry no text's locality: what SRP
+    remains is what the random weights' routing gives by itself."""
+    import numpy as np
+
+    from offload_engine.consistency import srp
+    from offload_engine.trace_file import RoutingTrace
+
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
@@ -154,13 +179,19 @@ def report(out: Path, tokens: int = 64, seed: int = 0) -> dict:
         model(input_ids=ids)
     for h in hooks:
         h.remove()
-    E = model.config.get_text_config().num_experts if hasattr(model.config, "num_experts") else None
+    E = next(getattr(model.config, key) for key in ("num_experts", "num_local_experts", "n_routed_experts")
+             if getattr(model.config, key, None))
+    ids = torch.stack([p.view(tokens, -1) for p in picks], dim=1)  # [T, L, k]
+    trace = RoutingTrace(expert_ids=ids[None].numpy().astype(np.int16), num_experts=E,
+                         moe_layers=np.arange(len(picks)))
     rows = []
     for layer, p in enumerate(picks):
-        counts = torch.bincount(p, minlength=E or int(p.max()) + 1).float()
+        counts = torch.bincount(p, minlength=E).float()
         rows.append({"layer": layer, "busiest_share": round(float(counts.max() / counts.sum()), 3),
-                     "experts_used": int((counts > 0).sum()), "experts": len(counts)})
-    return {"tokens": tokens, "layers": rows}
+                     "experts_used": int((counts > 0).sum()), "experts": E,
+                     f"srp_m{m}": round(srp(trace, m, layer).srp, 3)})
+    return {"tokens": tokens, "experts": E, "top_k": ids.shape[-1], f"srp_m{m}": round(srp(trace, m).srp, 3),
+            "layers": rows}
 
 
 def main(argv=None) -> None:
@@ -170,6 +201,8 @@ def main(argv=None) -> None:
     parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: all of the model's)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--vocab", type=int, default=None, help="a smaller vocabulary (default: the model's)")
+    parser.add_argument("--layout", choices=LAYOUTS, default="hub",
+                        help="hub: the published tensor names (per-expert); fused: transformers' in-memory layout")
     parser.add_argument("--router-scale", type=float, default=ROUTER_SCALE)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--report", action="store_true", help="print the routing balance of a random prompt")
@@ -179,7 +212,8 @@ def main(argv=None) -> None:
     if args.out.exists() and any(args.out.iterdir()):
         raise SystemExit(f"{args.out} is not empty; give a new folder")
     config = config_of(args.shape, args.layers, args.vocab, args.dtype)
-    write_random(config, args.out, DTYPES[args.dtype], args.seed, args.router_scale, device=args.device)
+    write_random(config, args.out, DTYPES[args.dtype], args.seed, args.router_scale, device=args.device,
+                 layout=args.layout)
     size = sum(f.stat().st_size for f in args.out.glob("*.safetensors"))
     print(f"{args.shape}: {config.num_hidden_layers} layers, {size / 2**30:.2f} GiB in {args.out}", file=sys.stderr)
     if args.report:

@@ -27,7 +27,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .synthetic_tokenizer import write_tokenizer
+from .synthetic_tokenizer import write_for_config
 from .toolchain import CACHE, Toolchain
 
 HERE = Path(__file__).resolve().parent
@@ -98,15 +98,7 @@ def stage(model_dir: Path, staging: Path) -> str:
             link.symlink_to(path.resolve())
     if (model_dir / "tokenizer.json").is_file():
         return "checkpoint's own"
-    config = json.loads((model_dir / "config.json").read_text())
-    names = {}
-    for key, name in (("pad_token_id", "<pad>"), ("bos_token_id", "<s>"), ("eos_token_id", "</s>")):
-        if isinstance(config.get(key), int):
-            names.setdefault(config[key], name)
-    by_key = {key: names.get(config.get(key + "_id")) for key in ("bos_token", "eos_token", "pad_token")}
-    write_tokenizer(staging, config["vocab_size"], names, by_key["bos_token"], by_key["eos_token"], by_key["pad_token"])
-    return (f"synthetic byte-level BPE, GPT-2 splitting, vocab {config['vocab_size']} "
-            f"(256 byte symbols, pair merges, specials {names}), made by synthetic_tokenizer.py")
+    return write_for_config(staging, json.loads((model_dir / "config.json").read_text()))
 
 
 def llama_tokenize(toolchain: Toolchain, gguf: Path, text: str, add_special: bool) -> list[int]:

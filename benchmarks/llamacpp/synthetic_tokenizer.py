@@ -68,3 +68,17 @@ def write_tokenizer(directory: Path, vocab_size: int, specials: dict[int, str], 
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 4096, **special_map}
     (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     (directory / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2) + "\n")
+
+
+def write_for_config(directory: Path, config: dict) -> str:
+    """The synthetic tokenizer of a model config (config.json's fields): its vocab_size, with pad, BOS and EOS
+    at their configured ids. Says what it wrote."""
+    names = {}
+    for key, name in (("pad_token_id", "<pad>"), ("bos_token_id", "<s>"), ("eos_token_id", "</s>")):
+        if isinstance(config.get(key), int):
+            names.setdefault(config[key], name)
+    by_key = {key: names.get(config.get(key + "_id")) for key in ("bos_token", "eos_token", "pad_token")}
+    write_tokenizer(directory, config["vocab_size"], names, by_key["bos_token"], by_key["eos_token"],
+                    by_key["pad_token"])
+    return (f"synthetic byte-level BPE, GPT-2 splitting, vocab {config['vocab_size']} "
+            f"(256 byte symbols, pair merges, specials {names}), made by synthetic_tokenizer.py")
