@@ -1,5 +1,4 @@
-"""Issue 10's measurements on this machine: CPU experts against copies, the estimate against reality, and
-llama.cpp side by side.
+"""Issue 10's measurements on this machine: CPU experts against copies, and the estimate against reality.
 
 1. modes: decode tokens/s of the default model with --cold-experts stream, cpu and auto at three budgets
    (a sixth, a third and two thirds of its experts in slots), interleaved (stream, cpu, auto, stream, ...,
@@ -7,11 +6,11 @@ llama.cpp side by side.
 2. estimate: calibrate this machine (the same code as `moe-offload calibrate`), record the routing of the same
    generations, and compare `moe-offload estimate`'s decode tokens/s with the measured ones above (stream and
    cpu, three budgets): the goal is within 25%.
-3. llamacpp: llama.cpp's llama-bench (2 threads, decode after a 32-token context) against the engine (every
-   expert resident; and every expert computed on the CPU from the memory map) on the default model and on
-   the 213M Mixtral-shaped model, interleaved. Needs `bash benchmarks/llamacpp/setup.sh` once.
 
-    python benchmarks/bench_cpu_experts.py [--part modes|estimate|llamacpp|all] [--repeats 3] [--tokens 64]
+Side by side with llama.cpp: benchmarks/bench_vs_llamacpp.py (each program a fresh process; the llama.cpp part
+that lived here ran llama-bench beside two live engines, which cut llama.cpp's rate up to 15x).
+
+    python benchmarks/bench_cpu_experts.py [--part modes|estimate|all] [--repeats 3] [--tokens 64]
 """
 
 from __future__ import annotations
@@ -98,53 +97,13 @@ def estimate_part(model: Path, modes: dict, hardware: dict) -> dict:
     return out
 
 
-def llamacpp_part(repeats: int, tokens: int, models: tuple[str, ...] = ("default", "213m")) -> dict:
-    from benchmarks.llamacpp.bench import ensure_mixtral_213m, llama_bench
-    from benchmarks.llamacpp.convert import convert
-    from offload_engine import OffloadEngine
-    from offload_engine.loading import inspect_checkpoint
-    from offload_engine.run_config import RunConfig
-
-    results = {}
-    chosen = {"default": ("default model (bf16)", lambda: DEFAULT_MODEL),
-              "213m": ("213M Mixtral-shaped (fp32)", ensure_mixtral_213m)}
-    for name, path in ((chosen[m][0], chosen[m][1]()) for m in models):
-        gguf = convert(path).gguf
-        spec = inspect_checkpoint(path, RunConfig.build(device="cpu", expert_slots=1, progress=False)).spec
-        resident = OffloadEngine.from_pretrained(path, expert_slots=spec.total_experts, max_context=256, progress=False)
-        cpu = OffloadEngine.from_pretrained(path, expert_slots=spec.top_k, cold_experts="cpu", max_context=256,
-                                            progress=False)
-        prompt = list(range(100, 132))  # 32 tokens of context, as llama-bench -d 32
-        for e in (resident, cpu):
-            e.generate(prompt, max_new_tokens=8, ignore_eos=True)
-        runs = {
-            "llama.cpp": lambda: llama_bench(gguf, threads=2, n_tokens=tokens, repetitions=1, depth=32),
-            "engine, every expert resident": lambda: resident.generate(prompt, max_new_tokens=tokens,
-                                                                       ignore_eos=True).stats,
-            "engine, CPU experts from the memory map": lambda: cpu.generate(prompt, max_new_tokens=tokens,
-                                                                            ignore_eos=True).stats,
-        }
-        got = interleaved(runs, repeats)
-        rate = lambda x: x["decode_tokens_per_s"] if isinstance(x, dict) else x.decode_tokens_per_s  # noqa: E731
-        medians = {k: statistics.median(rate(x) for x in v) for k, v in got.items()}
-        # the machine's speed drifts between rounds (a shared VM): each round's ratio, beside the medians' ratio
-        base = [rate(x) for x in got["llama.cpp"]]
-        results[name] = {k: {"decode_tokens_per_s": m, "runs": [round(rate(x), 2) for x in got[k]],
-                             "ratio_to_llama_cpp": m / medians["llama.cpp"],
-                             "ratio_per_round": [round(rate(x) / b, 3) for x, b in zip(got[k], base)],
-                             "median_ratio_per_round": statistics.median(rate(x) / b for x, b in zip(got[k], base))}
-                         for k, m in medians.items()}
-    return results
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=("modes", "estimate", "llamacpp", "all"), default="all")
+    parser.add_argument("--part", choices=("modes", "estimate", "all"), default="all")
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--llamacpp-models", default="default,213m", help="which models to compare with llama.cpp")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_cpu_experts.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -182,13 +141,6 @@ def main() -> None:
         for row in modes.values():
             row.pop("trace")
         out["modes"] = modes
-    if args.part in ("llamacpp", "all"):
-        out["llamacpp"] = llamacpp_part(args.repeats, args.tokens, tuple(args.llamacpp_models.split(",")))
-        print("\nside by side with llama.cpp (2 threads, decode after 32 tokens of context, interleaved)")
-        for model, row in out["llamacpp"].items():
-            for name, v in row.items():
-                print(f"  {model:<28} {name:<42} {v['decode_tokens_per_s']:8.1f} tok/s  x{v['ratio_to_llama_cpp']:.2f}  "
-                      f"(per round: median x{v['median_ratio_per_round']:.2f})")
     out["load_after"] = os.getloadavg()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1, default=str))

@@ -28,7 +28,6 @@ import json
 import os
 import platform
 import re
-import shutil
 import statistics
 import subprocess
 import sys
@@ -37,7 +36,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.fresh_process import MemoryCgroup, drop_page_cache, load_average, run_watched, wait_until_quiet  # noqa: E402
+from benchmarks.fresh_process import MemoryCgroup, drop_page_cache, run_watched, wait_until_quiet  # noqa: E402
+from benchmarks.llamacpp.bench import llama_completion_command, llama_timer  # noqa: E402
 
 PROMPT = "The history of the city begins with a small settlement on the river, where"
 ENGINE_CONFIGS = {
@@ -47,7 +47,7 @@ ENGINE_CONFIGS = {
 
 
 def parse_bytes(text: str) -> int:
-    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?i?B?)\s*", text, re.I)
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*", text, re.I)
     if not m:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 3GiB)")
     unit = m.group(2).upper().rstrip("B").rstrip("I")
@@ -72,25 +72,7 @@ def engine_command(model: Path, config: str, tokens: int) -> list[str]:
 
 
 def llama_command(gguf: Path, tokens: int, threads: int) -> list[str]:
-    from benchmarks.llamacpp.toolchain import Toolchain
-
-    binary = Toolchain.load().binary("llama-completion")
-    return [str(binary), "-m", str(gguf), "-p", PROMPT, "-n", str(tokens), "--temp", "0", "--ignore-eos", "-no-cnv",
-            "--no-display-prompt", "-t", str(threads), "-s", "0", "--no-warmup"]
-
-
-def llama_timer(stderr: str) -> dict:
-    """llama.cpp's own timer (llama_perf_context_print): prompt and decode times."""
-    out = {}
-    for key, name in (("prompt eval time", "prompt"), ("eval time", "decode")):
-        m = re.search(rf"(?<!prompt ){key}\s*=\s*([\d.]+) ms /\s*(\d+) (?:tokens|runs)", stderr)
-        if m:
-            out[f"{name}_ms"], out[f"{name}_n"] = float(m.group(1)), int(m.group(2))
-    if "decode_ms" in out and out["decode_n"]:
-        out["decode_tokens_per_s"] = out["decode_n"] / (out["decode_ms"] / 1000)
-    if "prompt_ms" in out:
-        out["ttft_s"] = out["prompt_ms"] / 1000
-    return out
+    return llama_completion_command(gguf, PROMPT, tokens, threads)
 
 
 def one_run(name: str, command: list[str], group: MemoryCgroup, tokens: int) -> dict:

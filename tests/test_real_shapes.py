@@ -123,3 +123,17 @@ def test_report_gives_balance_and_srp(written):
     for row in report["layers"]:
         assert 1 / 64 <= row["busiest_share"] <= 1 and 8 <= row["experts_used"] <= 64
         assert 0 < row["srp_m16"] <= 1
+
+
+def test_tokenizer_fills_vocabularies_past_the_pairs(tmp_path):
+    """gpt-oss's 201,088 entries: more than the 65,536 pair merges, so pairs take a third symbol."""
+    from transformers import AutoTokenizer
+
+    from benchmarks.llamacpp.synthetic_tokenizer import write_for_config
+
+    config = mc.config_of("gpt-oss-20b").to_dict()
+    write_for_config(tmp_path, config)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    assert len(tokenizer) == config["vocab_size"]
+    text = "Über Größe: the history of the city begins, 1234 ✅"
+    assert tokenizer.decode(tokenizer(text)["input_ids"]) == text

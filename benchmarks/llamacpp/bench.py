@@ -23,10 +23,12 @@ import json
 import os
 import platform
 import statistics
+import re
 import subprocess
 from pathlib import Path
 
 from .convert import convert
+from .synthetic_tokenizer import write_for_config
 from .toolchain import CACHE, ROOT, Toolchain
 
 DEFAULT_MODEL = ROOT / "offload_engine" / "default_model"
@@ -52,14 +54,39 @@ def llama_bench(gguf_path: Path, threads: int = 2, n_tokens: int = 64, repetitio
             "n_tokens": n_tokens, "depth": depth, "repetitions": repetitions, "command": cmd, "llama_bench": record}
 
 
+def llama_completion_command(gguf_path: Path, prompt: str, n_tokens: int, threads: int = 2,
+                             toolchain: Toolchain | None = None) -> list[str]:
+    """llama-completion, greedy, one prompt, no chat template, no warm-up: a new user's one-shot run."""
+    binary = (toolchain or Toolchain.load()).binary("llama-completion")
+    return [str(binary), "-m", str(gguf_path), "-p", prompt, "-n", str(n_tokens), "--temp", "0", "--ignore-eos",
+            "-no-cnv", "--no-display-prompt", "-t", str(threads), "-s", "0", "--no-warmup"]
+
+
+def llama_timer(stderr: str) -> dict:
+    """llama.cpp's own timer (llama_perf_context_print on stderr): prompt and decode times, decode tokens/s
+    and the time to the first token."""
+    out = {}
+    for key, name in (("prompt eval time", "prompt"), ("eval time", "decode")):
+        m = re.search(rf"(?<!prompt ){key}\s*=\s*([\d.]+) ms /\s*(\d+) (?:tokens|runs)", stderr)
+        if m:
+            out[f"{name}_ms"], out[f"{name}_n"] = float(m.group(1)), int(m.group(2))
+    if out.get("decode_n"):
+        out["decode_tokens_per_s"] = out["decode_n"] / (out["decode_ms"] / 1000)
+    if "prompt_ms" in out:
+        out["ttft_s"] = out["prompt_ms"] / 1000
+    return out
+
+
 def ensure_mixtral_213m(path: Path = MIXTRAL_213M) -> Path:
-    """bench_offload.py's checkpoint (its make_checkpoint: seed 0, fp32), made once."""
+    """bench_offload.py's checkpoint (its make_checkpoint: seed 0, fp32) with a synthetic tokenizer, made once."""
     spec = importlib.util.spec_from_file_location("bench_offload", ROOT / "benchmarks" / "bench_offload.py")
     bench_offload = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench_offload)
     import torch
 
     bench_offload.make_checkpoint(path, torch.float32)
+    if not (path / "tokenizer.json").is_file():  # so the engine's CLI and llama-completion take the same text
+        write_for_config(path, json.loads((path / "config.json").read_text()))
     return path
 
 

@@ -4,8 +4,9 @@ llama.cpp's converter cannot write a GGUF without a tokenizer (a Llama/Mixtral c
 sentencepiece, Llama-HF BPE and GPT-2 BPE, and AutoTokenizer fails on the last). Decode speed does not depend
 on the vocabulary's content, only on its size (the embedding and output shapes), so the tokenizer is made in
 closed form, no corpus and no training: the checkpoint's special tokens at their config ids, the 256
-byte-level symbols, then merges of two symbols (both frequent-first, by the sum of their ranks) until the
-vocabulary is full. Same input, same bytes out.
+byte-level symbols, then merges of two symbols (both frequent-first, by the sum of their ranks) and, past the
+65,536 pairs (Qwen3's and gpt-oss's vocabularies), of a pair with a third symbol, until the vocabulary is full.
+Same input, same bytes out.
 
 >>> vocab, merges = byte_level_bpe(300, {0: "<pad>", 1: "<s>", 2: "</s>"})
 >>> len(vocab), len(merges), vocab["<s>"], merges[0]
@@ -40,11 +41,14 @@ def byte_level_bpe(vocab_size: int, specials: dict[int, str]) -> tuple[dict[str,
     order = list(dict.fromkeys(list(_FIRST) + list(range(256))))
     symbols = [alphabet[b] for b in order]
     n_merges = vocab_size - len(specials) - len(symbols)
-    if n_merges < 0 or n_merges > len(symbols) ** 2:
-        raise ValueError(f"vocab_size {vocab_size} cannot hold {len(specials)} specials and 256 byte symbols")
     n = len(symbols)
+    if n_merges < 0 or n_merges > n ** 2 + n ** 3:
+        raise ValueError(f"vocab_size {vocab_size} cannot hold {len(specials)} specials and 256 byte symbols")
     pairs = sorted(((i, j) for i in range(n) for j in range(n)), key=lambda p: (p[0] + p[1], p[0]))
     merges = [(symbols[i], symbols[j]) for i, j in pairs[:n_merges]]
+    # a pair's token joined with one more symbol: the pair's merge ranks before it, as BPE needs
+    triples = ((symbols[i] + symbols[j], symbols[k]) for i, j in pairs for k in range(n))
+    merges += [next(triples) for _ in range(max(0, n_merges - n ** 2))]
     free = iter(i for i in range(vocab_size) if i not in specials)
     vocab = {name: i for i, name in specials.items()}
     for token in symbols + [a + b for a, b in merges]:
