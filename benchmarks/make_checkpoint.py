@@ -135,6 +135,7 @@ def write_random(config, out: Path, dtype: torch.dtype, seed: int = 0, router_sc
         del tensors
     (out / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    config.architectures = [type(model).__name__]  # as published; llama.cpp's converter goes by it
     config.save_pretrained(out)
     write_for_config(out, config.to_dict())
     return out

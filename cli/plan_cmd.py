@@ -35,7 +35,8 @@ def run(args) -> int:
             "expert_bytes": plan.expert_bytes, "expert_slots": plan.expert_slots,
             "total_experts": plan.total_experts, "resident_share": plan.resident_share,
             "total_bytes": plan.total_bytes, "minimum_bytes": plan.minimum_bytes,
-            "kv_cache_grows": plan.kv_cache_grows, "host_memory": host, "experts_total_bytes": experts_bytes,
+            "kv_cache_grows": plan.kv_cache_grows, "max_context": plan.max_context,
+            "context_fitted": plan.context_fitted, "host_memory": host, "experts_total_bytes": experts_bytes,
             "host_available_bytes": memory.available_bytes, "memory_limit_bytes": memory.limit_bytes,
             "experts_fit_in_memory": fits_in_memory(experts_bytes, memory),
         }))

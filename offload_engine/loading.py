@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointTensors, read_config, resolve_checkpoint
 from .checkpoint_layout import CheckpointLayout
-from .errors import CheckpointError, ConfigError, ContextTooLongError, UnsupportedModelError
+from .errors import CheckpointError, ContextTooLongError, MemoryBudgetError, UnsupportedModelError
 from .expert_cache import ExpertCache
 from .expert_store import ExpertStore
 from .hardware_profile import calibrated_model, hardware_of, model_name
@@ -39,6 +39,7 @@ CUDA_BUDGET_SHARE = 0.9  # of free GPU memory
 CUDA_RESERVE = 512 * 1024**2  # CUDA context, cuBLAS workspaces, fragmentation
 HOST_RAM_SHARE = 0.7  # the experts "fit" (pinned with CUDA, else the page cache) below this share of what is available
 DIRECT_BUDGET_SHARE = 0.85  # the direct tier on the CPU: of what is available beyond the process's own reserve
+MIN_FITTED_CONTEXT = 256  # the default context is lowered to fit a tight memory limit, not below this
 PROCESS_RESERVE = 768 * 1024**2  # Python, torch and transformers themselves, the loader's reads, the tokenizer
 
 
@@ -129,21 +130,39 @@ def make_plan(inspected: Inspected, run: RunConfig) -> MemoryPlan:
     if run.max_context is not None and run.max_context > limit:
         raise ContextTooLongError(f"--max-context {run.max_context} exceeds the model's context of {limit} tokens; "
                                   "lower it", run.max_context, limit)
-    max_context = run.max_context or min(limit, DEFAULT_MAX_CONTEXT)
     config = inspected.model.config  # the built model's: it knows the attention implementation chosen
     grows = not getattr(inspected.model, "_can_compile_fullgraph", False)  # no static cache (engine._kv_cache)
-    if grows:
-        kv = growing_kv_bytes(config, dtype, max_context, run.max_batch)
-    else:
-        kv = kv_bytes_per_token(config, dtype) * max_context * run.max_batch
-    work = working_bytes(config, spec, dtype, max_context, run.max_batch)
     expert_bytes = spec.expert_numel() * dtype.itemsize
     budget = run.memory_budget
     if budget is None and run.expert_slots is None:
         budget = automatic_budget(run.device, spec.total_experts * expert_bytes)
     allocator = cuda_allocator_bytes(sizes, len(spec.expert_params)) if run.device.type == "cuda" else 0
-    return plan_memory(spec, non_expert, kv, work, expert_bytes, budget, run.expert_slots, max_context, run.max_batch,
-                       allocator, grows)
+
+    def plan_for(max_context: int, fitted: bool = False) -> MemoryPlan:
+        if grows:
+            kv = growing_kv_bytes(config, dtype, max_context, run.max_batch)
+        else:
+            kv = kv_bytes_per_token(config, dtype) * max_context * run.max_batch
+        work = working_bytes(config, spec, dtype, max_context, run.max_batch)
+        return plan_memory(spec, non_expert, kv, work, expert_bytes, budget, run.expert_slots, max_context,
+                           run.max_batch, allocator, grows, fitted)
+
+    if run.max_context is not None or run.memory_budget is not None or run.expert_slots is not None:
+        return plan_for(run.max_context or min(limit, DEFAULT_MAX_CONTEXT))
+    # Nothing asked: under a tight memory limit the default context's KV cache and prefill activations would
+    # leave the slot pool too small for one token's experts (or not fit at all); halve it until they fit.
+    max_context, wanted = min(limit, DEFAULT_MAX_CONTEXT), spec.top_k * len(spec.moe_layers)
+    while True:
+        fitted = max_context < min(limit, DEFAULT_MAX_CONTEXT)
+        try:
+            plan = plan_for(max_context, fitted)
+        except MemoryBudgetError:
+            if max_context // 2 < MIN_FITTED_CONTEXT:
+                raise
+        else:
+            if plan.expert_slots >= min(wanted, spec.total_experts) or max_context // 2 < MIN_FITTED_CONTEXT:
+                return plan
+        max_context //= 2
 
 
 def automatic_budget(device: torch.device, experts_bytes: int, memory: HostMemory | None = None) -> int:

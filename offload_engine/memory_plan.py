@@ -134,6 +134,7 @@ class MemoryPlan:
     batch: int
     allocator_bytes: int = 0  # CUDA: what the caching allocator's rounding adds to the tensors above
     kv_cache_grows: bool = False  # no static cache: counted at its most (growing_kv_bytes), allocated as it grows
+    context_fitted: bool = False  # max_context was not asked for and was lowered from the default to fit the budget
 
     @property
     def fixed_bytes(self) -> int:
@@ -160,7 +161,8 @@ class MemoryPlan:
         rows = [
             ("memory budget", budget),
             ("non-expert weights", format_bytes(self.non_expert_bytes)),
-            (f"KV cache ({self.batch} x {self.max_context} tokens{', grows' if self.kv_cache_grows else ''})",
+            (f"KV cache ({self.batch} x {self.max_context} tokens{', grows' if self.kv_cache_grows else ''}"
+             f"{', lowered to fit' if self.context_fitted else ''})",
              format_bytes(self.kv_cache_bytes)),
             ("working memory (estimate)", format_bytes(self.working_bytes)),
             *([("allocator rounding (CUDA)", format_bytes(self.allocator_bytes))] if self.allocator_bytes else []),
@@ -185,12 +187,13 @@ def plan_memory(
     batch: int,
     allocator_bytes: int = 0,
     kv_cache_grows: bool = False,
+    context_fitted: bool = False,
 ) -> MemoryPlan:
     """Choose the slot count: as given, or as many as the budget holds (never more than there are experts).
     Given both, the budget is the hard cap and the slot count a request inside it."""
     total = spec.total_experts
     plan = MemoryPlan(budget_bytes, non_expert_bytes, kv_cache_bytes, work_bytes, expert_bytes, 0, total,
-                      spec.top_k, max_context, batch, allocator_bytes, kv_cache_grows)
+                      spec.top_k, max_context, batch, allocator_bytes, kv_cache_grows, context_fitted)
     if expert_slots is not None:
         if expert_slots < spec.top_k:
             raise MemoryBudgetError(
@@ -215,7 +218,7 @@ def plan_memory(
             f"{spec.top_k} expert slots); raise --memory-budget or lower --max-context"
         )
     return MemoryPlan(budget_bytes, non_expert_bytes, kv_cache_bytes, work_bytes, expert_bytes, slots, total,
-                      spec.top_k, max_context, batch, allocator_bytes, kv_cache_grows)
+                      spec.top_k, max_context, batch, allocator_bytes, kv_cache_grows, context_fitted)
 
 
 CUDA_LARGE = 1 << 20  # the caching allocator's small/large boundary

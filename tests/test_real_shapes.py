@@ -69,6 +69,7 @@ def test_hub_layout_two_layers_match_transformers(written, shape):
     keys = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
     assert any(".experts.0." in k for k in keys) or shape == "gpt-oss-20b", "hub layout stores experts one by one"
     assert (path / "tokenizer.json").is_file()
+    assert json.loads((path / "config.json").read_text())["architectures"][0].endswith("ForCausalLM")
     dtype = torch.bfloat16 if REAL else torch.float32
     reference = _reference(path, dtype)
     experts = mc.config_of(shape)  # the real model's count
