@@ -1,6 +1,6 @@
 """A model at least 3x larger than the memory it may use, side by side with llama.cpp under the same limit.
 
-    python benchmarks/bench_larger_than_ram.py [--shape qwen3-30b-a3b] [--layers 8] [--limit 3GiB]
+    python benchmarks/bench_larger_than_ram.py [--shape qwen3-30b-a3b] [--layers 8] [--vocab N] [--limit 3GiB]
         [--tokens 32] [--rounds 2] [--configs llama.cpp,lru,predictive] [--out runs/larger_than_ram.json]
 
 Makes (once) a random-weight bf16 checkpoint of a real model's shape (benchmarks/make_checkpoint.py) and its
@@ -58,10 +58,11 @@ def checkpoint_bytes(directory: Path) -> int:
     return sum(p.stat().st_size for p in directory.glob("*.safetensors"))
 
 
-def make_checkpoint(shape: str, layers: int, out: Path) -> Path:
+def make_checkpoint(shape: str, layers: int, out: Path, vocab: int | None = None) -> Path:
     if not (out / "config.json").exists():
         subprocess.run([sys.executable, str(ROOT / "benchmarks" / "make_checkpoint.py"), "--shape", shape,
-                        "--layers", str(layers), "--dtype", "bf16", "--out", str(out)], check=True)
+                        "--layers", str(layers), "--dtype", "bf16", "--out", str(out),
+                        *(["--vocab", str(vocab)] if vocab else [])], check=True)
     return out
 
 
@@ -100,11 +101,13 @@ def main() -> int:
     p.add_argument("--shape", default="qwen3-30b-a3b")
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--limit", type=parse_bytes, default=parse_bytes("3GiB"), help="the cgroup's memory limit")
+    p.add_argument("--vocab", type=int, default=None,
+                   help="a smaller vocabulary (default: the model's; the experts keep their real shape)")
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--threads", type=int, default=2, help="llama.cpp's threads (the engine takes its default)")
     p.add_argument("--configs", default="llama.cpp,lru,predictive")
-    p.add_argument("--checkpoint", type=Path, default=None, help="default: /tmp/ck/<shape>-<layers>")
+    p.add_argument("--checkpoint", type=Path, default=None, help="default: /tmp/ck/<shape>-<layers>[-v<vocab>]")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "larger_than_ram.json")
     args = p.parse_args()
 
@@ -113,7 +116,8 @@ def main() -> int:
         print(f"bench_larger_than_ram: cannot limit memory here: {why}", file=sys.stderr)
         return 2
     configs = args.configs.split(",")
-    model = make_checkpoint(args.shape, args.layers, args.checkpoint or Path(f"/tmp/ck/{args.shape}-{args.layers}"))
+    default = Path(f"/tmp/ck/{args.shape}-{args.layers}" + (f"-v{args.vocab}" if args.vocab else ""))
+    model = make_checkpoint(args.shape, args.layers, args.checkpoint or default, args.vocab)
     size = checkpoint_bytes(model)
     if size < 3 * args.limit:
         print(f"bench_larger_than_ram: the checkpoint ({size / 2**30:.1f} GiB) is not 3x the limit "
@@ -157,6 +161,7 @@ def main() -> int:
                 summary[name]["hit_rate"] = statistics.median(r["hit_rate"] for r in mine)
     record = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
               "machine": platform.node(), "cpu": _cpu(), "shape": args.shape, "layers": args.layers,
+              "vocab": args.vocab,
               "checkpoint_bytes": size, "limit_bytes": args.limit, "tokens": args.tokens, "rounds": args.rounds,
               "commands": commands, "one_token_read_bytes": base, "runs": rows, "medians": summary}
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,18 +116,24 @@ def run_watched(command: list[str], group: MemoryCgroup | None = None, env: dict
     if group is not None:
         group.reset_peak()
     start = time.perf_counter()
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd,
-                            preexec_fn=group.add_self if group is not None else None)
+    # errors="replace": a random-weight model's text may end inside a UTF-8 sequence
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace",
+                            env=env, cwd=cwd, preexec_fn=group.add_self if group is not None else None)
     read_bytes = rss = 0
     out_parts: list[str] = []
     err_parts: list[str] = []
-    import threading
-
     readers = [threading.Thread(target=lambda s=s, parts=p: parts.append(s.read()), daemon=True)
                for s, p in ((proc.stdout, out_parts), (proc.stderr, err_parts))]
     for r in readers:
         r.start()
-    while proc.poll() is None:
+    while True:
+        # reaped here, not by Popen: the child's own rusage counts every block it read, to the last one
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            read_bytes = max(read_bytes, usage.ru_inblock * 512)
+            rss = max(rss, usage.ru_maxrss * 1024)
+            break
         read_bytes = max(read_bytes, _io_read_bytes(proc.pid))
         rss = max(rss, _hwm(proc.pid))
         if time.perf_counter() - start > timeout_s:

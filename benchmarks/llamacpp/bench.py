@@ -70,7 +70,7 @@ def llama_timer(stderr: str) -> dict:
         m = re.search(rf"(?<!prompt ){key}\s*=\s*([\d.]+) ms /\s*(\d+) (?:tokens|runs)", stderr)
         if m:
             out[f"{name}_ms"], out[f"{name}_n"] = float(m.group(1)), int(m.group(2))
-    if out.get("decode_n"):
+    if out.get("decode_n") and out.get("decode_ms"):
         out["decode_tokens_per_s"] = out["decode_n"] / (out["decode_ms"] / 1000)
     if "prompt_ms" in out:
         out["ttft_s"] = out["prompt_ms"] / 1000
