@@ -158,10 +158,10 @@ def main() -> int:
     os.replace(tmp, args.out)
     print(f"\ndecode tok/s, medians of {args.rounds} interleaved rounds, {args.tokens} tokens, {args.threads} threads, "
           f"load average now {load_average():.2f}")
-    print(f"{'model':<22}" + "".join(f"{name:>18}" for name in programs) + f"{'engine / llama-bench':>22}")
+    print(f"{'model':<22}" + "".join(f"{name:>20}" for name in programs) + f"{'engine / llama-bench':>22}")
     for name, m in record["models"].items():
         ratio = m.get("ratio_to_llama-bench", {}).get("engine", float("nan"))
-        print(f"{name:<22}" + "".join(f"{m['medians'][p]:>18.2f}" for p in programs) + f"{ratio:>22.3f}")
+        print(f"{name:<22}" + "".join(f"{m['medians'][p]:>20.2f}" for p in programs) + f"{ratio:>22.3f}")
         if {"llama-bench", "llama-completion"} <= set(programs):
             cross = m["medians"]["llama-completion"] / m["medians"]["llama-bench"]
             print(f"  cross-check: llama-completion's own timer / llama-bench = {cross:.2f}")
