@@ -132,3 +132,29 @@ def test_plan_under_a_real_cgroup_limit_reports_it():
             except OSError:
                 import time
                 time.sleep(0.1)
+
+
+def test_a_tight_automatic_budget_lowers_the_default_context_until_one_tokens_experts_fit(monkeypatch):
+    from offload_engine import DEFAULT_MODEL, loading
+    from offload_engine.errors import MemoryBudgetError
+    from offload_engine.run_config import RunConfig
+
+    run = RunConfig.build(device="cpu", progress=False)
+    inspected = loading.inspect_checkpoint(DEFAULT_MODEL, run)
+    roomy = loading.make_plan(inspected, run)
+    assert roomy.max_context == 1024 and not roomy.context_fitted  # the model's own limit, under 4096
+    wanted = inspected.spec.top_k * len(inspected.spec.moe_layers)  # one token's experts, every layer
+    at_512 = loading.make_plan(inspected, RunConfig.build(device="cpu", max_context=512, progress=False))
+    budget = at_512.fixed_bytes + wanted * at_512.expert_bytes  # fits them at 512 tokens, not at 1024
+    monkeypatch.setattr(loading, "automatic_budget", lambda *a, **k: budget)
+    plan = loading.make_plan(inspected, run)
+    assert plan.context_fitted and plan.max_context == 512 and plan.expert_slots >= wanted
+    assert "lowered to fit" in plan.describe()
+    # asked for, the context is kept and a budget that cannot hold it is refused
+    with pytest.raises(MemoryBudgetError):
+        loading.make_plan(inspected, RunConfig.build(device="cpu", max_context=1024, memory_budget=budget,
+                                                     progress=False))
+    # too small at every context: the refusal names the minimum, as before
+    monkeypatch.setattr(loading, "automatic_budget", lambda *a, **k: at_512.non_expert_bytes)
+    with pytest.raises(MemoryBudgetError, match="too small"):
+        loading.make_plan(inspected, run)
