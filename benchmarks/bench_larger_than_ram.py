@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import platform
 import re
 import statistics
@@ -36,6 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from offload_engine.atomic_write import atomic_output  # noqa: E402
 from benchmarks.fresh_process import MemoryCgroup, drop_page_cache, run_watched, wait_until_quiet  # noqa: E402
 from benchmarks.llamacpp.bench import llama_completion_command, llama_timer  # noqa: E402
 
@@ -165,9 +165,8 @@ def main() -> int:
               "checkpoint_bytes": size, "limit_bytes": args.limit, "tokens": args.tokens, "rounds": args.rounds,
               "commands": commands, "one_token_read_bytes": base, "runs": rows, "medians": summary}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=1, default=str))
-    os.replace(tmp, args.out)
+    with atomic_output(args.out) as f:
+        f.write(json.dumps(record, indent=1, default=str).encode())
     print(f"\n{args.shape}, {args.layers} layers: {size / 2**30:.1f} GiB under a {args.limit / 2**30:.1f} GiB limit, "
           f"{args.tokens} tokens, medians of {args.rounds} interleaved rounds")
     print(f"{'config':<12}{'decode tok/s':>13}{'TTFT s':>9}{'MB read/token':>15}{'peak MiB':>10}{'hit rate':>9}"

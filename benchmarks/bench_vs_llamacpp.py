@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from offload_engine.atomic_write import atomic_output  # noqa: E402
 from benchmarks.fresh_process import load_average, run_watched, wait_until_quiet  # noqa: E402
 
 PROMPT = "The history of the city begins with a small settlement on the river, where"
@@ -153,9 +154,8 @@ def main() -> int:
                                         "ratio_to_" + base: {k: statistics.median(v) for k, v in per_round.items()},
                                         "ratio_per_round": per_round}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=1, default=str))
-    os.replace(tmp, args.out)
+    with atomic_output(args.out) as f:
+        f.write(json.dumps(record, indent=1, default=str).encode())
     print(f"\ndecode tok/s, medians of {args.rounds} interleaved rounds, {args.tokens} tokens, {args.threads} threads, "
           f"load average now {load_average():.2f}")
     print(f"{'model':<22}" + "".join(f"{name:>20}" for name in programs) + f"{'engine / llama-bench':>22}")
