@@ -147,21 +147,22 @@ def make_plan(inspected: Inspected, run: RunConfig) -> MemoryPlan:
         return plan_memory(spec, non_expert, kv, work, expert_bytes, budget, run.expert_slots, max_context,
                            run.max_batch, allocator, grows, fitted)
 
+    default = min(limit, DEFAULT_MAX_CONTEXT)
     if run.max_context is not None or run.memory_budget is not None or run.expert_slots is not None:
-        return plan_for(run.max_context or min(limit, DEFAULT_MAX_CONTEXT))
+        return plan_for(run.max_context or default)
     # Nothing asked: under a tight memory limit the default context's KV cache and prefill activations would
     # leave the slot pool too small for one token's experts (or not fit at all); halve it until they fit.
-    max_context, wanted = min(limit, DEFAULT_MAX_CONTEXT), spec.top_k * len(spec.moe_layers)
+    wanted = min(spec.top_k * len(spec.moe_layers), spec.total_experts)
+    max_context = default
     while True:
-        fitted = max_context < min(limit, DEFAULT_MAX_CONTEXT)
+        last = max_context // 2 < MIN_FITTED_CONTEXT
         try:
-            plan = plan_for(max_context, fitted)
-        except MemoryBudgetError:
-            if max_context // 2 < MIN_FITTED_CONTEXT:
-                raise
-        else:
-            if plan.expert_slots >= min(wanted, spec.total_experts) or max_context // 2 < MIN_FITTED_CONTEXT:
+            plan = plan_for(max_context, fitted=max_context < default)
+            if plan.expert_slots >= wanted or last:
                 return plan
+        except MemoryBudgetError:
+            if last:
+                raise
         max_context //= 2
 
 

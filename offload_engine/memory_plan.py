@@ -9,7 +9,7 @@ after another and a batch that needs more experts than there are slots is served
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 
 import torch
@@ -217,8 +217,7 @@ def plan_memory(
             f"KV cache {format_bytes(kv_cache_bytes)}, working {format_bytes(work_bytes)}, "
             f"{spec.top_k} expert slots); raise --memory-budget or lower --max-context"
         )
-    return MemoryPlan(budget_bytes, non_expert_bytes, kv_cache_bytes, work_bytes, expert_bytes, slots, total,
-                      spec.top_k, max_context, batch, allocator_bytes, kv_cache_grows, context_fitted)
+    return replace(plan, expert_slots=slots)
 
 
 CUDA_LARGE = 1 << 20  # the caching allocator's small/large boundary
