@@ -72,10 +72,6 @@ def engine_command(model: Path, config: str, tokens: int) -> list[str]:
             "--ignore-eos", "--json", "--quiet", *ENGINE_CONFIGS[config]]
 
 
-def llama_command(gguf: Path, tokens: int, threads: int) -> list[str]:
-    return llama_completion_command(gguf, PROMPT, tokens, threads)
-
-
 def one_run(name: str, command: list[str], group: MemoryCgroup, tokens: int) -> dict:
     drop_page_cache()
     load = wait_until_quiet()
@@ -129,7 +125,7 @@ def main() -> int:
 
         gguf = convert(model).gguf
     def command(config: str, tokens: int) -> list[str]:
-        return (llama_command(gguf, tokens, args.threads) if config == "llama.cpp"
+        return (llama_completion_command(gguf, PROMPT, tokens, args.threads) if config == "llama.cpp"
                 else engine_command(model, config, tokens))
 
     commands = {c: command(c, args.tokens) for c in configs}

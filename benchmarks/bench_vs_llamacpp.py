@@ -45,18 +45,15 @@ PROGRAMS = ("llama-bench", "llama-completion", "engine", "engine-cpu-experts", "
 
 
 def commands(model: Path, gguf: Path, tokens: int, threads: int) -> dict[str, list[str]]:
-    from benchmarks.llamacpp.bench import llama_completion_command
-    from benchmarks.llamacpp.toolchain import Toolchain
+    from benchmarks.llamacpp.bench import llama_bench_command, llama_completion_command
     from offload_engine.loading import inspect_checkpoint
     from offload_engine.run_config import RunConfig
 
     spec = inspect_checkpoint(model, RunConfig.build(device="cpu", expert_slots=1, progress=False)).spec
-    bench = Toolchain.load().binary("llama-bench")
     engine = [str(Path(sys.executable).with_name("moe-offload")), "generate", "--model", str(model), "--prompt",
               PROMPT, "--max-new-tokens", str(tokens), "--ignore-eos", "--json", "--quiet", "--threads", str(threads)]
     return {
-        "llama-bench": [str(bench), "-m", str(gguf), "-t", str(threads), "-p", "0", "-n", str(tokens), "-r", "1",
-                        "-o", "json"],
+        "llama-bench": llama_bench_command(gguf, threads, tokens, repetitions=1),
         "llama-completion": llama_completion_command(gguf, PROMPT, tokens, threads),
         "engine": [*engine, "--expert-slots", str(spec.total_experts)],
         "engine-cpu-experts": [*engine, "--expert-slots", str(spec.top_k), "--cold-experts", "cpu"],

@@ -185,8 +185,8 @@ def report(out: Path, tokens: int = 64, seed: int = 0, m: int = 16) -> dict:
         h.remove()
     E = next(getattr(model.config, key) for key in ("num_experts", "num_local_experts", "n_routed_experts")
              if getattr(model.config, key, None))
-    ids = torch.stack([p.view(tokens, -1) for p in picks], dim=1)  # [T, L, k]
-    trace = RoutingTrace(expert_ids=ids[None].numpy().astype(np.int16), num_experts=E,
+    routed = torch.stack([p.view(tokens, -1) for p in picks], dim=1)  # [T, L, k]
+    trace = RoutingTrace(expert_ids=routed[None].numpy().astype(np.int16), num_experts=E,
                          moe_layers=np.arange(len(picks)))
     rows = []
     for layer, p in enumerate(picks):
@@ -194,7 +194,7 @@ def report(out: Path, tokens: int = 64, seed: int = 0, m: int = 16) -> dict:
         rows.append({"layer": layer, "busiest_share": round(float(counts.max() / counts.sum()), 3),
                      "experts_used": int((counts > 0).sum()), "experts": E,
                      f"srp_m{m}": round(srp(trace, m, layer).srp, 3)})
-    return {"tokens": tokens, "experts": E, "top_k": ids.shape[-1], f"srp_m{m}": round(srp(trace, m).srp, 3),
+    return {"tokens": tokens, "experts": E, "top_k": routed.shape[-1], f"srp_m{m}": round(srp(trace, m).srp, 3),
             "layers": rows}
 
 

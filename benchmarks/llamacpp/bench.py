@@ -41,9 +41,7 @@ def llama_bench(gguf_path: Path, threads: int = 2, n_tokens: int = 64, repetitio
     times after llama-bench's warm-up run. Returns decode_tokens_per_s (the median repetition: one stalled
     repetition on a shared machine moves llama-bench's own mean a lot), mean and stddev, every repetition's
     rate and llama-bench's JSON record."""
-    toolchain = toolchain or Toolchain.load()
-    cmd = [str(toolchain.binary("llama-bench")), "-m", str(gguf_path), "-t", str(threads), "-p", "0",
-           "-n", str(n_tokens), "-d", str(depth), "-r", str(repetitions), "-o", "json"]
+    cmd = llama_bench_command(gguf_path, threads, n_tokens, repetitions, depth, toolchain)
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"llama-bench failed (exit {out.returncode}): {' '.join(cmd)}\n{out.stderr[-2000:]}")
@@ -52,6 +50,14 @@ def llama_bench(gguf_path: Path, threads: int = 2, n_tokens: int = 64, repetitio
     return {"decode_tokens_per_s": statistics.median(samples), "mean_tokens_per_s": record["avg_ts"],
             "stddev_tokens_per_s": record["stddev_ts"], "samples_tokens_per_s": samples, "threads": threads,
             "n_tokens": n_tokens, "depth": depth, "repetitions": repetitions, "command": cmd, "llama_bench": record}
+
+
+def llama_bench_command(gguf_path: Path, threads: int = 2, n_tokens: int = 64, repetitions: int = 5, depth: int = 0,
+                        toolchain: Toolchain | None = None) -> list[str]:
+    """llama-bench timing decode only: n_tokens after `depth` tokens of context, no prompt, JSON out."""
+    binary = (toolchain or Toolchain.load()).binary("llama-bench")
+    return [str(binary), "-m", str(gguf_path), "-t", str(threads), "-p", "0", "-n", str(n_tokens), "-d", str(depth),
+            "-r", str(repetitions), "-o", "json"]
 
 
 def llama_completion_command(gguf_path: Path, prompt: str, n_tokens: int, threads: int = 2,
