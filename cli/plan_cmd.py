@@ -31,6 +31,7 @@ def run(args) -> int:
             "model_type": spec.model_type, "moe_layers": len(spec.moe_layers), "experts_per_layer": spec.num_experts,
             "top_k": spec.top_k, "dtype": str(inspected.dtype).removeprefix("torch."), "device": str(run_cfg.device),
             "budget_bytes": plan.budget_bytes, "non_expert_bytes": plan.non_expert_bytes,
+            "mapped_embedding_bytes": plan.mapped_bytes,
             "kv_cache_bytes": plan.kv_cache_bytes, "working_bytes": plan.working_bytes,
             "expert_bytes": plan.expert_bytes, "expert_slots": plan.expert_slots,
             "total_experts": plan.total_experts, "resident_share": plan.resident_share,

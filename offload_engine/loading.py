@@ -122,9 +122,33 @@ def non_expert_tensors(inspected: Inspected) -> dict[str, torch.Tensor]:
     return out
 
 
+def mapped_embedding(inspected: Inspected, device: torch.device) -> str | None:
+    """The input embedding's weight name where it stays in the memory-mapped file instead of the budget: on
+    the CPU, untied, stored in the compute dtype. A decode step reads one row of it, so the page cache holds
+    the rows the text uses and the budget's bytes go to expert slots (Qwen3-30B-A3B: 622 MB, 66 slots); a
+    tied weight is read whole by the LM head on every token, and a converted one needs a copy."""
+    if device.type != "cpu":
+        return None
+    model = inspected.model
+    embedding = model.get_input_embeddings()
+    if not isinstance(embedding, nn.Embedding):
+        return None
+    name = next((f"{n}.weight" for n, m in model.named_modules() if m is embedding), None)
+    tied = getattr(model, "all_tied_weights_keys", {}) or {}
+    if name is None or name in tied or name in tied.values():
+        return None
+    key = inspected.layout.find(name)
+    if key is None or inspected.tensors.infos[key].dtype != embedding.weight.dtype:
+        return None
+    return name
+
+
 def make_plan(inspected: Inspected, run: RunConfig) -> MemoryPlan:
     spec, dtype = inspected.spec, inspected.dtype
-    sizes = [t.numel() * t.element_size() for t in non_expert_tensors(inspected).values()]
+    tensors = non_expert_tensors(inspected)
+    mapped = mapped_embedding(inspected, run.device)
+    mapped_bytes = 0 if mapped is None else tensors[mapped].numel() * tensors[mapped].element_size()
+    sizes = [t.numel() * t.element_size() for name, t in tensors.items() if name != mapped]
     non_expert = sum(sizes)
     limit = spec.max_position_embeddings or DEFAULT_MAX_CONTEXT
     if run.max_context is not None and run.max_context > limit:
@@ -145,7 +169,7 @@ def make_plan(inspected: Inspected, run: RunConfig) -> MemoryPlan:
             kv = kv_bytes_per_token(config, dtype) * max_context * run.max_batch
         work = working_bytes(config, spec, dtype, max_context, run.max_batch)
         return plan_memory(spec, non_expert, kv, work, expert_bytes, budget, run.expert_slots, max_context,
-                           run.max_batch, allocator, grows, fitted)
+                           run.max_batch, allocator, grows, fitted, mapped_bytes)
 
     default = min(limit, DEFAULT_MAX_CONTEXT)
     if run.max_context is not None or run.memory_budget is not None or run.expert_slots is not None:
@@ -207,11 +231,13 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
 
 
 def load_non_experts(inspected: Inspected, device: torch.device, progress: bool) -> set[str]:
-    """Copy every non-expert weight to the device; returns the on-disk keys used."""
+    """Copy every non-expert weight to the device (the input embedding may stay in the memory map:
+    mapped_embedding); returns the on-disk keys used."""
     model, layout = inspected.model, inspected.layout
     tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
     used = set()
     wanted = non_expert_tensors(inspected)
+    mapped = mapped_embedding(inspected, device)
     for name, meta in tqdm(wanted.items(), desc="non-expert weights", disable=not progress, unit="tensor"):
         key = layout.find(name)
         if key is None:
@@ -228,7 +254,10 @@ def load_non_experts(inspected: Inspected, device: torch.device, progress: bool)
                 f"{list(meta.shape)}; config.json does not match the weights"
             )
         # meta.dtype is transformers' choice: the compute dtype, or fp32 where a model keeps routers in fp32
-        value = inspected.tensors.read(key).to(device=device, dtype=meta.dtype)
+        if name == mapped:  # private mapping: nothing written to it reaches the file
+            value = inspected.tensors.view(key)
+        else:
+            value = inspected.tensors.read(key).to(device=device, dtype=meta.dtype)
         _set_tensor(model, name, value)
         used.add(key)
     # Non-persistent buffers (rotary frequencies) were never saved: materialise and let transformers fill them.

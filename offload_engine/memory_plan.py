@@ -135,6 +135,7 @@ class MemoryPlan:
     allocator_bytes: int = 0  # CUDA: what the caching allocator's rounding adds to the tensors above
     kv_cache_grows: bool = False  # no static cache: counted at its most (growing_kv_bytes), allocated as it grows
     context_fitted: bool = False  # max_context was not asked for and was lowered from the default to fit the budget
+    mapped_bytes: int = 0  # the input embedding, left in the memory-mapped file (CPU; loading.mapped_embedding)
 
     @property
     def fixed_bytes(self) -> int:
@@ -161,6 +162,8 @@ class MemoryPlan:
         rows = [
             ("memory budget", budget),
             ("non-expert weights", format_bytes(self.non_expert_bytes)),
+            *([("input embedding (memory-mapped, outside the budget)", format_bytes(self.mapped_bytes))]
+              if self.mapped_bytes else []),
             (f"KV cache ({self.batch} x {self.max_context} tokens{', grows' if self.kv_cache_grows else ''}"
              f"{', lowered to fit' if self.context_fitted else ''})",
              format_bytes(self.kv_cache_bytes)),
@@ -188,12 +191,13 @@ def plan_memory(
     allocator_bytes: int = 0,
     kv_cache_grows: bool = False,
     context_fitted: bool = False,
+    mapped_bytes: int = 0,
 ) -> MemoryPlan:
     """Choose the slot count: as given, or as many as the budget holds (never more than there are experts).
     Given both, the budget is the hard cap and the slot count a request inside it."""
     total = spec.total_experts
     plan = MemoryPlan(budget_bytes, non_expert_bytes, kv_cache_bytes, work_bytes, expert_bytes, 0, total,
-                      spec.top_k, max_context, batch, allocator_bytes, kv_cache_grows, context_fitted)
+                      spec.top_k, max_context, batch, allocator_bytes, kv_cache_grows, context_fitted, mapped_bytes)
     if expert_slots is not None:
         if expert_slots < spec.top_k:
             raise MemoryBudgetError(

@@ -158,3 +158,44 @@ def test_a_tight_automatic_budget_lowers_the_default_context_until_one_tokens_ex
     monkeypatch.setattr(loading, "automatic_budget", lambda *a, **k: at_512.non_expert_bytes)
     with pytest.raises(MemoryBudgetError, match="too small"):
         loading.make_plan(inspected, run)
+
+
+def test_an_untied_input_embedding_stays_in_the_memory_map_on_the_cpu(tmp_path):
+    """On the CPU the input embedding of an untied model is a view of the file, outside the budget; a tied
+    one (the LM head reads it whole every token) is loaded as before. Tokens are the reference's either way."""
+    import tiny_models as tm
+    import torch
+    from safetensors import safe_open
+
+    from offload_engine import DEFAULT_MODEL, OffloadEngine, loading
+    from offload_engine.run_config import RunConfig
+
+    model = tm.build_reference("qwen3_moe")
+    tm.save_checkpoint(model, tmp_path, "per_expert")
+    run = RunConfig.build(device="cpu", expert_slots=4, progress=False)
+    inspected = loading.inspect_checkpoint(tmp_path, run)
+    plan = loading.make_plan(inspected, run)
+    weight = model.get_input_embeddings().weight
+    assert plan.mapped_bytes == weight.numel() * weight.element_size() > 0
+    everything = sum(t.numel() * t.element_size() for t in loading.non_expert_tensors(inspected).values())
+    assert plan.non_expert_bytes == everything - plan.mapped_bytes
+    assert "memory-mapped" in plan.describe()
+
+    engine = OffloadEngine.from_pretrained(tmp_path, expert_slots=4, progress=False)
+    loaded = engine.model.get_input_embeddings().weight
+    key = inspected.layout.find("model.embed_tokens.weight")
+    mapped = inspected.tensors.view(key)  # a second view of the same mapping of the same file
+    assert torch.equal(loaded, mapped)
+    file = inspected.tensors.infos[key].file
+    with safe_open(str(file), "pt") as f:
+        assert torch.equal(loaded, f.get_tensor(key))
+    assert not loaded.untyped_storage().resizable()  # a view over a buffer, not memory of its own
+    prompt = torch.tensor([[3, 17, 5, 9]])
+    expected = tm.reference_greedy(model, prompt, 6)[0][0].tolist()
+    assert engine.generate(prompt[0].tolist(), max_new_tokens=6, ignore_eos=True).token_ids == expected
+    engine.close()
+
+    tied = loading.inspect_checkpoint(DEFAULT_MODEL, run)
+    assert loading.mapped_embedding(tied, torch.device("cpu")) is None
+    assert loading.make_plan(tied, run).mapped_bytes == 0
+    assert loading.mapped_embedding(inspected, torch.device("meta")) is None  # only the CPU reads the map
