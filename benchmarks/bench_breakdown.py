@@ -1,5 +1,8 @@
 """Where a decode step's time goes, per token: attention, the MoE layers (and inside them the expert compute,
-copies and CPU experts), the LM head, and everything else (Python, norms, sampling, the decode loop).
+copies and CPU experts), the LM head, and everything else (Python, norms, sampling, the decode loop); and
+beside each part the bytes of weights it reads per token and the rate it reads them at, against this
+machine's read bandwidth measured in the same process (a STREAM-like sum over 1 GiB, far past the caches,
+at the same threads).
 
 Timers are forward hooks on the model's modules (attention blocks, MoE blocks, LM head) around the engine's
 own decode loop, batch 1, greedy; the engine's counters give copy and CPU-expert time. The hooks cost a few
@@ -50,6 +53,38 @@ def attach_timers(model, spec):
     return spent, handles
 
 
+def read_bandwidth(threads: int, gib: float = 1.0, repeats: int = 5) -> float:
+    """Bytes per second a sum over a `gib` GiB fp32 tensor reads at (the best of `repeats`): the most a
+    memory-bound decode step can read weights at on this machine, with `threads` threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    data = torch.ones(int(gib * (1 << 30)) // 4)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - start)
+    torch.set_num_threads(before)
+    return data.numel() * 4 / best
+
+
+def bytes_read(engine) -> dict[str, int]:
+    """Weight bytes each part reads per decode token at batch 1: every attention and LM-head weight, the MoE
+    blocks' own (router, shared experts), and top-k experts per MoE layer."""
+    def nbytes(module) -> int:
+        return sum(p.numel() * p.element_size() for p in module.parameters())
+
+    model, spec = engine.model, engine.spec
+    attention = sum(nbytes(m) for name, m in model.named_modules()
+                    if name.rsplit(".", 1)[-1] in ("self_attn", "attention", "linear_attn"))
+    blocks = sum(nbytes(model.get_submodule(path.rpartition(".")[0])) - nbytes(model.get_submodule(path))
+                 for path in spec.experts_paths)
+    head = model.get_output_embeddings()
+    return {"attention": attention, "router and shared experts": blocks,
+            "experts": spec.num_moe_layers * spec.top_k * engine.store.expert_nbytes(),
+            "lm head": nbytes(head) if head is not None else 0}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=ROOT / "offload_engine" / "default_model")
@@ -90,11 +125,23 @@ def main() -> None:
             "experts: the rest (cache, kernels)": experts - (stats.copy_s + stats.cpu_s) / steps * 1e3,
             "lm head": per.get("lm head", 0.0)}
     rows["everything else (Python, norms, sampling, loop)"] = total / steps * 1e3 - sum(rows.values())
+    weights = bytes_read(engine)
+    # experts computed on the CPU read their own bytes; the others (resident or copied) are read by the kernels
+    on_cpu = stats.cpu_experts / steps * engine.store.expert_nbytes()
+    reads = {"attention": weights["attention"], "router and shared experts": weights["router and shared experts"],
+             "experts: CPU experts": on_cpu, "experts: the rest (cache, kernels)": weights["experts"] - on_cpu,
+             "lm head": weights["lm head"]}
+    bandwidth = read_bandwidth(args.threads)
     print(f"{model.name}: {engine.plan.expert_slots} of {engine.plan.total_experts} experts resident, cold experts "
           f"{args.cold_experts}, {args.threads} threads; decode {statistics.median(rates):.1f} tok/s undisturbed "
-          f"(median of {args.repeats}); with timers {steps / total:.1f} tok/s incl. prefill")
+          f"(median of {args.repeats}); with timers {steps / total:.1f} tok/s incl. prefill; this machine reads "
+          f"{bandwidth / 1e9:.1f} GB/s (1 GiB sum, {args.threads} threads)")
     for name, ms in rows.items():
-        print(f"  {name:<50}{ms:8.3f} ms/token  {100 * ms / (total / steps * 1e3):5.1f}%")
+        line = f"  {name:<50}{ms:8.3f} ms/token  {100 * ms / (total / steps * 1e3):5.1f}%"
+        if reads.get(name) and ms > 0:
+            rate = reads[name] / (ms / 1e3)
+            line += f"  {reads[name] / 1e6:8.1f} MB/token  {rate / 1e9:5.1f} GB/s ({100 * rate / bandwidth:3.0f}%)"
+        print(line)
 
 
 if __name__ == "__main__":
