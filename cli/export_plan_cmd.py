@@ -64,7 +64,7 @@ def run(args) -> int:
 
         with atomic_output(out / OUTPUTS[0]) as f:
             torch.save(ex.sglang_record(logical), f)
-        distribution = str(out / OUTPUTS[0])
+        distribution = os.path.abspath(out / OUTPUTS[0])  # launch.md is read from anywhere
         _write_text(out / OUTPUTS[1], ex.counts_csv(counts, layers))
         written += [f"{OUTPUTS[0]} (SGLang logical_count {list(logical.shape)}, {int(counts.sum())} activations)",
                     OUTPUTS[1]]

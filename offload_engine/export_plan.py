@@ -230,10 +230,11 @@ def launch_lines(fig: PlanFigures, tr: Translation, distribution: str | None) ->
     if distribution:
         lines.append(LaunchLine(
             "SGLang, several GPUs",
-            f"python -m sglang.launch_server --model-path {model} --tp $GPUS --ep-size $GPUS "
+            f"python -m sglang.launch_server --model-path {model} --tp-size $GPUS --ep-size $GPUS "
             f"--init-expert-location {distribution}",
-            "Places the experts across the GPUs with SGLang's EPLB from our trace's counts, the file its own "
-            "recorder dumps (--expert-distribution-recorder-mode stat)."))
+            "Spreads the experts over the GPUs with SGLang's initial placement computed by its EPLB algorithm "
+            "from our trace's counts (the file its own recorder dumps with --expert-distribution-recorder-mode "
+            "stat) instead of in id order."))
     return lines
 
 
