@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import tiny_models as tm
 from consistency_traces import random_trace
 from offload_engine import DEFAULT_MODEL, RoutingTrace, save_trace
 from offload_engine.cli.main import main
@@ -22,7 +23,7 @@ from offload_engine.export_plan import (
     most_activated,
     translate,
 )
-from test_bad_input import assert_one_line_error, copy_of, fingerprint, good_dir, run_cli  # noqa: F401 (a fixture)
+from test_bad_input import assert_one_line_error, copy_of, fingerprint, run_cli
 
 DEMO = DEFAULT_MODEL.parents[1] / "profiles" / "demo.toml"
 # `moe-offload plan --profile profiles/demo.toml --json` on the CPU: the bundled model at 66.7 MiB
@@ -31,6 +32,13 @@ DEMO_FIGURES = PlanFigures(
     fixed_bytes=10854400 + 1572864 + 44892160,  # non-expert weights + KV cache + working memory
     mapped_bytes=0, expert_bytes=196608, expert_slots=64, experts_per_layer=32, top_k=4,
     moe_layers=tuple(range(6)), num_layers=6)
+
+
+@pytest.fixture(scope="module")
+def good_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    tm.save_checkpoint(tm.build_reference("mixtral"), path, "per_expert")
+    return path
 
 
 def plain_counts(trace: RoutingTrace) -> np.ndarray:
@@ -143,14 +151,14 @@ def test_launch_lines_of_the_demo(tmp_path, capsys):
     assert torch.load(pt, weights_only=True)["logical_count"].shape == (1, 6, 32)
 
 
-def test_a_model_directory_gives_launch_lines_and_no_counts(good_dir, tmp_path):  # noqa: F811 (a fixture)
+def test_a_model_directory_gives_launch_lines_and_no_counts(good_dir, tmp_path):
     code, out = export(good_dir, "--expert-slots", "4", "--out", tmp_path / "out")
     assert code == 0 and "--kt-num-gpu-experts" in out
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["launch.md", "plan.json"]
 
 
 @pytest.mark.parametrize("case", ["missing", "not a trace", "out is a file", "two models", "wrong model"])
-def test_bad_input_is_one_line(case, good_dir, tmp_path, capsys):  # noqa: F811 (a fixture)
+def test_bad_input_is_one_line(case, good_dir, tmp_path, capsys):
     trace = tmp_path / "t.npz"
     save_trace(trace, trace_of_bundled_model(model="elsewhere"))
     text = tmp_path / "notes.txt"
@@ -167,7 +175,7 @@ def test_bad_input_is_one_line(case, good_dir, tmp_path, capsys):  # noqa: F811 
     assert not (tmp_path / "o").exists() and text.read_text() == "not a trace"
 
 
-def test_nothing_read_is_written_over(good_dir, tmp_path, capsys):  # noqa: F811 (a fixture)
+def test_nothing_read_is_written_over(good_dir, tmp_path, capsys):
     model = copy_of(good_dir, tmp_path)
     trace = tmp_path / "t.npz"
     save_trace(trace, trace_of_bundled_model())
