@@ -71,7 +71,8 @@ def run(args) -> int:
     if fig is not None:
         tr = ex.translate(fig)
         _write_text(out / OUTPUTS[2], ex.launch_markdown(fig, tr, distribution))
-        _write_text(out / OUTPUTS[3], json.dumps(ex.plan_json(fig, tr, distribution), indent=1) + "\n")
+        hottest = None if counts is None else ex.most_activated(counts, tr.kt_gpu_experts_per_layer)
+        _write_text(out / OUTPUTS[3], json.dumps(ex.plan_json(fig, tr, distribution, hottest), indent=1) + "\n")
         written += list(OUTPUTS[2:])
     print(f"wrote {out}: {', '.join(written)}")
     if fig is None:

@@ -23,7 +23,8 @@ What each engine's flag means, as read in its source (the commit read in bracket
   (vllm-project/vllm vllm/config/offload.py, 00593fa).
 - llama.cpp `-ncmoe N` / `--n-cpu-moe N` keeps the expert tensors of blocks 0..N-1 on the CPU, as the
   overrides `blk\\.i\\.ffn_(up|down|gate|gate_up)_(ch|)exps` -> CPU that `-ot` / `--override-tensor
-  "<pattern>=<buffer type>"` takes (ggml-org/llama.cpp common/arg.cpp, common/common.h LLM_FFN_EXPS_REGEX).
+  "<pattern>=<buffer type>"` takes (ggml-org/llama.cpp common/common.h LLM_FFN_EXPS_REGEX and
+  llm_add_n_cpu_ffn_overrides, 001d906; the flags in common/arg.cpp).
 
 >>> fig = PlanFigures(model="m", device="cuda", dtype="bfloat16", budget_bytes=100, fixed_bytes=40,
 ...                   mapped_bytes=0, expert_bytes=5, expert_slots=12, experts_per_layer=4, top_k=2,
@@ -176,6 +177,10 @@ def most_activated(counts: np.ndarray, per_layer: int) -> list[list[int]]:
     return [row[:per_layer].tolist() for row in order]
 
 
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
 @dataclass(frozen=True)
 class LaunchLine:
     engine: str
@@ -188,7 +193,6 @@ def launch_lines(fig: PlanFigures, tr: Translation, distribution: str | None) ->
     `$KT_WEIGHTS` (kTransformers' CPU weights, for a model not in bf16), `$CPU_CORES` and `$GPUS` for what only
     the user knows. `distribution`: the path of
     the SGLang-layout counts, if a trace was given."""
-    mib = lambda n: f"{n / 2**20:.2f} MiB"  # noqa: E731 (one line, used only here)
     layers = len(fig.moe_layers)
     room = max(0, fig.budget_bytes - fig.fixed_bytes)
     model = shlex.quote(fig.model)  # a folder or hub id both work for vLLM and SGLang
@@ -197,9 +201,9 @@ def launch_lines(fig: PlanFigures, tr: Translation, distribution: str | None) ->
     lines = [LaunchLine(
         "llama-server", f"llama-server -m $GGUF -ngl {tr.ngl}" + (f" --n-cpu-moe {tr.n_cpu_moe}" if tr.n_cpu_moe else ""),
         f"Every layer goes to the GPU (-ngl {tr.ngl}) except the expert tensors of blocks 0 to {tr.n_cpu_moe - 1}, "
-        f"which stay in host memory and run on the CPU: our budget leaves {mib(room)} after the non-expert "
+        f"which stay in host memory and run on the CPU: our budget leaves {_mib(room)} after the non-expert "
         f"weights, KV cache and working memory, room for the experts of {tr.gpu_moe_layers} of {layers} MoE "
-        f"layers ({mib(fig.layer_expert_bytes)} each), so the first {layers - tr.gpu_moe_layers} keep theirs "
+        f"layers ({_mib(fig.layer_expert_bytes)} each), so the first {layers - tr.gpu_moe_layers} keep theirs "
         "on the CPU." if tr.n_cpu_moe else
         f"Every layer, experts included, goes to the GPU: our budget holds all {layers} MoE layers' experts.")]
     if tr.override_tensor:
@@ -211,7 +215,7 @@ def launch_lines(fig: PlanFigures, tr: Translation, distribution: str | None) ->
     lines.append(LaunchLine(
         "vLLM", f"vllm serve {model}{offload}",
         (f"Keeps {tr.cpu_offload_gib} GiB of expert weights in CPU memory (vLLM reads the value as GiB per GPU): "
-         f"our weights and fixed parts exceed the budget by {mib(tr.offload_bytes)}, rounded up to 0.01 GiB; "
+         f"our weights and fixed parts exceed the budget by {_mib(tr.offload_bytes)}, rounded up to 0.01 GiB; "
          "vLLM reads them over the link in every forward pass instead of caching the hot ones, and "
          "--cpu-offload-params (newer vLLMs only; drop it on older ones) limits the offload to the experts.")
         if tr.offload_bytes else "The whole model fits in our budget: nothing to offload."))
@@ -240,13 +244,12 @@ def launch_lines(fig: PlanFigures, tr: Translation, distribution: str | None) ->
 
 def launch_markdown(fig: PlanFigures, tr: Translation, distribution: str | None) -> str:
     """launch.md: our plan in one paragraph, then each command with its one-sentence reason."""
-    mib = lambda n: f"{n / 2**20:.2f} MiB"  # noqa: E731
     head = [
         f"# Launch lines for {fig.model}",
         "",
         f"From `moe-offload export-plan`. Our plan ({fig.device}, {fig.dtype}): a budget of "
-        f"{mib(fig.budget_bytes)}, of which {mib(fig.fixed_bytes)} for the non-expert weights, KV cache and "
-        f"working memory, and {fig.expert_slots} expert slots of {mib(fig.expert_bytes)} out of "
+        f"{_mib(fig.budget_bytes)}, of which {_mib(fig.fixed_bytes)} for the non-expert weights, KV cache and "
+        f"working memory, and {fig.expert_slots} expert slots of {_mib(fig.expert_bytes)} out of "
         f"{fig.total_experts} experts ({len(fig.moe_layers)} MoE layers of {fig.experts_per_layer}, "
         f"top-{fig.top_k}). Replace `$GGUF` with a GGUF conversion of `{fig.model}` (llama.cpp's "
         "convert_hf_to_gguf.py), the model's folder with its hub id if you serve it elsewhere, and the other `$` "
@@ -259,8 +262,11 @@ def launch_markdown(fig: PlanFigures, tr: Translation, distribution: str | None)
     return "\n".join(head + body) + "\n"
 
 
-def plan_json(fig: PlanFigures, tr: Translation, distribution: str | None) -> dict:
-    """plan.json: the figures the lines came from, and the lines."""
+def plan_json(fig: PlanFigures, tr: Translation, distribution: str | None,
+              hottest: list[list[int]] | None = None) -> dict:
+    """plan.json: the figures the lines came from, and the lines; `hottest`: with a trace, each MoE layer's
+    most activated experts, as many as --kt-num-gpu-experts (kTransformers chooses its own from the .pt file:
+    this list is for reading, and for engines that take a list)."""
     return {
         "model": fig.model, "device": fig.device, "dtype": fig.dtype, "budget_bytes": fig.budget_bytes,
         "fixed_bytes": fig.fixed_bytes, "mapped_embedding_bytes": fig.mapped_bytes,
@@ -270,7 +276,8 @@ def plan_json(fig: PlanFigures, tr: Translation, distribution: str | None) -> di
         "llama_server": {"gpu_moe_layers": tr.gpu_moe_layers, "n_cpu_moe": tr.n_cpu_moe, "ngl": tr.ngl,
                          "override_tensor": tr.override_tensor},
         "vllm": {"offload_bytes": tr.offload_bytes, "cpu_offload_gb": float(tr.cpu_offload_gib)},
-        "ktransformers": {"kt_num_gpu_experts": tr.kt_gpu_experts_per_layer},
+        "ktransformers": {"kt_num_gpu_experts": tr.kt_gpu_experts_per_layer,
+                          "most_activated_by_layer": hottest},
         "expert_distribution": distribution,
         "commands": [{"engine": line.engine, "command": line.command}
                      for line in launch_lines(fig, tr, distribution)],

@@ -148,7 +148,9 @@ def test_launch_lines_of_the_demo(tmp_path, capsys):
                  f"--model-path {DEFAULT_MODEL}"):
         assert flag in launch, flag
     assert "--n-cpu-moe 4" in launch and "--kt-num-gpu-experts 10" in launch  # the demo as worked by hand
-    assert torch.load(pt, weights_only=True)["logical_count"].shape == (1, 6, 32)
+    logical = torch.load(pt, weights_only=True)["logical_count"]
+    assert logical.shape == (1, 6, 32)
+    assert plan["ktransformers"]["most_activated_by_layer"] == most_activated(logical[0].numpy(), 10)
 
 
 def test_a_model_directory_gives_launch_lines_and_no_counts(good_dir, tmp_path):
