@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from offload_engine.consistency import (
+from offload_engine.tracing.consistency import (
     capacity_for_ratio,
     domain_specialisation,
     hit_rate,
@@ -19,7 +19,7 @@ from offload_engine.consistency import (
     srp_histograms,
     vocabulary_specialisation,
 )
-from offload_engine.consistency.reference import (
+from offload_engine.tracing.consistency.reference import (
     ref_domain_specialisation,
     ref_hit_rate,
     ref_hits,
@@ -27,7 +27,7 @@ from offload_engine.consistency.reference import (
     ref_srp,
     ref_vocabulary_specialisation,
 )
-from offload_engine.trace_file import load_trace
+from offload_engine.tracing.trace_file import load_trace
 
 from consistency_traces import FLAME, random_trace, trace_from_lists
 

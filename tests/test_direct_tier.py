@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import tiny_models as tm
-from offload_engine import OffloadEngine, copy_worker
+from offload_engine import OffloadEngine
+from offload_engine.experts import copy_worker
 from test_copy_worker import _resident_pages
 from test_exactness import NEW_TOKENS, PROMPT, REL_TOL, cache_sizes, checkpoints, engine_steps, max_rel_error  # noqa: F401
 

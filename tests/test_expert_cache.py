@@ -7,11 +7,11 @@ from safetensors import safe_open
 import tiny_models as tm
 from offload_engine import OffloadEngine
 from offload_engine.errors import MemoryBudgetError
-from offload_engine.expert_cache import ExpertCache
-from offload_engine.expert_store import ExpertStore
+from offload_engine.experts.cache import ExpertCache
+from offload_engine.experts.policies import LRUPolicy
+from offload_engine.experts.store import ExpertStore
 from offload_engine.loading import inspect_checkpoint, make_plan
-from offload_engine.memory_plan import kv_bytes_per_token, parse_bytes
-from offload_engine.policies import LRUPolicy
+from offload_engine.planning.memory_plan import kv_bytes_per_token, parse_bytes
 from offload_engine.run_config import RunConfig
 
 
@@ -23,7 +23,7 @@ def mixtral_dir(tmp_path_factory):
 
 
 def make_cache(path, slots, mode="mmap", **loader):
-    """`loader`: the loader's prefetch_window and bounce (expert_cache.py)."""
+    """`loader`: the loader's prefetch_window and bounce (experts/cache.py)."""
     run = RunConfig.build(device="cpu", expert_slots=slots, progress=False)
     inspected = inspect_checkpoint(path, run)
     store = ExpertStore(inspected.tensors, inspected.layout, inspected.spec, torch.float32, mode, progress=False)
