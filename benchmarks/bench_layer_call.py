@@ -2,7 +2,7 @@
 
 Every experts module's layer call is timed whole, and inside it transformers' experts function (the kernels,
 with their own thin wrapper), the predictor's device work (next-gate's routers: `stage`, or `ranking` before
-it existed) and the engine's copy and CPU-expert timers; what is left is the engine's bookkeeping: planning,
+it existed) and the engine's copy and CPU-expert timers; what is left is the engine's bookkeeping: routing,
 the cache, the predictor's host work, the policy, prefetch decisions. Decode calls only (one
 token per row), batch 1, greedy, after a warm-up generation. On the CPU the kernels run in the calling
 thread, so the subtraction is exact up to the timers' own cost (~0.1 us each).

@@ -43,7 +43,7 @@ def test_experts_are_read_unaligned_and_leave_the_page_cache_empty(tmp_path):
     shard = tmp_path / "model.safetensors"
     engine = OffloadEngine.from_pretrained(tmp_path, device="cpu", dtype="float32", host_memory="direct",
                                            expert_slots=4, progress=False)
-    rows, _ = engine.store.copy_plan(0, 1)
+    rows, _ = engine.store.copy_spans(0, 1)
     how = set(rows[:, 5].tolist())
     assert how <= {copy_worker.DIRECT, copy_worker.DROP}
     assert engine.cache.loader.window == 2 * engine.spec.top_k  # from the disk, stale prefetches are dropped

@@ -3,9 +3,9 @@
 transformers applies the model's own routing (softmax/sigmoid, grouped top-k, renormalisation, scaling) and
 hands us `(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k])`. A call runs in four steps:
 
-    plan     which experts the call needs (ascending ids), in one group or, with fewer slots, several: from the
+    route    which experts the call needs (ascending ids), in one group or, with fewer slots, several: from the
              routing read to the host once (host_read.py), the call's only wait for the device;
-    stage    make them resident (expert_cache.fetch: hits, demand loads, waits for prefetches), then let the
+    stage    make them resident (ExpertCache.fetch: hits, demand loads, waits for prefetches), then let the
              predictor see the routing and start loading what the next layers are predicted to need;
     execute  transformers' own experts function (the one the reference model uses) over the slot pool;
     reduce   once, as the reference does: with one group the function itself reduces; with several, each
@@ -99,7 +99,7 @@ def offloaded_experts_forward(
 
 
 # -- the steps ------------------------------------------------------------------------------------------------
-# plan: host_read.CallRouting (the call's one read of the device: its distinct experts and each one's tokens)
+# route: host_read.CallRouting (the call's one read of the device: its distinct experts and each one's tokens)
 
 
 def execute(binding: ExpertsBinding, cache: ExpertCache, routing: CallRouting, slots: list[int],

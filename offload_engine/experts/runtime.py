@@ -66,8 +66,9 @@ class Runtime:
 
     @contextmanager
     def admitted(self, rows: int):
-        """Hold `rows` of the plan's max_batch sequences for a whole request. Another thread waits its turn; the
-        same thread asking twice (two interleaved streams) would wait for itself, so it gets an error instead."""
+        """Hold `rows` of the memory plan's max_batch sequences for a whole request. Another thread waits its
+        turn; the same thread asking twice (two interleaved streams) would wait for itself, so it gets an error
+        instead."""
         me = threading.get_ident()
         with self._room:
             while self._rows_in_flight + rows > self.max_rows:

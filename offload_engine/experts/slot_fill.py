@@ -111,10 +111,10 @@ class SlotFill:
 
     def _template(self, layer_pos: int, e: int):
         """An expert's task rows for slot 0, the per-row stride of one slot, and its source files."""
-        plan = self.store.copy_plan(layer_pos, e)
-        if plan is None:
+        spans = self.store.copy_spans(layer_pos, e)
+        if spans is None:
             return None
-        rows, sources = plan
+        rows, sources = spans
         param = rows[:, 0]
         tasks = copy_worker.task_rows(len(rows))
         tasks[:, 0] = self._pool_base[param] + rows[:, 1]

@@ -13,7 +13,7 @@ Five ways to hold them:
   memory limit smaller than the model (the tier for models larger than RAM).
 Experts are read one at a time, each from its own tensors; a layer's experts share one host buffer per
 runtime parameter, never the whole model in one stack. Into CPU slots (x86-64) "mmap" and "files" both copy by
-compiled positional reads (copy_plan, copy_worker.py): through the page cache, no page mapped, so there is
+compiled positional reads (copy_spans, copy_worker.py): through the page cache, no page mapped, so there is
 nothing to drop afterwards (a map's page faults and the drop cost more than the copy).
 """
 
@@ -55,7 +55,7 @@ class ExpertStore:
         self.pinned = False  # true only once page-locked buffers really hold the experts
         self.host: list[dict[str, torch.Tensor]] = []  # per MoE layer: runtime param name -> [E, *shape]
         self._staging = threading.local()  # per thread: demand loads and the prefetch thread read at once
-        self._plans: dict[tuple[int, int], tuple[np.ndarray, tuple] | None] = {}  # copy_plan's, by (layer, expert)
+        self._spans: dict[tuple[int, int], tuple[np.ndarray, tuple] | None] = {}  # copy_spans', by (layer, expert)
         if mode not in READ_ON_DEMAND:
             self._load_host(progress)
 
@@ -63,8 +63,8 @@ class ExpertStore:
         """Bytes of one expert in the compute dtype (what a slot holds and a miss moves)."""
         return self.spec.expert_numel() * self.dtype.itemsize
 
-    def copy_plan(self, layer_pos: int, expert: int) -> tuple[np.ndarray, tuple] | None:
-        """One expert's copies for the compiled copier (copy_worker.py): rows [n, 6] (int64) of the runtime
+    def copy_spans(self, layer_pos: int, expert: int) -> tuple[np.ndarray, tuple] | None:
+        """One expert's byte spans for the compiled copier (copy_worker.py): rows [n, 6] (int64) of the runtime
         parameter's index (spec.expert_params order), the byte offset in the expert's tensor, then the task's
         source, bytes, file and how it is read (ram: an address, -1; mmap and files: an offset and the open
         file's descriptor, read with pread through the page cache, so no page stays mapped; direct: the
@@ -72,16 +72,16 @@ class ExpertStore:
         caller must check before the copies run (check_sources), as every read checks it. None when the bytes
         cannot be copied as they are (another dtype on disk)."""
         key = (layer_pos, expert)
-        if key not in self._plans:
-            self._plans[key] = self._make_plan(layer_pos, expert)
-        return self._plans[key]
+        if key not in self._spans:
+            self._spans[key] = self._find_spans(layer_pos, expert)
+        return self._spans[key]
 
     @staticmethod
     def check_sources(files) -> None:
         for f in files:
             f.check_identity()  # refuses a file changed since loading
 
-    def _make_plan(self, layer_pos: int, expert: int):
+    def _find_spans(self, layer_pos: int, expert: int):
         if self.mode not in READ_ON_DEMAND:
             rows = [(i, 0, t[expert].data_ptr(), t[expert].numel() * t.element_size(), -1, copy_worker.CACHED)
                     for i, t in enumerate(self.host[layer_pos].values())]
