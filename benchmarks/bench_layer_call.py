@@ -32,6 +32,17 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
+def serve_calls(engine, call) -> None:
+    """Make `call` serve the engine's layer calls: as the runtime's layer_call (what this script calls itself)
+    and in every experts module's binding (what transformers' forward calls: the binding was given the
+    runtime's layer_call when the model was loaded, so replacing the runtime's alone would not reach it)."""
+    engine.runtime.layer_call = call
+    for module in engine.model.modules():
+        binding = getattr(module, "_offload", None)
+        if binding is not None:
+            binding.layer_call = call
+
+
 class CallTimer:
     """Wraps one engine's layer calls and kernels with timers; decode calls' figures in `rows`."""
 
@@ -54,7 +65,7 @@ class CallTimer:
                 self.rows.append((elapsed, self.kernel_s - kernel_before, c.copy_s + c.cpu_s - before_io))
             return out
 
-        self.runtime.layer_call = timed_call
+        serve_calls(engine, timed_call)
         for module in engine.model.modules():
             binding = getattr(module, "_offload", None)
             if binding is not None:
@@ -92,9 +103,9 @@ def replayed(engine, prompt: list[int], tokens: int, repeats: int = 5) -> list[f
                           None if residual is None else residual.clone()))
         return original(binding, hidden_states, top_k_index, top_k_weights)
 
-    runtime.layer_call = record
+    serve_calls(engine, record)
     engine.generate(prompt, max_new_tokens=tokens, ignore_eos=True)
-    runtime.layer_call = original
+    serve_calls(engine, original)
     kernels = {}
     for module in engine.model.modules():
         binding = getattr(module, "_offload", None)

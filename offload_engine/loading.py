@@ -266,7 +266,7 @@ def load(inspected: Inspected, run: RunConfig, plan: MemoryPlan):
     reference_impl = inspected.model.get_correct_experts_implementation(None)  # what from_pretrained would use
     for layer_pos, path in enumerate(spec.experts_paths):
         module = inspected.model.get_submodule(path)
-        module._offload = bind(module, layer_pos, runtime, reference_impl)
+        module._offload = bind(module, layer_pos, runtime.layer_call, reference_impl)
         tap = residual_tap(inspected.model, path.rpartition(".")[0])
         if tap is not None:  # the residual stream entering the MoE block: for predictors and hidden-state traces
             tap.module.register_forward_pre_hook(

@@ -175,3 +175,21 @@ def test_a_prefetch_batch_that_fails_to_start_leaves_no_layer_looking_resident(m
         cache.prefetch([(0, 1), (1, 2), (1, 3)], set())
     assert (1, 2) not in cache.slot_of and (1, 3) not in cache.slot_of
     assert int(cache.slot_table[1, 2]) == int(cache.slot_table[1, 3]) == -1
+
+
+def test_every_experts_module_forwards_to_the_layer_call_it_was_bound_with(mixtral_dir):
+    """offloaded_experts.py never names the runtime: each binding is given the layer call it forwards to when
+    the model is loaded (the runtime's), so the dependency runs one way, runtime -> offloaded_experts."""
+    with OffloadEngine.from_pretrained(mixtral_dir, expert_slots=4, progress=False) as engine:
+        bindings = [engine.model.get_submodule(path)._offload for path in engine.spec.experts_paths]
+        assert all(b.layer_call == engine.runtime.layer_call for b in bindings)
+        seen = []
+
+        def counted(binding, *args, inner=engine.runtime.layer_call):
+            seen.append(binding.layer_pos)
+            return inner(binding, *args)
+
+        for b in bindings:
+            b.layer_call = counted
+        engine.generate([5, 17, 33], max_new_tokens=1, ignore_eos=True)
+    assert sorted(set(seen)) == list(range(len(bindings)))

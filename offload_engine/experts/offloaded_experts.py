@@ -12,6 +12,10 @@ hands us `(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k])`. A c
              expert runs with unit weights and the weighted [T, k, H] contributions are summed at the end.
 
 Same kernel and same reduction as the reference, so bf16 output is bit for bit the reference's.
+
+This module holds the binding transformers calls and the steps; runtime.py holds the engine's side of a call
+(the cache, the predictor, the request) and uses the steps. The dependency goes one way: a binding is given
+the layer call to forward to when it is made, and never names the runtime.
 """
 
 from __future__ import annotations
@@ -54,11 +58,11 @@ class SlotExperts:
 
 @dataclass
 class ExpertsBinding:
-    """What one experts module needs at run time: its MoE layer position, the engine's runtime, and
-    transformers' experts function the reference model would use (grouped_mm by default)."""
+    """What one experts module needs at run time: its MoE layer position, the engine's layer call that serves
+    it, and transformers' experts function the reference model would use (grouped_mm by default)."""
 
     layer_pos: int
-    runtime: object  # runtime.Runtime
+    layer_call: Callable  # (binding, hidden_states, top_k_index, top_k_weights) -> output; the engine's
     module: object  # the transformers experts module
     compute: Callable
     implementation: str
@@ -73,15 +77,16 @@ class ExpertsBinding:
         return view
 
 
-def bind(module, layer_pos: int, runtime, implementation: str) -> ExpertsBinding:
-    """implementation: the experts implementation transformers picks for the reference model."""
+def bind(module, layer_pos: int, layer_call: Callable, implementation: str) -> ExpertsBinding:
+    """layer_call: what serves the module's calls (the engine's Runtime.layer_call); implementation: the
+    experts implementation transformers picks for the reference model."""
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
     if implementation == "eager":
         compute = type(module).forward.__wrapped__  # the class's own loop, under the decorator
     else:
         compute = ALL_EXPERTS_FUNCTIONS[implementation]
-    return ExpertsBinding(layer_pos, runtime, module, compute, implementation)
+    return ExpertsBinding(layer_pos, layer_call, module, compute, implementation)
 
 
 def register_experts_implementation() -> None:
@@ -95,7 +100,7 @@ def offloaded_experts_forward(
     self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
     binding: ExpertsBinding = self._offload
-    return binding.runtime.layer_call(binding, hidden_states, top_k_index, top_k_weights)
+    return binding.layer_call(binding, hidden_states, top_k_index, top_k_weights)
 
 
 # -- the steps ------------------------------------------------------------------------------------------------

@@ -1,9 +1,11 @@
 """The engine's run-time side of every MoE layer call: the cache, the predictor, prefetch, and the request.
 
-One Runtime per engine. A forward pass runs under its lock with one Request (request.py) installed; each
-layer call (offloaded_experts.py's steps) reads the request from here. Forwards that do not come through
-the engine's API (a user calling `engine.model.generate`) take the lock themselves, through hooks on the
-model, and run with the runtime's own standing request (no predictions: their batch shape is unknown).
+One Runtime per engine. Every experts module's binding (offloaded_experts.py) forwards its calls to
+Runtime.layer_call, which it was given at load, and the layer call runs offloaded_experts.py's steps. A
+forward pass runs under the runtime's lock with one Request (request.py) installed; each layer call reads the
+request from here. Forwards that do not come through the engine's API (a user calling
+`engine.model.generate`) take the lock themselves, through hooks on the model, and run with the runtime's
+own standing request (no predictions: their batch shape is unknown).
 """
 
 from __future__ import annotations
