@@ -1,4 +1,8 @@
-"""`moe-offload consistency TRACE`: local routing consistency (SRP, SCH, LRU/LFU/Belady) of a routing trace."""
+"""`moe-offload consistency TRACE`: local routing consistency (SRP, SCH, LRU/LFU/Belady) of a routing trace.
+
+LRU, LFU and Belady are SCH's companion hit rates, under SCH's rules; `moe-offload simulate` replays the
+engine's own cache.
+"""
 
 from __future__ import annotations
 
@@ -81,7 +85,8 @@ def _plot_path(text: str) -> str:
 
 
 def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(name, help="routing consistency of a trace: SRP, SCH, LRU/LFU/Belady hit rates",
+    p = subparsers.add_parser(name, help="routing consistency of a trace: SRP, SCH, and LRU/LFU/Belady under "
+                                         "SCH's rules",
                               description=__doc__)
     p.add_argument("trace", metavar="TRACE", help="routing trace .npz (see offload_engine/tracing/trace_file.py)")
     p.add_argument("--segment-lengths", type=_csv("--segment-lengths", _check_m), default=("4", "16", "64", "256"),

@@ -7,6 +7,13 @@ to the next. A hit is an expert resident when its call starts; victims are never
 experts. The cache is experts/slot_map.py's SlotMap and the policies are experts/policies.py's, exactly as in
 the engine; a predictive policy gets its predictions from a predictor that sees each call as the engine's
 does (history: a trace has no hidden states). Loads complete at once (no prefetch: this is about what to keep).
+The hit rate is pooled: hits / (hits + misses) over the whole trace.
+
+These are the engine's cache semantics, and the one place outside the engine that computes hit rates with
+them (`moe-offload simulate`, and the hit rates `moe-offload estimate` reads from a trace). The consistency
+metrics' LRU, LFU and Belady (consistency/companion_rates.py) follow SCH's published rules instead: each
+sequence on its own with a warm start, one batched lookup per token across all layers; consistency/
+sch_simulator.py lists the differences. Belady here knows the whole trace's future, in calls.
 """
 
 from __future__ import annotations

@@ -1,11 +1,12 @@
-"""Local routing consistency of a routing trace: SRP, SCH, LRU/LFU/Belady hit rates and specialisation.
+"""Local routing consistency of a routing trace: SRP, SCH, its companion LRU/LFU/Belady hit rates (under SCH's
+rules, not the engine's cache: see sch_simulator.py) and specialisation.
 
 Every function takes a loaded `offload_engine.tracing.trace_file.RoutingTrace` and returns a frozen dataclass.
 """
 
-from .cache_policies import belady, lfu, lru
-from .cache_sim import HitRate, capacity_for_ratio, hit_rate, hit_rates
+from .companion_rates import belady, lfu, lru
 from .report import ConsistencyReport, consistency_report, format_report, plot_report, report_to_json
+from .sch_simulator import HitRate, capacity_for_ratio, hit_rate, hit_rates
 from .segment_cache import sch
 from .specialisation import (
     DomainSpecialisation,

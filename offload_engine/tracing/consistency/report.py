@@ -1,4 +1,8 @@
-"""The consistency report: every figure for a trace in one dataclass, as JSON, as a table and as a plot."""
+"""The consistency report: every figure for a trace in one dataclass, as JSON, as a table and as a plot.
+
+Its LRU, LFU and Belady hit rates are SCH's companions, under SCH's rules (sch_simulator.py), as the metric
+definitions give them; the table says so, and names `moe-offload simulate` for the engine's own cache.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from typing import Sequence
 
 from ...atomic_write import atomic_output
 from ..trace_file import RoutingTrace
-from .cache_sim import HitRate, capacity_for_ratio, hit_rates
+from .sch_simulator import HitRate, capacity_for_ratio, hit_rates
 from .specialisation import (
     DomainSpecialisation,
     LoadBalance,
@@ -20,7 +24,9 @@ from .specialisation import (
 )
 from .srp import SrpResult, srp_from_histogram, srp_histograms
 
-CACHE_POLICIES = ("lru", "lfu", "belady")
+CACHE_POLICIES = ("lru", "lfu", "belady")  # the companion rates, under SCH's rules
+RULES_NOTE = ("LRU, LFU and Belady follow SCH's rules (each sequence on its own, warm start, one lookup per token):",
+              "they compare with SCH; the engine's own cache is replayed by `moe-offload simulate`")
 NEEDS_EXTERNAL_TOOLS = {"pgf"}  # matplotlib lists it, but saving runs LaTeX
 
 
@@ -30,7 +36,7 @@ class GroupFigures:
 
     srp: tuple[SrpResult, ...]  # [m]
     sch: tuple[tuple[HitRate, ...], ...]  # [m][rho]
-    lru: tuple[HitRate, ...]  # [rho]
+    lru: tuple[HitRate, ...]  # [rho]; these three under SCH's rules
     lfu: tuple[HitRate, ...]
     belady: tuple[HitRate, ...]
 
@@ -146,6 +152,7 @@ def format_report(report: ConsistencyReport) -> str:
         for i, g in enumerate(report.layers):
             lines += [""] + _table(g, report, f"Layer {i} (model layer {report.moe_layers[i]})")
     lines.append("")
+    lines.extend(RULES_NOTE)
     lines.append(f"Load balance: std of act_r over all experts (m=16, ddof 1) = {report.load_balance.std:.4f}")
     d = report.domain
     lines.append("Domain specialisation: " + (f"mean CV of act_r across {len(d.domains)} domains = {d.score:.3f}"
@@ -190,7 +197,8 @@ def plot_report(report: ConsistencyReport, path: str | Path) -> None:
             left.plot(rhos, [h.hit_rate for h in row], marker="o", label=f"SCH m={m}")
         for p, label in zip(CACHE_POLICIES, ("LRU", "LFU", "Belady")):
             left.plot(rhos, [h.hit_rate for h in getattr(report.model, p)], marker="s", linestyle="--", label=label)
-        left.set(xlabel="cache ratio rho (C / active experts per token)", ylabel="hit rate", title="Cache hit rate")
+        left.set(xlabel="cache ratio rho (C / active experts per token)", ylabel="hit rate",
+                 title="Cache hit rate (SCH's rules)")
         left.grid(alpha=0.3)
         left.legend(fontsize=8)
         right.plot(ms, [s.srp for s in report.model.srp], marker="o", label="model")

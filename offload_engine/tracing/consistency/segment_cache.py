@@ -2,13 +2,13 @@
 
 Eviction takes the cached expert with the fewest pending uses in tokens i..i+m-1, ties by least recent
 use; lookups are batched per token and the first C distinct experts are warm. The simulation itself is
-the shared priority-cache pass in cache_sim.py.
+the priority-cache pass of sch_simulator.py, which the companion rates share.
 """
 
 from __future__ import annotations
 
 from ..trace_file import RoutingTrace
-from .cache_sim import HitRate, hit_rate
+from .sch_simulator import HitRate, hit_rate
 
 
 def sch(trace: RoutingTrace, m: int, capacity: int, layer: int | None = None) -> HitRate:

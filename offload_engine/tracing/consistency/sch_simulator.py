@@ -1,8 +1,23 @@
-"""The cache simulator shared by SCH, LRU, LFU and Belady: one priority policy, one cache size, one pass.
+"""The simulator of SCH's rules: SCH and its companion hit rates (LRU, LFU, Belady), one priority policy, one
+cache size, one pass. Not the engine's cache: that is tracing/replay.py.
 
-Rules (docs/routing-consistency.md): the requests of a token are judged against the cache as it
-was before the token (batched lookup), the first C distinct experts of a sequence count as hits (warm
-start), then the requests are inserted in order, evicting the cached expert with the smallest priority.
+The rules are the published definitions' (docs/routing-consistency.md), fixed because SCH is defined with
+them and the companion rates share them so that SCH is compared with LRU, LFU and Belady on equal terms:
+- each sequence on its own, its cache reset (a mean of per-sequence hit rates);
+- the requests of a token (at model level: every layer's, layer 0's first, with global ids l * E + e; each
+  layer's k ids in score order) are judged against the cache as it was before the token (batched lookup);
+- the first C distinct experts of a sequence count as hits (warm start);
+- then the requests are inserted in order, evicting the cached expert with the smallest priority (which may
+  be one the token itself requested);
+- Belady's next use is the next request in the sequence's own stream.
+The engine's cache, which replay.py reproduces with the engine's own classes, differs in each point: one
+cache carried over from one sequence to the next and cold at the start, one lookup per layer call (its
+distinct experts in ascending order, judged against the cache as the call finds it), victims never among the
+call's own experts, Belady's next use in calls over the whole trace, pooled hits / requests. So the two give
+different LRU and Belady hit rates for one trace (on the FLAME trace at one token's experts, 48: LRU 0.216
+here, 0.212 replayed). These figures say whether a model's routing suits offloading, as the paper's;
+replay's say what this engine's cache will do.
+
 Every policy here is a priority policy whose key does not depend on the cache contents, so caches of
 growing size nest (Mattson's inclusion property) and two exact engines are possible:
 - `simulate_stack`: one pass for all sizes up to C_max with a priority stack, O(min(depth, C_max)) per
@@ -10,9 +25,8 @@ growing size nest (Mattson's inclusion property) and two exact engines are possi
 - `simulate`: one pass per size with a min-tree over the group's experts, O(log G) per changed key,
   re-fixed lazily at the next eviction: the fast choice at model level, where C reaches 1152.
 
-Request streams: a layer group requests each token's k ids in score order; the model group requests
-layer 0's ids, then layer 1's, ..., with global ids l * E + e. A -1 cell requests nothing; tokens past
-the sequence's length (padding) do not exist. A sequence with no request is left out of the mean.
+A -1 cell requests nothing; tokens past the sequence's length (padding) do not exist. A sequence with no
+request is left out of the mean.
 """
 
 from __future__ import annotations
@@ -285,7 +299,8 @@ from ..trace_file import RoutingTrace  # noqa: E402
 
 @dataclass(frozen=True)
 class HitRate:
-    """One policy's hit rate on one group at one cache size: the mean of per-sequence hit rates."""
+    """One policy's hit rate under SCH's rules on one group at one cache size: the mean of per-sequence hit
+    rates."""
 
     policy: str  # "sch", "lru", "lfu" or "belady"
     capacity: int  # C, experts the cache holds
