@@ -17,9 +17,10 @@ import time
 import numba
 import numpy as np
 
-from offload_engine.consistency import capacity_for_ratio, hit_rate, hit_rates, srp_from_histogram, srp_histograms
-from offload_engine.consistency.reference import ref_hits, ref_srp
-from offload_engine.trace_file import RoutingTrace
+from offload_engine.tracing.consistency import (capacity_for_ratio, hit_rate, hit_rates, srp_from_histogram,
+                                                srp_histograms)
+from offload_engine.tracing.consistency.reference import ref_hits, ref_srp
+from offload_engine.tracing.trace_file import RoutingTrace
 
 MS = (4, 16, 64, 256)
 RATIOS = ("1", "2", "3")

@@ -28,7 +28,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from offload_engine import copy_worker  # noqa: E402
+from offload_engine.experts import copy_worker  # noqa: E402
 
 MODES = ("none", "inline", "pool", "worker")
 

@@ -72,10 +72,10 @@ def modes_part(model: Path, budgets: dict[str, int], repeats: int, tokens: int, 
 
 
 def estimate_part(model: Path, modes: dict, hardware: dict) -> dict:
-    from offload_engine.estimate import strategies
     from offload_engine.loading import inspect_checkpoint, make_plan
-    from offload_engine.replay import replay
+    from offload_engine.planning.estimate import strategies
     from offload_engine.run_config import RunConfig
+    from offload_engine.tracing.replay import replay
 
     out = {}
     for label, row in modes.items():
@@ -108,8 +108,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from offload_engine import OffloadEngine
-    from offload_engine.calibration import calibrate
     from offload_engine.loading import inspect_checkpoint
+    from offload_engine.planning.calibration import calibrate
     from offload_engine.run_config import RunConfig
 
     out = {"machine": os.uname().nodename, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

@@ -59,7 +59,7 @@ def make_engine(model: Path, slots: int, name: str):
 
 def heldout_sequences(tokenizer, seqs: int, tokens: int) -> list[list[int]]:
     """`seqs` sequences of `tokens` tokens, spread over the held-out domains (documents joined with EOS)."""
-    from offload_engine.tracing import corpus_chunks
+    from offload_engine.tracing.recording import corpus_chunks
 
     files = sorted(HELDOUT.glob("*.txt"))
     if not files:
@@ -78,8 +78,8 @@ def teacher_forced(engine, sequences: list[list[int]]):
     from transformers import DynamicCache
 
     from offload_engine.request import RoutingRecorder
-    from offload_engine.tracing import calls_to_arrays
-    from offload_engine.trace_file import RoutingTrace
+    from offload_engine.tracing.recording import calls_to_arrays
+    from offload_engine.tracing.trace_file import RoutingTrace
 
     spec = engine.spec
     request = engine.request(1, RoutingRecorder())
@@ -101,7 +101,7 @@ def teacher_forced(engine, sequences: list[list[int]]):
 
 
 def counters_part(model: Path, sequences, sizes: dict[str, int], configs: list[str]) -> dict:
-    from offload_engine.replay import replay
+    from offload_engine.tracing.replay import replay
 
     results = {}
     for size_name, slots in sizes.items():

@@ -16,8 +16,8 @@ import numpy as np
 
 
 def per_token_s(layers: int, experts: int, top_k: int, tokens: int) -> float:
-    from offload_engine.predictors.base import LayerContext, Paths
-    from offload_engine.predictors.history import HistoryPredictor
+    from offload_engine.foresight.predictors.base import LayerContext, Paths
+    from offload_engine.foresight.predictors.history import HistoryPredictor
 
     predictor = HistoryPredictor(layers, experts, top_k)
     paths = Paths.empty(1, layers, top_k)

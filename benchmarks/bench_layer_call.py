@@ -4,7 +4,7 @@ Every experts module's layer call is timed whole, and inside it transformers' ex
 with their own thin wrapper), the predictor's device work (next-gate's routers: `stage`, or `ranking` before
 it existed) and the engine's stall and CPU-expert timers (a stall: a demand load's copies, or the wait for a
 prefetch still being copied; subtracting only the copies, as this script did before, left the waits for the
-copy thread in "Python"); what is left is the engine's bookkeeping: planning,
+copy thread in "Python"); what is left is the engine's bookkeeping: routing,
 the cache, the predictor's host work, the policy, prefetch decisions. Decode calls only (one
 token per row), batch 1, greedy, after a warm-up generation. On the CPU the kernels run in the calling
 thread, so the subtraction is exact up to the timers' own cost (~0.1 us each).
@@ -34,6 +34,17 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
+def serve_calls(engine, call) -> None:
+    """Make `call` serve the engine's layer calls: as the runtime's layer_call (what this script calls itself)
+    and in every experts module's binding (what transformers' forward calls: the binding was given the
+    runtime's layer_call when the model was loaded, so replacing the runtime's alone would not reach it)."""
+    engine.runtime.layer_call = call
+    for module in engine.model.modules():
+        binding = getattr(module, "_offload", None)
+        if binding is not None:
+            binding.layer_call = call
+
+
 class CallTimer:
     """Wraps one engine's layer calls and kernels with timers; decode calls' figures in `rows`."""
 
@@ -56,7 +67,7 @@ class CallTimer:
                 self.rows.append((elapsed, self.kernel_s - kernel_before, c.stall_s + c.cpu_s - before_io))
             return out
 
-        self.runtime.layer_call = timed_call
+        serve_calls(engine, timed_call)
         for module in engine.model.modules():
             binding = getattr(module, "_offload", None)
             if binding is not None:
@@ -95,9 +106,9 @@ def replayed(engine, prompt: list[int], tokens: int, repeats: int = 5) -> list[f
                           None if residual is None else residual.clone()))
         return original(binding, hidden_states, top_k_index, top_k_weights)
 
-    runtime.layer_call = record
+    serve_calls(engine, record)
     engine.generate(prompt, max_new_tokens=tokens, ignore_eos=True)
-    runtime.layer_call = original
+    serve_calls(engine, original)
     kernels = {}
     for module in engine.model.modules():
         binding = getattr(module, "_offload", None)
@@ -149,7 +160,7 @@ def replayed(engine, prompt: list[int], tokens: int, repeats: int = 5) -> list[f
 
 
 def _no_bytes(copy_tasks):
-    from offload_engine.copy_worker import NBYTES
+    from offload_engine.experts.copy_worker import NBYTES
 
     def tasks_moving_nothing(layer_pos, loads):
         tasks = copy_tasks(layer_pos, loads)

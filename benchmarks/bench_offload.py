@@ -47,7 +47,7 @@ def make_checkpoint(path: Path, dtype: torch.dtype) -> None:
 
 
 def parameter_count(path: Path) -> int:
-    from offload_engine.checkpoint import CheckpointTensors
+    from offload_engine.checkpoint.directory import CheckpointTensors
 
     return sum(info.nbytes // info.dtype.itemsize for info in CheckpointTensors(path).infos.values())
 

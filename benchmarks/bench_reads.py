@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from offload_engine.checkpoint import CheckpointTensors
+from offload_engine.checkpoint.directory import CheckpointTensors
 
 
 def main() -> None:

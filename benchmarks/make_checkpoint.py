@@ -169,8 +169,8 @@ def report(out: Path, tokens: int = 64, seed: int = 0, m: int = 16) -> dict:
     remains is what the random weights' routing gives by itself."""
     import numpy as np
 
-    from offload_engine.consistency import srp
-    from offload_engine.trace_file import RoutingTrace
+    from offload_engine.tracing.consistency import srp
+    from offload_engine.tracing.trace_file import RoutingTrace
 
     from transformers import AutoModelForCausalLM
 

@@ -93,8 +93,8 @@ def validation_loss(model_dir: Path, seq_len: int = 256, max_tokens: int = 16384
 
 
 def figures(trace) -> dict:
-    from offload_engine.consistency import (belady, capacity_for_ratio, domain_specialisation, lfu, load_balance,
-                                            lru, sch, srp, vocabulary_specialisation)
+    from offload_engine.tracing.consistency import (belady, capacity_for_ratio, domain_specialisation, lfu,
+                                                    load_balance, lru, sch, srp, vocabulary_specialisation)
 
     def group(layer=None) -> dict:
         caps = {r: capacity_for_ratio(trace, r, layer=layer) for r in RATIOS}
@@ -135,7 +135,7 @@ def main() -> None:
     torch.set_num_threads(2)
     from transformers.utils import logging
 
-    from offload_engine.trace_file import load_trace, save_trace
+    from offload_engine.tracing.trace_file import load_trace, save_trace
 
     logging.set_verbosity_error()  # "sequence longer than the maximum": whole documents are tokenized, then cut
 

@@ -35,7 +35,7 @@ TARGETS = {  # figure -> (low, high); None = unbounded
 
 def subset(trace, rows: np.ndarray):
     """The sequences `rows` (bool [N]) of a trace, as a trace of their own."""
-    from offload_engine.trace_file import RoutingTrace
+    from offload_engine.tracing.trace_file import RoutingTrace
 
     pick = lambda a: None if a is None else a[rows]  # noqa: E731
     domains = None if trace.domains is None else tuple(d for d, r in zip(trace.domains, rows) if r)
@@ -45,7 +45,7 @@ def subset(trace, rows: np.ndarray):
 
 
 def target_figures(trace) -> dict[str, float]:
-    from offload_engine.consistency import belady, capacity_for_ratio, load_balance, lru, sch, srp
+    from offload_engine.tracing.consistency import belady, capacity_for_ratio, load_balance, lru, sch, srp
 
     lru1 = lru(trace, capacity_for_ratio(trace, "1")).hit_rate
     belady1 = belady(trace, capacity_for_ratio(trace, "1")).hit_rate
@@ -85,7 +85,7 @@ def format_targets(figures: dict[str, dict[str, float]]) -> str:
 
 def trace_heldout(model_dir: Path, heldout: Path, seq_len: int, max_seqs: int, domains: list[str] | None = None):
     from offload_engine import OffloadEngine
-    from offload_engine.tracing import CorpusInput, trace_corpus
+    from offload_engine.tracing.recording import CorpusInput, trace_corpus
 
     files = sorted(heldout.glob("*.txt"))
     if not files:
@@ -108,7 +108,7 @@ def main() -> None:
     torch.set_num_threads(2)
     trace = trace_heldout(args.model, args.heldout, args.seq_len, args.max_seqs)
     if args.trace_out:
-        from offload_engine.trace_file import save_trace
+        from offload_engine.tracing.trace_file import save_trace
 
         save_trace(args.trace_out, trace)
     figures = per_domain(trace)

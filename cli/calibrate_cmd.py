@@ -27,10 +27,10 @@ def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from offload_engine.atomic_write import atomic_output, check_not_an_input
-    from offload_engine.calibration import busy_note, calibrate
     from offload_engine.engine import OffloadEngine
-    from offload_engine.hardware_profile import profile_text
     from offload_engine.loading import inspect_checkpoint
+    from offload_engine.planning.calibration import busy_note, calibrate
+    from offload_engine.planning.hardware_profile import profile_text
     from offload_engine.run_config import RunConfig
 
     output_path(args.out)

@@ -1,4 +1,8 @@
-"""`moe-offload consistency TRACE`: local routing consistency (SRP, SCH, LRU/LFU/Belady) of a routing trace."""
+"""`moe-offload consistency TRACE`: local routing consistency (SRP, SCH, LRU/LFU/Belady) of a routing trace.
+
+LRU, LFU and Belady are SCH's companion hit rates, under SCH's rules; `moe-offload simulate` replays the
+engine's own cache.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from fractions import Fraction
 
 from offload_engine.atomic_write import check_not_an_input, check_output_path
 from offload_engine.errors import ConfigError, OffloadEngineError, short_repr
-from offload_engine.trace_file import MAX_EXPERTS
+from offload_engine.tracing.trace_file import MAX_EXPERTS
 
 # numba and matplotlib are imported by run() and the --plot check only: `--help` stays quick.
 RATIO = re.compile(r"[0-9]*\.?[0-9]+(?:[eE]([+-]?[0-9]+))?|[0-9]+/[0-9]+")  # a decimal or p/q, as Fraction reads
@@ -70,7 +74,7 @@ def _num_experts(text: str) -> int:
 
 def _plot_path(text: str) -> str:
     """Refuse a plot the run could not write, before the work: a folder, a missing folder, no image format."""
-    from offload_engine.consistency.report import plot_format
+    from offload_engine.tracing.consistency.report import plot_format
 
     try:
         check_output_path(text)
@@ -81,9 +85,10 @@ def _plot_path(text: str) -> str:
 
 
 def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(name, help="routing consistency of a trace: SRP, SCH, LRU/LFU/Belady hit rates",
+    p = subparsers.add_parser(name, help="routing consistency of a trace: SRP, SCH, and LRU/LFU/Belady under "
+                                         "SCH's rules",
                               description=__doc__)
-    p.add_argument("trace", metavar="TRACE", help="routing trace .npz (see offload_engine/trace_file.py)")
+    p.add_argument("trace", metavar="TRACE", help="routing trace .npz (see offload_engine/tracing/trace_file.py)")
     p.add_argument("--segment-lengths", type=_csv("--segment-lengths", _check_m), default=("4", "16", "64", "256"),
                    help="segment lengths m for SRP and SCH (default 4,16,64,256); a segment longer than every "
                         "sequence has no SRP (n/a)")
@@ -110,8 +115,8 @@ def check_ratios(ratios: tuple[str, ...], num_experts: int, k: int) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from offload_engine.consistency import consistency_report, format_report, plot_report, report_to_json
-    from offload_engine.trace_file import load_trace
+    from offload_engine.tracing.consistency import consistency_report, format_report, plot_report, report_to_json
+    from offload_engine.tracing.trace_file import load_trace
 
     cfg = ConsistencyConfig(trace=args.trace, segment_lengths=args.segment_lengths, cache_ratios=args.cache_ratios,
                             per_layer=args.per_layer, as_json=args.as_json, plot=args.plot,

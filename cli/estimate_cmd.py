@@ -23,9 +23,9 @@ def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from offload_engine.errors import ConfigError
-    from offload_engine.estimate import base_step_s, strategies, ttft_s
-    from offload_engine.hardware_profile import model_name
     from offload_engine.loading import inspect_checkpoint, make_plan
+    from offload_engine.planning.estimate import base_step_s, strategies, ttft_s
+    from offload_engine.planning.hardware_profile import model_name
 
     if args.hardware is None:
         raise ConfigError("estimate needs a machine: --profile FILE with a [hardware] table (moe-offload calibrate "
@@ -72,8 +72,8 @@ def _hit_rates(args, spec, plan) -> tuple[dict[str, float], str]:
         share = plan.resident_share
         return {"lru": share, "predictive": share}, "slots / experts, as random routing would give"
     from offload_engine.errors import ConfigError
-    from offload_engine.replay import replay
-    from offload_engine.trace_file import load_trace
+    from offload_engine.tracing.replay import replay
+    from offload_engine.tracing.trace_file import load_trace
 
     trace = load_trace(args.trace)
     if (trace.num_layers, trace.num_experts, trace.k) != (spec.num_moe_layers, spec.num_experts, spec.top_k):

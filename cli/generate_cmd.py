@@ -32,7 +32,7 @@ def add_parser(subparsers, name: str):
 
 
 def stats_line(stats) -> str:
-    from offload_engine.memory_plan import format_bytes
+    from offload_engine.planning.memory_plan import format_bytes
 
     prefetched = f", {stats.prefetches} prefetched" if stats.prefetches else ""
     if stats.prefetches_dropped:  # queued prefetches the routing proved wrong before they moved
@@ -48,7 +48,7 @@ def stats_line(stats) -> str:
 def run(args: argparse.Namespace) -> int:
     from offload_engine.engine import OffloadEngine, check_chat_prompt
     from offload_engine.generation import SamplingConfig
-    from offload_engine.trace_file import save_trace
+    from offload_engine.tracing.trace_file import save_trace
 
     # check sampling flags before the model is loaded, not after
     SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed, args.ignore_eos)

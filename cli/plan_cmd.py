@@ -15,9 +15,9 @@ def add_parser(subparsers, name: str):
 
 
 def run(args) -> int:
-    from offload_engine.host_memory import host_memory
     from offload_engine.loading import fits_in_memory, host_mode, inspect_checkpoint, make_plan
-    from offload_engine.memory_plan import format_bytes
+    from offload_engine.planning.host_memory import host_memory
+    from offload_engine.planning.memory_plan import format_bytes
 
     run_cfg = run_config(args)
     inspected = inspect_checkpoint(model_path(args), run_cfg)

@@ -47,8 +47,8 @@ def run(args: argparse.Namespace) -> int:
 
 def train(args) -> int:
     from offload_engine.atomic_write import check_not_an_input, check_output_path
-    from offload_engine.predictors.learned import CARD_FILE, WEIGHTS_FILE, TrainSettings, train_learned
-    from offload_engine.trace_file import load_trace
+    from offload_engine.foresight.predictors.learned import CARD_FILE, WEIGHTS_FILE, TrainSettings, train_learned
+    from offload_engine.tracing.trace_file import load_trace
 
     if args.out.exists() and not args.out.is_dir():
         raise ConfigError(f"--out {args.out} is a file; give a folder for predictor.safetensors and predictor.json")
@@ -72,9 +72,9 @@ def train(args) -> int:
 
 
 def evaluate(args) -> int:
-    from offload_engine.predictors import HistoryPredictor
-    from offload_engine.predictors.evaluate import evaluate as run_eval
-    from offload_engine.trace_file import load_trace
+    from offload_engine.foresight.predictors import HistoryPredictor
+    from offload_engine.foresight.predictors.evaluate import evaluate as run_eval
+    from offload_engine.tracing.trace_file import load_trace
 
     trace = load_trace(args.trace, num_experts=args.num_experts)
     if args.predictor == "history":
@@ -95,7 +95,7 @@ def evaluate(args) -> int:
 def model_predictor(args, trace):
     """next-gate or learned for the trace's model: its routers and norms come from the model's own weights."""
     from offload_engine.engine import OffloadEngine
-    from offload_engine.predictors import make_predictor
+    from offload_engine.foresight.predictors import make_predictor
 
     model = args.model or str(DEFAULT_MODEL)
     engine = OffloadEngine.from_pretrained(model, device="cpu", dtype="float32", expert_slots=trace.k,

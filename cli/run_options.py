@@ -16,7 +16,7 @@ if TYPE_CHECKING:  # torch is imported only when a command runs
     from offload_engine.run_config import RunConfig
 
 DEFAULT_MODEL = offload_engine.DEFAULT_MODEL
-POLICIES = ("lru", "predictive")  # offload_engine.policies.POLICIES, without importing numba for --help
+POLICIES = ("lru", "predictive")  # offload_engine.experts.policies.POLICIES, without importing numba for --help
 COLD_EXPERTS = ("stream", "cpu", "auto")  # offload_engine.run_config.COLD_EXPERTS, without importing torch
 
 
@@ -96,7 +96,7 @@ def apply_profile(parser: argparse.ArgumentParser, argv: list[str] | None, any_c
     if "cpu_threads" in values and "threads" not in values:  # threads' former name
         values["threads"] = values.pop("cpu_threads")
     if "hardware" in values:  # the machine's figures for the cost model, not a flag
-        from offload_engine.hardware_profile import check_hardware
+        from offload_engine.planning.hardware_profile import check_hardware
 
         parser.set_defaults(hardware=check_hardware(values.pop("hardware"), f"profile {profile}"))
     unknown = sorted(set(values) - any_command)

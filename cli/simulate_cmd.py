@@ -11,7 +11,7 @@ from offload_engine.errors import ConfigError
 from .consistency_cmd import _csv, _num_experts, _plot_path
 from .run_options import bounded_int
 
-REPLAY_POLICIES = ("lru", "belady", "predictive")  # offload_engine.replay.REPLAY_POLICIES, without its imports
+REPLAY_POLICIES = ("lru", "belady", "predictive")  # offload_engine.tracing.replay.REPLAY_POLICIES, without its imports
 REPLAY_PREDICTORS = ("history", "none")
 
 
@@ -27,7 +27,7 @@ def _check_policy(text: str) -> None:
 def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
     p = subparsers.add_parser(name, help="replay a routing trace through the engine's cache: hits and misses per "
                                          "cache size and policy", description=__doc__)
-    p.add_argument("trace", metavar="TRACE", help="routing trace .npz (see offload_engine/trace_file.py)")
+    p.add_argument("trace", metavar="TRACE", help="routing trace .npz (see offload_engine/tracing/trace_file.py)")
     p.add_argument("--slots", type=_csv("--slots", _check_slots), default=("32", "64", "128"),
                    help="cache sizes in expert slots, shared by all layers (default 32,64,128)")
     p.add_argument("--policies", type=_csv("--policies", _check_policy), default=REPLAY_POLICIES,
@@ -46,9 +46,9 @@ def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from offload_engine.predictors import HistoryPredictor
-    from offload_engine.replay import replay_all
-    from offload_engine.trace_file import load_trace
+    from offload_engine.foresight.predictors import HistoryPredictor
+    from offload_engine.tracing.replay import replay_all
+    from offload_engine.tracing.trace_file import load_trace
 
     if args.plot:
         check_not_an_input(args.plot, "--plot", [("the trace", args.trace)])
@@ -90,7 +90,7 @@ def format_table(trace, results, source: str) -> str:
 
 def plot_replay(results, path: str, title: str) -> None:
     from offload_engine.atomic_write import atomic_output
-    from offload_engine.consistency.report import plot_format
+    from offload_engine.tracing.consistency.report import plot_format
 
     image_format = plot_format(path)
     import matplotlib

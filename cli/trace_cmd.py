@@ -28,8 +28,8 @@ def add_parser(subparsers, name: str):
 def run(args) -> int:
     from offload_engine.engine import OffloadEngine
     from offload_engine.errors import ContextTooLongError
-    from offload_engine.trace_file import save_trace
-    from offload_engine.tracing import CorpusInput, trace_corpus
+    from offload_engine.tracing.recording import CorpusInput, trace_corpus
+    from offload_engine.tracing.trace_file import save_trace
 
     inputs = [CorpusInput.parse(item) for item in args.input]
     # plan the KV cache and working memory for the batches this command runs

@@ -22,11 +22,11 @@ __all__ = [
 ]
 
 # The engine pulls in torch and transformers: import it on first use, so that `python -m
-# offload_engine.trace_file` and the metrics stay light and runpy sees no half-imported module.
+# offload_engine.tracing.trace_file` and the metrics stay light and runpy sees no half-imported module.
 _LAZY = {
     "OffloadEngine": "engine", "GenerationResult": "engine", "GenerationStats": "engine", "TokenEvent": "engine",
-    "MemoryPlan": "memory_plan", "parse_bytes": "memory_plan", "RunConfig": "run_config",
-    "RoutingTrace": "trace_file", "load_trace": "trace_file", "save_trace": "trace_file",
+    "MemoryPlan": "planning.memory_plan", "parse_bytes": "planning.memory_plan", "RunConfig": "run_config",
+    "RoutingTrace": "tracing.trace_file", "load_trace": "tracing.trace_file", "save_trace": "tracing.trace_file",
 }
 
 

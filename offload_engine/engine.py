@@ -19,11 +19,11 @@ from .detokenizer import IncrementalDetokenizer
 from .errors import CheckpointError, GenerationInputError
 from .generation import SamplingConfig, decode_stream
 from .loading import Inspected, inspect_checkpoint, load, make_plan
-from .memory_plan import MemoryPlan, kv_bytes_per_token, kv_head_dims
+from .planning.memory_plan import MemoryPlan, kv_bytes_per_token, kv_head_dims
 from .request import Request, RoutingRecorder
 from .run_config import RunConfig
-from .trace_file import RoutingTrace
-from .tracing import generation_trace
+from .tracing.recording import generation_trace
+from .tracing.trace_file import RoutingTrace
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
@@ -406,7 +406,7 @@ def _check_tokenizer(tokenizer, directory: Path, chat: bool) -> None:
 def check_chat_prompt(name_or_path: str | Path) -> None:
     """Refuse a chat prompt for a model whose tokenizer cannot make one (none, or no chat template), from the
     tokenizer alone: before the weights load, not after."""
-    from .checkpoint import resolve_checkpoint
+    from .checkpoint.directory import resolve_checkpoint
 
     directory = resolve_checkpoint(name_or_path)
     _check_tokenizer(load_tokenizer(directory), directory, chat=True)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import GenerationInputError
-from .host_read import read_to_host
+from .experts.host_read import read_to_host
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 1. inspect: read config.json and the safetensors headers, build the transformers model on the meta device,
    describe its MoE layers (nothing is loaded);
-2. plan: decide how the memory budget is spent (memory_plan.py);
+2. plan: decide how the memory budget is spent (planning/memory_plan.py);
 3. load: copy the non-expert weights to the compute device, open the expert store, allocate the slot pool
    and bind every experts module to it.
 """
@@ -17,21 +17,21 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoint import CheckpointTensors, read_config, resolve_checkpoint
-from .checkpoint_layout import CheckpointLayout
+from .checkpoint.directory import CheckpointTensors, read_config, resolve_checkpoint
+from .checkpoint.layout import CheckpointLayout
+from .checkpoint.model_spec import ModelSpec, describe, dtype_from_config, refuse_quantized
 from .errors import CheckpointError, ContextTooLongError, MemoryBudgetError, UnsupportedModelError
-from .expert_cache import ExpertCache
-from .expert_store import ExpertStore
-from .hardware_profile import calibrated_model, hardware_of, model_name
-from .host_memory import HostMemory, host_memory
-from .memory_plan import (MemoryPlan, cuda_allocator_bytes, growing_kv_bytes, kv_bytes_per_token, plan_memory,
+from .experts.cache import ExpertCache
+from .experts.offloaded_experts import IMPLEMENTATION_NAME, bind, register_experts_implementation
+from .experts.policies import make_policy
+from .experts.runtime import Runtime
+from .experts.store import ExpertStore
+from .foresight.predictors import make_predictor
+from .foresight.residual_stream import first_input, residual_tap
+from .planning.hardware_profile import calibrated_model, hardware_of, model_name
+from .planning.host_memory import HostMemory, host_memory
+from .planning.memory_plan import (MemoryPlan, cuda_allocator_bytes, growing_kv_bytes, kv_bytes_per_token, plan_memory,
                           working_bytes)
-from .model_spec import ModelSpec, describe, dtype_from_config, refuse_quantized
-from .offloaded_experts import IMPLEMENTATION_NAME, bind, register_experts_implementation
-from .policies import make_policy
-from .predictors import make_predictor
-from .residual_stream import first_input, residual_tap
-from .runtime import Runtime
 from .run_config import DEFAULT_MAX_CONTEXT, RunConfig
 
 CPU_BUDGET_SHARE = 0.5  # of available RAM: the rest stays for the page cache the experts are read from
@@ -295,7 +295,7 @@ def load(inspected: Inspected, run: RunConfig, plan: MemoryPlan):
     reference_impl = inspected.model.get_correct_experts_implementation(None)  # what from_pretrained would use
     for layer_pos, path in enumerate(spec.experts_paths):
         module = inspected.model.get_submodule(path)
-        module._offload = bind(module, layer_pos, runtime, reference_impl)
+        module._offload = bind(module, layer_pos, runtime.layer_call, reference_impl)
         tap = residual_tap(inspected.model, path.rpartition(".")[0])
         if tap is not None:  # the residual stream entering the MoE block: for predictors and hidden-state traces
             tap.module.register_forward_pre_hook(

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .counters import LayerCounters, new_counters
-from .predictors.base import Paths
+from .experts.counters import LayerCounters, new_counters
+from .foresight.predictors.base import Paths
 
 
 @dataclass

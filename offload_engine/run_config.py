@@ -9,10 +9,10 @@ import psutil
 import torch
 
 from .errors import ConfigError
-from .expert_store import HOST_MODES
-from .memory_plan import parse_bytes
-from .policies import POLICIES
-from .predictors import PREDICTOR_NAMES
+from .experts.policies import POLICIES
+from .experts.store import HOST_MODES
+from .foresight.predictors import PREDICTOR_NAMES
+from .planning.memory_plan import parse_bytes
 
 DEFAULT_MAX_CONTEXT = 4096
 MAX_PREFETCH_DEPTH = 3  # = foresight.HORIZON: no predictor looks further ahead within a token
@@ -104,7 +104,7 @@ class RunConfig:
             raise ConfigError(f"cpu_moe_layers must be a whole number of MoE layers >= 0, not {cpu_moe_layers!r}")
         threads = _threads(threads, cpu_threads)
         if hardware is not None:
-            from .hardware_profile import check_hardware
+            from .planning.hardware_profile import check_hardware
 
             hardware = check_hardware(hardware, "hardware")
         return cls(dev, dtype, budget, expert_slots, host_memory, max_context, max_batch, policy, predictor,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from offload_engine.trace_file import RoutingTrace
+from offload_engine.tracing.trace_file import RoutingTrace
 
 # Real routing of FLAME-MoE-290M, shipped in the repository (see data/flame-moe-290m/PROVENANCE.md).
 FLAME = Path(__file__).resolve().parents[1] / "data" / "flame-moe-290m" / "flame_moe_290m_routing.npz"

@@ -102,8 +102,12 @@ def counting_reads():
     mode = DeviceReads()
     patched = []
     host_read = None
-    if (PACKAGE / "host_read.py").is_file():  # an engine from before host_read.py: every read is stray
-        host_read = importlib.import_module("offload_engine.host_read")
+    # experts/host_read.py, or host_read.py in an engine from before the subpackages; an engine from before
+    # host_read.py has neither: every read is stray
+    for name in ("experts.host_read", "host_read"):
+        if (PACKAGE / f"{name.replace('.', '/')}.py").is_file():
+            host_read = importlib.import_module(f"offload_engine.{name}")
+            break
     if host_read is not None:
         counted = mode.wrap(host_read.read_to_host)
         for module in (host_read, importlib.import_module("offload_engine.generation")):

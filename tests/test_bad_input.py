@@ -347,7 +347,7 @@ def test_a_config_key_with_a_newline_is_named_on_one_line():
     """Hypothesis found it: a non-finite number under a key holding a newline gave a two-line error."""
     from pathlib import Path
 
-    from offload_engine.model_spec import check_config
+    from offload_engine.checkpoint.model_spec import check_config
 
     with pytest.raises(CheckpointError) as error:
         check_config({"architectures": {"\n": float("inf")}}, Path("config.json"))

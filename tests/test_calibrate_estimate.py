@@ -8,8 +8,8 @@ import pytest
 import tiny_models as tm
 from offload_engine import ConfigError, OffloadEngine
 from offload_engine.cli.main import main
-from offload_engine.estimate import strategies
-from offload_engine.hardware_profile import check_hardware, hardware_of, read_profile_hardware
+from offload_engine.planning.estimate import strategies
+from offload_engine.planning.hardware_profile import check_hardware, hardware_of, read_profile_hardware
 
 PROFILES = sorted(Path(__file__).resolve().parents[1].glob("profiles/hw/*.toml"))
 
@@ -118,7 +118,7 @@ def test_calibrated_miss_costs_replace_the_formulas_for_their_model():
 
 
 def test_calibrate_measures_miss_costs_through_the_layer_call(mixtral_dir):
-    from offload_engine.calibration import _miss_costs
+    from offload_engine.planning.calibration import _miss_costs
 
     engine = OffloadEngine.from_pretrained(mixtral_dir, device="cpu", expert_slots=4, progress=False)
     miss_s, cpu_miss_s = _miss_costs(engine)

@@ -6,10 +6,11 @@ import random
 import pytest
 
 import tiny_models as tm
-from offload_engine import OffloadEngine, calibration
-from offload_engine.calibration import BUSY_SPREAD, REPEATS, ROUNDS, Timing, busy_figures, calibrate
+from offload_engine import OffloadEngine
 from offload_engine.cli.main import main
-from offload_engine.hardware_profile import read_profile_hardware
+from offload_engine.planning import calibration
+from offload_engine.planning.calibration import BUSY_SPREAD, REPEATS, ROUNDS, Timing, busy_figures, calibrate
+from offload_engine.planning.hardware_profile import read_profile_hardware
 
 SPREADS = ("link_spread", "cpu_expert_spread", "device_expert_spread")
 

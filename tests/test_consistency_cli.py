@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from offload_engine.cli.main import main
-from offload_engine.trace_file import save_trace
+from offload_engine.tracing.trace_file import save_trace
 
 from consistency_traces import random_trace
 
@@ -37,7 +37,7 @@ def test_json_schema_keys_as_written(trace_path, capsys):
                  "--per-layer", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert set(doc) == {"model", "layers", "load_balance", "domain_specialisation", "vocabulary_specialisation"}
-    from offload_engine.consistency import load_balance
+    from offload_engine.tracing.consistency import load_balance
 
     assert doc["load_balance"] == {"m": 16, "std": pytest.approx(load_balance(trace, 16).std)}
     assert set(doc["layers"]) == {str(i) for i in range(trace.num_layers)}
@@ -86,7 +86,7 @@ def test_segment_longer_than_every_sequence_shows_na(tmp_path, capsys):
     import numpy as np
 
     from offload_engine.cli.main import main
-    from offload_engine.trace_file import RoutingTrace, save_trace
+    from offload_engine.tracing.trace_file import RoutingTrace, save_trace
 
     ids = np.random.default_rng(0).integers(0, 8, size=(2, 10, 2, 2)).astype(np.int16)
     ids[..., 1] = (ids[..., 0] + 1) % 8  # two distinct experts per token

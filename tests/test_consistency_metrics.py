@@ -1,4 +1,7 @@
-"""Fast metrics against their plain-Python twins (exact), edge cases, properties and the FLAME figures."""
+"""Fast metrics against their plain-Python twins (exact), edge cases, properties and the FLAME figures.
+
+The hit rates here have SCH's rules (the metric definitions); the engine's cache is replay's, tested against
+its own twin in test_foresight.py, and one test below relates the two."""
 
 from fractions import Fraction
 
@@ -7,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from offload_engine.consistency import (
+from offload_engine.tracing.consistency import (
     capacity_for_ratio,
     domain_specialisation,
     hit_rate,
@@ -19,7 +22,7 @@ from offload_engine.consistency import (
     srp_histograms,
     vocabulary_specialisation,
 )
-from offload_engine.consistency.reference import (
+from offload_engine.tracing.consistency.reference import (
     ref_domain_specialisation,
     ref_hit_rate,
     ref_hits,
@@ -27,7 +30,8 @@ from offload_engine.consistency.reference import (
     ref_srp,
     ref_vocabulary_specialisation,
 )
-from offload_engine.trace_file import load_trace
+from offload_engine.tracing.replay import replay
+from offload_engine.tracing.trace_file import RoutingTrace, load_trace
 
 from consistency_traces import FLAME, random_trace, trace_from_lists
 
@@ -105,6 +109,25 @@ def test_sch_evicts_by_pending_uses_then_recency():
     trace = trace_from_lists([[[[0]], [[1]], [[2]], [[0]]]], num_experts=3)
     assert sch(trace, 4, 2).hits == (3,)  # warm 0, warm 1, miss 2, hit 0
     assert hit_rate(trace, "lru", 2).hits == (2,)  # LRU evicted 0
+
+
+def test_the_metric_caches_and_the_engine_cache_differ_on_one_layer_only_by_the_warm_start():
+    """Two semantics, two simulators. hit_rate has SCH's rules (the metric definitions: each sequence on its
+    own, the first C distinct experts warm, one batched lookup per token); replay has the engine's cache (cold
+    at the start, a lookup per layer call, carried across sequences, pooled). With one sequence, one layer and
+    one expert a token, batching and carrying over change nothing, so for LRU and Belady the metric's hits are
+    the engine's plus the warm start's min(C, distinct experts)."""
+    rng = np.random.default_rng(5)
+    for _ in range(100):
+        experts, tokens = int(rng.integers(2, 9)), int(rng.integers(1, 40))
+        ids = rng.integers(0, experts, size=(1, tokens, 1, 1)).astype(np.int16)
+        trace = RoutingTrace(ids, num_experts=experts, moe_layers=np.array([0]))
+        distinct = len(set(ids.reshape(-1).tolist()))
+        for capacity in range(1, experts + 1):
+            for policy in ("lru", "belady"):
+                metric, engine = hit_rate(trace, policy, capacity), replay(trace, capacity, policy)
+                assert metric.requests == (tokens,) and engine.hits + engine.misses == tokens
+                assert metric.hits == (engine.hits + min(capacity, distinct),), (policy, capacity, ids.ravel())
 
 
 def test_srp_from_histogram_takes_the_first_argmax():

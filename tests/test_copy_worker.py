@@ -9,7 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from offload_engine import CheckpointError, copy_worker as cw
+from offload_engine import CheckpointError
+from offload_engine.experts import copy_worker as cw
 from test_expert_cache import expert_from_disk, make_cache, mixtral_dir  # noqa: F401 (mixtral_dir: a fixture)
 
 pytestmark = pytest.mark.skipif(not cw.available(), reason="compiled copies run on x86-64 only")
@@ -115,10 +116,10 @@ def test_the_cache_fills_cpu_slots_with_compiled_copies(mixtral_dir):  # noqa: F
 
 
 def test_a_dtype_to_convert_keeps_torch_copies(mixtral_dir):  # noqa: F811
-    from offload_engine.expert_cache import ExpertCache
-    from offload_engine.expert_store import ExpertStore
+    from offload_engine.experts.cache import ExpertCache
+    from offload_engine.experts.policies import LRUPolicy
+    from offload_engine.experts.store import ExpertStore
     from offload_engine.loading import inspect_checkpoint
-    from offload_engine.policies import LRUPolicy
     from offload_engine.run_config import RunConfig
 
     inspected = inspect_checkpoint(mixtral_dir, RunConfig.build(device="cpu", expert_slots=2, progress=False))

@@ -10,7 +10,7 @@ import torch
 
 import tiny_models as tm
 from offload_engine import OffloadEngine
-from offload_engine.cost_model import Hardware, Need, cpu_seconds, layer_seconds, place
+from offload_engine.planning.cost_model import Hardware, Need, cpu_seconds, layer_seconds, place
 from test_exactness import checkpoints  # noqa: F401 (the shared fixture of tiny checkpoints)
 from test_exactness import PROMPT, REL_TOL, engine_steps, max_rel_error, reference_no_eos
 
@@ -126,7 +126,7 @@ def test_calibrated_miss_costs_decide_without_a_gpu():
     """Where calibrate measured this model's per-miss costs, a cold expert goes where they say, whatever the
     rates and however many tokens it has (the same kernel on the same cores either way). hardware_of gets
     them only from a profile calibrated on the same model: folder name, expert size, layers and top-k."""
-    from offload_engine.hardware_profile import calibrated_model, hardware_of, model_name
+    from offload_engine.planning.hardware_profile import calibrated_model, hardware_of, model_name
 
     rates = dict(link_bytes_per_s=10e9, cpu_read_bytes_per_s=10e9, cpu_flops=50e9, cpu_call_s=5e-6,
                  device_flops=50e9, device_call_s=5e-6)

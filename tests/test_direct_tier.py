@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import tiny_models as tm
-from offload_engine import OffloadEngine, copy_worker
+from offload_engine import OffloadEngine
+from offload_engine.experts import copy_worker
 from test_copy_worker import _resident_pages
 from test_exactness import NEW_TOKENS, PROMPT, REL_TOL, cache_sizes, checkpoints, engine_steps, max_rel_error  # noqa: F401
 
@@ -42,7 +43,7 @@ def test_experts_are_read_unaligned_and_leave_the_page_cache_empty(tmp_path):
     shard = tmp_path / "model.safetensors"
     engine = OffloadEngine.from_pretrained(tmp_path, device="cpu", dtype="float32", host_memory="direct",
                                            expert_slots=4, progress=False)
-    rows, _ = engine.store.copy_plan(0, 1)
+    rows, _ = engine.store.copy_spans(0, 1)
     how = set(rows[:, 5].tolist())
     assert how <= {copy_worker.DIRECT, copy_worker.DROP}
     assert engine.cache.loader.window == 2 * engine.spec.top_k  # from the disk, stale prefetches are dropped

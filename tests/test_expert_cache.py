@@ -7,11 +7,11 @@ from safetensors import safe_open
 import tiny_models as tm
 from offload_engine import OffloadEngine
 from offload_engine.errors import MemoryBudgetError
-from offload_engine.expert_cache import ExpertCache
-from offload_engine.expert_store import ExpertStore
+from offload_engine.experts.cache import ExpertCache
+from offload_engine.experts.policies import LRUPolicy
+from offload_engine.experts.store import ExpertStore
 from offload_engine.loading import inspect_checkpoint, make_plan
-from offload_engine.memory_plan import kv_bytes_per_token, parse_bytes
-from offload_engine.policies import LRUPolicy
+from offload_engine.planning.memory_plan import kv_bytes_per_token, parse_bytes
 from offload_engine.run_config import RunConfig
 
 
@@ -23,7 +23,7 @@ def mixtral_dir(tmp_path_factory):
 
 
 def make_cache(path, slots, mode="mmap", **loader):
-    """`loader`: the loader's prefetch_window and bounce (expert_cache.py)."""
+    """`loader`: the loader's prefetch_window and bounce (experts/cache.py)."""
     run = RunConfig.build(device="cpu", expert_slots=slots, progress=False)
     inspected = inspect_checkpoint(path, run)
     store = ExpertStore(inspected.tensors, inspected.layout, inspected.spec, torch.float32, mode, progress=False)
@@ -175,3 +175,21 @@ def test_a_prefetch_batch_that_fails_to_start_leaves_no_layer_looking_resident(m
         cache.prefetch([(0, 1), (1, 2), (1, 3)], set())
     assert (1, 2) not in cache.slot_of and (1, 3) not in cache.slot_of
     assert int(cache.slot_table[1, 2]) == int(cache.slot_table[1, 3]) == -1
+
+
+def test_every_experts_module_forwards_to_the_layer_call_it_was_bound_with(mixtral_dir):
+    """offloaded_experts.py never names the runtime: each binding is given the layer call it forwards to when
+    the model is loaded (the runtime's), so the dependency runs one way, runtime -> offloaded_experts."""
+    with OffloadEngine.from_pretrained(mixtral_dir, expert_slots=4, progress=False) as engine:
+        bindings = [engine.model.get_submodule(path)._offload for path in engine.spec.experts_paths]
+        assert all(b.layer_call == engine.runtime.layer_call for b in bindings)
+        seen = []
+
+        def counted(binding, *args, inner=engine.runtime.layer_call):
+            seen.append(binding.layer_pos)
+            return inner(binding, *args)
+
+        for b in bindings:
+            b.layer_call = counted
+        engine.generate([5, 17, 33], max_new_tokens=1, ignore_eos=True)
+    assert sorted(set(seen)) == list(range(len(bindings)))

@@ -15,17 +15,17 @@ import torch
 
 import tiny_models as tm
 from offload_engine import OffloadEngine
-from offload_engine.counters import new_counters
-from offload_engine.policies import BeladyPolicy, LRUPolicy, PredictivePolicy
-from offload_engine.predictors import HistoryPredictor
-from offload_engine.predictors.base import LayerContext, Paths, Prediction, Predictor
-from offload_engine.predictors.evaluate import evaluate
-from offload_engine.predictors.metrics import NEXT_TOKEN, Tally
-from offload_engine.replay import layer_calls, replay
+from offload_engine.experts.counters import new_counters
+from offload_engine.experts.policies import BeladyPolicy, LRUPolicy, PredictivePolicy
+from offload_engine.experts.runtime import Runtime
+from offload_engine.experts.slot_map import SlotMap
+from offload_engine.foresight.predictors import HistoryPredictor
+from offload_engine.foresight.predictors.base import LayerContext, Paths, Prediction, Predictor
+from offload_engine.foresight.predictors.evaluate import evaluate
+from offload_engine.foresight.predictors.metrics import NEXT_TOKEN, Tally
 from offload_engine.request import Request
-from offload_engine.runtime import Runtime
-from offload_engine.slot_map import SlotMap
-from offload_engine.trace_file import RoutingTrace
+from offload_engine.tracing.replay import layer_calls, replay
+from offload_engine.tracing.trace_file import RoutingTrace
 from test_exactness import checkpoints  # noqa: F401 (the shared fixture of tiny checkpoints)
 from test_exactness import NEW_TOKENS, PROMPT, engine_steps, max_rel_error, reference_no_eos, REL_TOL
 
@@ -517,7 +517,7 @@ class TwinHistory:
         self.repeat = np.full(L, 0.5)  # share of a layer's experts the next token reuses
 
     def observe(self, paths, layer):
-        from offload_engine.predictors.history import REPEAT_DECAY
+        from offload_engine.foresight.predictors.history import REPEAT_DECAY
 
         for r in range(paths.current.shape[0]):
             if paths.current[r, layer, 0] < 0:
@@ -543,7 +543,7 @@ class TwinHistory:
                 self.repeat[layer] += REPEAT_DECAY * (reused / self.k - self.repeat[layer])
 
     def scores(self, paths, layer, depth, target, sources):
-        from offload_engine.predictors.history import SMOOTHING
+        from offload_engine.foresight.predictors.history import SMOOTHING
 
         rows, L, _ = paths.current.shape
         E, k = self.E, self.k
@@ -578,7 +578,7 @@ def test_history_predictor_kernels_equal_their_plain_loop_twin():
     """Every table and score against the twin's own, at 6 layers (distances 1-4 and the own layer's next call,
     6-8), at 4 (where the two overlap and a distance past L would reach two tokens back: not counted), and with
     a fifth of the calls unknown (-1, as a trace pads them)."""
-    from offload_engine.predictors import history
+    from offload_engine.foresight.predictors import history
 
     for L, missing in ((6, 0.0), (4, 0.0), (6, 0.2)):
         trace = random_trace(5, n=3, t=30, layers=L, experts=10, k=3, missing=missing)

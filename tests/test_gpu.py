@@ -146,8 +146,8 @@ def test_decode_waits_for_the_gpu_once_per_layer_call_and_step(tmp_path):
         reads = [w for w in ours if Path(w.filename).name == "host_read.py"]
         others = [f"{Path(w.filename).name}:{w.lineno}" for w in ours if w not in reads]
         assert len(reads) == stats.host_syncs, settings
-        # the one other wait: the copy times read once at the end for the stats (expert_cache.stats)
-        assert len(others) <= 1 and all(o.startswith("expert_cache.py") for o in others), (settings, others)
+        # the one other wait: the copy times read once at the end for the stats (ExpertCache.stats)
+        assert len(others) <= 1 and all(o.startswith("cache.py") for o in others), (settings, others)
         print(settings, "transformers' own waits:", sorted({f"{Path(w.filename).name}:{w.lineno}"
                                                             for w in waits if w not in ours}))
 
@@ -204,7 +204,7 @@ def test_cuda_greedy_matches_transformers_with_the_same_static_cache(tmp_path):
 def test_a_failed_pin_leaves_no_cuda_error_behind():
     """cudaHostRegister of memory already registered fails; the engine warns, goes on with pageable memory,
     and the failure is not reported later by an unrelated kernel launch."""
-    from offload_engine.expert_store import ExpertStore
+    from offload_engine.experts.store import ExpertStore
 
     arena = torch.empty(1 << 20)
     cudart = torch.cuda.cudart()
@@ -250,7 +250,7 @@ def test_pageable_sources_go_through_pinned_bounce_buffers(tmp_path, host):
         assert result.token_ids == ref, (host, slots, settings)
         ours = [f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)
                 and package in Path(w.filename).resolve().parents]
-        assert all(o.split(":")[0] in ("host_read.py", "loader.py", "expert_cache.py") for o in ours), ours
+        assert all(o.split(":")[0] in ("host_read.py", "loader.py", "cache.py") for o in ours), ours
         engine.close()
         assert loader.demand_ring.available() == loader.demand_ring.size
         assert loader.prefetch_ring.available() == loader.prefetch_ring.size

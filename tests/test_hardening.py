@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 
 import tiny_models as tm
 from offload_engine import CheckpointError, MemoryBudgetError, OffloadEngine, OffloadEngineError
-from offload_engine.checkpoint import SafetensorsFile
-from offload_engine.memory_plan import MAX_BYTES, parse_bytes
+from offload_engine.checkpoint.directory import SafetensorsFile
+from offload_engine.planning.memory_plan import MAX_BYTES, parse_bytes
 from test_bad_input import cli_exits_2, copy_of, fingerprint, good_dir  # noqa: F401 (good_dir: a fixture)
 from tiny_tokenizer import save_char_tokenizer
 

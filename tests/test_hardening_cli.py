@@ -19,7 +19,7 @@ from offload_engine import TraceFormatError
 from offload_engine.atomic_write import atomic_output
 from offload_engine.cli import consistency_cmd
 from offload_engine.cli.main import main
-from offload_engine.trace_file import RoutingTrace, _convert_main, load_trace, save_trace
+from offload_engine.tracing.trace_file import RoutingTrace, _convert_main, load_trace, save_trace
 from test_bad_input import assert_one_line_error, copy_of, good_dir, run_cli  # noqa: F401 (good_dir: a fixture)
 from tiny_tokenizer import save_char_tokenizer
 

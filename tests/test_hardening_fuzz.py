@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 import tiny_models as tm
 from offload_engine import OffloadEngine, OffloadEngineError
 from offload_engine.cli.main import main
-from offload_engine.trace_file import load_trace, save_trace
+from offload_engine.tracing.trace_file import load_trace, save_trace
 from test_bad_input import fingerprint  # name -> sha256 of the files of one folder
 from test_hardening_cli import small_trace
 

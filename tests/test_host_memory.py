@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from offload_engine.host_memory import NO_LIMIT, cgroup_limit, host_memory
+from offload_engine.planning.host_memory import NO_LIMIT, cgroup_limit, host_memory
 
 GiB = 1024**3
 
@@ -87,8 +87,8 @@ def test_the_tightest_limit_above_the_process_wins(tmp_path_factory, levels, ver
 
 def test_a_model_that_does_not_fit_takes_the_direct_tier_and_a_budget_that_fits():
     from offload_engine import DEFAULT_MODEL
-    from offload_engine.host_memory import HostMemory
     from offload_engine.loading import DIRECT_BUDGET_SHARE, PROCESS_RESERVE, automatic_budget, host_mode, inspect_checkpoint, make_plan
+    from offload_engine.planning.host_memory import HostMemory
     from offload_engine.run_config import RunConfig
 
     run = RunConfig.build(device="cpu", progress=False)

@@ -63,7 +63,7 @@ def test_split_calls_and_a_batch_read_once_per_layer(tmp_path):
 def test_the_check_sees_a_stray_read(monkeypatch):
     """The check itself: a `.tolist()` of the routing planted in the runtime's own file is caught, and the
     counts still add up (the planted read is not read_to_host's)."""
-    from offload_engine import runtime as runtime_module
+    from offload_engine.experts import runtime as runtime_module
 
     planted = {"original": runtime_module.Runtime.layer_call}
     source = ("def layer_call(self, binding, hidden_states, top_k_index, top_k_weights):\n"
@@ -86,7 +86,7 @@ def test_positions_equal_torch_where(tokens, k, experts, seed):
     import numpy as np
     import torch
 
-    from offload_engine.host_read import CallRouting
+    from offload_engine.experts.host_read import CallRouting
 
     k = min(k, experts)
     rng = np.random.default_rng(seed)

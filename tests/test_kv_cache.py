@@ -8,7 +8,7 @@ from transformers import StaticCache
 
 import tiny_models as tm
 from offload_engine.engine import static_kv_cache
-from offload_engine.memory_plan import kv_bytes_per_token
+from offload_engine.planning.memory_plan import kv_bytes_per_token
 
 STATIC = [name for name in tm.ARCHITECTURES if getattr(tm.build_reference(name), "_can_compile_fullgraph", False)]
 
@@ -51,7 +51,7 @@ def test_the_plan_bounds_a_cache_that_grows(name):
     """A model without a static cache (MiniMax's own cache) grows its cache by concatenation up to the planned
     context: the plan counts what it holds then, plus one layer's keys and values for the moment a layer's old
     and new tensors both exist; and no more than that."""
-    from offload_engine.memory_plan import growing_kv_bytes
+    from offload_engine.planning.memory_plan import growing_kv_bytes
 
     model = tm.build_reference(name)
     rows, context = 2, 24

@@ -11,9 +11,10 @@ import tiny_models as tm
 from tiny_tokenizer import save_char_tokenizer
 from offload_engine import ConfigError, OffloadEngine
 from offload_engine.cli.main import main
-from offload_engine.predictors.evaluate import evaluate
-from offload_engine.predictors.learned import CARD_FILE, WEIGHTS_FILE, LearnedPredictor, TrainSettings, train_learned
-from offload_engine.trace_file import load_trace
+from offload_engine.foresight.predictors.evaluate import evaluate
+from offload_engine.foresight.predictors.learned import (CARD_FILE, WEIGHTS_FILE, LearnedPredictor, TrainSettings,
+                                                         train_learned)
+from offload_engine.tracing.trace_file import load_trace
 from test_exactness import PROMPT, REL_TOL, engine_steps, max_rel_error, reference_no_eos
 
 
@@ -132,7 +133,7 @@ def test_the_compiled_heads_rank_as_the_plain_scores_do():
     """predict() runs every head of a layer in one compiled call; it must rank as the heads' formula
     (W x + b + sum of U over the layer's experts, then ranked()) does, for every layer, depth and row, at n below
     and above k (random weights: no near-ties for float rounding to swap)."""
-    from offload_engine.predictors.base import LayerContext, Paths, ranked
+    from offload_engine.foresight.predictors.base import LayerContext, Paths, ranked
 
     ids, hidden, E = synthetic(N=4, T=16)
     predictor = train_learned(ids, hidden, E, TrainSettings(max_depth=3, epochs=2), progress=False)
@@ -162,7 +163,7 @@ def test_the_next_call_heads_learn_the_next_tokens_routing():
     """Routing where the residual at (token t, layer l) names the experts token t + 1 will use at l: each
     layer's own next-call head learns it (chance: k / E = 0.125); a predictor trained without those heads
     makes no such prediction."""
-    from offload_engine.predictors.base import LayerContext, Paths
+    from offload_engine.foresight.predictors.base import LayerContext, Paths
 
     rng = np.random.default_rng(0)
     N, T, L, E, k, H = 16, 64, 2, 16, 2, 32

@@ -4,7 +4,7 @@ waits only for the prefetches it needs, and close() returns with every copy fini
 import pytest
 import torch
 
-from offload_engine import copy_worker
+from offload_engine.experts import copy_worker
 from test_copy_worker import expert_from_disk, make_cache, mixtral_dir  # noqa: F401
 from test_exactness import checkpoints  # noqa: F401 (the shared fixture of tiny checkpoints)
 
@@ -141,12 +141,12 @@ def test_a_window_and_bounce_buffers_never_change_tokens(checkpoints, loader, mo
     import functools
 
     from offload_engine import OffloadEngine, loading
-    from offload_engine.expert_cache import ExpertCache
+    from offload_engine.experts.cache import ExpertCache
     from test_exactness import NEW_TOKENS, PROMPT, REL_TOL, engine_steps, max_rel_error
 
     monkeypatch.setattr(loading, "ExpertCache", functools.partial(ExpertCache, **loader))
     if loader.get("prefetch_window") == 1:  # no prefetch ever gets room: each is dropped or promoted at its call
-        from offload_engine.loader import Loader
+        from offload_engine.experts.loader import Loader
         monkeypatch.setattr(Loader, "_room", lambda self: 0)
     dropped = 0
     for name in ("mixtral", "qwen3_moe"):

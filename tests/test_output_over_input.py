@@ -8,7 +8,7 @@ import pytest
 
 from test_bad_input import assert_one_line_error, copy_of, fingerprint, good_dir, run_cli  # noqa: F401 (a fixture)
 from test_hardening_cli import small_trace
-from offload_engine.trace_file import save_trace
+from offload_engine.tracing.trace_file import save_trace
 from tiny_tokenizer import save_char_tokenizer
 
 
@@ -54,7 +54,7 @@ def test_generate_does_not_write_over_its_profile(model, tmp_path, capsys):
 
 
 def test_generate_does_not_write_over_the_predictor_it_runs(model, tmp_path, capsys):
-    from offload_engine.predictors.learned import TrainSettings, train_learned
+    from offload_engine.foresight.predictors.learned import TrainSettings, train_learned
     from test_learned_predictor import synthetic
 
     ids, hidden, experts = synthetic(N=2, T=8, L=2, E=8, H=32)

@@ -55,7 +55,7 @@ def test_the_setup_commands_are_the_ones_ci_runs():
 def outputs(argv: list[str]) -> list[str]:
     """The paths a README command writes."""
     written = [value for flag, value in zip(argv, argv[1:]) if flag in OUTPUT_FLAGS]
-    if argv[:4] == ["python", "-m", "offload_engine.trace_file", "convert"]:
+    if argv[:4] == ["python", "-m", "offload_engine.tracing.trace_file", "convert"]:
         written.append([a for a in argv[4:] if not a.startswith("-")][1])
     return written
 

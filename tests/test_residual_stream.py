@@ -7,7 +7,7 @@ import torch
 
 import tiny_models as tm
 from offload_engine import OffloadEngine
-from offload_engine.predictors.next_gate import NextGatePredictor, model_routers
+from offload_engine.foresight.predictors.next_gate import NextGatePredictor, model_routers
 from offload_engine.request import RoutingRecorder
 
 PROMPT = [5, 17, 33, 9, 70, 3, 44, 101]

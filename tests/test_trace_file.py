@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from offload_engine.errors import TraceFormatError
-from offload_engine.trace_file import RoutingTrace, _convert_main, load_trace, save_trace
+from offload_engine.tracing.trace_file import RoutingTrace, _convert_main, load_trace, save_trace
 
 from consistency_traces import FLAME
 
@@ -95,6 +95,6 @@ def test_flame_trace_reads_as_is_and_converts(tmp_path):
 
 
 def test_convert_command_reports_errors_in_one_line(tmp_path):
-    res = subprocess.run([sys.executable, "-m", "offload_engine.trace_file", "convert", str(tmp_path / "x.npz"),
+    res = subprocess.run([sys.executable, "-m", "offload_engine.tracing.trace_file", "convert", str(tmp_path / "x.npz"),
                           str(tmp_path / "y.npz")], capture_output=True, text=True)
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "does not exist" in res.stderr

@@ -10,7 +10,7 @@ import tiny_models as tm
 from tiny_tokenizer import save_char_tokenizer
 from offload_engine import OffloadEngine
 from offload_engine.cli.main import main
-from offload_engine.trace_file import load_trace
+from offload_engine.tracing.trace_file import load_trace
 
 
 def router_topk_by_hooks(model, ids):
@@ -119,7 +119,7 @@ def test_cli_plan_json(tmp_path, capsys):
 
 
 def test_documents_are_split_on_form_feeds_and_eos_lines():
-    from offload_engine.tracing import split_documents
+    from offload_engine.tracing.recording import split_documents
 
     text = "first doc\nline two\n<|endoftext|>\nsecond\fthird\n<|endoftext|>  \n\n"
     assert split_documents(text, "<|endoftext|>") == ["first doc\nline two", "second", "third"]

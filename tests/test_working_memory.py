@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, MixtralConfig, OlmoeConfig, Qwen3
 
 from live_bytes import LiveBytes
 from offload_engine import OffloadEngine
-from offload_engine.memory_plan import WORKING_SLACK, kv_bytes_per_token
+from offload_engine.planning.memory_plan import WORKING_SLACK, kv_bytes_per_token
 
 COMMON = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
               max_position_embeddings=1024, bos_token_id=1, eos_token_id=2, pad_token_id=0,

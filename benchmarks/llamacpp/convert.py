@@ -71,7 +71,7 @@ def engine_outtype(model_dir: Path) -> str:
     """The GGUF type of the dtype our engine computes in for this checkpoint (its rule, its code)."""
     from transformers import AutoConfig
 
-    from offload_engine.model_spec import dtype_from_config
+    from offload_engine.checkpoint.model_spec import dtype_from_config
 
     dtype = dtype_from_config(AutoConfig.from_pretrained(model_dir))
     return OUTTYPES[str(dtype).removeprefix("torch.")]

@@ -1,0 +1,201 @@
+"""The experts forward that transformers calls for every MoE layer, served from the expert cache.
+
+transformers applies the model's own routing (softmax/sigmoid, grouped top-k, renormalisation, scaling) and
+hands us `(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k])`. A call runs in four steps:
+
+    route    which experts the call needs (ascending ids), in one group or, with fewer slots, several: from the
+             routing read to the host once (host_read.py), the call's only wait for the device;
+    stage    make them resident (ExpertCache.fetch: hits, demand loads, waits for prefetches), then let the
+             predictor see the routing and start loading what the next layers are predicted to need;
+    execute  transformers' own experts function (the one the reference model uses) over the slot pool;
+    reduce   once, as the reference does: with one group the function itself reduces; with several, each
+             expert runs with unit weights and the weighted [T, k, H] contributions are summed at the end.
+
+Same kernel and same reduction as the reference, so bf16 output is bit for bit the reference's.
+
+This module holds the binding transformers calls and the steps; runtime.py holds the engine's side of a call
+(the cache, the predictor, the request) and uses the steps. The dependency goes one way: a binding is given
+the layer call to forward to when it is made, and never names the runtime.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .cache import ExpertCache
+from .host_read import CallRouting
+
+IMPLEMENTATION_NAME = "offload_engine"
+MAX_SPANS = 256
+
+
+class SlotExperts:
+    """An experts module seen through the cache: its own flags, gate and activation, with (a span of) the slot
+    pool [S, ...] as its weights, so transformers' experts functions run unchanged on resident experts."""
+
+    # read on every call by transformers' experts functions: copied once, since nn.Module's attribute lookup
+    # through __getattr__ cost about 30 us per call
+    COPIED = ("has_gate", "has_bias", "is_transposed", "is_concatenated", "has_post_expert_norm", "act_fn",
+              "_apply_gate", "post_expert_norm")
+
+    def __init__(self, module, pool: dict[str, torch.Tensor]):
+        self._module = module
+        for name in self.COPIED:
+            if hasattr(module, name):
+                setattr(self, name, getattr(module, name))
+        self.num_experts = next(iter(pool.values())).shape[0]
+        self._is_expert_parallel = False
+        for name, tensor in pool.items():
+            setattr(self, name, tensor)
+
+    def __getattr__(self, name):  # flags, act_fn, _apply_gate, post_expert_norm...: the real module's
+        return getattr(self._module, name)
+
+
+@dataclass
+class ExpertsBinding:
+    """What one experts module needs at run time: its MoE layer position, the engine's layer call that serves
+    it, and transformers' experts function the reference model would use (grouped_mm by default)."""
+
+    layer_pos: int
+    layer_call: Callable  # (binding, hidden_states, top_k_index, top_k_weights) -> output; the engine's
+    module: object  # the transformers experts module
+    compute: Callable
+    implementation: str
+    spans: dict[tuple[int, int], SlotExperts] = field(default_factory=dict)  # by (first slot, end): reused
+
+    def span(self, cache: ExpertCache, lo: int, hi: int) -> SlotExperts:
+        view = self.spans.get((lo, hi))
+        if view is None:
+            if len(self.spans) >= MAX_SPANS:  # scattered slots give many spans: keep the memo small
+                self.spans.clear()
+            view = self.spans[lo, hi] = SlotExperts(self.module, {name: t[lo:hi] for name, t in cache.pool.items()})
+        return view
+
+
+def bind(module, layer_pos: int, layer_call: Callable, implementation: str) -> ExpertsBinding:
+    """layer_call: what serves the module's calls (the engine's Runtime.layer_call); implementation: the
+    experts implementation transformers picks for the reference model."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    if implementation == "eager":
+        compute = type(module).forward.__wrapped__  # the class's own loop, under the decorator
+    else:
+        compute = ALL_EXPERTS_FUNCTIONS[implementation]
+    return ExpertsBinding(layer_pos, layer_call, module, compute, implementation)
+
+
+def register_experts_implementation() -> None:
+    """The one place the engine touches transformers' registry of experts implementations."""
+    from transformers.integrations.moe import ExpertsInterface
+
+    ExpertsInterface.register(IMPLEMENTATION_NAME, offloaded_experts_forward)
+
+
+def offloaded_experts_forward(
+    self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    binding: ExpertsBinding = self._offload
+    return binding.layer_call(binding, hidden_states, top_k_index, top_k_weights)
+
+
+# -- the steps ------------------------------------------------------------------------------------------------
+# route: host_read.CallRouting (the call's one read of the device: its distinct experts and each one's tokens)
+
+
+def execute(binding: ExpertsBinding, cache: ExpertCache, routing: CallRouting, slots: list[int],
+            hidden_states: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    """All of the call's experts resident at once: transformers' own kernel and reduction over the slot pool,
+    bit for bit what the reference computes over its [E, ...] tensors."""
+    # only the span of slots in use: grouped_mm's cost grows with the number of groups it is handed
+    lo, hi = min(slots), max(slots) + 1
+    slot_index = cache.slot_table[binding.layer_pos][routing.ids]  # [T, k], on the host
+    if lo:
+        slot_index -= lo
+    (slot_index,) = _on(hidden_states.device, slot_index)
+    return binding.compute(binding.span(cache, lo, hi), hidden_states, slot_index, top_k_weights)
+
+
+def execute_unweighted(binding: ExpertsBinding, cache: ExpertCache, routing: CallRouting, experts: list[int],
+                       slots: list[int], hidden_states: torch.Tensor, contributions: torch.Tensor) -> None:
+    """Each expert of a group on its own tokens, with unit weights, into contributions [T, k, H]."""
+    device = hidden_states.device
+    for e, slot in zip(experts, slots):
+        token_idx, rank = _on(device, *routing.positions(e))
+        ones = torch.ones((len(token_idx), 1), dtype=contributions.dtype, device=device)
+        zeros = torch.zeros((len(token_idx), 1), dtype=torch.long, device=device)
+        y = binding.compute(binding.span(cache, slot, slot + 1), hidden_states[token_idx], zeros, ones)
+        contributions[token_idx, rank] = y.to(contributions.dtype)
+
+
+def reduce(binding: ExpertsBinding, contributions: torch.Tensor, routing: CallRouting, top_k_weights: torch.Tensor,
+           dtype: torch.dtype) -> torch.Tensor:
+    """The reference's reduction of per-(token, rank) outputs [T, k, H]: grouped_mm and batched_mm weight them
+    and sum over k (accumulating in fp32); the eager loop adds each expert's weighted output in expert order."""
+    weighted = contributions * top_k_weights.unsqueeze(-1)
+    if binding.implementation != "eager":
+        return weighted.sum(dim=1).to(dtype)
+    out = torch.zeros(contributions.shape[0], contributions.shape[-1], dtype=dtype, device=contributions.device)
+    for e in routing.experts:
+        token_idx, rank = _on(contributions.device, *routing.positions(e))
+        out.index_add_(0, token_idx, weighted[token_idx, rank].to(dtype))
+    return out
+
+
+def execute_on_cpu(binding: ExpertsBinding, store, layer_pos: int, routing: CallRouting, experts: list[int],
+                   contributions: torch.Tensor) -> None:
+    """Experts computed on the CPU where they lie (host buffers, or the memory map), into contributions
+    [T, k, H] with unit weights: no slot, no copy to the device but the outputs'. The inputs are the call's
+    hidden states as read to the host with its routing (routing.hidden): no wait for the device here, so on
+    CUDA the device's kernels, queued first, run meanwhile. Weights split over several file tensors (a
+    per-expert layout's gate and up) are read in place, block by block (piecewise); the others go through
+    transformers' own experts function on a one-expert view."""
+    module = binding.module
+    device = contributions.device
+    # T=tokens routed to the expert, H=hidden
+    for e in experts:
+        token_idx, rank = routing.positions(e)
+        x = routing.hidden[torch.as_tensor(token_idx)]
+        pieces = store.host_pieces(layer_pos, e) if _piecewise_ok(module) else None
+        if pieces is not None:
+            y = piecewise(module, pieces, x)
+        else:
+            view = SlotExperts(module, store.host_view(layer_pos, e))
+            ones = torch.ones((len(token_idx), 1), dtype=contributions.dtype)
+            y = binding.compute(view, x, torch.zeros((len(token_idx), 1), dtype=torch.long), ones)
+        token_idx, rank = _on(device, token_idx, rank)
+        contributions[token_idx, rank] = y.to(device, contributions.dtype, non_blocking=True)
+    # The memory map's pages stay mapped, as llama.cpp keeps them: they are clean file pages the kernel may
+    # reclaim under memory pressure, and dropping them after each call (as a copy into a slot does) made the
+    # next token fault every page back in (the 213M Mixtral-shaped benchmark model: 29 -> 37 tok/s on 2 cores).
+
+
+def _on(device: torch.device, *arrays: np.ndarray) -> tuple[torch.Tensor, ...]:
+    """Host index arrays as index tensors on `device` (host to device: queued, never a wait)."""
+    if device.type == "cpu":
+        return tuple(torch.as_tensor(a) for a in arrays)
+    return tuple(torch.as_tensor(a).to(device, non_blocking=True) for a in arrays)
+
+
+def _piecewise_ok(module) -> bool:
+    """The experts functions' math for a gated or plain MLP without biases, weights [out, in] (not transposed)."""
+    return not getattr(module, "is_transposed", False) and not getattr(module, "has_bias", False)
+
+
+def piecewise(module, pieces: dict[str, list[torch.Tensor]], x: torch.Tensor) -> torch.Tensor:
+    """One expert as grouped_mm_experts_forward computes it at unit weight, with each weight given as row blocks
+    (outputs concatenated: every output element is the same dot product): up (or gate_up), the module's own
+    gate or activation, down, the optional post-expert norm. Bit for bit the function's result on this CPU
+    (tests/test_cpu_experts.py)."""
+    first = pieces["gate_up_proj" if module.has_gate else "up_proj"]
+    out = torch.cat([torch.nn.functional.linear(x, w) for w in first], dim=-1) if len(first) > 1 else \
+        torch.nn.functional.linear(x, first[0])
+    out = module._apply_gate(out) if module.has_gate else module.act_fn(out)
+    out = torch.cat([torch.nn.functional.linear(out, w) for w in pieces["down_proj"]], dim=-1)
+    if getattr(module, "has_post_expert_norm", False):
+        out = module.post_expert_norm(out)
+    return out.to(x.dtype)
