@@ -99,6 +99,13 @@ class Handle:
         self._started = self._first = self._ended = None
         self._rows = 0
         self._counters = (0, 0, 0)
+        self._listener = None
+
+    def on_item(self, listener) -> None:
+        """Call `listener()` (from the engine thread) whenever a piece, the end or an error arrives; called
+        once now, for what arrived before."""
+        self._listener = listener
+        listener()
 
     @property
     def prompt_tokens(self) -> int:
@@ -107,6 +114,15 @@ class Handle:
     @property
     def cancelled(self) -> bool:
         return self._cancelled.is_set()
+
+    @property
+    def generated_tokens(self) -> int:
+        return len(self._tokens)
+
+    @property
+    def finish_reason(self) -> str | None:
+        """None while running; then "stop", "length", "cancelled" or "error"."""
+        return self._finish
 
     def done(self) -> bool:
         return self._done.is_set()
@@ -168,23 +184,26 @@ class Handle:
         finish = "stop" if stopped or eos else "length" if last_step else None
         if finish is not None and not stopped:
             released += self._stop.flush()
-        self._items.put(Piece(token_id, released, finish))
-        if finish is not None:
-            self._end(finish)
+        self._end(finish, Piece(token_id, released, finish))
         return finish is not None
 
     def _set_counters(self, hits: int, misses: int, bytes_to_device: int) -> None:
         self._counters = (hits, misses, bytes_to_device)
 
     def _abandon(self) -> None:
-        self._items.put(_END)
-        self._end("cancelled")
+        self._end("cancelled", _END)
 
     def _fail(self, error: BaseException) -> None:
         self._error = error
-        self._items.put(error)
-        self._end("error")
+        self._end("error", error)
 
-    def _end(self, finish: str) -> None:
-        self._finish, self._ended = finish, time.perf_counter()
-        self._done.set()
+    def _end(self, finish: str | None, item) -> None:
+        """Queue `item`; with a finish, the handle's outcome is set before the item is readable and done()
+        after, so a reader that saw the last item reads the outcome, and one that sees done() finds every item."""
+        if finish is not None:
+            self._finish, self._ended = finish, time.perf_counter()
+        self._items.put(item)
+        if finish is not None:
+            self._done.set()
+        if self._listener is not None:
+            self._listener()

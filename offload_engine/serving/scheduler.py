@@ -148,15 +148,15 @@ class Scheduler:
         try:
             for event in steps:
                 last_step = event.index + 1 == cfg.max_new_tokens
+                stats = engine.cache.stats(request.counters)  # the batch's so far: each row's own while it runs
                 for row in list(open_rows):
                     handle = batch[row]
+                    handle._set_counters(stats.hits, stats.misses, stats.bytes_to_device)
                     if handle.cancelled:
                         open_rows.remove(row)
                         handle._abandon()
                     elif handle._token(event.token_ids[row], event.texts[row], event.finished[row], last_step):
                         open_rows.remove(row)
-                        stats = engine.cache.stats(request.counters)
-                        handle._set_counters(stats.hits, stats.misses, stats.bytes_to_device)
                 if not open_rows:
                     break
         except Exception as error:  # an engine fault ends this batch's requests, never the thread
