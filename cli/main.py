@@ -23,8 +23,9 @@ COMMANDS = {
     "predictor": "offload_engine.cli.predictor_cmd",
     "calibrate": "offload_engine.cli.calibrate_cmd",
     "estimate": "offload_engine.cli.estimate_cmd",
+    "serve": "offload_engine.cli.serve_cmd",
 }
-LOADS_A_MODEL = frozenset({"generate", "plan", "trace", "predictor", "calibrate", "estimate"})  # their runs import transformers
+LOADS_A_MODEL = frozenset({"generate", "plan", "trace", "predictor", "calibrate", "estimate", "serve"})  # their runs import transformers
 
 
 class DefaultsHelpFormatter(argparse.HelpFormatter):
