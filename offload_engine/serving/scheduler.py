@@ -144,11 +144,17 @@ class Scheduler:
         for handle in batch:
             handle._start(len(batch))
         open_rows = list(range(len(batch)))
+        with self._cond:
+            self.totals.batches += 1
+            self.totals.rows += len(batch)
+        counted = engine.cache.stats(request.counters)
         steps = engine._stream([h.prompt_ids for h in batch], cfg, request=request)
         try:
             for event in steps:
                 last_step = event.index + 1 == cfg.max_new_tokens
                 stats = engine.cache.stats(request.counters)  # the batch's so far: each row's own while it runs
+                self._count(stats, counted, len(open_rows))  # before the rows' handles can end
+                counted = stats
                 for row in list(open_rows):
                     handle = batch[row]
                     handle._set_counters(stats.hits, stats.misses, stats.bytes_to_device)
@@ -167,14 +173,16 @@ class Scheduler:
             steps.close()
             for row in open_rows:  # the engine stopped early (only a cancelled row can be left)
                 batch[row]._abandon()
-            stats = engine.cache.stats(request.counters)
-            with self._cond:
-                t = self.totals
-                t.batches += 1
-                t.rows += len(batch)
-                t.generated_tokens += sum(len(h._tokens) for h in batch)
-                t.hits, t.misses = t.hits + stats.hits, t.misses + stats.misses
-                t.bytes_to_device += stats.bytes_to_device
+            self._count(engine.cache.stats(request.counters), counted, 0)
+
+    def _count(self, stats, counted, tokens: int) -> None:
+        """Add a step's tokens and the cache counters since `counted` to the totals."""
+        with self._cond:
+            t = self.totals
+            t.generated_tokens += tokens
+            t.hits += stats.hits - counted.hits
+            t.misses += stats.misses - counted.misses
+            t.bytes_to_device += stats.bytes_to_device - counted.bytes_to_device
 
 
 def _whole(value) -> bool:
