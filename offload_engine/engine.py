@@ -99,8 +99,8 @@ class OffloadEngine:
         self._scheduler_lock = threading.Lock()
 
     def close(self) -> None:
-        """Stop submit's engine thread (its requests end with an error), finish loads in flight, stop the
-        prefetch thread and unlock pinned host memory. The engine can still generate afterwards (the threads
+        """Stop submit's engine thread (waiting requests fail, the running batch is cancelled), finish loads in
+        flight, stop the prefetch thread and unlock pinned host memory. The engine can still generate afterwards (the threads
         restart on demand), but pinned copies become synchronous."""
         with self._scheduler_lock:
             scheduler, self._scheduler = self._scheduler, None

@@ -383,3 +383,11 @@ def test_the_official_client_against_the_real_server(server, chat_model):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) == 0
     assert "stopped" in "".join(lines[-3:])
+
+
+def test_the_stop_string_examples_run():
+    import doctest
+
+    from offload_engine.serving import handle
+
+    assert doctest.testmod(handle).failed == 0
