@@ -321,16 +321,18 @@ def server(chat_model):
     reader.start()
     try:
         deadline = time.monotonic() + 120
-        url = None
+        health = []
         while time.monotonic() < deadline and proc.poll() is None:
             found = [m for line in list(lines) if (m := re.search(r"listening on (http://\S+)", line))]
             if found:
                 url = found[0].group(1)
-                if httpx.get(f"{url}/health").status_code == 200:
+                health.append(httpx.get(f"{url}/health").status_code)
+                if health[-1] == 200:
                     break
             time.sleep(0.1)
         else:
             pytest.fail(f"the server did not become healthy: {''.join(lines)}")
+        assert health[0] == 503, health  # it listens while the model loads (seconds; the first look is at once)
         yield url, lines, proc
     finally:
         if proc.poll() is None:

@@ -124,6 +124,12 @@ def make_app(engine=None, *, api_key: str | None = None, max_queue: int = DEFAUL
         state.requests.labels(request.url.path, str(error.status)).inc()
         return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, error: Exception) -> JSONResponse:  # uvicorn logs the traceback too
+        state.requests.labels(request.url.path, "500").inc()
+        return JSONResponse(ApiError(500, f"internal error: {one_line(str(error) or type(error).__name__)}",
+                                     type="server_error").body(), status_code=500)
+
     def authorized(request: Request) -> None:
         if state.api_key is None:
             return

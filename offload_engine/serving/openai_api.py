@@ -161,7 +161,11 @@ def _chat_ids(request: ChatRequest, tokenizer) -> list[int]:
         content = m.content if isinstance(m.content, str) or m.content is None else "".join(
             part.text or "" for part in m.content if part.type == "text")
         messages.append({"role": m.role, "content": content or ""})
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    try:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    except Exception as e:  # jinja's TemplateError, or a template's own raise_exception: the messages' fault
+        raise ApiError(400, f"the model's chat template refused these messages ({str(e).splitlines()[0][:200]})",
+                       param="messages") from None
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
