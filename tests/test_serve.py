@@ -393,3 +393,27 @@ def test_the_stop_string_examples_run():
     from offload_engine.serving import handle
 
     assert doctest.testmod(handle).failed == 0
+
+
+def test_close_stops_the_engine_thread_and_submit_starts_a_new_one(engine):
+    engine.submit(PROMPTS[0], max_new_tokens=3).result(timeout=60)
+    thread = engine._scheduler._thread
+    engine.close()
+    assert not thread.is_alive()
+    assert engine.submit(PROMPTS[0], max_new_tokens=3).result(timeout=60).token_ids == alone(engine, PROMPTS[0], 3).token_ids
+
+
+def test_bad_flags_and_a_port_in_use_are_one_line_and_exit_2(capsys):
+    import socket
+
+    from offload_engine.cli.main import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", "--port", "70000"])
+    assert exit_.value.code == 2
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        assert main(["serve", "--port", str(taken.getsockname()[1]), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "--port" in err[0] and "cannot listen on 127.0.0.1" in err[1]
