@@ -175,9 +175,7 @@ async def _generate(state: ServerState, request: Request, chat: bool):
     prepared = prepare(body, state.engine.tokenizer, state.context)
     handle = _submit(state, prepared)
     rid, route = new_id(chat), request.url.path
-    wake = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    handle.on_item(lambda: loop.call_soon_threadsafe(wake.set))
+    wake = _waker(handle)
     try:
         first = await _next(request, handle, wake)
     except ApiError as error:
@@ -253,6 +251,20 @@ def _submit(state: ServerState, prepared) -> Handle:
         raise ApiError(503, str(e), type="server_error", code="shutting_down") from None
     except OffloadEngineError as e:
         raise ApiError(400, one_line(str(e)), param="prompt") from None
+
+
+def _waker(handle: Handle) -> asyncio.Event:
+    """An event the engine thread sets whenever `handle` receives something."""
+    wake, loop = asyncio.Event(), asyncio.get_running_loop()
+
+    def wake_up() -> None:
+        try:
+            loop.call_soon_threadsafe(wake.set)
+        except RuntimeError:  # the loop has closed (the server stopped): nobody is waiting any more
+            pass
+
+    handle.on_item(wake_up)
+    return wake
 
 
 async def _next(request: Request, handle: Handle, wake: asyncio.Event):

@@ -121,6 +121,10 @@ class Scheduler:
             try:
                 if batch:
                     self._run(batch)
+            except Exception as error:  # past the engine (a listener's fault): end the batch, keep the thread
+                for handle in batch:
+                    if handle.finish_reason is None:
+                        handle._fail(error)
             finally:
                 with self._cond:
                     self._running = []
