@@ -206,4 +206,7 @@ class Handle:
         if finish is not None:
             self._done.set()
         if self._listener is not None:
-            self._listener()
+            try:
+                self._listener()
+            except Exception:  # a failing listener is dropped: the items stay readable, the engine thread goes on
+                self._listener = None

@@ -121,7 +121,7 @@ class Scheduler:
             try:
                 if batch:
                     self._run(batch)
-            except Exception as error:  # past the engine (a listener's fault): end the batch, keep the thread
+            except Exception as error:  # a bug past the engine's stream: end the batch, keep the thread
                 for handle in batch:
                     if handle.finish_reason is None:
                         handle._fail(error)
