@@ -2,10 +2,12 @@
 
 `submit` checks the prompt and its settings in the caller's thread (a bad one raises there, at once), then
 puts the request on a bounded FIFO queue (full: QueueFullError) and returns its Handle. The engine thread
-takes the oldest waiting request and, behind it, the following ones with the same sampling settings (up to
-max_batch; the first with other settings waits for the next batch, so the order stays first in, first out),
-and runs them as ONE padded batch through the engine's own batched stream: each row's tokens are exactly
-those of `engine.generate(list_of_prompts)` for that batch; a batch of one gives exactly `generate` alone.
+takes the oldest waiting request and, behind it, the following ones with the same SamplingConfig (max_new_tokens,
+temperature, top_p, top_k, seed, ignore_eos; up to max_batch; the first with other settings waits for the
+next batch, so the order stays first in, first out), and runs them as ONE padded batch through the engine's
+own batched stream (engine._stream, with a Request whose counters it reads between steps): each row's tokens
+are exactly those of `engine.generate(list_of_prompts)` for that batch; a batch of one gives exactly
+`generate` alone.
 
 Batches are static: a request joins no batch already running. A row that finishes (its end-of-sequence
 token, its own stop strings, its max_new_tokens) ends its handle at once while the batch runs on for the
