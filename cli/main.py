@@ -24,8 +24,10 @@ COMMANDS = {
     "calibrate": "offload_engine.cli.calibrate_cmd",
     "estimate": "offload_engine.cli.estimate_cmd",
     "export-plan": "offload_engine.cli.export_plan_cmd",
+    "serve": "offload_engine.cli.serve_cmd",
 }
-LOADS_A_MODEL = frozenset({"generate", "plan", "trace", "predictor", "calibrate", "estimate", "export-plan"})  # their runs import transformers
+LOADS_A_MODEL = frozenset({"generate", "plan", "trace", "predictor", "calibrate", "estimate", "export-plan",
+                           "serve"})  # their runs import transformers
 
 
 class DefaultsHelpFormatter(argparse.HelpFormatter):

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import numbers
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -94,10 +95,17 @@ class OffloadEngine:
         self.model, self.store, self.runtime = load(inspected, run, plan)
         self.cache = self.runtime.cache
         self.tokenizer = tokenizer
+        self._scheduler = None  # submit's engine thread, started on the first submit
+        self._scheduler_lock = threading.Lock()
 
     def close(self) -> None:
-        """Finish loads in flight, stop the prefetch thread and unlock pinned host memory. The engine can still
-        generate afterwards (the thread restarts on demand), but pinned copies become synchronous."""
+        """Stop submit's engine thread (waiting requests fail, the running batch is cancelled), finish loads in
+        flight, stop the prefetch thread and unlock pinned host memory. The engine can still generate afterwards (the threads
+        restart on demand), but pinned copies become synchronous."""
+        with self._scheduler_lock:
+            scheduler, self._scheduler = self._scheduler, None
+        if scheduler is not None:
+            scheduler.close()
         self.cache.drain()
         self.cache.close()
         self.store.close()
@@ -269,6 +277,31 @@ class OffloadEngine:
         results = [GenerationResult(self._decode(ids), ids, stats, trace) for ids in rows]
         return results if _is_batch(prompt) else results[0]
 
+    def submit(
+        self,
+        prompt,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        chat: bool = False,
+        ignore_eos: bool = False,
+        stop: Sequence[str] = (),
+    ):
+        """Queue one prompt for the engine's own generation thread and return its Handle at once (from any
+        thread): iterate it for the text as it comes, `result()` for the whole completion, `cancel()` to give
+        up. `stop`: strings that end the completion where the text first contains one (cut before it).
+        Requests with the same settings share padded batches of up to max_batch (serving/scheduler.py)."""
+        from .serving.scheduler import Scheduler
+
+        with self._scheduler_lock:
+            if self._scheduler is None:
+                self._scheduler = Scheduler(self)
+            scheduler = self._scheduler
+        return scheduler.submit(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                top_k=top_k, seed=seed, chat=chat, ignore_eos=ignore_eos, stop=stop)
+
     def request(self, rows: int, recorder: RoutingRecorder | None = None) -> Request:
         """A new request's own state: counters, routing history, recorder."""
         return Request(rows, self.spec.num_moe_layers, self.spec.top_k, recorder=recorder)
@@ -278,15 +311,17 @@ class OffloadEngine:
         with self.runtime.serving(request):
             return self.model(**inputs)
 
-    def _stream(self, encoded: list[list[int]], cfg: SamplingConfig,
-                recorder: RoutingRecorder | None = None) -> Iterator[TokenEvent]:
+    def _stream(self, encoded: list[list[int]], cfg: SamplingConfig, recorder: RoutingRecorder | None = None,
+                request: Request | None = None) -> Iterator[TokenEvent]:
+        """`request`: the batch's state, when the caller reads its counters before the last event (submit's)."""
         with self.runtime.admitted(len(encoded)):
-            yield from self._steps(encoded, cfg, recorder)
+            yield from self._steps(encoded, cfg, recorder, request)
 
-    def _steps(self, encoded: list[list[int]], cfg: SamplingConfig, recorder) -> Iterator[TokenEvent]:
+    def _steps(self, encoded: list[list[int]], cfg: SamplingConfig, recorder,
+               request: Request | None = None) -> Iterator[TokenEvent]:
         input_ids, mask = self._padded(encoded)
         deltas = [IncrementalDetokenizer(self.tokenizer) for _ in encoded]
-        request = self.request(len(encoded), recorder)
+        request = request if request is not None else self.request(len(encoded), recorder)
         cuda = self.run.device.type == "cuda"
         if cuda:
             torch.cuda.reset_peak_memory_stats(self.run.device)

@@ -1,14 +1,17 @@
 """Every example in the README runs as written: the set-up commands are the ones CI runs, each `bash` line
 (in order, in one scratch folder that sees the repository's profiles/, data/ and tests/) exits 0, and each
-`python` block runs without an exception; their outputs go under runs/, never into the repository root."""
+`python` block runs without an exception (a client of the server against the README's `moe-offload serve`
+line, started on a free port); their outputs go under runs/, never into the repository root."""
 
 import contextlib
 import io
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +24,8 @@ BLOCKS = re.findall(r"^```(\w+)\n(.*?)^```$", README, flags=re.S | re.M)
 COMMANDS = [line for lang, body in BLOCKS if lang == "bash" for line in body.splitlines()
             if line.strip() and not line.startswith("#")]
 PYTHON = [body for lang, body in BLOCKS if lang == "python"]
+SERVE = re.search(r"^moe-offload serve --.*$", README, flags=re.M).group(0)  # the server the client block calls
+SERVER_URL = "http://127.0.0.1:8000"
 OUTPUT_FLAGS = ("--out", "--plot", "--trace-out")
 SCRATCH = "runs"  # in .gitignore
 
@@ -35,7 +40,7 @@ def workdir(tmp_path_factory):
 
 
 def test_the_readme_has_its_examples():
-    assert len(COMMANDS) >= 15 and len(PYTHON) == 2
+    assert len(COMMANDS) >= 15 and len(PYTHON) == 3
     assert not re.search(r"\.\./shared|\{\{", README), "the README points outside the repository or has a hole"
 
 
@@ -84,11 +89,39 @@ def test_command(command, workdir, monkeypatch):
         assert done.returncode == 0, done.stderr
 
 
+@pytest.fixture
+def server(workdir):
+    """The README's `moe-offload serve` command on a free port; its URL once /health answers 200."""
+    import httpx
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "offload_engine.cli.main", *shlex.split(SERVE)[1:],
+                             "--port", "0", "--quiet"], cwd=workdir, env=env, text=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        url = re.search(r"listening on (http://\S+)", proc.stderr.readline()).group(1)
+        deadline = time.monotonic() + 120
+        while httpx.get(f"{url}/health").status_code != 200:
+            assert proc.poll() is None and time.monotonic() < deadline, "the README's server did not start"
+            time.sleep(0.2)
+        yield url
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
 @pytest.mark.parametrize("block", range(len(PYTHON)))
-def test_python_example(block, workdir, monkeypatch):
+def test_python_example(block, workdir, monkeypatch, request):
     monkeypatch.chdir(workdir)
+    code = PYTHON[block]
+    if "OpenAI(" in code:
+        assert SERVER_URL in code
+        code = code.replace(SERVER_URL, request.getfixturevalue("server"))
     with contextlib.redirect_stdout(io.StringIO()) as out:
-        exec(compile(PYTHON[block], f"README python example {block}", "exec"), {"__name__": "readme"})
+        exec(compile(code, f"README python example {block}", "exec"), {"__name__": "readme"})
     assert out.getvalue().strip()
 
 

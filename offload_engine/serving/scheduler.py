@@ -1,0 +1,205 @@
+"""One engine thread that owns generation; any thread submits prompts to it and reads their handles.
+
+`submit` checks the prompt and its settings in the caller's thread (a bad one raises there, at once), then
+puts the request on a bounded FIFO queue (full: QueueFullError) and returns its Handle. The engine thread
+takes the oldest waiting request and, behind it, the following ones with the same SamplingConfig (max_new_tokens,
+temperature, top_p, top_k, seed, ignore_eos; up to max_batch; the first with other settings waits for the
+next batch, so the order stays first in, first out), and runs them as ONE padded batch through the engine's
+own batched stream (engine._stream, with a Request whose counters it reads between steps): each row's tokens
+are exactly those of `engine.generate(list_of_prompts)` for that batch; a batch of one gives exactly
+`generate` alone.
+
+Batches are static: a request joins no batch already running. A row that finishes (its end-of-sequence
+token, its own stop strings, its max_new_tokens) ends its handle at once while the batch runs on for the
+others; a cancelled handle stops receiving at the next step, but its row keeps its place in the batch (and
+in the memory plan's max_batch) until the batch ends, unless every row of the batch is finished or
+cancelled: then the batch is abandoned at the next step.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ..errors import GenerationInputError, OffloadEngineError
+from ..generation import SamplingConfig
+from .handle import Handle
+
+DEFAULT_MAX_QUEUE = 64
+
+
+class QueueFullError(OffloadEngineError):
+    """max_queue requests are already waiting; try again once one has started."""
+
+
+class SchedulerClosedError(OffloadEngineError):
+    """The scheduler (or its engine) was closed before the request finished."""
+
+
+@dataclass
+class Totals:
+    """What the engine thread has done since it started (the server's counters read these)."""
+
+    batches: int = 0
+    rows: int = 0
+    generated_tokens: int = 0
+    hits: int = 0
+    misses: int = 0
+    bytes_to_device: int = 0
+
+
+class Scheduler:
+    def __init__(self, engine, max_queue: int = DEFAULT_MAX_QUEUE, max_batch: int | None = None):
+        max_batch = engine.run.max_batch if max_batch is None else max_batch
+        if not _whole(max_batch) or not 1 <= max_batch <= engine.run.max_batch:
+            raise GenerationInputError(f"max_batch must be from 1 to the memory plan's {engine.run.max_batch}, "
+                                       f"not {max_batch!r}")
+        if not _whole(max_queue) or max_queue < 1:
+            raise GenerationInputError(f"max_queue must be a whole number >= 1, not {max_queue!r}")
+        self.engine, self.max_queue, self.max_batch = engine, max_queue, max_batch
+        self.totals = Totals()
+        self._waiting: deque[Handle] = deque()
+        self._running: list[Handle] = []
+        self._cond = threading.Condition()
+        self._closed = False
+        self._ids = itertools.count(1)
+        self._thread = threading.Thread(target=self._loop, name="offload-engine-scheduler", daemon=True)
+        self._thread.start()
+
+    def submit(self, prompt, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+               top_k: int = 0, seed: int | None = None, chat: bool = False, ignore_eos: bool = False,
+               stop: Sequence[str] = ()) -> Handle:
+        """Queue one prompt (text or token ids); the arguments are generate's, plus `stop` strings."""
+        cfg = SamplingConfig(max_new_tokens, temperature, top_p, top_k, seed, ignore_eos)
+        stop = _stop_strings(stop)
+        if isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], (str, list, tuple)):
+            raise GenerationInputError("submit takes one prompt; submit each prompt of a batch on its own")
+        (ids,) = self.engine._prompts(prompt, chat, max_new_tokens)  # checked against the model and the plan
+        with self._cond:
+            if self._closed:
+                raise SchedulerClosedError("the engine's scheduler is closed; submit to a new engine")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFullError(f"{len(self._waiting)} requests are waiting (max_queue); try again once one "
+                                     "has started")
+            handle = Handle(f"{next(self._ids)}", ids, cfg, stop)
+            self._waiting.append(handle)
+            self._cond.notify_all()
+        return handle
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    def close(self, timeout: float | None = 30.0) -> None:
+        """Refuse new requests, fail the waiting ones, cancel the running batch and stop the thread."""
+        with self._cond:
+            self._closed = True
+            waiting, self._waiting = list(self._waiting), deque()
+            for handle in self._running:
+                handle.cancel()
+            self._cond.notify_all()
+        for handle in waiting:
+            handle._fail(SchedulerClosedError("the engine's scheduler was closed before this request started"))
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+    # -- the engine thread ----------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._waiting and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                batch = self._take()
+                self._running = batch
+            try:
+                if batch:
+                    self._run(batch)
+            except Exception as error:  # a bug past the engine's stream: end the batch, keep the thread
+                for handle in batch:
+                    if handle.finish_reason is None:
+                        handle._fail(error)
+            finally:
+                with self._cond:
+                    self._running = []
+
+    def _take(self) -> list[Handle]:
+        """The oldest waiting request and the ones right behind it with the same settings (under the lock)."""
+        batch: list[Handle] = []
+        while self._waiting and len(batch) < self.max_batch:
+            handle = self._waiting[0]
+            if handle.cancelled:
+                self._waiting.popleft()._abandon()
+                continue
+            if batch and handle.cfg != batch[0].cfg:
+                break
+            batch.append(self._waiting.popleft())
+        return batch
+
+    def _run(self, batch: list[Handle]) -> None:
+        engine, cfg = self.engine, batch[0].cfg
+        request = engine.request(len(batch))
+        for handle in batch:
+            handle._start(len(batch))
+        open_rows = list(range(len(batch)))
+        with self._cond:
+            self.totals.batches += 1
+            self.totals.rows += len(batch)
+        counted = engine.cache.stats(request.counters)
+        steps = engine._stream([h.prompt_ids for h in batch], cfg, request=request)
+        try:
+            for event in steps:
+                last_step = event.index + 1 == cfg.max_new_tokens
+                stats = engine.cache.stats(request.counters)  # the batch's so far: each row's own while it runs
+                self._count(stats, counted, len(open_rows))  # before the rows' handles can end
+                counted = stats
+                for row in list(open_rows):
+                    handle = batch[row]
+                    handle._set_counters(stats.hits, stats.misses, stats.bytes_to_device)
+                    if handle.cancelled:
+                        open_rows.remove(row)
+                        handle._abandon()
+                    elif handle._token(event.token_ids[row], event.texts[row], event.finished[row], last_step):
+                        open_rows.remove(row)
+                if not open_rows:
+                    break
+        except Exception as error:  # an engine fault ends this batch's requests, never the thread
+            for row in open_rows:
+                batch[row]._fail(error)
+            open_rows = []
+        finally:
+            steps.close()
+            for row in open_rows:  # the engine stopped early (only a cancelled row can be left)
+                batch[row]._abandon()
+            self._count(engine.cache.stats(request.counters), counted, 0)
+
+    def _count(self, stats, counted, tokens: int) -> None:
+        """Add a step's tokens and the cache counters since `counted` to the totals."""
+        with self._cond:
+            t = self.totals
+            t.generated_tokens += tokens
+            t.hits += stats.hits - counted.hits
+            t.misses += stats.misses - counted.misses
+            t.bytes_to_device += stats.bytes_to_device - counted.bytes_to_device
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _stop_strings(stop) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
+        raise GenerationInputError(f"stop must be a string or a list of strings, not {stop!r}"[:200])
+    return tuple(stop)
