@@ -5,7 +5,6 @@ prediction and prefetch, and leave nothing of the experts in the page cache."""
 import os
 
 import pytest
-import torch
 
 import tiny_models as tm
 from offload_engine import OffloadEngine

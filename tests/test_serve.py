@@ -297,6 +297,10 @@ def test_api_key_and_metrics(engine):
         families = list(text_string_to_metric_families(text))
         samples = {s.name: s.value for family in families for s in family.samples if not s.labels}
         assert samples["moe_offload_generated_tokens_total"] >= 4
+        assert samples["moe_offload_steps_total"] == 4  # one request alone: its prefill, then 3 decode steps
+        assert samples["moe_offload_decode_steps_total"] == 3
+        top_k_calls = engine.spec.top_k * len(engine.spec.moe_layers)  # one row: top-k distinct experts a call
+        assert samples["moe_offload_decode_expert_lookups_total"] == 3 * top_k_calls
         assert samples["moe_offload_expert_cache_hits_total"] + samples["moe_offload_expert_cache_misses_total"] > 0
         assert samples["moe_offload_model_loaded"] == 1
         requests = {(s.labels["route"], s.labels["status"]): s.value for family in families for s in family.samples

@@ -89,6 +89,13 @@ class _EngineCollector:
         for name, doc, field in (("generated_tokens", "tokens the engine generated (cancelled rows included)",
                                   "generated_tokens"),
                                  ("batches", "batches the engine ran", "batches"),
+                                 ("steps", "forward passes the engine ran: a batch's prefill with its first token, "
+                                  "then one per decode step", "steps"),
+                                 ("decode_steps", "decode steps the engine ran (every row of the batch one token)",
+                                  "decode_steps"),
+                                 ("decode_expert_lookups", "experts the decode steps' layer calls needed (distinct "
+                                  "per layer call, summed): over decode_steps, the distinct experts per step",
+                                  "decode_lookups"),
                                  ("expert_cache_hits", "needed experts already resident", "hits"),
                                  ("expert_cache_misses", "expert loads a layer call had to wait for", "misses"),
                                  ("expert_bytes_to_device", "bytes of experts copied to the device",

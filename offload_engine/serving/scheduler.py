@@ -45,6 +45,9 @@ class Totals:
 
     batches: int = 0
     rows: int = 0
+    steps: int = 0  # forward passes: a batch's prefill (with its first token), then one per decode step
+    decode_steps: int = 0
+    decode_lookups: int = 0  # experts the decode steps' layer calls looked up: distinct per call, summed
     generated_tokens: int = 0
     hits: int = 0
     misses: int = 0
@@ -159,7 +162,8 @@ class Scheduler:
             for event in steps:
                 last_step = event.index + 1 == cfg.max_new_tokens
                 stats = engine.cache.stats(request.counters)  # the batch's so far: each row's own while it runs
-                self._count(stats, counted, len(open_rows))  # before the rows' handles can end
+                # before the rows' handles can end
+                self._count(stats, counted, len(open_rows), steps=1, decode=event.index > 0)
                 counted = stats
                 for row in list(open_rows):
                     handle = batch[row]
@@ -181,10 +185,14 @@ class Scheduler:
                 batch[row]._abandon()
             self._count(engine.cache.stats(request.counters), counted, 0)
 
-    def _count(self, stats, counted, tokens: int) -> None:
+    def _count(self, stats, counted, tokens: int, steps: int = 0, decode: bool = False) -> None:
         """Add a step's tokens and the cache counters since `counted` to the totals."""
         with self._cond:
             t = self.totals
+            t.steps += steps
+            if decode:
+                t.decode_steps += steps
+                t.decode_lookups += stats.hits + stats.misses - counted.hits - counted.misses
             t.generated_tokens += tokens
             t.hits += stats.hits - counted.hits
             t.misses += stats.misses - counted.misses
