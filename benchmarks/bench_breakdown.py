@@ -70,7 +70,7 @@ def read_bandwidth(threads: int, gib: float = 1.0, repeats: int = 5) -> float:
 
 def bytes_read(engine) -> dict[str, int]:
     """Weight bytes each part reads per decode token at batch 1: every attention and LM-head weight, the MoE
-    blocks' own (router, shared experts), and top-k experts per MoE layer."""
+    blocks' own (router, shared experts)."""
     def nbytes(module) -> int:
         return sum(p.numel() * p.element_size() for p in module.parameters())
 
@@ -81,7 +81,6 @@ def bytes_read(engine) -> dict[str, int]:
                  for path in spec.experts_paths)
     head = model.get_output_embeddings()
     return {"attention": attention, "router and shared experts": blocks,
-            "experts": spec.num_moe_layers * spec.top_k * engine.store.expert_nbytes(),
             "lm head": nbytes(head) if head is not None else 0}
 
 
@@ -104,8 +103,9 @@ def main() -> None:
 
         model = MIXTRAL_213M
         make_checkpoint(model, torch.float32)
+    # threads= as asked: loading sets the process's threads, so an earlier torch.set_num_threads would not hold
     engine = OffloadEngine.from_pretrained(model, expert_slots=args.expert_slots, cold_experts=args.cold_experts,
-                                           progress=False)
+                                           progress=False, threads=args.threads)
     prompt = list(range(10, 42))
     engine.generate(prompt, max_new_tokens=8, ignore_eos=True)  # warm
     rates = [engine.generate(prompt, max_new_tokens=args.tokens, ignore_eos=True).stats.decode_tokens_per_s
@@ -126,10 +126,12 @@ def main() -> None:
             "lm head": per.get("lm head", 0.0)}
     rows["everything else (Python, norms, sampling, loop)"] = total / steps * 1e3 - sum(rows.values())
     weights = bytes_read(engine)
-    # experts computed on the CPU read their own bytes; the others (resident or copied) are read by the kernels
-    on_cpu = stats.cpu_experts / steps * engine.store.expert_nbytes()
+    # the experts' bytes as the timed generation read them (its prefill included, as in the times): those the
+    # CPU computed where they lie, and those the kernels read from slots (every distinct expert of each call)
+    expert = engine.store.expert_nbytes()
     reads = {"attention": weights["attention"], "router and shared experts": weights["router and shared experts"],
-             "experts: CPU experts": on_cpu, "experts: the rest (cache, kernels)": weights["experts"] - on_cpu,
+             "experts: CPU experts": stats.cpu_experts * expert / steps,
+             "experts: the rest (cache, kernels)": (stats.hits + stats.misses) * expert / steps,
              "lm head": weights["lm head"]}
     bandwidth = read_bandwidth(args.threads)
     print(f"{model.name}: {engine.plan.expert_slots} of {engine.plan.total_experts} experts resident, cold experts "

@@ -37,16 +37,23 @@ DOMAINS = ("en", "es", "de", "fr", "py")
 EOS_LINE = "<|endoftext|>"
 
 
-def prompts(count: int, chars: int, seed: int = 0) -> list[str]:
-    """`count` prompts: the first `chars` characters of held-out documents, the domains in turn."""
+def prompts(count: int, tokens: int, seed: int = 0) -> list[str]:
+    """`count` prompts: the start of held-out documents, the domains in turn, each cut to `tokens` tokens of
+    the bundled model's tokenizer or shorter (a fortune can be a line; the server may count a token or two more)."""
+    from transformers import AutoTokenizer
+
+    from offload_engine import DEFAULT_MODEL
+
+    tokenizer = AutoTokenizer.from_pretrained(DEFAULT_MODEL)
     docs = {}
     for domain in DOMAINS:
         path = HELDOUT / f"{domain}.txt"
         if not path.is_file():
             raise SystemExit(f"{path} is missing: run `python benchmarks/heldout.py --max-chars 40000` first")
-        docs[domain] = [d.strip() for d in path.read_text("utf-8").split(EOS_LINE) if len(d.strip()) >= chars]
+        docs[domain] = [d.strip() for d in path.read_text("utf-8").split(EOS_LINE) if len(d.strip()) >= 40]
     rng = random.Random(seed)
-    return [rng.choice(docs[DOMAINS[i % len(DOMAINS)]])[:chars] for i in range(count)]
+    chosen = [rng.choice(docs[DOMAINS[i % len(DOMAINS)]])[:16 * tokens] for i in range(count)]
+    return [tokenizer.decode(tokenizer(text)["input_ids"][:tokens]) for text in chosen]
 
 
 def free_port() -> int:
@@ -84,7 +91,7 @@ def start_server(port: int, max_batch: int, max_context: int, profile: Path) -> 
 
 def client_loop(base: str, model: str, queue: list[str], lock: threading.Lock, max_tokens: int, stop_at: float,
                 results: list[dict]) -> None:
-    from openai import OpenAI
+    from openai import APIError, OpenAI
 
     client = OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=600)
     while time.monotonic() < stop_at:
@@ -94,15 +101,19 @@ def client_loop(base: str, model: str, queue: list[str], lock: threading.Lock, m
             prompt = queue.pop()
         start = time.perf_counter()
         stamps, text = [], []
-        stream = client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0,
-                                           stream=True, stream_options={"include_usage": True})
         usage = None
-        for chunk in stream:
-            if chunk.choices and chunk.choices[0].text:
-                stamps.append(time.perf_counter())
-                text.append(chunk.choices[0].text)
-            if chunk.usage is not None:
-                usage = chunk.usage
+        try:
+            stream = client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                               stream=True, stream_options={"include_usage": True})
+            for chunk in stream:
+                if chunk.choices and chunk.choices[0].text:
+                    stamps.append(time.perf_counter())
+                    text.append(chunk.choices[0].text)
+                if chunk.usage is not None:
+                    usage = chunk.usage
+        except APIError as e:  # counted, and the client goes on with its next prompt
+            results.append({"error": str(e)[:200]})
+            continue
         if not stamps:
             continue
         results.append({"ttft_s": stamps[0] - start, "gaps_s": [b - a for a, b in zip(stamps, stamps[1:])],
@@ -123,7 +134,7 @@ def run(clients: int, args) -> dict:
     server = start_server(port, args.max_batch, args.max_context, args.profile)
     try:
         model = json.loads(urllib.request.urlopen(f"{base}/v1/models", timeout=10).read())["data"][0]["id"]
-        queue = prompts(args.requests, args.prompt_chars, seed=clients)
+        queue = prompts(args.requests, args.prompt_tokens, seed=clients)
         before = metrics(base)
         results: list[dict] = []
         lock = threading.Lock()
@@ -135,6 +146,8 @@ def run(clients: int, args) -> dict:
             t.start()
         for t in threads:
             t.join()
+        errors = [r["error"] for r in results if "error" in r]
+        results = [r for r in results if "error" not in r]
         wall = max((r["end"] for r in results), default=time.perf_counter()) - start
         after = metrics(base)
     finally:
@@ -149,7 +162,7 @@ def run(clients: int, args) -> dict:
     gaps = [g for r in results for g in r["gaps_s"]]
     ttft = [r["ttft_s"] for r in results]
     return {
-        "clients": clients, "requests": len(results), "completion_tokens": tokens, "wall_s": wall,
+        "clients": clients, "requests": len(results), "errors": errors, "completion_tokens": tokens, "wall_s": wall,
         "aggregate_tokens_per_s": tokens / wall if wall > 0 else 0.0,
         "ttft_p50_s": percentile(ttft, 0.5), "ttft_p99_s": percentile(ttft, 0.99),
         "token_latency_p50_s": percentile(gaps, 0.5), "token_latency_p99_s": percentile(gaps, 0.99),
@@ -170,7 +183,7 @@ def main() -> int:
     p.add_argument("--profile", type=Path, default=ROOT / "profiles" / "demo.toml")
     p.add_argument("--requests", type=int, default=24, help="requests per client count")
     p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--prompt-chars", type=int, default=200)
+    p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--time-limit", type=float, default=300, help="seconds per client count")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_serve.json")
     args = p.parse_args()
@@ -179,7 +192,8 @@ def main() -> int:
         row = run(clients, args)
         rows.append(row)
         experts = row["distinct_experts_per_step"]
-        print(f"{clients:>3} clients: {row['requests']} requests, {row['aggregate_tokens_per_s']:7.1f} tok/s aggregate, "
+        print(f"{clients:>3} clients: {row['requests']} requests ({len(row['errors'])} refused), "
+              f"{row['aggregate_tokens_per_s']:7.1f} tok/s aggregate, "
               f"TTFT p50 {1e3 * row['ttft_p50_s']:7.1f} ms p99 {1e3 * row['ttft_p99_s']:7.1f} ms, per token p50 "
               f"{1e3 * row['token_latency_p50_s']:6.1f} ms p99 {1e3 * row['token_latency_p99_s']:6.1f} ms, "
               f"{'-' if experts is None else f'{experts:.1f}'} distinct experts/step, "
