@@ -134,7 +134,7 @@ def run(clients: int, args) -> dict:
     server = start_server(port, args.max_batch, args.max_context, args.profile)
     try:
         model = json.loads(urllib.request.urlopen(f"{base}/v1/models", timeout=10).read())["data"][0]["id"]
-        queue = prompts(args.requests, args.prompt_tokens, seed=clients)
+        queue = prompts(max(args.requests, 3 * clients), args.prompt_tokens, seed=clients)
         before = metrics(base)
         results: list[dict] = []
         lock = threading.Lock()
@@ -181,7 +181,7 @@ def main() -> int:
     p.add_argument("--max-context", type=int, default=128,
                    help="the server's --max-context: the demo budget holds 4 rows of 128 tokens as it holds 1 of 512")
     p.add_argument("--profile", type=Path, default=ROOT / "profiles" / "demo.toml")
-    p.add_argument("--requests", type=int, default=24, help="requests per client count")
+    p.add_argument("--requests", type=int, default=24, help="requests per client count (at least 3 per client)")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--time-limit", type=float, default=300, help="seconds per client count")
