@@ -23,6 +23,7 @@ from .loading import Inspected, inspect_checkpoint, load, make_plan
 from .planning.memory_plan import MemoryPlan, kv_bytes_per_token, kv_head_dims
 from .request import Request, RoutingRecorder
 from .run_config import RunConfig
+from .serving.row_cache import fits as row_cache_fits
 from .tracing.recording import generation_trace
 from .tracing.trace_file import RoutingTrace
 
@@ -95,6 +96,9 @@ class OffloadEngine:
         self.model, self.store, self.runtime = load(inspected, run, plan)
         self.cache = self.runtime.cache
         self.tokenizer = tokenizer
+        # submit's engine thread batches continuously where every layer's KV cache is a standard full-attention
+        # one (serving/row_cache.py); otherwise in static batches (serving/scheduler.py)
+        self.continuous_batching = row_cache_fits(self.model)
         self._scheduler = None  # submit's engine thread, started on the first submit
         self._scheduler_lock = threading.Lock()
 

@@ -80,6 +80,25 @@ def sample(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def sampling_generator(cfg: SamplingConfig, device: torch.device) -> torch.Generator | None:
+    """A sequence's own random generator (None when greedy): seeded with cfg.seed, or from the OS."""
+    if cfg.temperature <= 0:
+        return None
+    generator = torch.Generator(device=device)
+    if cfg.seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(cfg.seed)
+    return generator
+
+
+def pick(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None):
+    """(tokens [B], finite [B]) from logits [B, V]: the sampler sees finite scores only; the caller reads
+    `finite` with the tokens, in the step's one read of the device, and refuses a row whose scores were not."""
+    finite = torch.isfinite(logits).all(dim=-1)
+    return sample(torch.where(finite[:, None], logits, 0.0), cfg, generator), finite
+
+
 @dataclass(frozen=True)
 class Step:
     """One decode step: the token of each sequence, and which sequences had already finished before it."""
@@ -111,13 +130,7 @@ def decode_stream(
     `forward(**inputs)` runs one forward pass (default: the model itself; the engine wraps it in its request).
     `cache`: a KV cache to fill (e.g. a StaticCache allocated up front); default: the model's own, grown on demand."""
     device = input_ids.device
-    generator = None
-    if cfg.temperature > 0:
-        generator = torch.Generator(device=device)
-        if cfg.seed is None:
-            generator.seed()
-        else:
-            generator.manual_seed(cfg.seed)
+    generator = sampling_generator(cfg, device)
     eos = torch.tensor(sorted(eos_ids), device=device, dtype=torch.long) if eos_ids and not cfg.ignore_eos else None
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=device)
     # positions count real tokens only, so left padding does not shift them (as generate does)
@@ -136,8 +149,7 @@ def decode_stream(
         with torch.inference_mode():
             logits = out.logits[:, -1, :]
             # checked after the step's one read of the device; meanwhile the sampler sees finite scores only
-            finite = torch.isfinite(logits).all(dim=-1)
-            tokens = sample(torch.where(finite[:, None], logits, 0.0), cfg, generator)
+            tokens, finite = pick(logits, cfg, generator)
             tokens = torch.where(finished, torch.full_like(tokens, pad_id), tokens)
             if eos is not None:
                 finished = finished | torch.isin(tokens, eos)

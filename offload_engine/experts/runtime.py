@@ -92,6 +92,20 @@ class Runtime:
                     self._rows_by_thread[me] = left
                 self._room.notify_all()
 
+    def reserve(self, rows: int) -> bool:
+        """Hold `rows` of max_batch if they are free now, without waiting (the serving engine thread, whose running
+        batch must not stall behind another thread's generate); release() gives them back."""
+        with self._room:
+            if self._rows_in_flight + rows > self.max_rows:
+                return False
+            self._rows_in_flight += rows
+            return True
+
+    def release(self, rows: int) -> None:
+        with self._room:
+            self._rows_in_flight -= rows
+            self._room.notify_all()
+
     def current(self) -> Request:
         return self.request if self.request is not None else self.standing
 

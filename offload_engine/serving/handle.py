@@ -40,7 +40,7 @@ class Completion:
     queued_s: float  # from submit to the start of its batch
     ttft_s: float  # from submit to the first token (queueing included: what the caller waited)
     decode_tokens_per_s: float  # tokens after the first, per second
-    batch_rows: int  # the prompts its batch held
+    batch_rows: int  # the most rows its batch held while it ran (static batches: the prompts of its batch)
     hits: int  # the batch's expert-cache counters while this row ran (its own when it ran alone)
     misses: int
     bytes_to_device: int
@@ -175,6 +175,10 @@ class Handle:
     # -- the engine thread's side ---------------------------------------------------------------------------
     def _start(self, rows: int) -> None:
         self._started, self._rows = time.perf_counter(), rows
+
+    def _ran_beside(self, rows: int) -> None:
+        """The running batch held `rows` rows (this one included) at a step of this request."""
+        self._rows = max(self._rows, rows)
 
     def _token(self, token_id: int, text: str, eos: bool, last_step: bool) -> bool:
         """Record one token; True when it ended the request."""

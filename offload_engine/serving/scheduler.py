@@ -26,9 +26,11 @@ from dataclasses import dataclass
 
 from ..errors import GenerationInputError, OffloadEngineError
 from ..generation import SamplingConfig
+from .continuous import RunningBatch
 from .handle import Handle
 
 DEFAULT_MAX_QUEUE = 64
+IDLE_POLL_S = 0.05  # how often an idle engine thread looks again for rows another thread's generate holds
 
 
 class QueueFullError(OffloadEngineError):
@@ -115,6 +117,9 @@ class Scheduler:
 
     # -- the engine thread ----------------------------------------------------------------------------------
     def _loop(self) -> None:
+        if self.engine.continuous_batching:
+            self._continuous()
+            return
         while True:
             with self._cond:
                 while not self._waiting and not self._closed:
@@ -133,6 +138,63 @@ class Scheduler:
             finally:
                 with self._cond:
                     self._running = []
+
+    def _continuous(self) -> None:
+        """Between decode steps, admit waiting requests into free rows; then one step for every row. The KV
+        cache holds max_batch rows, so the runtime's admission holds max_batch rows of the plan while any
+        request runs (another thread's generate waits for them), and gives them back when the batch empties."""
+        batch = RunningBatch(self.engine, self.max_batch, self._count)
+        runtime, held = self.engine.runtime, False
+        try:
+            while True:
+                with self._cond:
+                    while not self._waiting and not batch.rows and not self._closed:
+                        if held:  # idle: the KV cache and its rows go back to the plan
+                            batch.close()
+                            runtime.release(self.max_batch)
+                            held = False
+                        self._cond.wait()
+                    if self._closed:
+                        return
+                    if not held:
+                        held = runtime.reserve(self.max_batch)
+                        if not held:  # another thread's generate holds rows of the plan: look again soon
+                            self._cond.wait(IDLE_POLL_S)
+                            continue
+                        batch.open()
+                        self.totals.batches += 1
+                    joining = self._take_free(self.max_batch - len(batch.rows))
+                    self.totals.rows += len(joining)
+                    self._running = batch.handles() + joining
+                try:
+                    for handle in joining:
+                        batch.admit(handle)
+                    batch.step()
+                except Exception as error:  # a bug past the engine's forwards: end the batch, keep the thread
+                    for handle in joining:
+                        if handle.finish_reason is None:
+                            handle._fail(error)
+                    batch.fail(error)
+                with self._cond:
+                    self._running = batch.handles()
+        finally:
+            batch.abandon()
+            if held:
+                batch.close()
+                runtime.release(self.max_batch)
+            with self._cond:
+                self._running = []
+
+    def _take_free(self, free: int) -> list[Handle]:
+        """Up to `free` of the oldest waiting requests, whatever their settings (under the lock)."""
+        joining: list[Handle] = []
+        while self._waiting and len(joining) < free:
+            handle = self._waiting.popleft()
+            if handle.cancelled:
+                handle._abandon()
+            else:
+                joining.append(handle)
+        return joining
 
     def _take(self) -> list[Handle]:
         """The oldest waiting request and the ones right behind it with the same settings (under the lock)."""

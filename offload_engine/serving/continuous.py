@@ -1,0 +1,193 @@
+"""Continuous batching: the running batch, whose rows join between decode steps and leave when they finish.
+
+scheduler.py's engine thread drives it: `admit(handle)` prefills a waiting request alone (batch 1, as
+`engine.generate` alone does: the same inputs, the same cache type) and samples its first token from its own
+logits; `step()` runs one decode step for every row at once, over a RowCache (row_cache.py) in which each row
+keeps its own positions. Each row samples with its own SamplingConfig and generator from its own [1, V]
+logits, as it would alone. A row that ends (its EOS unless ignore_eos, a stop string, max_new_tokens) or was
+cancelled leaves at once: the last row moves into its place (KV columns, length, routing paths), so the rows
+stay 0..n-1.
+
+The batch's Request (request.py) is one for the batch's life: its counters gather every forward's (the
+scheduler's totals read them), its `rows` is the step's row count, and its paths keep a row per running
+request: a joining request brings the paths of its prefill's last token, a leaving one takes its row along.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..detokenizer import IncrementalDetokenizer
+from ..errors import GenerationInputError
+from ..experts.host_read import read_to_host
+from ..generation import cache_keyword, pick, sampling_generator
+from ..request import Request
+from .handle import Handle
+from .row_cache import RowCache
+
+
+@dataclass
+class Row:
+    handle: Handle
+    generator: torch.Generator | None
+    detokenizer: IncrementalDetokenizer
+    token: int  # the newest token: the next step's input
+    base: object  # the batch's cache counters (CacheStats) when the row joined
+    count: int = 0  # tokens generated
+
+
+class RunningBatch:
+    """Rows 0..n-1 of `cache` are `rows`; `count(stats, counted, tokens, steps, decode)` adds each forward to
+    the scheduler's totals."""
+
+    def __init__(self, engine, max_rows: int, count: Callable):
+        self.engine, self.max_rows, self.count = engine, max_rows, count
+        self.request = Request(0, engine.spec.num_moe_layers, engine.spec.top_k)
+        self.rows: list[Row] = []
+        self.cache: RowCache | None = None
+        self.counted = engine.cache.stats(self.request.counters)
+        self.cuda = engine.run.device.type == "cuda"
+        self.eos = engine.eos_ids()
+        self.cache_arg = cache_keyword(engine.model)
+
+    def open(self) -> None:
+        """Allocate the KV cache of max_rows rows (the caller holds them in the runtime's admission)."""
+        engine = self.engine
+        self.cache = RowCache(engine.model.config, self.max_rows, engine.plan.max_context, engine.store.dtype,
+                              engine.run.device, full_width=self.cuda)
+
+    def close(self) -> None:
+        """Free the KV cache (no row runs)."""
+        self.cache = None
+
+    def handles(self) -> list[Handle]:
+        return [row.handle for row in self.rows]
+
+    # -- joining ------------------------------------------------------------------------------------------
+    def admit(self, handle: Handle) -> None:
+        """Prefill `handle`'s prompt alone into the next free row and give it its first token; a request that
+        ends with that token (or fails) leaves at once."""
+        engine, r = self.engine, len(self.rows)
+        device, cfg, ids = engine.run.device, handle.cfg, handle.prompt_ids
+        base = engine.cache.stats(self.request.counters)
+        prefill = Request(1, self.request.num_layers, self.request.top_k, counters=self.request.counters)
+        input_ids = torch.tensor([ids], dtype=torch.long, device=device)
+        # the prefill writes straight into its row on CUDA (a StaticCache over it, as generate alone uses one);
+        # on the CPU generate alone grows a DynamicCache, so this one does too and its columns are copied
+        source = self.cache.row_static_cache(r, engine.model.config) if self.cuda else None
+        generator = sampling_generator(cfg, device)
+        handle._start(r + 1)
+        try:
+            with torch.inference_mode():
+                out = engine.forward(prefill, input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                     position_ids=torch.arange(len(ids), device=device)[None], use_cache=True,
+                                     logits_to_keep=1, **({self.cache_arg: source} if source is not None else {}))
+                if source is None:
+                    self.cache.put(r, getattr(out, self.cache_arg))
+                self.cache.lengths[r] = len(ids)
+                token, finite = pick(out.logits[:, -1, :], cfg, generator)
+                (host,) = read_to_host([torch.cat([token, finite.long()])])
+        except Exception as error:  # this request's fault (or the engine's): the running rows go on
+            self._count(0, decode=False)
+            handle._fail(error)
+            return
+        self._count(1, decode=False)
+        row = Row(handle, generator, IncrementalDetokenizer(engine.tokenizer), int(host[0]), base)
+        self.rows.append(row)
+        self.request.rows = len(self.rows)
+        paths = self.request.paths
+        paths.current = np.concatenate([paths.current, prefill.paths.current])
+        paths.previous = np.concatenate([paths.previous, prefill.paths.previous])
+        if self._emit(r, row, bool(host[1]), len(self.rows)):
+            self._leave(r)
+
+    # -- one decode step ----------------------------------------------------------------------------------
+    def step(self) -> None:
+        """Cancelled rows leave; then one decode step for every row, each row's token to its handle, and the
+        rows that ended leave. An engine fault here fails every row (the cache's state is lost with it)."""
+        for r in reversed(range(len(self.rows))):
+            if self.rows[r].handle.cancelled:
+                self.rows[r].handle._abandon()
+                self._leave(r)
+        n = len(self.rows)
+        if not n:
+            return
+        device = self.engine.run.device
+        try:
+            with torch.inference_mode():
+                position_ids, mask = self.cache.begin(n)
+                input_ids = torch.tensor([[row.token] for row in self.rows], dtype=torch.long, device=device)
+                self.request.rows = n
+                out = self.engine.forward(self.request, input_ids=input_ids, attention_mask=mask,
+                                          position_ids=position_ids, use_cache=True, **{self.cache_arg: self.cache})
+                self.cache.advance()
+                logits = out.logits[:, -1, :]  # [n, V]
+                # each row from its own [1, V] scores, with its own settings and generator, as alone
+                picks = [pick(logits[r:r + 1], row.handle.cfg, row.generator) for r, row in enumerate(self.rows)]
+                tokens = torch.cat([t for t, _ in picks])
+                finite = torch.cat([f for _, f in picks]).long()
+                (host,) = read_to_host([torch.cat([tokens, finite])])  # the step's one read of the device
+        except Exception as error:
+            self._count(0, decode=True)
+            self.fail(error)
+            return
+        self._count(n, decode=True)
+        ended = []
+        for r, row in enumerate(self.rows):
+            row.token = int(host[r])
+            if self._emit(r, row, bool(host[n + r]), n):
+                ended.append(r)
+        for r in reversed(ended):
+            self._leave(r)
+
+    def fail(self, error: BaseException) -> None:
+        """End every row with `error`."""
+        for r in reversed(range(len(self.rows))):
+            self.rows[r].handle._fail(error)
+            self._leave(r)
+
+    def abandon(self) -> None:
+        """End every row as cancelled (the scheduler is closing)."""
+        for r in reversed(range(len(self.rows))):
+            self.rows[r].handle._abandon()
+            self._leave(r)
+
+    # -- rows -----------------------------------------------------------------------------------------------
+    def _emit(self, r: int, row: Row, finite: bool, rows: int) -> bool:
+        """Hand row r's newest token to its handle; True when the row has ended."""
+        handle, token = row.handle, row.token
+        stats = self.counted
+        handle._set_counters(stats.hits - row.base.hits, stats.misses - row.base.misses,
+                             stats.bytes_to_device - row.base.bytes_to_device)
+        handle._ran_beside(rows)
+        if not finite:  # NaN weights: no token can be read off these scores
+            handle._fail(GenerationInputError(
+                f"the model produced non-finite scores (NaN or inf) at step {row.count}; its weights are corrupt "
+                "or overflow in this dtype: check the checkpoint, or try --dtype float32"))
+            return True
+        row.count += 1
+        cfg = handle.cfg
+        eos = not cfg.ignore_eos and token in self.eos
+        last = row.count == cfg.max_new_tokens
+        return handle._token(token, row.detokenizer.push(token, last=last or eos), eos, last)
+
+    def _leave(self, r: int) -> None:
+        """Row r leaves; the last row takes its place."""
+        last = len(self.rows) - 1
+        self.cache.move(last, r)
+        self.rows[r] = self.rows[last]
+        self.rows.pop()
+        paths = self.request.paths
+        for ids in (paths.current, paths.previous):
+            ids[r] = ids[last]
+        paths.current, paths.previous = paths.current[:last], paths.previous[:last]
+        self.request.rows = last
+
+    def _count(self, tokens: int, decode: bool) -> None:
+        stats = self.engine.cache.stats(self.request.counters)
+        self.count(stats, self.counted, tokens, steps=1, decode=decode)
+        self.counted = stats
