@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+import tiny_models as tm
 from offload_engine import DEFAULT_MODEL, OffloadEngine
 from offload_engine.engine import static_kv_cache
 from offload_engine.generation import cache_keyword
@@ -203,3 +204,22 @@ def test_bf16_what_holds(engine):
     got = [r.token_ids for r in results]
     assert all(g[0] == a[0] for g, a in zip(got, alone))
     assert sum(g == a for g, a in zip(got, alone)) >= 14
+
+
+# -- every architecture: continuous where its cache allows, static batches where not --------------------------
+STATIC = {"gpt_oss": "sliding-window layers", "minimax": "a cache of its own", "qwen3_next": "linear attention"}
+
+
+@pytest.mark.parametrize("name", list(tm.ARCHITECTURES))
+def test_each_architecture_batches_continuously_or_statically_and_rows_get_their_tokens_alone(name, tmp_path):
+    tm.save_checkpoint(tm.build_reference(name), tmp_path, "per_expert")
+    prompts = [[1, 5, 9, 2, 7], [3, 4], [8, 6, 2, 9, 4, 1, 3, 5, 7], [2, 2, 6]]
+    with OffloadEngine.from_pretrained(tmp_path, device="cpu", dtype="float32", max_context=48, max_batch=3,
+                                       progress=False) as tiny:
+        assert tiny.continuous_batching == (name not in STATIC)
+        alone = [tiny.generate(p, max_new_tokens=12, ignore_eos=True).token_ids for p in prompts]
+        if tiny.continuous_batching:
+            got = [r.token_ids for r in staggered(tiny, prompts, 12)]
+        else:  # static batches (a batch shared gives each row its padded batch's tokens): one at a time here
+            got = [tiny.submit(p, max_new_tokens=12, ignore_eos=True).result(timeout=120).token_ids for p in prompts]
+    assert got == alone
