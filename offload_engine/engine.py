@@ -296,7 +296,8 @@ class OffloadEngine:
         """Queue one prompt for the engine's own generation thread and return its Handle at once (from any
         thread): iterate it for the text as it comes, `result()` for the whole completion, `cancel()` to give
         up. `stop`: strings that end the completion where the text first contains one (cut before it).
-        Requests with the same settings share padded batches of up to max_batch (serving/scheduler.py)."""
+        Requests share the running batch, up to max_batch rows, joining between decode steps (static padded
+        batches for models whose cache does not allow it: serving/scheduler.py)."""
         from .serving.scheduler import Scheduler
 
         with self._scheduler_lock:

@@ -9,7 +9,6 @@ import time
 
 import pytest
 import torch
-from transformers import DynamicCache
 
 import tiny_models as tm
 from offload_engine import DEFAULT_MODEL, OffloadEngine
@@ -223,3 +222,16 @@ def test_each_architecture_batches_continuously_or_statically_and_rows_get_their
         else:  # static batches (a batch shared gives each row its padded batch's tokens): one at a time here
             got = [tiny.submit(p, max_new_tokens=12, ignore_eos=True).result(timeout=120).token_ids for p in prompts]
     assert got == alone
+
+
+def test_offloaded_experts_and_a_predictor_follow_the_rows_as_they_join_and_leave():
+    """The predictor's paths gain a row per joining request and lose the leaving one's: with experts offloaded
+    (40 slots) and prefetch from predictions, every row still gets its tokens alone."""
+    with OffloadEngine.from_pretrained(DEFAULT_MODEL, max_context=CONTEXT, max_batch=4, dtype="float32",
+                                       expert_slots=40, policy="predictive", predictor="history",
+                                       progress=False) as offloaded:
+        alone = [offloaded.generate(p, max_new_tokens=16, ignore_eos=True).token_ids for p in PROMPTS[:6]]
+        results = staggered(offloaded, PROMPTS[:6], 16)
+        totals = offloaded._scheduler.totals
+    assert [r.token_ids for r in results] == alone
+    assert totals.misses > 0 and totals.decode_steps < 6 * 15  # offloaded, and rows shared decode steps

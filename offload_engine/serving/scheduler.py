@@ -1,19 +1,28 @@
 """One engine thread that owns generation; any thread submits prompts to it and reads their handles.
 
 `submit` checks the prompt and its settings in the caller's thread (a bad one raises there, at once), then
-puts the request on a bounded FIFO queue (full: QueueFullError) and returns its Handle. The engine thread
-takes the oldest waiting request and, behind it, the following ones with the same SamplingConfig (max_new_tokens,
-temperature, top_p, top_k, seed, ignore_eos; up to max_batch; the first with other settings waits for the
-next batch, so the order stays first in, first out), and runs them as ONE padded batch through the engine's
-own batched stream (engine._stream, with a Request whose counters it reads between steps): each row's tokens
-are exactly those of `engine.generate(list_of_prompts)` for that batch; a batch of one gives exactly
-`generate` alone.
+puts the request on a bounded FIFO queue (full: QueueFullError) and returns its Handle.
 
-Batches are static: a request joins no batch already running. A row that finishes (its end-of-sequence
-token, its own stop strings, its max_new_tokens) ends its handle at once while the batch runs on for the
-others; a cancelled handle stops receiving at the next step, but its row keeps its place in the batch (and
-in the memory plan's max_batch) until the batch ends, unless every row of the batch is finished or
-cancelled: then the batch is abandoned at the next step.
+Continuous batching (continuous.py), for models whose every layer is a full-attention layer with
+transformers' standard KV cache (row_cache.fits: Qwen3-MoE, Mixtral, OLMoE, Qwen2-MoE, DeepSeek, ...),
+decided once at load (engine.continuous_batching): between decode steps the engine thread admits the oldest
+waiting requests into the batch's free rows (up to max_batch; any settings), each prefilled alone, then runs
+one decode step for every row; a row leaves the step it ends, and a cancelled one at the next step, so its
+place is free for a waiting request. Each row's tokens are the ones it gets alone (`engine.generate`). While
+any row runs, the batch holds all max_batch rows in the runtime's admission (its KV cache is allocated whole).
+
+Static batches, for the others (sliding-window or linear-attention layers, or a cache of the model's own:
+gpt-oss, Qwen3-Next, MiniMax): the engine thread takes the oldest waiting request and, behind it, the
+following ones with the same SamplingConfig (max_new_tokens, temperature, top_p, top_k, seed, ignore_eos; up
+to max_batch; the first with other settings waits for the next batch, so the order stays first in, first
+out), and runs them as ONE padded batch through the engine's own batched stream (engine._stream, with a
+Request whose counters it reads between steps): each row's tokens are exactly those of
+`engine.generate(list_of_prompts)` for that batch; a batch of one gives exactly `generate` alone. A request
+joins no batch already running. A row that finishes (its end-of-sequence token, its own stop strings, its
+max_new_tokens) ends its handle at once while the batch runs on for the others; a cancelled handle stops
+receiving at the next step, but its row keeps its place in the batch (and in the memory plan's max_batch)
+until the batch ends, unless every row of the batch is finished or cancelled: then the batch is abandoned at
+the next step.
 """
 
 from __future__ import annotations
@@ -45,9 +54,9 @@ class SchedulerClosedError(OffloadEngineError):
 class Totals:
     """What the engine thread has done since it started (the server's counters read these)."""
 
-    batches: int = 0
+    batches: int = 0  # continuous: the times a batch started from no rows
     rows: int = 0
-    steps: int = 0  # forward passes: a batch's prefill (with its first token), then one per decode step
+    steps: int = 0  # forward passes: each prefill (with its first token; continuous: one per request), each decode step
     decode_steps: int = 0
     decode_lookups: int = 0  # experts the decode steps' layer calls looked up: distinct per call, summed
     generated_tokens: int = 0
