@@ -88,9 +88,9 @@ class RowCache(Cache):
         super().__init__(layers=layers)
         self.device = device
 
-    def longest(self, rows: int | None = None) -> int:
-        n = len(self.step_cols) if rows is None else rows
-        return max(self.lengths[:n], default=0)
+    def longest(self) -> int:
+        """The longest of the step's rows (its query offset)."""
+        return max(self.lengths[:len(self.step_cols)], default=0)
 
     def width(self) -> int:
         """Columns a decode step attends over (its new tokens included)."""
@@ -113,8 +113,7 @@ class RowCache(Cache):
 
     def put(self, row: int, source: Cache) -> None:
         """Copy a prefilled cache of one sequence (batch 1, its tokens at columns 0..P-1) into `row`."""
-        length = source.get_seq_length()
-        length = int(length)
+        length = int(source.get_seq_length())
         for layer, src in zip(self.layers, source.layers):
             layer.keys[row, :, :length] = src.keys[0, :, :length]
             layer.values[row, :, :length] = src.values[0, :, :length]
