@@ -5,11 +5,16 @@ rows) and that many client threads, each sending streamed completions of held-ou
 until the run's request count or time is spent. Prints, per client count: aggregate completion tokens/s,
 time to first token and per-token latency (the gaps between streamed chunks) at p50 and p99, and from the
 server's /metrics: decode steps, distinct experts per decode step (what its layer calls looked up: a batch's
-union, layer by layer), bytes of experts moved per generated token (prefills included), hit rate.
+union, layer by layer), bytes of experts moved per generated token (prefills included), hit rate, and the
+admissions that skipped the queue's head.
+
+With `--schedule fifo,routing` each client count runs a server of each schedule (`serve --schedule`), in the
+order A B B A (`--repeats 2`: A B B A A B B A, ...), the same prompts for every run; the medians per schedule
+are printed after the runs.
 
     python benchmarks/heldout.py --max-chars 40000           # the prompts (.cache/heldout), once
     python benchmarks/bench_serve.py [--clients 1,4,16] [--max-batch 4] [--requests 24] [--max-tokens 32]
-        [--time-limit 300] [--out runs/bench_serve.json]
+        [--schedule fifo] [--repeats 1] [--time-limit 300] [--out runs/bench_serve.json]
 
 Run it on an otherwise idle machine: the server and the clients share its cores.
 """
@@ -20,6 +25,7 @@ import argparse
 import json
 import random
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -71,10 +77,10 @@ def metrics(base: str) -> dict[str, float]:
             if not s.labels}
 
 
-def start_server(port: int, max_batch: int, max_context: int, profile: Path) -> subprocess.Popen:
+def start_server(port: int, max_batch: int, max_context: int, profile: Path, schedule: str) -> subprocess.Popen:
     command = [str(Path(sys.executable).with_name("moe-offload")), "serve", "--profile", str(profile),
                "--port", str(port), "--max-batch", str(max_batch), "--max-context", str(max_context),
-               "--max-queue", "1024"]
+               "--max-queue", "1024", "--schedule", schedule]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -128,10 +134,10 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def run(clients: int, args) -> dict:
+def run(clients: int, schedule: str, args) -> dict:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    server = start_server(port, args.max_batch, args.max_context, args.profile)
+    server = start_server(port, args.max_batch, args.max_context, args.profile, schedule)
     try:
         model = json.loads(urllib.request.urlopen(f"{base}/v1/models", timeout=10).read())["data"][0]["id"]
         queue = prompts(max(args.requests, 3 * clients), args.prompt_tokens, seed=clients)
@@ -162,7 +168,7 @@ def run(clients: int, args) -> dict:
     gaps = [g for r in results for g in r["gaps_s"]]
     ttft = [r["ttft_s"] for r in results]
     return {
-        "clients": clients, "requests": len(results), "errors": errors, "completion_tokens": tokens, "wall_s": wall,
+        "clients": clients, "schedule": schedule, "requests": len(results), "errors": errors, "completion_tokens": tokens, "wall_s": wall,
         "aggregate_tokens_per_s": tokens / wall if wall > 0 else 0.0,
         "ttft_p50_s": percentile(ttft, 0.5), "ttft_p99_s": percentile(ttft, 0.99),
         "token_latency_p50_s": percentile(gaps, 0.5), "token_latency_p99_s": percentile(gaps, 0.99),
@@ -170,7 +176,7 @@ def run(clients: int, args) -> dict:
         "bytes_per_generated_token": delta.get("moe_offload_expert_bytes_to_device_total", 0.0) / generated
         if generated else None,
         "hit_rate": delta.get("moe_offload_expert_cache_hits_total", 0.0) / lookups if lookups else None,
-        "generated_tokens": generated,
+        "generated_tokens": generated, "schedule_skips": delta.get("moe_offload_schedule_skips_total", 0.0),
     }
 
 
@@ -184,30 +190,55 @@ def main() -> int:
     p.add_argument("--requests", type=int, default=24, help="requests per client count (at least 3 per client)")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--schedule", default="fifo",
+                   help="the server's --schedule, or several (fifo,routing): run in the order A B B A per client count")
+    p.add_argument("--repeats", type=int, default=1, help="with several schedules: how many A B B A rounds")
     p.add_argument("--time-limit", type=float, default=300, help="seconds per client count")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_serve.json")
     args = p.parse_args()
+    schedules = args.schedule.split(",")
+    if not set(schedules) <= {"fifo", "routing"} or len(set(schedules)) != len(schedules):
+        p.error(f"--schedule: fifo, routing or fifo,routing, not {args.schedule!r}")
+    order = schedules + schedules[::-1] if len(schedules) > 1 else schedules  # A B B A
     rows = []
     for clients in (int(c) for c in args.clients.split(",")):
-        row = run(clients, args)
-        rows.append(row)
-        experts = row["distinct_experts_per_step"]
-        print(f"{clients:>3} clients: {row['requests']} requests ({len(row['errors'])} refused), "
-              f"{row['aggregate_tokens_per_s']:7.1f} tok/s aggregate, "
-              f"TTFT p50 {1e3 * row['ttft_p50_s']:7.1f} ms p99 {1e3 * row['ttft_p99_s']:7.1f} ms, per token p50 "
-              f"{1e3 * row['token_latency_p50_s']:6.1f} ms p99 {1e3 * row['token_latency_p99_s']:6.1f} ms, "
-              f"{'-' if experts is None else f'{experts:.1f}'} distinct experts/step, "
-              f"{(row['bytes_per_generated_token'] or 0) / 1e6:.2f} MB moved/token, hit rate "
-              f"{row['hit_rate'] if row['hit_rate'] is not None else float('nan'):.3f}", flush=True)
+        for schedule in order * args.repeats:
+            row = run(clients, schedule, args)
+            rows.append(row)
+            print(f"{schedule:>8} " + line(row), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(args.out) as f:
         f.write(json.dumps({"date": time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime()), "max_batch": args.max_batch,
                             "max_tokens": args.max_tokens, "rows": rows}, indent=1).encode())
-    if len(rows) > 1 and rows[0]["clients"] == 1:
+    if len(schedules) > 1:
+        print("medians of the runs:")
+        for clients in dict.fromkeys(r["clients"] for r in rows):
+            for schedule in schedules:
+                runs = [r for r in rows if r["clients"] == clients and r["schedule"] == schedule]
+                print(f"{schedule:>8} " + line({k: median([r[k] for r in runs]) if k not in ("errors", "schedule")
+                                                 else runs[0][k] for k in runs[0]}), flush=True)
+    elif len(rows) > 1 and rows[0]["clients"] == 1:
         for row in rows[1:]:
             print(f"aggregate tokens/s at {row['clients']} clients / 1 client: "
                   f"{row['aggregate_tokens_per_s'] / rows[0]['aggregate_tokens_per_s']:.2f}x")
     return 0
+
+
+def median(values: list):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def line(row: dict) -> str:
+    experts = row["distinct_experts_per_step"]
+    return (f"{row['clients']:>3} clients: {row['requests']} requests ({len(row['errors'])} refused), "
+            f"{row['aggregate_tokens_per_s']:7.1f} tok/s aggregate, "
+            f"TTFT p50 {1e3 * row['ttft_p50_s']:7.1f} ms p99 {1e3 * row['ttft_p99_s']:7.1f} ms, per token p50 "
+            f"{1e3 * row['token_latency_p50_s']:6.1f} ms p99 {1e3 * row['token_latency_p99_s']:6.1f} ms, "
+            f"{'-' if experts is None else f'{experts:.1f}'} distinct experts/step, "
+            f"{(row['bytes_per_generated_token'] or 0) / 1e6:.2f} MB moved/token, hit rate "
+            f"{row['hit_rate'] if row['hit_rate'] is not None else float('nan'):.3f}, "
+            f"{row['schedule_skips']:.0f} schedule skips")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from .run_options import add_model_options, bounded_int, model_path, positive_in
 
 API_KEY_ENV = "MOE_OFFLOAD_API_KEY"
 GRACE_S = 5  # how long a stop waits for requests in flight
+SCHEDULES = ("fifo", "routing")  # offload_engine.serving.schedule.SCHEDULES, without importing torch for --help
 
 
 def add_parser(subparsers, name: str):
@@ -31,6 +32,13 @@ def add_parser(subparsers, name: str):
     p.add_argument("--port", type=bounded_int(0, 65535), default=8000, help="port to listen on (0: any free one)")
     p.add_argument("--max-queue", type=positive_int, default=64,
                    help="requests that may wait for a batch; one more is answered 429 with Retry-After")
+    p.add_argument("--schedule", choices=SCHEDULES, default="fifo",
+                   help="which waiting requests join the batch's free rows: fifo (the oldest), or routing (those "
+                        "whose predicted experts overlap the running rows' most; continuous-batching models only, "
+                        "static batches stay fifo)")
+    p.add_argument("--schedule-max-skips", type=bounded_int(0, 2**31 - 1), default=None, metavar="N",
+                   help="--schedule routing: a request that N younger requests were admitted ahead of is admitted "
+                        "next (default: 2 x --max-batch; 0: fifo)")
     p.add_argument("--api-key", default=None,
                    help=f"require 'Authorization: Bearer KEY' on every route but /health (default: ${API_KEY_ENV} "
                         "if set, else no key)")
@@ -53,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
     def log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
-    app = make_app(api_key=api_key, max_queue=args.max_queue, log=log)
+    app = make_app(api_key=api_key, max_queue=args.max_queue, log=log, schedule=args.schedule,
+                   max_skips=args.schedule_max_skips)
     state = app.state.serving
     server = _server(uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=GRACE_S))
     failures: list[BaseException] = []
@@ -69,8 +78,9 @@ def run(args: argparse.Namespace) -> int:
             server.should_exit = True
             return
         state.attach(engines[0])
+        schedule = args.schedule if engines[0].continuous_batching else "fifo (static batches)"
         log(f"loaded {state.model_name} in {time.perf_counter() - start:.1f} s (max batch {run_cfg.max_batch}, "
-            f"context {state.context} tokens); ready")
+            f"context {state.context} tokens, schedule {schedule}); ready")
 
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
     log(f"listening on {url} (OpenAI API at {url}/v1); loading {path} ...")

@@ -35,8 +35,9 @@ class ServerState:
     """The engine (None while it loads), its scheduler, the counters and the request log."""
 
     def __init__(self, api_key: str | None, max_queue: int, max_batch: int | None, model_name: str | None,
-                 log: Callable[[str], None] | None):
+                 log: Callable[[str], None] | None, schedule: str = "fifo", max_skips: int | None = None):
         self.api_key, self.max_queue, self.max_batch = api_key, max_queue, max_batch
+        self.schedule, self.max_skips = schedule, max_skips
         self.model_name, self.log = model_name, log or (lambda line: None)
         self.engine = self.scheduler = None
         self.failed: str | None = None
@@ -55,7 +56,8 @@ class ServerState:
 
     def attach(self, engine) -> None:
         """The model is loaded: start serving it."""
-        self.scheduler = Scheduler(engine, max_queue=self.max_queue, max_batch=self.max_batch)
+        self.scheduler = Scheduler(engine, max_queue=self.max_queue, max_batch=self.max_batch,
+                                   schedule=self.schedule, max_skips=self.max_skips)
         self.model_name = self.model_name or engine.directory.name
         spec_limit = engine.spec.max_position_embeddings or engine.plan.max_context
         self.context = min(engine.plan.max_context, spec_limit)
@@ -99,7 +101,9 @@ class _EngineCollector:
                                  ("expert_cache_hits", "needed experts already resident", "hits"),
                                  ("expert_cache_misses", "expert loads a layer call had to wait for", "misses"),
                                  ("expert_bytes_to_device", "bytes of experts copied to the device",
-                                  "bytes_to_device")):
+                                  "bytes_to_device"),
+                                 ("schedule_skips", "admissions of a request other than the oldest waiting "
+                                  "(--schedule routing)", "schedule_skips")):
             yield CounterMetricFamily(f"moe_offload_{name}", doc, value=getattr(t, field) if t else 0)
         yield GaugeMetricFamily("moe_offload_model_loaded", "1 once the model is loaded",
                                 value=int(self.state.engine is not None))
@@ -111,10 +115,12 @@ class _EngineCollector:
 
 def make_app(engine=None, *, api_key: str | None = None, max_queue: int = DEFAULT_MAX_QUEUE,
              max_batch: int | None = None, model_name: str | None = None,
-             log: Callable[[str], None] | None = None) -> FastAPI:
+             log: Callable[[str], None] | None = None, schedule: str = "fifo",
+             max_skips: int | None = None) -> FastAPI:
     """The server's app; with `engine` it serves at once, without it /health is 503 until `attach`. The engine
-    stays the caller's to close; the app's shutdown stops its scheduler. `log`: receives one line per request."""
-    state = ServerState(api_key, max_queue, max_batch, model_name, log)
+    stays the caller's to close; the app's shutdown stops its scheduler. `log`: receives one line per request.
+    `schedule`, `max_skips`: the Scheduler's (which waiting requests join the batch; scheduler.py)."""
+    state = ServerState(api_key, max_queue, max_batch, model_name, log, schedule, max_skips)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

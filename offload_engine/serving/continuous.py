@@ -42,10 +42,11 @@ class Row:
 
 class RunningBatch:
     """Rows 0..n-1 of `cache` are `rows`; `count(stats, counted, tokens, steps, decode)` adds each forward to
-    the scheduler's totals."""
+    the scheduler's totals; `signer` (a schedule.RouterSignature, or None) updates each row's signature."""
 
-    def __init__(self, engine, max_rows: int, count: Callable):
+    def __init__(self, engine, max_rows: int, count: Callable, signer=None):
         self.engine, self.max_rows, self.count = engine, max_rows, count
+        self.signer = signer  # schedule="routing": each row's signature follows its routing (schedule.py)
         self.request = Request(0, engine.spec.num_moe_layers, engine.spec.top_k)
         self.rows: list[Row] = []
         self.cache: RowCache | None = None
@@ -136,6 +137,10 @@ class RunningBatch:
             self.fail(error)
             return
         self._count(n, decode=True)
+        if self.signer is not None:
+            for r, row in enumerate(self.rows):
+                if row.handle.signature is not None:
+                    row.handle.signature = self.signer.step(row.handle.signature, self.request.paths.current[r])
         ended = []
         for r, row in enumerate(self.rows):
             row.token = int(host[r])

@@ -100,6 +100,10 @@ class Handle:
         self._rows = 0
         self._counters = (0, 0, 0)
         self._listener = None
+        # the engine thread's, under schedule="routing" (schedule.py): the routing signature, once computed,
+        # and how many younger requests were admitted ahead of this one
+        self.signature = None
+        self.passed_over = 0
 
     def on_item(self, listener) -> None:
         """Call `listener()` (from the engine thread) whenever a piece, the end or an error arrives; called

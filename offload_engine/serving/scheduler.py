@@ -10,6 +10,10 @@ waiting requests into the batch's free rows (up to max_batch; any settings), eac
 one decode step for every row; a row leaves the step it ends, and a cancelled one at the next step, so its
 place is free for a waiting request. Each row's tokens are the ones it gets alone (`engine.generate`). While
 any row runs, the batch holds all max_batch rows in the runtime's admission (its KV cache is allocated whole).
+Which waiting requests join is the `schedule`'s choice: "fifo" (the default; `engine.submit`'s scheduler
+always) admits the oldest; "routing" (schedule.py) admits, when more wait than rows are free, those whose
+routing signatures add the fewest experts to the running rows', with an ageing bound: a request that
+`max_skips` younger requests were admitted ahead of goes next (default DEFAULT_SKIPS_PER_ROW x max_batch).
 
 Static batches, for the others (sliding-window or linear-attention layers, or a cache of the model's own:
 gpt-oss, Qwen3-Next, MiniMax): the engine thread takes the oldest waiting request and, behind it, the
@@ -22,7 +26,8 @@ joins no batch already running. A row that finishes (its end-of-sequence token, 
 max_new_tokens) ends its handle at once while the batch runs on for the others; a cancelled handle stops
 receiving at the next step, but its row keeps its place in the batch (and in the memory plan's max_batch)
 until the batch ends, unless every row of the batch is finished or cancelled: then the batch is abandoned at
-the next step.
+the next step. Static batches stay first in, first out under either schedule (a batch's rows must share their
+settings, and the queue's order decides which do).
 """
 
 from __future__ import annotations
@@ -37,8 +42,10 @@ from ..errors import GenerationInputError, OffloadEngineError
 from ..generation import SamplingConfig
 from .continuous import RunningBatch
 from .handle import Handle
+from .schedule import SCHEDULES, WINDOW_PER_ROW, RouterSignature, choose
 
 DEFAULT_MAX_QUEUE = 64
+DEFAULT_SKIPS_PER_ROW = 2  # schedule="routing": max_skips defaults to this x max_batch
 IDLE_POLL_S = 0.05  # how often an idle engine thread looks again for rows another thread's generate holds
 
 
@@ -63,17 +70,27 @@ class Totals:
     hits: int = 0
     misses: int = 0
     bytes_to_device: int = 0
+    schedule_skips: int = 0  # admissions (schedule="routing") of a request other than the oldest waiting
 
 
 class Scheduler:
-    def __init__(self, engine, max_queue: int = DEFAULT_MAX_QUEUE, max_batch: int | None = None):
+    def __init__(self, engine, max_queue: int = DEFAULT_MAX_QUEUE, max_batch: int | None = None,
+                 schedule: str = "fifo", max_skips: int | None = None):
         max_batch = engine.run.max_batch if max_batch is None else max_batch
         if not _whole(max_batch) or not 1 <= max_batch <= engine.run.max_batch:
             raise GenerationInputError(f"max_batch must be from 1 to the memory plan's {engine.run.max_batch}, "
                                        f"not {max_batch!r}")
         if not _whole(max_queue) or max_queue < 1:
             raise GenerationInputError(f"max_queue must be a whole number >= 1, not {max_queue!r}")
+        if schedule not in SCHEDULES:
+            raise GenerationInputError(f"schedule must be one of {', '.join(SCHEDULES)}, not {schedule!r}")
+        max_skips = DEFAULT_SKIPS_PER_ROW * max_batch if max_skips is None else max_skips
+        if not _whole(max_skips) or max_skips < 0:
+            raise GenerationInputError(f"max_skips must be a whole number >= 0, not {max_skips!r}")
         self.engine, self.max_queue, self.max_batch = engine, max_queue, max_batch
+        self.schedule, self.max_skips = schedule, max_skips
+        routing = schedule == "routing" and engine.continuous_batching
+        self._signer = RouterSignature(engine) if routing else None
         self.totals = Totals()
         self._waiting: deque[Handle] = deque()
         self._running: list[Handle] = []
@@ -152,7 +169,7 @@ class Scheduler:
         """Between decode steps, admit waiting requests into free rows; then one step for every row. The KV
         cache holds max_batch rows, so the runtime's admission holds max_batch rows of the plan while any
         request runs (another thread's generate waits for them), and gives them back when the batch empties."""
-        batch = RunningBatch(self.engine, self.max_batch, self._count)
+        batch = RunningBatch(self.engine, self.max_batch, self._count, self._signer)
         runtime, held = self.engine.runtime, False
         try:
             while True:
@@ -172,10 +189,11 @@ class Scheduler:
                             continue
                         batch.open()
                         self.totals.batches += 1
-                    joining = self._take_free(self.max_batch - len(batch.rows))
+                    joining = self._take_free(self.max_batch - len(batch.rows), batch.handles())
                     self.totals.rows += len(joining)
                     self._running = batch.handles() + joining
                 try:
+                    self._sign(joining)
                     for handle in joining:
                         batch.admit(handle)
                     batch.step()
@@ -194,16 +212,36 @@ class Scheduler:
             with self._cond:
                 self._running = []
 
-    def _take_free(self, free: int) -> list[Handle]:
-        """Up to `free` of the oldest waiting requests, whatever their settings (under the lock)."""
-        joining: list[Handle] = []
-        while self._waiting and len(joining) < free:
-            handle = self._waiting.popleft()
-            if handle.cancelled:
-                handle._abandon()
-            else:
-                joining.append(handle)
+    def _take_free(self, free: int, running: list[Handle]) -> list[Handle]:
+        """Up to `free` waiting requests, whatever their settings (under the lock): the oldest, or under
+        schedule="routing" the ones schedule.choose picks (their signatures computed here, once each)."""
+        if self._signer is None or len(self._waiting) <= free:
+            joining: list[Handle] = []
+            while self._waiting and len(joining) < free:
+                handle = self._waiting.popleft()
+                if handle.cancelled:
+                    handle._abandon()
+                else:
+                    joining.append(handle)
+            return joining
+        for handle in [h for h in self._waiting if h.cancelled]:
+            self._waiting.remove(handle)
+            handle._abandon()
+        waiting = list(self._waiting)
+        self._sign(waiting[:WINDOW_PER_ROW * self.max_batch])
+        chosen, skips = choose(waiting, free, [h.signature for h in running if h.signature is not None],
+                               self.engine.spec.top_k, WINDOW_PER_ROW * self.max_batch, self.max_skips)
+        self.totals.schedule_skips += skips
+        joining, taken = [waiting[i] for i in chosen], set(chosen)
+        self._waiting = deque(h for i, h in enumerate(waiting) if i not in taken)
         return joining
+
+    def _sign(self, handles: list[Handle]) -> None:
+        """schedule="routing": give each handle without one its prompt's routing signature (engine thread)."""
+        if self._signer is not None:
+            for handle in handles:
+                if handle.signature is None:
+                    handle.signature = self._signer.prompt(handle.prompt_ids)
 
     def _take(self) -> list[Handle]:
         """The oldest waiting request and the ones right behind it with the same settings (under the lock)."""

@@ -1,0 +1,116 @@
+"""Routing-aware admission (`schedule="routing"`): which waiting requests join the running batch's free rows,
+so that a decode step needs as few distinct experts as possible.
+
+Each waiting request gets a routing signature before it runs: an [L, E] histogram of the experts the model's
+own routers (`model_routers`, next_gate.py) pick for its prompt tokens' input embeddings, each MoE layer's
+router through that layer's own norm, top-k per token, counted over the prompt's last SIGNATURE_TOKENS tokens
+and divided by their number (each layer sums to k). It is an approximation, next-gate's premise taken to its
+end: the residual stream before any attention is the embedding, and a router read off it guesses the layer's
+routing. Once a request runs, its signature follows what its row routed: after each decode step it becomes
+DECAY * itself + (1 - DECAY) * that step's experts (one-hot, k per layer).
+
+A request's likely experts are the top-k of its signature at each layer. When more requests wait than rows
+are free, each free row goes to the request among the queue's first WINDOW_PER_ROW x max_batch that adds the
+fewest likely experts to the union of the running rows' (and those already chosen): summed over layers,
+ties to the older; with no row running, the oldest request seeds the batch.
+
+Ageing bound: a request that `max_skips` younger requests were admitted ahead of is admitted at the next free
+row, before anything else (several such: the oldest first). So no request sees more than `max_skips`
+requests that arrived after it start before it does; `max_skips=0` is first in, first out.
+
+The signatures run the embedding, norm and router modules' own `forward` (not `__call__`: no engine hooks
+fire) in the engine thread, between its forwards, and only read weights.
+
+>>> likely(np.array([[0.0, 2.0, 1.0, 1.5], [4.0, 0.0, 0.0, 0.0]]), 2).astype(int).tolist()
+[[0, 1, 0, 1], [1, 0, 0, 0]]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from ..foresight.predictors.next_gate import model_routers
+
+SCHEDULES = ("fifo", "routing")
+WINDOW_PER_ROW = 4  # the choice looks at the queue's first WINDOW_PER_ROW x max_batch requests
+SIGNATURE_TOKENS = 64  # a prompt's signature counts its last this many tokens
+DECAY = 0.5  # a running row's signature: this much of the old one, the rest from the step it just routed
+
+
+class RouterSignature:
+    """The signatures of prompts and of routed steps for one engine's model (L=MoE layers, E=experts, k=top-k,
+    P=prompt tokens, H=hidden)."""
+
+    def __init__(self, engine):
+        model = engine.model
+        self.embed = model.get_input_embeddings()
+        self.routers, self.norms = model_routers(model, engine.spec.experts_paths)
+        self.num_experts, self.top_k = engine.spec.num_experts, engine.spec.top_k
+        self.device = engine.run.device
+
+    def prompt(self, ids: Sequence[int]) -> np.ndarray:
+        """[L, E] float32: each layer's top-k experts per prompt token, counted, over the tokens counted."""
+        ids = list(ids)[-SIGNATURE_TOKENS:]
+        counts = np.zeros((len(self.routers), self.num_experts), dtype=np.float32)
+        with torch.inference_mode():
+            x = self.embed.forward(torch.tensor(ids, dtype=torch.long, device=self.device))  # [P, H]
+            for layer, (router, norm) in enumerate(zip(self.routers, self.norms)):
+                h = norm.forward(x) if norm is not None else x
+                index = top_experts(router.forward(h), self.top_k)  # [P, k]
+                counts[layer] = torch.bincount(index.reshape(-1), minlength=self.num_experts).cpu().numpy()
+        return counts / len(ids)
+
+    def step(self, signature: np.ndarray, routed: np.ndarray) -> np.ndarray:
+        """A running row's signature after a step that routed `routed` [L, k] (-1: unknown, skipped)."""
+        layers, slots = np.nonzero(routed >= 0)
+        now = np.zeros_like(signature)
+        np.add.at(now, (layers, routed[layers, slots]), 1.0)
+        return DECAY * signature + (1.0 - DECAY) * now
+
+
+def top_experts(out, k: int) -> torch.Tensor:
+    """[P, k] long: a router's chosen experts; transformers 5.x routers return (logits, weights, indices), older
+    ones the logits alone."""
+    if isinstance(out, tuple):
+        return out[2].reshape(-1, k).long()
+    return out.float().topk(k, dim=-1).indices
+
+
+def likely(signature: np.ndarray, k: int) -> np.ndarray:
+    """[L, E] bool: each layer's k highest-scored experts (ties: the lower id), those scored above 0."""
+    order = np.argsort(-signature, axis=1, kind="stable")[:, :k]
+    chosen = np.zeros(signature.shape, dtype=bool)
+    np.put_along_axis(chosen, order, True, axis=1)
+    return chosen & (signature > 0)
+
+
+def choose(waiting: list, free: int, running: list[np.ndarray], k: int, window: int, max_skips: int
+           ) -> tuple[list[int], int]:
+    """(positions in `waiting` of the requests to admit, in order; how many of them skipped the queue's head).
+    `waiting`: oldest first, each with `.signature` [L, E] and `.passed_over`, which grows for each request a
+    younger one is admitted ahead of."""
+    if len(waiting) <= free:
+        return list(range(len(waiting))), 0
+    union = np.zeros(waiting[0].signature.shape, dtype=bool)
+    for signature in running:
+        union |= likely(signature, k)
+    left, chosen, skips = list(range(len(waiting))), [], 0
+    while len(chosen) < free:
+        due = [i for i in left if waiting[i].passed_over >= max_skips]
+        if due:
+            pick = due[0]
+        elif not running and not chosen:
+            pick = left[0]
+        else:
+            pick = min(left[:window], key=lambda i: (int((likely(waiting[i].signature, k) & ~union).sum()), i))
+        for i in left:
+            if i < pick:
+                waiting[i].passed_over += 1
+        skips += pick != left[0]
+        left.remove(pick)
+        chosen.append(pick)
+        union |= likely(waiting[pick].signature, k)
+    return chosen, skips
