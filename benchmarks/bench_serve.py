@@ -14,7 +14,7 @@ are printed after the runs.
 
     python benchmarks/heldout.py --max-chars 40000           # the prompts (.cache/heldout), once
     python benchmarks/bench_serve.py [--clients 1,4,16] [--max-batch 4] [--requests 24] [--max-tokens 32]
-        [--schedule fifo] [--repeats 1] [--time-limit 300] [--out runs/bench_serve.json]
+        [--schedule fifo] [--schedule-max-skips N] [--repeats 1] [--time-limit 300] [--out runs/bench_serve.json]
 
 Run it on an otherwise idle machine: the server and the clients share its cores.
 """
@@ -77,10 +77,13 @@ def metrics(base: str) -> dict[str, float]:
             if not s.labels}
 
 
-def start_server(port: int, max_batch: int, max_context: int, profile: Path, schedule: str) -> subprocess.Popen:
+def start_server(port: int, max_batch: int, max_context: int, profile: Path, schedule: str,
+                 max_skips: int | None) -> subprocess.Popen:
     command = [str(Path(sys.executable).with_name("moe-offload")), "serve", "--profile", str(profile),
                "--port", str(port), "--max-batch", str(max_batch), "--max-context", str(max_context),
                "--max-queue", "1024", "--schedule", schedule]
+    if max_skips is not None:
+        command += ["--schedule-max-skips", str(max_skips)]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -137,7 +140,7 @@ def percentile(values: list[float], q: float) -> float:
 def run(clients: int, schedule: str, args) -> dict:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    server = start_server(port, args.max_batch, args.max_context, args.profile, schedule)
+    server = start_server(port, args.max_batch, args.max_context, args.profile, schedule, args.schedule_max_skips)
     try:
         model = json.loads(urllib.request.urlopen(f"{base}/v1/models", timeout=10).read())["data"][0]["id"]
         queue = prompts(max(args.requests, 3 * clients), args.prompt_tokens, seed=clients)
@@ -192,6 +195,8 @@ def main() -> int:
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--schedule", default="fifo",
                    help="the server's --schedule, or several (fifo,routing): run in the order A B B A per client count")
+    p.add_argument("--schedule-max-skips", type=int, default=None,
+                   help="the server's --schedule-max-skips (default: the server's, 2 x --max-batch)")
     p.add_argument("--repeats", type=int, default=1, help="with several schedules: how many A B B A rounds")
     p.add_argument("--time-limit", type=float, default=300, help="seconds per client count")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_serve.json")
@@ -215,8 +220,9 @@ def main() -> int:
         for clients in dict.fromkeys(r["clients"] for r in rows):
             for schedule in schedules:
                 runs = [r for r in rows if r["clients"] == clients and r["schedule"] == schedule]
-                print(f"{schedule:>8} " + line({k: median([r[k] for r in runs]) if k not in ("errors", "schedule")
-                                                 else runs[0][k] for k in runs[0]}), flush=True)
+                kept = ("clients", "schedule", "errors")
+                print(f"{schedule:>8} " + line({k: runs[0][k] if k in kept else median([r[k] for r in runs])
+                                                 for k in runs[0]}) + f" (medians of {len(runs)} runs)", flush=True)
     elif len(rows) > 1 and rows[0]["clients"] == 1:
         for row in rows[1:]:
             print(f"aggregate tokens/s at {row['clients']} clients / 1 client: "
@@ -231,7 +237,7 @@ def median(values: list):
 
 def line(row: dict) -> str:
     experts = row["distinct_experts_per_step"]
-    return (f"{row['clients']:>3} clients: {row['requests']} requests ({len(row['errors'])} refused), "
+    return (f"{row['clients']:>3} clients: {row['requests']:.0f} requests ({len(row['errors'])} refused), "
             f"{row['aggregate_tokens_per_s']:7.1f} tok/s aggregate, "
             f"TTFT p50 {1e3 * row['ttft_p50_s']:7.1f} ms p99 {1e3 * row['ttft_p99_s']:7.1f} ms, per token p50 "
             f"{1e3 * row['token_latency_p50_s']:6.1f} ms p99 {1e3 * row['token_latency_p99_s']:6.1f} ms, "
