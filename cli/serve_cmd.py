@@ -38,7 +38,7 @@ def add_parser(subparsers, name: str):
                         "static batches stay fifo)")
     p.add_argument("--schedule-max-skips", type=bounded_int(0, 2**31 - 1), default=None, metavar="N",
                    help="--schedule routing: a request that N younger requests were admitted ahead of is admitted "
-                        "next (default: 2 x --max-batch; 0: fifo)")
+                        "next (default: --max-batch; 0: fifo)")
     p.add_argument("--api-key", default=None,
                    help=f"require 'Authorization: Bearer KEY' on every route but /health (default: ${API_KEY_ENV} "
                         "if set, else no key)")
