@@ -196,7 +196,7 @@ def main() -> int:
     p.add_argument("--schedule", default="fifo",
                    help="the server's --schedule, or several (fifo,routing): run in the order A B B A per client count")
     p.add_argument("--schedule-max-skips", type=int, default=None,
-                   help="the server's --schedule-max-skips (default: the server's, --max-batch)")
+                   help="the server's --schedule-max-skips (default: the server's, 1.5 x --max-batch)")
     p.add_argument("--repeats", type=int, default=1, help="with several schedules: how many A B B A rounds")
     p.add_argument("--time-limit", type=float, default=300, help="seconds per client count")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_serve.json")

@@ -38,7 +38,7 @@ def add_parser(subparsers, name: str):
                         "static batches stay fifo)")
     p.add_argument("--schedule-max-skips", type=bounded_int(0, 2**31 - 1), default=None, metavar="N",
                    help="--schedule routing: a request that N younger requests were admitted ahead of is admitted "
-                        "next (default: --max-batch; 0: fifo)")
+                        "next (default: 1.5 x --max-batch, rounded down; 0: fifo)")
     p.add_argument("--api-key", default=None,
                    help=f"require 'Authorization: Bearer KEY' on every route but /health (default: ${API_KEY_ENV} "
                         "if set, else no key)")
