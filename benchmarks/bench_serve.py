@@ -143,7 +143,7 @@ def run(clients: int, schedule: str, args) -> dict:
     server = start_server(port, args.max_batch, args.max_context, args.profile, schedule, args.schedule_max_skips)
     try:
         model = json.loads(urllib.request.urlopen(f"{base}/v1/models", timeout=10).read())["data"][0]["id"]
-        queue = prompts(max(args.requests, 3 * clients), args.prompt_tokens, seed=clients)
+        queue = prompts(max(args.requests, 3 * clients), args.prompt_tokens, seed=clients + 1000 * args.prompt_seed)
         before = metrics(base)
         results: list[dict] = []
         lock = threading.Lock()
@@ -193,6 +193,8 @@ def main() -> int:
     p.add_argument("--requests", type=int, default=24, help="requests per client count (at least 3 per client)")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--prompt-seed", type=int, default=0,
+                   help="another draw of prompts (a check on settings chosen with the default draw)")
     p.add_argument("--schedule", default="fifo",
                    help="the server's --schedule, or several (fifo,routing): run in the order A B B A per client count")
     p.add_argument("--schedule-max-skips", type=int, default=None,
