@@ -12,6 +12,7 @@ from offload_engine import DEFAULT_MODEL, OffloadEngine
 from offload_engine.serving import schedule
 from offload_engine.serving.schedule import RouterSignature, choose, likely
 from offload_engine.serving.scheduler import Scheduler
+from test_continuous import wait_for  # the tests folder is on sys.path, as for the shared fixtures
 
 CONTEXT = 128
 LONG = CONTEXT - 40
@@ -27,14 +28,6 @@ def engine():
     with OffloadEngine.from_pretrained(DEFAULT_MODEL, max_context=CONTEXT, max_batch=2, dtype="float32",
                                        progress=False) as e:
         yield e
-
-
-def wait_for(condition, timeout=60.0):
-    import time
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.005)
 
 
 # -- the signature ------------------------------------------------------------------------------------------
