@@ -23,6 +23,7 @@ import torch
 
 from ..detokenizer import IncrementalDetokenizer
 from ..errors import GenerationInputError
+from ..experts.counters import CacheStats
 from ..experts.host_read import read_to_host
 from ..generation import cache_keyword, pick, sampling_generator
 from ..request import Request
@@ -50,7 +51,7 @@ class RunningBatch:
         self.request = Request(0, engine.spec.num_moe_layers, engine.spec.top_k)
         self.rows: list[Row] = []
         self.cache: RowCache | None = None
-        self.counted = engine.cache.stats(self.request.counters)
+        self.counted = CacheStats.of(self.request.counters)
         self.cuda = engine.run.device.type == "cuda"
         self.eos = engine.eos_ids()
         self.cache_arg = cache_keyword(engine.model)
@@ -74,7 +75,7 @@ class RunningBatch:
         ends with that token (or fails) leaves at once."""
         engine, r = self.engine, len(self.rows)
         device, cfg, ids = engine.run.device, handle.cfg, handle.prompt_ids
-        base = engine.cache.stats(self.request.counters)
+        base = self.counted  # every forward of the batch is counted as it ends: these are the counters now
         prefill = Request(1, self.request.num_layers, self.request.top_k, counters=self.request.counters)
         input_ids = torch.tensor([ids], dtype=torch.long, device=device)
         # the prefill writes straight into its row on CUDA (a StaticCache over it, as generate alone uses one);
@@ -193,6 +194,8 @@ class RunningBatch:
         self.request.rows = last
 
     def _count(self, tokens: int, decode: bool) -> None:
-        stats = self.engine.cache.stats(self.request.counters)
+        # the counters as they stand (not engine.cache.stats, which on CUDA waits for every copy in flight to
+        # time it: a wait per step that would stall the prefetches this step overlaps)
+        stats = CacheStats.of(self.request.counters)
         self.count(stats, self.counted, tokens, steps=1, decode=decode)
         self.counted = stats

@@ -39,6 +39,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..errors import GenerationInputError, OffloadEngineError
+from ..experts.counters import CacheStats
 from ..generation import SamplingConfig
 from .continuous import RunningBatch
 from .handle import Handle
@@ -267,12 +268,14 @@ class Scheduler:
         with self._cond:
             self.totals.batches += 1
             self.totals.rows += len(batch)
-        counted = engine.cache.stats(request.counters)
+        counted = CacheStats.of(request.counters)
         steps = engine._stream([h.prompt_ids for h in batch], cfg, request=request)
         try:
             for event in steps:
                 last_step = event.index + 1 == cfg.max_new_tokens
-                stats = engine.cache.stats(request.counters)  # the batch's so far: each row's own while it runs
+                # the batch's so far, each row's own while it runs; the counters as they stand (engine.cache.stats
+                # would wait for every CUDA copy in flight, once a step)
+                stats = CacheStats.of(request.counters)
                 # before the rows' handles can end
                 self._count(stats, counted, len(open_rows), steps=1, decode=event.index > 0)
                 counted = stats
@@ -294,7 +297,7 @@ class Scheduler:
             steps.close()
             for row in open_rows:  # the engine stopped early (only a cancelled row can be left)
                 batch[row]._abandon()
-            self._count(engine.cache.stats(request.counters), counted, 0)
+            self._count(CacheStats.of(request.counters), counted, 0)
 
     def _count(self, stats, counted, tokens: int, steps: int = 0, decode: bool = False) -> None:
         """Add a step's tokens and the cache counters since `counted` to the totals."""
