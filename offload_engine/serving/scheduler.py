@@ -176,6 +176,7 @@ class Scheduler:
         runtime, held = self.engine.runtime, False
         try:
             while True:
+                self._sign_window()
                 with self._cond:
                     while not self._waiting and not batch.rows and not self._closed:
                         if held:  # idle: the KV cache and its rows go back to the plan
@@ -238,6 +239,14 @@ class Scheduler:
         joining, taken = [waiting[i] for i in chosen], set(chosen)
         self._waiting = deque(h for i, h in enumerate(waiting) if i not in taken)
         return joining
+
+    def _sign_window(self) -> None:
+        """schedule="routing": sign the requests the next choice looks at, outside the lock, so that a submit
+        never waits for the routers (one arriving in between is signed under the lock, in _take_free)."""
+        if self._signer is not None:
+            with self._cond:
+                window = list(self._waiting)[:WINDOW_PER_ROW * self.max_batch]
+            self._sign(window)
 
     def _sign(self, handles: list[Handle]) -> None:
         """schedule="routing": give each handle without one its prompt's routing signature (engine thread)."""
