@@ -30,7 +30,7 @@ def add_parser(subparsers, name: str):
     add_model_options(p)  # --max-batch among them: the plan's KV cache holds that many rows, the batch's limit
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=bounded_int(0, 65535), default=8000, help="port to listen on (0: any free one)")
-    p.add_argument("--max-queue", type=positive_int, default=64,
+    p.add_argument("--max-queue", type=positive_int, default=64,  # scheduler.DEFAULT_MAX_QUEUE (a test holds them equal)
                    help="requests that may wait for a batch; one more is answered 429 with Retry-After")
     p.add_argument("--schedule", choices=SCHEDULES, default="fifo",
                    help="which waiting requests join the batch's free rows: fifo (the oldest), or routing (those "

@@ -162,6 +162,8 @@ def test_the_cli_flags_parse_and_a_bad_value_exits_2(capsys):
     args = serve.parse_args(["--schedule", "routing", "--schedule-max-skips", "3"])
     assert (args.schedule, args.schedule_max_skips) == ("routing", 3)
     assert serve.parse_args([]).schedule == "fifo"
+    from offload_engine.serving.scheduler import DEFAULT_MAX_QUEUE  # the CLI repeats it to keep --help light
+    assert serve.parse_args([]).max_queue == DEFAULT_MAX_QUEUE
     for bad in (["--schedule", "lifo"], ["--schedule-max-skips", "-1"]):
         with pytest.raises(SystemExit) as exit_:
             main(["serve", *bad])
