@@ -34,6 +34,7 @@ def run(args) -> int:
             "mapped_embedding_bytes": plan.mapped_bytes,
             "kv_cache_bytes": plan.kv_cache_bytes, "working_bytes": plan.working_bytes,
             "expert_bytes": plan.expert_bytes, "expert_slots": plan.expert_slots,
+            "expert_format": inspected.format.name, "non_experts_expanded": plan.non_experts_expanded,
             "total_experts": plan.total_experts, "resident_share": plan.resident_share,
             "total_bytes": plan.total_bytes, "minimum_bytes": plan.minimum_bytes,
             "kv_cache_grows": plan.kv_cache_grows, "max_context": plan.max_context,

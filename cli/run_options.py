@@ -18,6 +18,7 @@ if TYPE_CHECKING:  # torch is imported only when a command runs
 DEFAULT_MODEL = offload_engine.DEFAULT_MODEL
 POLICIES = ("lru", "predictive")  # offload_engine.experts.policies.POLICIES, without importing numba for --help
 COLD_EXPERTS = ("stream", "cpu", "auto")  # offload_engine.run_config.COLD_EXPERTS, without importing torch
+EXPERT_DTYPES = ("auto", "int8", "int4")  # offload_engine.run_config.EXPERT_DTYPES
 
 
 def bounded_int(low: int, high: int):
@@ -65,6 +66,10 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cold-experts", choices=COLD_EXPERTS, default="stream",
                    help="an expert not in the device cache is copied into a slot (stream), computed on the CPU "
                         "where it lies (cpu), or either, by the cost model (auto); default stream")
+    p.add_argument("--expert-dtype", choices=EXPERT_DTYPES, default="auto",
+                   help="int8 or int4: quantize an unquantized checkpoint's experts at load (weight-only: half or "
+                        "about a quarter of bf16's bytes, so more experts fit and a miss moves fewer; the output "
+                        "is then no longer transformers' own); default auto, as the checkpoint stores them")
     p.add_argument("--cpu-moe-layers", type=bounded_int(0, 1 << 16), default=0, metavar="N",
                    help="the experts of the first N MoE layers always run on the CPU and are never cached "
                         "(llama.cpp's --n-cpu-moe)")
@@ -144,5 +149,5 @@ def run_config(args) -> "RunConfig":
         host_memory=args.host_memory, max_context=args.max_context, max_batch=args.max_batch,
         policy=args.policy, predictor=args.predictor, prefetch_depth=args.prefetch_depth,
         cold_experts=args.cold_experts, cpu_moe_layers=args.cpu_moe_layers, threads=args.threads,
-        hardware=args.hardware, progress=not args.quiet,
+        hardware=args.hardware, progress=not args.quiet, expert_dtype=args.expert_dtype,
     )

@@ -140,11 +140,14 @@ class OffloadEngine:
         hardware: dict | None = None,
         progress: bool = True,
         cpu_threads: int | None = None,
+        expert_dtype: str = "auto",
     ) -> "OffloadEngine":
-        """threads: compute threads (default: the usable cores less one); cpu_threads: its former name."""
+        """threads: compute threads (default: the usable cores less one); cpu_threads: its former name;
+        expert_dtype: "auto" (as stored) or "int8" or "int4" to quantize an unquantized checkpoint's experts at load (weight-only;
+        the output is then no longer transformers' own, see BENCHMARKS.md for what it costs)."""
         run = RunConfig.build(device, dtype, memory_budget, expert_slots, host_memory, max_context, max_batch,
                               policy, predictor, prefetch_depth, cold_experts, cpu_moe_layers, threads,
-                              hardware, progress, cpu_threads)
+                              hardware, progress, cpu_threads, expert_dtype)
         return cls.from_run_config(name_or_path, run)
 
     @classmethod

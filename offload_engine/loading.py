@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -18,10 +18,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .checkpoint.directory import CheckpointTensors, read_config, resolve_checkpoint
-from .checkpoint.layout import CheckpointLayout
-from .checkpoint.model_spec import ModelSpec, describe, dtype_from_config, refuse_quantized
+from .checkpoint.layout import CheckpointLayout, expert_scale_dtype
+from .checkpoint.model_spec import ModelSpec, describe, dtype_from_config
+from .checkpoint.quantization import read_quantization
 from .errors import CheckpointError, ContextTooLongError, MemoryBudgetError, UnsupportedModelError
 from .experts.cache import ExpertCache
+from .experts.formats import ExpertFormat, expert_format
+from .experts.formats.fp8_block import check_scales as check_fp8_scales
+from .experts.formats.fp8_block import dequantize as dequantize_fp8
 from .experts.offloaded_experts import IMPLEMENTATION_NAME, bind, register_experts_implementation
 from .experts.policies import make_policy
 from .experts.runtime import Runtime
@@ -52,6 +56,8 @@ class Inspected:
     tensors: CheckpointTensors
     layout: CheckpointLayout
     dtype: torch.dtype  # compute dtype
+    format: ExpertFormat  # how an expert is held: plain, or a quantized format (experts/formats)
+    quantization: dict | None = None  # config.json's quantization_config, where the engine reads it
 
 
 def compute_dtype(config, run: RunConfig) -> torch.dtype:
@@ -64,7 +70,7 @@ def inspect_checkpoint(name_or_path, run: RunConfig) -> Inspected:
 
     directory = resolve_checkpoint(name_or_path)
     raw = read_config(directory)
-    refuse_quantized(raw)
+    quantization = read_quantization(raw, directory / "config.json")
     model_type = raw.get("model_type")
     try:
         config = AutoConfig.from_pretrained(directory)
@@ -77,6 +83,9 @@ def inspect_checkpoint(name_or_path, run: RunConfig) -> Inspected:
         raise CheckpointError(
             f"{directory / 'config.json'} is invalid ({_first_line(e)}); restore it from the original checkpoint"
         ) from None
+    if quantization is not None and run.expert_dtype is not None:
+        raise UnsupportedModelError(f"the checkpoint is quantized already ({quantization['quant_method']}); "
+                                    "--expert-dtype quantizes unquantized experts only: leave it out")
     dtype = compute_dtype(config, run)
     tensors = CheckpointTensors(directory)
     register_experts_implementation()
@@ -96,8 +105,14 @@ def inspect_checkpoint(name_or_path, run: RunConfig) -> Inspected:
         except (OSError, ValueError, TypeError, AttributeError) as e:
             raise CheckpointError(f"{directory / 'generation_config.json'} cannot be read ({_first_line(e)})") from None
     spec = describe(model, config)
-    layout = CheckpointLayout(tensors, model, spec)
-    return Inspected(directory, config, model, spec, tensors, layout, dtype)
+    transposed = bool(getattr(model.get_submodule(spec.experts_paths[0]), "is_transposed", False))
+    splits = None
+    if quantization is not None and quantization["quant_method"] == "fp8":  # each on-disk tensor has its own scales
+        splits = CheckpointLayout(tensors, model, spec).row_splits()
+    fmt = expert_format(spec, dtype, quantization, run.expert_dtype, transposed,
+                        expert_scale_dtype(tensors) or torch.float32, splits)
+    layout = CheckpointLayout(tensors, model, spec, fmt.sources)
+    return Inspected(directory, config, model, spec, tensors, layout, dtype, fmt, quantization)
 
 
 def _first_line(error: Exception) -> str:
@@ -143,6 +158,14 @@ def mapped_embedding(inspected: Inspected, device: torch.device) -> str | None:
     return name
 
 
+def non_experts_expanded(inspected: Inspected) -> bool:
+    """Whether some non-expert weight is stored in FP8 and expanded at load (Qwen3-*-FP8, DeepSeek-V3)."""
+    if inspected.quantization is None:
+        return False
+    return any(inspected.layout.scale_of(key) for name in non_expert_tensors(inspected)
+               if (key := inspected.layout.find(name)) is not None)
+
+
 def make_plan(inspected: Inspected, run: RunConfig) -> MemoryPlan:
     spec, dtype = inspected.spec, inspected.dtype
     tensors = non_expert_tensors(inspected)
@@ -156,20 +179,22 @@ def make_plan(inspected: Inspected, run: RunConfig) -> MemoryPlan:
                                   "lower it", run.max_context, limit)
     config = inspected.model.config  # the built model's: it knows the attention implementation chosen
     grows = not getattr(inspected.model, "_can_compile_fullgraph", False)  # no static cache (engine._kv_cache)
-    expert_bytes = spec.expert_numel() * dtype.itemsize
+    fmt = inspected.format
+    expert_bytes = fmt.expert_nbytes()
     budget = run.memory_budget
     if budget is None and run.expert_slots is None:
         budget = automatic_budget(run.device, spec.total_experts * expert_bytes)
-    allocator = cuda_allocator_bytes(sizes, len(spec.expert_params)) if run.device.type == "cuda" else 0
+    allocator = cuda_allocator_bytes(sizes, len(fmt.stored)) if run.device.type == "cuda" else 0
 
     def plan_for(max_context: int, fitted: bool = False) -> MemoryPlan:
         if grows:
             kv = growing_kv_bytes(config, dtype, max_context, run.max_batch)
         else:
             kv = kv_bytes_per_token(config, dtype) * max_context * run.max_batch
-        work = working_bytes(config, spec, dtype, max_context, run.max_batch)
-        return plan_memory(spec, non_expert, kv, work, expert_bytes, budget, run.expert_slots, max_context,
+        work = working_bytes(config, spec, dtype, max_context, run.max_batch) + fmt.expand_bytes(run.max_batch)
+        plan = plan_memory(spec, non_expert, kv, work, expert_bytes, budget, run.expert_slots, max_context,
                            run.max_batch, allocator, grows, fitted, mapped_bytes)
+        return replace(plan, expert_format=fmt.describe(), non_experts_expanded=non_experts_expanded(inspected))
 
     default = min(limit, DEFAULT_MAX_CONTEXT)
     if run.max_context is not None or run.memory_budget is not None or run.expert_slots is not None:
@@ -254,8 +279,14 @@ def load_non_experts(inspected: Inspected, device: torch.device, progress: bool)
                 f"{list(meta.shape)}; config.json does not match the weights"
             )
         # meta.dtype is transformers' choice: the compute dtype, or fp32 where a model keeps routers in fp32
+        scale = layout.scale_of(key) if inspected.quantization is not None else None
         if name == mapped:  # private mapping: nothing written to it reaches the file
             value = inspected.tensors.view(key)
+        elif scale is not None:  # an FP8 weight outside the experts: expanded now, as transformers' reference does
+            scales = inspected.tensors.read(scale)
+            check_fp8_scales(scale, scales)
+            value = dequantize_fp8(inspected.tensors.read(key)[None], scales[None], meta.dtype)[0].to(device)
+            used.add(scale)
         else:
             value = inspected.tensors.read(key).to(device=device, dtype=meta.dtype)
         _set_tensor(model, name, value)
@@ -281,7 +312,7 @@ def load(inspected: Inspected, run: RunConfig, plan: MemoryPlan):
     used = load_non_experts(inspected, run.device, run.progress)
     used |= inspected.layout.expert_keys()
     inspected.layout.warn_unused(used, getattr(inspected.model, "_keys_to_ignore_on_load_unexpected", None))
-    store = ExpertStore(inspected.tensors, inspected.layout, spec, inspected.dtype, host_mode(run, plan), run.progress)
+    store = ExpertStore(inspected.tensors, inspected.layout, spec, inspected.format, host_mode(run, plan), run.progress)
     policy = make_policy(run.policy, spec.num_moe_layers, spec.num_experts, spec.top_k)
     cache = ExpertCache(store, plan.expert_slots, run.device, policy)
     cuda = run.device.type == "cuda"

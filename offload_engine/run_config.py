@@ -17,6 +17,7 @@ from .planning.memory_plan import parse_bytes
 DEFAULT_MAX_CONTEXT = 4096
 MAX_PREFETCH_DEPTH = 3  # = foresight.HORIZON: no predictor looks further ahead within a token
 COLD_EXPERTS = ("stream", "cpu", "auto")
+EXPERT_DTYPES = ("auto", "int8", "int4")  # auto: as the checkpoint stores them
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
@@ -38,6 +39,7 @@ class RunConfig:
     threads: int = 1  # compute threads (torch's intra-op pool); build() picks them from the usable cores
     hardware: dict | None = None  # a profile's [hardware] figures for the cost model; None: defaults
     progress: bool = True
+    expert_dtype: str | None = None  # None: as the checkpoint stores them; int8/int4: quantized at load
 
     @classmethod
     def build(
@@ -58,6 +60,7 @@ class RunConfig:
         hardware: dict | None = None,
         progress: bool = True,
         cpu_threads: int | None = None,
+        expert_dtype: str | None = None,
     ) -> "RunConfig":
         """Validate user-facing settings once; every error is one line naming the setting."""
         for name, value in (("host_memory", host_memory), ("policy", policy)):
@@ -102,13 +105,17 @@ class RunConfig:
             raise ConfigError(f"cold_experts must be one of {COLD_EXPERTS}, not {cold_experts!r}")
         if not isinstance(cpu_moe_layers, int) or isinstance(cpu_moe_layers, bool) or not 0 <= cpu_moe_layers <= 1 << 16:
             raise ConfigError(f"cpu_moe_layers must be a whole number of MoE layers >= 0, not {cpu_moe_layers!r}")
+        if expert_dtype is not None and expert_dtype not in EXPERT_DTYPES:
+            raise ConfigError(f"unknown expert dtype {expert_dtype!r}; choose one of {EXPERT_DTYPES} (int8/int4 "
+                              "quantize bf16/fp16/fp32 experts at load)")
         threads = _threads(threads, cpu_threads)
         if hardware is not None:
             from .planning.hardware_profile import check_hardware
 
             hardware = check_hardware(hardware, "hardware")
         return cls(dev, dtype, budget, expert_slots, host_memory, max_context, max_batch, policy, predictor,
-                   prefetch_depth, cold_experts, cpu_moe_layers, threads, hardware, progress)
+                   prefetch_depth, cold_experts, cpu_moe_layers, threads, hardware, progress,
+                   None if expert_dtype == "auto" else expert_dtype)
 
 
 def _threads(threads: int | None, cpu_threads: int | None) -> int:

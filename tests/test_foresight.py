@@ -102,7 +102,8 @@ class PrefetchRecorder:
     """What the runtime needs of an ExpertCache for a look-ahead; keeps the keys it is asked to prefetch."""
 
     device = torch.device("cpu")
-    store = SimpleNamespace(expert_nbytes=lambda: 1, spec=SimpleNamespace(expert_numel=lambda: 1))
+    store = SimpleNamespace(expert_nbytes=lambda: 1, spec=SimpleNamespace(expert_numel=lambda: 1),
+                            format=SimpleNamespace(expand_limit=lambda top_k, rows: None))
 
     def __init__(self, resident=()):
         self.policy, self.slot_of, self.prefetched = LRUPolicy(), {key: 0 for key in resident}, []

@@ -251,13 +251,16 @@ def _num_experts(config):
     return None
 
 
-def build_reference(name, seed=0):
+def build_reference(name, seed=0, config=None):
     """The transformers CausalLM for `name` in fp32 eval mode; same seed, same weights.
+
+    `config` replaces the tiny config of `name` (a variant with other sizes); `name` still picks the
+    architecture-specific weight tweaks below.
 
     Router weights are scaled by ROUTER_SCALE and `e_score_correction_bias` drawn from N(0, 0.1), so that
     top-k choices are not near-ties.
     """
-    config = _config(name)
+    config = _config(name) if config is None else config
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     generator = torch.Generator().manual_seed(seed + 1)

@@ -33,6 +33,21 @@ QUANTIZED_SUFFIXES = {
 
 
 @dataclass(frozen=True)
+class Source:
+    """What the layout finds of each expert (experts/formats' StoredTensor has the same fields): the tensor's
+    name in the store, its runtime parameter, what it is on disk, its per-expert shape, and the dtype it must
+    have on disk (None: any, converted where read)."""
+
+    name: str
+    param: str
+    kind: str
+    shape: tuple[int, ...]
+    dtype: object
+    rows_per_row: int = 1
+    as_stored: bool = False
+
+
+@dataclass(frozen=True)
 class Piece:
     """One on-disk tensor, or one expert's slice of a fused one, filling rows [start, stop) of a runtime tensor."""
 
@@ -40,6 +55,12 @@ class Piece:
     index: int | None  # the expert's index into a fused [E, ...] tensor; None for a per-expert tensor
     start: int
     stop: int
+
+
+def expert_scale_dtype(tensors: CheckpointTensors):
+    """The dtype of the experts' FP8 block scales as the files store them (fp32, bf16 or E8M0); None if none."""
+    key = next((k for k in tensors.keys() if ".experts." in k and k.endswith("weight_scale_inv")), None)
+    return None if key is None else tensors.infos[key].dtype
 
 
 def _renamings(model: nn.Module):
@@ -57,13 +78,18 @@ def _renamings(model: nn.Module):
 class CheckpointLayout:
     """Maps runtime tensor names of `model` to the checkpoint's tensors, and checks that all are there."""
 
-    def __init__(self, tensors: CheckpointTensors, model: nn.Module, spec: ModelSpec):
+    def __init__(self, tensors: CheckpointTensors, model: nn.Module, spec: ModelSpec, sources=None):
+        """`sources`: what to find of each expert (experts/formats: name, runtime param, kind, shape, dtype);
+        by default the runtime tensors themselves."""
         self.tensors = tensors
         self.spec = spec
         rename = _renamings(model)
         self.disk_key = {rename(k): k for k in tensors.keys()}
         self.prefix = getattr(model, "base_model_prefix", "") or ""
         self.experts = [model.get_submodule(p) for p in spec.experts_paths]
+        self.sources = sources if sources is not None else tuple(
+            Source(p.name, p.name, "bias" if p.name.endswith("_bias") else "weight", p.shape, None)
+            for p in spec.expert_params)
         self.pieces = [self._layer_pieces(i) for i in range(spec.num_moe_layers)]
 
     # -- non-expert tensors -------------------------------------------------------------------------------
@@ -74,31 +100,39 @@ class CheckpointLayout:
                 return self.disk_key[candidate]
         return None
 
+    def scale_of(self, weight_key: str) -> str | None:
+        """The on-disk key of an FP8 weight's block scales (`...weight_scale_inv`), if the file has them."""
+        scale = weight_key.removesuffix("weight") + "weight_scale_inv"
+        return scale if weight_key.endswith("weight") and scale in self.tensors else None
+
     # -- experts ------------------------------------------------------------------------------------------
     def _layer_pieces(self, layer_pos: int) -> list[dict[str, list[Piece]]]:
         path = self.spec.experts_paths[layer_pos]
         module = self.experts[layer_pos]
-        per_param = {p.name: self._param_pieces(path, module, p.name, p.shape) for p in self.spec.expert_params}
-        return [{name: fn(e) for name, fn in per_param.items()} for e in range(self.spec.num_experts)]
+        per_source = {s.name: self._source_pieces(path, module, s) for s in self.sources}
+        return [{name: fn(e) for name, fn in per_source.items()} for e in range(self.spec.num_experts)]
 
-    def _param_pieces(self, path: str, module: nn.Module, name: str, shape: tuple[int, ...]):
-        fused = self.find(f"{path}.{name}")
+    def _source_pieces(self, path: str, module: nn.Module, source):
+        suffix = {"weight": "", "bias": "", "blocks": "_blocks", "scales": "_scales", "scale_inv": "_scale_inv"}
+        fused = self.find(f"{path}.{source.param}{suffix[source.kind]}")
         if fused is not None:
             info = self.tensors.infos[fused]
-            if info.shape != (self.spec.num_experts, *shape):
+            if info.shape != (self.spec.num_experts, *source.shape):
                 raise CheckpointError(
                     f"tensor {fused} in {info.file.name} has shape {list(info.shape)}, but config.json implies "
-                    f"{[self.spec.num_experts, *shape]}; the checkpoint does not match its config"
+                    f"{[self.spec.num_experts, *source.shape]}; the checkpoint does not match its config"
                 )
-            return lambda e: [Piece(fused, e, 0, shape[0])]
-        base, _, suffix = name.partition("_proj")
-        kind = "bias" if suffix == "_bias" else "weight"
+            self._check_dtype(fused, source)
+            return lambda e: [Piece(fused, e, 0, source.shape[0])]
+        base, _, rest = source.param.partition("_proj")
         sources = PER_EXPERT_SOURCES.get(f"{base}_proj")
-        if sources is None or getattr(module, "is_transposed", False) or not getattr(module, "is_concatenated", True):
-            self._missing(f"{path}.{name}")
-        return lambda e: self._per_expert(path, e, sources, kind, name, shape)
+        if (source.kind in ("blocks", "scales") or sources is None or getattr(module, "is_transposed", False)
+                or not getattr(module, "is_concatenated", True)):
+            self._missing(f"{path}.{source.param}{suffix[source.kind]}")
+        kind = {"weight": "weight", "bias": "bias", "scale_inv": "weight_scale_inv"}[source.kind]
+        return lambda e: self._per_expert(path, e, sources, kind, source)
 
-    def _per_expert(self, path, e, sources, kind, name, shape) -> list[Piece]:
+    def _per_expert(self, path, e, sources, kind, source) -> list[Piece]:
         pieces, row = [], 0
         for alternatives in sources:
             keys = [self.find(f"{path}.{e}.{proj}.{kind}") for proj in alternatives]
@@ -106,15 +140,34 @@ class CheckpointLayout:
             if key is None:
                 self._missing(f"{path}.{e}.{alternatives[0]}.{kind}")
             rows = self.tensors.infos[key].shape[0]
+            if source.rows_per_row > 1:  # block scales: each of their rows covers rows_per_row of the weight's
+                weight = self.tensors.infos[key.removesuffix("_scale_inv")]
+                if weight.shape[0] != rows * source.rows_per_row:
+                    raise CheckpointError(
+                        f"{key} has {rows} rows of block scales for the {weight.shape[0]} rows of its weight, "
+                        f"whose blocks are {source.rows_per_row} rows (weight_block_size): the blocks do not "
+                        "divide the weight, or the file does not match its config")
+            self._check_dtype(key, source)
             pieces.append(Piece(key, None, row, row + rows))
             row += rows
-        if row != shape[0] or any(self.tensors.infos[p.key].shape[1:] != shape[1:] for p in pieces):
+        if row != source.shape[0] or any(self.tensors.infos[p.key].shape[1:] != source.shape[1:] for p in pieces):
             got = [list(self.tensors.infos[p.key].shape) for p in pieces]
             raise CheckpointError(
-                f"expert {e} of {path}: on-disk shapes {got} do not make {name} {list(shape)}; "
+                f"expert {e} of {path}: on-disk shapes {got} do not make {source.name} {list(source.shape)}; "
                 "the checkpoint does not match its config.json"
             )
         return pieces
+
+    def _check_dtype(self, key: str, source) -> None:
+        """Quantized tensors are kept as stored: a value or scale of another dtype is another format."""
+        if not source.as_stored:
+            return
+        info = self.tensors.infos[key]
+        if info.dtype != source.dtype:
+            raise CheckpointError(
+                f"{key} in {info.file.name} is {str(info.dtype).removeprefix('torch.')}, where the checkpoint's "
+                f"quantization ({source.kind}) needs {str(source.dtype).removeprefix('torch.')}; the file does not "
+                "match its config.json")
 
     def _missing(self, runtime_key: str):
         stem = runtime_key.rsplit(".", 1)[0]
@@ -124,7 +177,8 @@ class CheckpointLayout:
                     if disk.endswith(suffix) or disk.endswith(suffix + ".weight"):
                         raise UnsupportedModelError(
                             f"model type {self.spec.model_type!r} stores its experts as {fmt} tensors "
-                            f"({self.disk_key[disk]}); the engine reads unquantized bf16/fp16/fp32 experts only"
+                            f"({self.disk_key[disk]}), which its config.json's quantization_config does not "
+                            "describe; the engine reads MXFP4 and block-scaled FP8 checkpoints with their config"
                         )
         raise CheckpointError(
             f"expert tensor {runtime_key} is missing from the checkpoint in {self.tensors.directory}; "
@@ -133,6 +187,15 @@ class CheckpointLayout:
 
     def expert_pieces(self, layer_pos: int, expert: int) -> dict[str, list[Piece]]:
         return self.pieces[layer_pos][expert]
+
+    def row_splits(self) -> dict[str, list[int]]:
+        """Rows of each on-disk tensor a runtime expert tensor is made of (the first expert's: all alike)."""
+        return {name: [p.stop - p.start for p in pieces] for name, pieces in self.expert_pieces(0, 0).items()}
+
+    def scale_keys(self) -> dict[str, str]:
+        """On-disk key -> stored name of every expert scale tensor (checked once at load)."""
+        return {p.key: name for layer in self.pieces for expert in layer for name, ps in expert.items()
+                if name.endswith(("_scales", "_scale_inv")) for p in ps}
 
     def expert_keys(self) -> set[str]:
         return {p.key for layer in self.pieces for expert in layer for ps in expert.values() for p in ps}

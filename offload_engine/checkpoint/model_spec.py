@@ -18,7 +18,6 @@ from torch import nn
 from ..errors import CheckpointError, UnsupportedModelError, short_repr
 
 TOP_K_KEYS = ("num_experts_per_tok", "moe_topk", "moe_k", "num_experts_per_token", "top_k", "experts_per_token")
-QUANTIZED_MARKERS = ("quantization_config", "compression_config")
 LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
 # Sizes the memory plan and transformers' modules are built from: whole numbers >= 1 (or null) where present.
 SIZE_FIELDS = (
@@ -111,16 +110,6 @@ def _numbers(value, where: str):
             stack.extend((f"{where}[{i}]", v) for i, v in enumerate(node))
         elif isinstance(node, (int, float)):
             yield where, node
-
-
-def refuse_quantized(raw_config: dict) -> None:
-    for key in QUANTIZED_MARKERS:
-        if raw_config.get(key):
-            method = raw_config[key].get("quant_method", "unknown") if isinstance(raw_config[key], dict) else "unknown"
-            raise UnsupportedModelError(
-                f"model type {raw_config.get('model_type')!r} is quantized ({key}.quant_method={method!r}); "
-                "the engine serves unquantized (bf16/fp16/fp32) checkpoints only"
-            )
 
 
 def is_experts_module(module: nn.Module) -> bool:

@@ -36,10 +36,11 @@ class ExpertCache:
         self.policy = policy or LRUPolicy()
         self.map = SlotMap(num_slots, self.policy, store.expert_nbytes())
         self.num_slots = num_slots
-        # S=slots; one [S, *shape] tensor per runtime expert parameter (gate_up_proj, down_proj, biases...)
+        # S=slots; one [S, *shape] tensor per stored expert tensor (gate_up_proj, down_proj, biases...; a quantized
+        # format's values and scales)
         self.pool = {
-            p.name: torch.empty((num_slots, *p.shape), dtype=store.dtype, device=self.device)
-            for p in spec.expert_params
+            t.name: torch.empty((num_slots, *t.shape), dtype=t.dtype, device=self.device)
+            for t in store.format.stored
         }
         # [L, E] -> slot (-1: not resident), on the host: a layer call turns its routing, already read to the
         # host, into slot ids with one numpy gather (a write ~100 ns; a device table cost a queued fill a write

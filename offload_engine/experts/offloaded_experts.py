@@ -69,6 +69,8 @@ class ExpertsBinding:
     spans: dict[tuple[int, int], SlotExperts] = field(default_factory=dict)  # by (first slot, end): reused
 
     def span(self, cache: ExpertCache, lo: int, hi: int) -> SlotExperts:
+        if cache.store.format.expands:  # quantized slots: expanded for this call only, never kept
+            return SlotExperts(self.module, cache.store.format.expand({n: t[lo:hi] for n, t in cache.pool.items()}))
         view = self.spans.get((lo, hi))
         if view is None:
             if len(self.spans) >= MAX_SPANS:  # scattered slots give many spans: keep the memo small
@@ -111,9 +113,16 @@ def execute(binding: ExpertsBinding, cache: ExpertCache, routing: CallRouting, s
             hidden_states: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
     """All of the call's experts resident at once: transformers' own kernel and reduction over the slot pool,
     bit for bit what the reference computes over its [E, ...] tensors."""
+    slot_index = cache.slot_table[binding.layer_pos][routing.ids]  # [T, k], on the host
+    fmt = cache.store.format
+    if fmt.expands:  # quantized slots: expand exactly the call's experts, numbered in the order of `slots`
+        position = np.empty(cache.num_slots, dtype=np.int64)
+        position[slots] = np.arange(len(slots))
+        (slot_index, chosen) = _on(hidden_states.device, position[slot_index], np.asarray(slots, dtype=np.int64))
+        view = SlotExperts(binding.module, fmt.expand({n: t.index_select(0, chosen) for n, t in cache.pool.items()}))
+        return binding.compute(view, hidden_states, slot_index, top_k_weights)
     # only the span of slots in use: grouped_mm's cost grows with the number of groups it is handed
     lo, hi = min(slots), max(slots) + 1
-    slot_index = cache.slot_table[binding.layer_pos][routing.ids]  # [T, k], on the host
     if lo:
         slot_index -= lo
     (slot_index,) = _on(hidden_states.device, slot_index)
@@ -164,7 +173,7 @@ def execute_on_cpu(binding: ExpertsBinding, store, layer_pos: int, routing: Call
         if pieces is not None:
             y = piecewise(module, pieces, x)
         else:
-            view = SlotExperts(module, store.host_view(layer_pos, e))
+            view = SlotExperts(module, store.format.expand(store.host_view(layer_pos, e)))
             ones = torch.ones((len(token_idx), 1), dtype=contributions.dtype)
             y = binding.compute(view, x, torch.zeros((len(token_idx), 1), dtype=torch.long), ones)
         token_idx, rank = _on(device, token_idx, rank)

@@ -38,6 +38,8 @@ class Runtime:
         self.cold_experts, self.cpu_moe_layers = cold_experts, cpu_moe_layers
         self.hardware = hardware or Hardware(parallel=cache.device.type == "cuda")
         self.expert_bytes = cache.store.expert_nbytes()
+        # a quantized format expands at most this many experts at once; a call with more goes one at a time
+        self.expand_limit = cache.store.format.expand_limit(top_k, max_rows) or cache.num_slots
         self.queued_kernels = cache.device.type == "cuda"  # kernels run asynchronously, after the call returns
         self.flops_per_token = 2.0 * cache.store.spec.expert_numel()  # one multiply-add per weight
         self.predictor = predictor
@@ -132,7 +134,7 @@ class Runtime:
         on_cpu = self._place(layer, routing)
         if on_cpu:
             return self._hybrid(binding, request, layer, routing, on_cpu, hidden_states, top_k_weights, context)
-        if len(experts) <= cache.num_slots:
+        if len(experts) <= min(cache.num_slots, self.expand_limit):
             loaded = self._loads(request, layer)
             slots = cache.fetch(layer, experts, request.counters)
             self._time_loads(request, layer, loaded)

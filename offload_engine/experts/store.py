@@ -33,6 +33,7 @@ from ..checkpoint.layout import CheckpointLayout
 from ..checkpoint.model_spec import ModelSpec
 from ..errors import MemoryBudgetError
 from . import copy_worker
+from .formats import ExpertFormat
 
 HOST_MODES = ("mmap", "files", "ram", "pinned", "direct")
 READ_ON_DEMAND = ("mmap", "files", "direct")
@@ -44,33 +45,44 @@ class ExpertStore:
         tensors: CheckpointTensors,
         layout: CheckpointLayout,
         spec: ModelSpec,
-        dtype: torch.dtype,
+        fmt: ExpertFormat | torch.dtype,
         mode: str = "mmap",
         progress: bool = True,
     ):
+        """`fmt`: how an expert is held (experts/formats); a dtype for plain experts in that dtype."""
         if mode not in HOST_MODES:
             raise ValueError(f"host memory mode must be one of {HOST_MODES}, not {mode!r}")
-        self.tensors, self.layout, self.spec, self.dtype = tensors, layout, spec, dtype
+        self.format = fmt if isinstance(fmt, ExpertFormat) else ExpertFormat(spec, fmt)
+        self.tensors, self.layout, self.spec, self.dtype = tensors, layout, spec, self.format.dtype
         self.mode = mode
         self.pinned = False  # true only once page-locked buffers really hold the experts
         self.host: list[dict[str, torch.Tensor]] = []  # per MoE layer: runtime param name -> [E, *shape]
         self._staging = threading.local()  # per thread: demand loads and the prefetch thread read at once
         self._spans: dict[tuple[int, int], tuple[np.ndarray, tuple] | None] = {}  # copy_spans', by (layer, expert)
+        self._check_scales()
         if mode not in READ_ON_DEMAND:
             self._load_host(progress)
 
     def expert_nbytes(self) -> int:
-        """Bytes of one expert in the compute dtype (what a slot holds and a miss moves)."""
-        return self.spec.expert_numel() * self.dtype.itemsize
+        """Bytes of one expert as held (what a slot holds and a miss moves): the compute dtype's, or the
+        quantized format's with its scales."""
+        return self.format.expert_nbytes()
 
+    def _check_scales(self) -> None:
+        """Every expert scale of a quantized checkpoint, read once: a NaN or infinite scale is an error now,
+        never wrong tokens later (a few MB: 1/32 of MXFP4's bytes, 1/4096 of FP8's)."""
+        for key, name in self.layout.scale_keys().items():
+            self.format.check_scales(key, self.tensors.read(key))
     def copy_spans(self, layer_pos: int, expert: int) -> tuple[np.ndarray, tuple] | None:
         """One expert's byte spans for the compiled copier (copy_worker.py): rows [n, 6] (int64) of the runtime
-        parameter's index (spec.expert_params order), the byte offset in the expert's tensor, then the task's
+        stored tensor's index (format.stored order), the byte offset in the expert's tensor, then the task's
         source, bytes, file and how it is read (ram: an address, -1; mmap and files: an offset and the open
         file's descriptor, read with pread through the page cache, so no page stays mapped; direct: the
         file's O_DIRECT descriptor); and the files whose identity the
         caller must check before the copies run (check_sources), as every read checks it. None when the bytes
         cannot be copied as they are (another dtype on disk)."""
+        if not self.format.stored_on_disk and self.mode in READ_ON_DEMAND:
+            return None  # encoded on each read (int8/int4 from the files)
         key = (layer_pos, expert)
         if key not in self._spans:
             self._spans[key] = self._find_spans(layer_pos, expert)
@@ -88,12 +100,12 @@ class ExpertStore:
             return np.array(rows, dtype=np.int64), ()
         rows, files = [], set()
         pieces = self.layout.expert_pieces(layer_pos, expert)
-        for i, p in enumerate(self.spec.expert_params):
-            row_bytes = math.prod(p.shape[1:]) * self.dtype.itemsize
-            for piece in pieces[p.name]:
+        for i, t in enumerate(self.format.stored):
+            row_bytes = math.prod(t.shape[1:]) * t.dtype.itemsize
+            for piece in pieces[t.name]:
                 f, info = self.tensors.locate(piece.key)
                 begin, nbytes = f.span(info, piece.index)
-                if info.dtype != self.dtype or nbytes != (piece.stop - piece.start) * row_bytes:
+                if info.dtype != t.dtype or nbytes != (piece.stop - piece.start) * row_bytes:
                     return None
                 rows.append((i, piece.start * row_bytes, begin, nbytes, *self._descriptor(f)))
                 files.add(f)
@@ -134,13 +146,14 @@ class ExpertStore:
         return buf[:numel]
 
     def _load_host(self, progress: bool) -> None:
-        """Every expert in host memory: one allocation for the whole model, viewed per layer and parameter.
-        Pinned mode page-locks that one allocation with cudaHostRegister: PyTorch's pinned allocator rounds each
-        allocation up to a power of two (a 33 GB model would lock 64 GB)."""
-        numels = [self.spec.num_experts * math.prod(p.shape) for p in self.spec.expert_params]
-        total = self.spec.num_moe_layers * sum(numels)
+        """Every expert in host memory: one allocation for the whole model, viewed per layer and stored tensor
+        (each at a 64-byte boundary: their dtypes differ in a quantized format). Pinned mode page-locks that
+        one allocation with cudaHostRegister: PyTorch's pinned allocator rounds each allocation up to a power
+        of two (a 33 GB model would lock 64 GB)."""
+        E = self.spec.num_experts
+        sizes = [-(-E * t.nbytes // 64) * 64 for t in self.format.stored]
         try:
-            arena = torch.empty(total, dtype=self.dtype)
+            arena = torch.empty(self.spec.num_moe_layers * sum(sizes), dtype=torch.uint8)
         except RuntimeError:
             raise MemoryBudgetError("not enough host RAM to hold the experts; use --host-memory mmap (read on demand)") from None
         self.pinned = self.mode == "pinned" and self._register(arena)
@@ -148,13 +161,24 @@ class ExpertStore:
         for layer_pos in tqdm(range(self.spec.num_moe_layers), desc="experts to host memory", disable=not progress,
                               unit="layer"):
             buffers = {}
-            for p, numel in zip(self.spec.expert_params, numels):
-                buf = arena[offset:offset + numel].view(self.spec.num_experts, *p.shape)
-                offset += numel
-                for e in range(self.spec.num_experts):
-                    self._read(layer_pos, e, p.name, buf[e])
-                buffers[p.name] = buf
+            for t, size in zip(self.format.stored, sizes):
+                buffers[t.name] = arena[offset:offset + E * t.nbytes].view(t.dtype).view(E, *t.shape)
+                offset += size
+            for e in range(E):
+                self._fill(layer_pos, e, {name: b[e] for name, b in buffers.items()})
             self.host.append(buffers)
+
+    def _fill(self, layer_pos: int, expert: int, dst: dict[str, torch.Tensor], mapped: bool = False) -> None:
+        """One expert's stored tensors into `dst`: read as they are, or (int8/int4) read and encoded."""
+        if self.format.stored_on_disk:
+            for name, out in dst.items():
+                self._read(layer_pos, expert, name, out, mapped)
+            return
+        source = {}
+        for t in self.format.sources:
+            source[t.name] = self._scratch(f"source.{t.name}", t.shape, self.dtype)[0]
+            self._read(layer_pos, expert, t.name, source[t.name], mapped)
+        self.format.encode(source, dst)
 
     def _register(self, arena: torch.Tensor) -> bool:
         """Page-lock `arena` for asynchronous copies; on failure, warn and stay pageable (the loader then copies
@@ -186,24 +210,29 @@ class ExpertStore:
             return {name: t[expert:expert + 1] for name, t in self.host[layer_pos].items()}
         out = {}
         pieces = self.layout.expert_pieces(layer_pos, expert)
-        for p in self.spec.expert_params:
-            parts = pieces[p.name]
+        mapped = self.mode == "mmap"
+        if not self.format.stored_on_disk:
+            out = {t.name: self._scratch(t.name, t.shape, t.dtype) for t in self.format.stored}
+            self._fill(layer_pos, expert, {name: v[0] for name, v in out.items()}, mapped)
+            return out
+        for t in self.format.stored:
+            parts = pieces[t.name]
             info = self.tensors.infos[parts[0].key]
-            if self.mode == "mmap" and len(parts) == 1 and info.dtype == self.dtype:
+            if mapped and len(parts) == 1 and info.dtype == t.dtype:
                 view = self.tensors.view(parts[0].key, parts[0].index)
-                if tuple(view.shape) == p.shape:
-                    out[p.name] = view.unsqueeze(0)
+                if tuple(view.shape) == t.shape:
+                    out[t.name] = view.unsqueeze(0)
                     continue
-            scratch = self._scratch(p.name, p.shape)
-            self._read(layer_pos, expert, p.name, scratch[0], mapped=self.mode == "mmap")
-            out[p.name] = scratch
+            scratch = self._scratch(t.name, t.shape, t.dtype)
+            self._read(layer_pos, expert, t.name, scratch[0], mapped=mapped)
+            out[t.name] = scratch
         return out
 
     def host_pieces(self, layer_pos: int, expert: int) -> dict[str, list[torch.Tensor]] | None:
         """One expert's runtime tensors as row blocks mapped straight from the files, in order (e.g. gate_up_proj
         = [the file's gate, the file's up]), for a CPU kernel that reads them in place; None when they cannot be
         used as they are (not memory-mapped, another dtype, a block that is not whole rows)."""
-        if self.mode != "mmap":
+        if self.mode != "mmap" or self.format.expands:
             return None
         out = {}
         for p, parts in self.layout.expert_pieces(layer_pos, expert).items():
@@ -220,22 +249,27 @@ class ExpertStore:
             out[p] = blocks
         return out
 
-    def _scratch(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    def _scratch(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         buffers = self._staging.__dict__.setdefault("scratch", {})
         buf = buffers.get(name)
         if buf is None:
-            buf = buffers[name] = torch.empty((1, *shape), dtype=self.dtype)
+            buf = buffers[name] = torch.empty((1, *shape), dtype=dtype)
         return buf
 
     def copy_into(self, layer_pos: int, expert: int, dst: dict[str, torch.Tensor], non_blocking: bool = False) -> int:
         """Write one expert's tensors into `dst` (name -> tensor of the per-expert shape); returns bytes written."""
-        written = 0
+        written = sum(out.numel() * out.element_size() for out in dst.values())
+        if self.mode in READ_ON_DEMAND:
+            if self.format.stored_on_disk or all(out.device.type == "cpu" for out in dst.values()):
+                self._fill(layer_pos, expert, dst, mapped=self.mode == "mmap")
+                return written
+            staged = {t.name: self._scratch(f"encoded.{t.name}", t.shape, t.dtype)[0] for t in self.format.stored}
+            self._fill(layer_pos, expert, staged, mapped=self.mode == "mmap")  # encoded on the host, then copied
+            for name, out in dst.items():
+                out.copy_(staged[name], non_blocking=False)
+            return written
         for name, out in dst.items():
-            if self.mode in READ_ON_DEMAND:
-                self._read(layer_pos, expert, name, out, mapped=self.mode == "mmap")
-            else:
-                out.copy_(self.host[layer_pos][name][expert], non_blocking=non_blocking)
-            written += out.numel() * out.element_size()
+            out.copy_(self.host[layer_pos][name][expert], non_blocking=non_blocking)
         return written
 
 

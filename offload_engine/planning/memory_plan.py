@@ -136,6 +136,8 @@ class MemoryPlan:
     kv_cache_grows: bool = False  # no static cache: counted at its most (growing_kv_bytes), allocated as it grows
     context_fitted: bool = False  # max_context was not asked for and was lowered from the default to fit the budget
     mapped_bytes: int = 0  # the input embedding, left in the memory-mapped file (CPU; loading.mapped_embedding)
+    expert_format: str = ""  # how a slot holds an expert (experts/formats describe()); "" for the plain dtype
+    non_experts_expanded: bool = False  # FP8 non-expert weights, expanded to the compute dtype at load
 
     @property
     def fixed_bytes(self) -> int:
@@ -161,7 +163,8 @@ class MemoryPlan:
         budget = format_bytes(self.budget_bytes) if self.budget_bytes else "none (slots set directly)"
         rows = [
             ("memory budget", budget),
-            ("non-expert weights", format_bytes(self.non_expert_bytes)),
+            ("non-expert weights" + (" (expanded from FP8 at load)" if self.non_experts_expanded else ""),
+             format_bytes(self.non_expert_bytes)),
             *([("input embedding (memory-mapped, outside the budget)", format_bytes(self.mapped_bytes))]
               if self.mapped_bytes else []),
             (f"KV cache ({self.batch} x {self.max_context} tokens{', grows' if self.kv_cache_grows else ''}"
@@ -170,6 +173,7 @@ class MemoryPlan:
             ("working memory (estimate)", format_bytes(self.working_bytes)),
             *([("allocator rounding (CUDA)", format_bytes(self.allocator_bytes))] if self.allocator_bytes else []),
             (f"expert slots ({self.expert_slots} x {format_bytes(self.expert_bytes)})", format_bytes(self.slot_bytes)),
+            *([("experts held as", self.expert_format)] if self.expert_format else []),
             ("total", format_bytes(self.total_bytes)),
             ("experts resident", f"{self.expert_slots} of {self.total_experts} ({100 * self.resident_share:.1f}%)"),
             ("minimum budget", f"{format_bytes(self.minimum_bytes)} ({self.min_slots} slots)"),

@@ -1,0 +1,113 @@
+"""How an expert is held: the tensors a slot and the host store keep per expert, and how they become the
+runtime weights transformers' experts functions compute with.
+
+- plain: the runtime tensors themselves, in the compute dtype (what every checkpoint without quantization
+  gets, and the only format that computes on the slot pool as it is);
+- mxfp4 (gpt-oss): 4-bit E2M1 values in blocks of 32 with one E8M0 scale a block, as the files store them;
+- fp8 (Qwen3-*-FP8, DeepSeek-V3): float8_e4m3fn values with one float scale per block of rows and columns;
+- int8 / int4: bf16/fp16/fp32 experts quantized at load (--expert-dtype), weight-only.
+
+A format stores bytes and expands them where the expert is computed (the slots of one call, on the device,
+or one expert on the CPU), with the formulas transformers' own dequantization uses, so the expanded weights
+are bit for bit the weights transformers' dequantized reference model holds.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """One tensor a slot holds per expert: `name` (the pool's key), the runtime parameter it makes (`param`),
+    what it is on disk (`kind`: weight, bias, blocks, scales, scale_inv) and its per-expert shape and dtype.
+    `rows_per_row`: runtime rows one stored row covers (an FP8 scale row covers a block of rows); `as_stored`:
+    read exactly as the file has it (quantized values and scales: another dtype on disk is another format),
+    where a plain tensor is converted to the compute dtype."""
+
+    name: str
+    param: str
+    kind: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    rows_per_row: int = 1
+    as_stored: bool = False
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+class ExpertFormat:
+    """The plain format, and the base of the others: stored = runtime tensors in the compute dtype."""
+
+    name = "plain"
+    expands = False  # False: slots hold the runtime tensors, computed on as they are
+    # read from the checkpoint as stored (True), or read as `sources` and encoded at load (int8/int4)
+    stored_on_disk = True
+
+    def __init__(self, spec, dtype: torch.dtype):
+        self.spec, self.dtype = spec, dtype
+        self.runtime = {p.name: p.shape for p in spec.expert_params}
+        self.sources = tuple(StoredTensor(p.name, p.name, _plain_kind(p.name), p.shape, dtype)
+                             for p in spec.expert_params)
+        self.stored = self.sources
+
+    def expert_nbytes(self) -> int:
+        """Bytes a slot holds and a miss moves, scales included."""
+        return sum(t.nbytes for t in self.stored)
+
+    def runtime_nbytes(self) -> int:
+        """Bytes of one expert expanded to the compute dtype."""
+        return sum(math.prod(shape) for shape in self.runtime.values()) * self.dtype.itemsize
+
+    def expand_limit(self, top_k: int, rows: int) -> int | None:
+        """Experts one layer call expands at once (a decode step's); a call with more (a prefill) expands one
+        expert at a time. None: no expansion (plain)."""
+        return top_k * rows if self.expands else None
+
+    def expand_bytes(self, rows: int) -> int:
+        """Working memory the expansion of one call needs: the gathered stored bytes and the expanded weights."""
+        limit = self.expand_limit(self.spec.top_k, rows)
+        return 0 if limit is None else limit * (self.expert_nbytes() + self.runtime_nbytes())
+
+    def expand(self, stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """[n, ...] stored tensors of n experts -> [n, ...] runtime tensors in the compute dtype."""
+        return stored
+
+    def encode(self, source: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> None:
+        """Runtime tensors [n, ...] read from the checkpoint into the stored tensors `out` (int8/int4 only)."""
+        for name, t in out.items():
+            t.copy_(source[name])
+
+    def check_scales(self, key: str, scales: torch.Tensor) -> None:
+        """Refuse (CheckpointError) a scale tensor that would make garbage weights: NaN, infinite."""
+
+    def describe(self) -> str:
+        return ""  # the plain format needs no line of its own in the plan
+
+
+def _plain_kind(param: str) -> str:
+    return "bias" if param.endswith("_bias") else "weight"
+
+
+def expert_format(spec, dtype: torch.dtype, quantization: dict | None = None, expert_dtype: str | None = None,
+                  transposed: bool = False, scale_dtype: torch.dtype = torch.float32,
+                  row_splits: dict[str, list[int]] | None = None) -> ExpertFormat:
+    """The format of a checkpoint's experts: its own quantization (checkpoint/quantization.py read it), or the
+    one asked for (--expert-dtype) on an unquantized checkpoint, or plain."""
+    from .fp8_block import FP8Block
+    from .int_weight import IntWeight
+    from .mxfp4 import MXFP4
+
+    if quantization is not None:
+        method = quantization["quant_method"]
+        if method == "mxfp4":
+            return MXFP4(spec, dtype)
+        return FP8Block(spec, dtype, tuple(quantization["weight_block_size"]), scale_dtype, row_splits)
+    if expert_dtype in (None, "auto") or expert_dtype == str(dtype).removeprefix("torch."):
+        return ExpertFormat(spec, dtype)
+    return IntWeight(spec, dtype, expert_dtype, transposed)

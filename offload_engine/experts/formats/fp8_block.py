@@ -1,0 +1,106 @@
+"""FP8 block-quantized experts (Qwen3-30B-A3B-FP8, Qwen3-Next-FP8, DeepSeek-V3): each weight [rows, cols] as
+float8_e4m3fn with `weight_scale_inv` [rows / b0, cols / b1] (one scale a block of b0 x b1; W = q * scale),
+biases as stored. About 8 bits a weight (8.002 with 128 x 128 blocks of fp32 scales).
+
+Expanded as transformers' `Fp8Dequantize._dequantize_one` does: values and scales to fp32, multiplied block
+by block, rounded once to the compute dtype. Gate and up, stored as two tensors per expert, are concatenated
+by rows, scales too: every block lies inside one of them (the layout checks that blocks divide each weight).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ...errors import CheckpointError
+from . import ExpertFormat, StoredTensor
+
+E8M0 = getattr(torch, "float8_e8m0fnu", None)
+
+
+class FP8Block(ExpertFormat):
+    name = "fp8"
+    expands = True
+
+    def __init__(self, spec, dtype: torch.dtype, block: tuple[int, int], scale_dtype: torch.dtype,
+                 row_splits: dict[str, list[int]] | None = None):
+        """`row_splits`: the rows of each on-disk tensor a runtime weight is made of (gate and up for
+        gate_up_proj in a per-expert layout); each has its own grid of scales, ceil(rows / b0) rows of them."""
+        super().__init__(spec, dtype)
+        self.block = block
+        b0, b1 = block
+        stored = []
+        for p in spec.expert_params:
+            if p.name.endswith("_bias"):
+                stored.append(StoredTensor(p.name, p.name, "bias", p.shape, dtype))
+                continue
+            rows, cols = p.shape
+            splits = (row_splits or {}).get(p.name, [rows])
+            srows, scols = sum(-(-r // b0) for r in splits), -(-cols // b1)
+            # transformers reads a block as the weight over its grid (rows // grid rows): the grid must tile each
+            # tensor exactly, in blocks of b0 x b1 or, where a dimension is smaller than a block, in one
+            tiles = all(r % b0 == 0 or r < b0 for r in splits) and (cols % b1 == 0 or cols < b1) and \
+                len({r // -(-r // b0) for r in splits}) == 1
+            if not tiles:
+                raise CheckpointError(
+                    f"FP8 expert weight {p.name} (on-disk rows {splits}, {cols} columns) is not divided by the "
+                    f"checkpoint's blocks {list(block)} (quantization_config.weight_block_size); blocks that do "
+                    "not divide the weight are not read")
+            stored.append(StoredTensor(p.name, p.name, "weight", p.shape, torch.float8_e4m3fn, as_stored=True))
+            stored.append(StoredTensor(f"{p.name}_scale_inv", p.name, "scale_inv", (srows, scols), scale_dtype,
+                                       rows_per_row=rows // srows, as_stored=True))
+        self.stored = self.sources = tuple(stored)
+
+    def expand(self, stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = {}
+        for t in self.stored:
+            if t.kind == "bias":
+                out[t.name] = stored[t.name]
+            elif t.kind == "weight":
+                out[t.name] = dequantize(stored[t.name], stored[f"{t.name}_scale_inv"], self.dtype)
+        return out
+
+    def check_scales(self, key: str, scales: torch.Tensor) -> None:
+        check_scales(key, scales)
+
+    def describe(self) -> str:
+        return (f"FP8 e4m3 in {self.block[0]}x{self.block[1]} blocks (expanded to "
+                f"{str(self.dtype).removeprefix('torch.')} where computed)")
+
+
+def scale_to_fp32(scales: torch.Tensor) -> torch.Tensor:
+    """transformers' reading of a scale: E8M0 bytes as 2^(s - 127), any float as it is."""
+    if scales.dtype == torch.uint8:
+        return (scales.to(torch.float32) - 127.0).exp2()
+    return scales.to(torch.float32)  # float8_e8m0fnu converts to 2^(s - 127) itself
+
+
+def dequantize(values: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """values [n, R, C] float8, scales [n, R / b0, C / b1] -> [n, R, C] in `dtype` (transformers' formula)."""
+    n, rows, cols = values.shape
+    srows, scols = scales.shape[-2:]
+    q = values.to(torch.float32).reshape(n, srows, rows // srows, scols, cols // scols)
+    s = scale_to_fp32(scales).reshape(n, srows, 1, scols, 1)
+    return (q * s).to(dtype).reshape(n, rows, cols)
+
+
+def dequantize_loop(values: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The plain-loop twin of `dequantize` for one expert ([R, C], [R / b0, C / b1]), element by element."""
+    rows, cols = values.shape
+    b0, b1 = rows // scales.shape[0], cols // scales.shape[1]
+    scale = scale_to_fp32(scales)
+    out = torch.empty(rows, cols, dtype=torch.float32)
+    for r in range(rows):
+        for c in range(cols):
+            out[r, c] = float(values[r, c].to(torch.float32)) * float(scale[r // b0, c // b1])
+    return out.to(dtype)
+
+
+def check_scales(name: str, scales: torch.Tensor) -> None:
+    """A NaN, infinite or negative scale would turn a whole block of weights into garbage: refuse it at load."""
+    s = scale_to_fp32(scales.view(torch.uint8) if scales.dtype == E8M0 else scales)
+    bad = ~torch.isfinite(s) | (s < 0)
+    if bool(bad.any()):
+        raise CheckpointError(f"{name} has {int(bad.sum())} NaN, infinite or negative scale(s) of "
+                              f"{math.prod(s.shape)}; the file is damaged: re-download it")
