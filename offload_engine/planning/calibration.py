@@ -136,8 +136,8 @@ def calibrate(engine, progress: bool = True, clock: Clock = time.perf_counter) -
     steps = tqdm(total=ROUNDS + 2, desc="calibrating", disable=not progress, unit="step")
     # -- copies: one layer's experts, from each kind of host memory -----------------------------------------
     layer_bytes = spec.num_experts * expert_bytes
-    dst = {p.name: torch.empty((spec.num_experts, *p.shape), dtype=store.dtype, device=device)
-           for p in spec.expert_params}
+    dst = {t.name: torch.empty((spec.num_experts, *t.shape), dtype=t.dtype, device=device)
+           for t in store.format.stored}  # as held: a quantized format's stored bytes
     host = {name: torch.empty(t.shape, dtype=t.dtype) for name, t in dst.items()}
     for e in range(spec.num_experts):
         store.copy_into(0, e, {name: t[e] for name, t in host.items()})
@@ -148,8 +148,9 @@ def calibrate(engine, progress: bool = True, clock: Clock = time.perf_counter) -
     if pinned is not None:
         copies["pinned"] = lambda: [dst[n].copy_(pinned[n], non_blocking=True) for n in dst]
     # -- one expert on the CPU and on the device, by token count ----------------------------------------------
-    cpu_view = SlotExperts(binding.module, store.host_view(0, 0) if store.mode != "mmap"
-                           else {n: t[:1] for n, t in host.items()})
+    # a quantized format's expert is timed with its expansion, as the engine computes it
+    cpu_view = SlotExperts(binding.module, store.format.expand(store.host_view(0, 0) if store.mode != "mmap"
+                                                               else {n: t[:1] for n, t in host.items()}))
     slots = engine.cache.fetch(0, [0])
     dev_view = binding.span(engine.cache, slots[0], slots[0] + 1)
     on_cpu, on_device = {}, {}
