@@ -25,7 +25,7 @@ def run(args) -> int:
     spec = inspected.spec
     memory = host_memory()
     experts_bytes = plan.total_experts * plan.expert_bytes
-    host = host_mode(run_cfg, plan, memory)
+    host = host_mode(run_cfg, plan, memory, encoded=not inspected.format.stored_on_disk)
     if args.json:
         print(json.dumps({
             "model_type": spec.model_type, "moe_layers": len(spec.moe_layers), "experts_per_layer": spec.num_experts,

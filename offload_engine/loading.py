@@ -110,7 +110,7 @@ def inspect_checkpoint(name_or_path, run: RunConfig) -> Inspected:
     if quantization is not None and quantization["quant_method"] == "fp8":  # each on-disk tensor has its own scales
         splits = CheckpointLayout(tensors, model, spec).row_splits()
     fmt = expert_format(spec, dtype, quantization, run.expert_dtype, transposed,
-                        expert_scale_dtype(tensors) or torch.float32, splits)
+                        expert_scale_dtype(tensors) or torch.float32, splits, on_cpu=run.device.type == "cpu")
     layout = CheckpointLayout(tensors, model, spec, fmt.sources)
     return Inspected(directory, config, model, spec, tensors, layout, dtype, fmt, quantization)
 
@@ -232,16 +232,17 @@ def fits_in_memory(experts_bytes: int, memory: HostMemory) -> bool:
     return experts_bytes < HOST_RAM_SHARE * memory.available_bytes
 
 
-def host_mode(run: RunConfig, plan: MemoryPlan, memory: HostMemory | None = None) -> str:
+def host_mode(run: RunConfig, plan: MemoryPlan, memory: HostMemory | None = None, encoded: bool = False) -> str:
     """As asked; otherwise, when the experts do not fit in the memory this process may use (a cgroup limit
     counted), the direct tier (read around the page cache: the slot pool is the cache); when they do, pinned
     RAM with CUDA, else copies from the memory-mapped files on demand (the CPU default: the page cache holds
-    them already)."""
+    them already). Experts quantized at load (`encoded`: int8/int4) that fit are held in RAM in that form:
+    the files hold them in bf16, and quantizing on every miss would cost more than the miss."""
     if run.host_memory is not None:
         return run.host_memory
     if not fits_in_memory(plan.total_experts * plan.expert_bytes, memory or host_memory()):
         return "direct"
-    return "pinned" if run.device.type == "cuda" else "mmap"
+    return "pinned" if run.device.type == "cuda" else "ram" if encoded else "mmap"
 
 
 def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -312,7 +313,8 @@ def load(inspected: Inspected, run: RunConfig, plan: MemoryPlan):
     used = load_non_experts(inspected, run.device, run.progress)
     used |= inspected.layout.expert_keys()
     inspected.layout.warn_unused(used, getattr(inspected.model, "_keys_to_ignore_on_load_unexpected", None))
-    store = ExpertStore(inspected.tensors, inspected.layout, spec, inspected.format, host_mode(run, plan), run.progress)
+    store = ExpertStore(inspected.tensors, inspected.layout, spec, inspected.format,
+                        host_mode(run, plan, encoded=not inspected.format.stored_on_disk), run.progress)
     policy = make_policy(run.policy, spec.num_moe_layers, spec.num_experts, spec.top_k)
     cache = ExpertCache(store, plan.expert_slots, run.device, policy)
     cuda = run.device.type == "cuda"

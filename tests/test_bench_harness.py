@@ -1,4 +1,5 @@
-"""The side-by-side benchmarks' parsers: llama.cpp's own timer, sizes on the command line, each program's rate."""
+"""The side-by-side benchmarks' parsers: llama.cpp's own timer, sizes on the command line, each program's rate;
+the quantized-experts benchmark's agreement measure and a tiny run of it end to end."""
 
 import json
 import sys
@@ -11,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_larger_than_ram import parse_bytes  # noqa: E402
+from benchmarks import bench_quantized  # noqa: E402
 from benchmarks.bench_vs_llamacpp import rate_of  # noqa: E402
 from benchmarks.llamacpp.bench import llama_timer  # noqa: E402
 
@@ -49,3 +51,22 @@ def test_each_programs_rate_is_read_from_its_own_output():
     assert rate_of("llama-completion", "", PERF) == pytest.approx(20.0)
     assert rate_of("engine", json.dumps({"stats": {"decode_tokens_per_s": 7.5}}), "") == 7.5
     assert rate_of("transformers", "log line\n" + json.dumps({"decode_tokens_per_s": 3.0}), "") == 3.0
+
+
+def test_agreement_counts_equal_positions_and_the_prefix_before_the_first_difference():
+    a = bench_quantized.agreement([[1, 2, 3, 4], [5, 6]], [[1, 2, 9, 4], [5, 6]])
+    assert a.share == pytest.approx(5 / 6) and a.prefix == pytest.approx(2.0)
+    assert bench_quantized.agreement([[1, 2]], [[7, 2]]).prefix == 0.0
+
+
+def test_quantized_benchmark_runs_end_to_end_on_a_tiny_input(tmp_path):
+    text = "The quick brown fox jumps over the lazy dog. " * 8
+    (tmp_path / "en.txt").write_text(f"{text}\n{bench_quantized.EOS_SEPARATOR}\n{text}\n", "utf-8")
+    out = tmp_path / "q.json"
+    res = bench_quantized.main(["--heldout", str(tmp_path), "--windows", "1", "--seq-len", "8", "--prompts", "1",
+                                "--prompt-len", "4", "--new-tokens", "3", "--threads", "1", "--json", str(out)])
+    f = res["formats"]
+    assert set(f) == {"auto", "int8", "int4"} and json.loads(out.read_text())["formats"]["int4"]["expert_bytes"]
+    assert f["auto"]["domains"]["en"]["delta"] == 0.0 and f["auto"]["domains"]["en"]["share"] == 1.0
+    assert f["auto"]["expert_bytes"] > f["int8"]["expert_bytes"] > f["int4"]["expert_bytes"]
+    assert f["int4"]["domains"]["all"]["scored_tokens"] == 8

@@ -30,10 +30,10 @@ def read_quantization(raw: dict, path: Path) -> dict | None:
     if not isinstance(q, dict):
         raise CheckpointError(f"{path}: quantization_config = {short_repr(q)} is not an object; fix config.json")
     method = q.get("quant_method")
-    if method not in READ:
+    if not isinstance(method, str) or method not in READ:
         if method is None and (q.get("load_in_4bit") or q.get("load_in_8bit")):
             method = "bitsandbytes"
-        name = NAMES.get(method, repr(method) if isinstance(method, str) else short_repr(method))
+        name = NAMES.get(method, repr(method)) if isinstance(method, str) else short_repr(method)
         raise UnsupportedModelError(f"model type {raw.get('model_type')!r} is quantized with {name} "
                                     f"(quantization_config.quant_method = {short_repr(method)}); {WHAT_WE_READ}")
     if method == "fp8":

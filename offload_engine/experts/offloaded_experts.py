@@ -113,8 +113,12 @@ def execute(binding: ExpertsBinding, cache: ExpertCache, routing: CallRouting, s
             hidden_states: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
     """All of the call's experts resident at once: transformers' own kernel and reduction over the slot pool,
     bit for bit what the reference computes over its [E, ...] tensors."""
-    slot_index = cache.slot_table[binding.layer_pos][routing.ids]  # [T, k], on the host
     fmt = cache.store.format
+    if fmt.kernel:  # int8/int4 on the CPU: each expert by the packed kernels, then the reference's reduction
+        contributions = hidden_states.new_zeros((*routing.ids.shape, hidden_states.shape[-1]))
+        execute_unweighted(binding, cache, routing, routing.experts, slots, hidden_states, contributions)
+        return reduce(binding, contributions, routing, top_k_weights, hidden_states.dtype)
+    slot_index = cache.slot_table[binding.layer_pos][routing.ids]  # [T, k], on the host
     if fmt.expands:  # quantized slots: expand exactly the call's experts, numbered in the order of `slots`
         position = np.empty(cache.num_slots, dtype=np.int64)
         position[slots] = np.arange(len(slots))
@@ -133,12 +137,27 @@ def execute_unweighted(binding: ExpertsBinding, cache: ExpertCache, routing: Cal
                        slots: list[int], hidden_states: torch.Tensor, contributions: torch.Tensor) -> None:
     """Each expert of a group on its own tokens, with unit weights, into contributions [T, k, H]."""
     device = hidden_states.device
+    fmt = cache.store.format
     for e, slot in zip(experts, slots):
         token_idx, rank = _on(device, *routing.positions(e))
-        ones = torch.ones((len(token_idx), 1), dtype=contributions.dtype, device=device)
-        zeros = torch.zeros((len(token_idx), 1), dtype=torch.long, device=device)
-        y = binding.compute(binding.span(cache, slot, slot + 1), hidden_states[token_idx], zeros, ones)
+        if fmt.kernel:
+            y = one_expert(binding, fmt, {name: t[slot:slot + 1] for name, t in cache.pool.items()},
+                           hidden_states[token_idx])
+        else:
+            y = one_expert(binding, None, binding.span(cache, slot, slot + 1), hidden_states[token_idx])
         contributions[token_idx, rank] = y.to(contributions.dtype)
+
+
+def one_expert(binding: ExpertsBinding, fmt, stored, x: torch.Tensor) -> torch.Tensor:
+    """One expert on tokens x [T, H] at unit weight. `stored`: its stored tensors, each [1, ...] (a format with
+    its own kernel computes from them; another is expanded), or an expert view ready for transformers'
+    function (fmt None)."""
+    if fmt is not None and fmt.kernel:
+        expert = {name: t[0] for name, t in stored.items()}
+        return mlp(binding.module, x, lambda x, p: fmt.linear(x, expert, p))
+    view = stored if fmt is None else SlotExperts(binding.module, fmt.expand(stored))
+    ones = torch.ones((x.shape[0], 1), dtype=x.dtype, device=x.device)
+    return binding.compute(view, x, torch.zeros((x.shape[0], 1), dtype=torch.long, device=x.device), ones)
 
 
 def reduce(binding: ExpertsBinding, contributions: torch.Tensor, routing: CallRouting, top_k_weights: torch.Tensor,
@@ -173,9 +192,7 @@ def execute_on_cpu(binding: ExpertsBinding, store, layer_pos: int, routing: Call
         if pieces is not None:
             y = piecewise(module, pieces, x)
         else:
-            view = SlotExperts(module, store.format.expand(store.host_view(layer_pos, e)))
-            ones = torch.ones((len(token_idx), 1), dtype=contributions.dtype)
-            y = binding.compute(view, x, torch.zeros((len(token_idx), 1), dtype=torch.long), ones)
+            y = one_expert(binding, store.format, store.host_view(layer_pos, e), x.to(contributions.dtype))
         token_idx, rank = _on(device, token_idx, rank)
         contributions[token_idx, rank] = y.to(device, contributions.dtype, non_blocking=True)
     # The memory map's pages stay mapped, as llama.cpp keeps them: they are clean file pages the kernel may
@@ -197,14 +214,24 @@ def _piecewise_ok(module) -> bool:
 
 def piecewise(module, pieces: dict[str, list[torch.Tensor]], x: torch.Tensor) -> torch.Tensor:
     """One expert as grouped_mm_experts_forward computes it at unit weight, with each weight given as row blocks
-    (outputs concatenated: every output element is the same dot product): up (or gate_up), the module's own
-    gate or activation, down, the optional post-expert norm. Bit for bit the function's result on this CPU
-    (tests/test_cpu_experts.py)."""
-    first = pieces["gate_up_proj" if module.has_gate else "up_proj"]
-    out = torch.cat([torch.nn.functional.linear(x, w) for w in first], dim=-1) if len(first) > 1 else \
-        torch.nn.functional.linear(x, first[0])
+    (outputs concatenated: every output element is the same dot product). Bit for bit the function's result on
+    this CPU (tests/test_cpu_experts.py)."""
+    def project(x, param):
+        blocks = pieces[param]
+        if len(blocks) == 1:
+            return torch.nn.functional.linear(x, blocks[0])
+        return torch.cat([torch.nn.functional.linear(x, w) for w in blocks], dim=-1)
+
+    return mlp(module, x, project)
+
+
+def mlp(module, x: torch.Tensor, project: Callable) -> torch.Tensor:
+    """One expert at unit weight, as transformers' experts functions compute it, with `project(x, param)` doing
+    each weight's matrix product (and bias): up (or gate_up), the module's own gate or activation, down, the
+    optional post-expert norm."""
+    out = project(x, "gate_up_proj" if module.has_gate else "up_proj")
     out = module._apply_gate(out) if module.has_gate else module.act_fn(out)
-    out = torch.cat([torch.nn.functional.linear(out, w) for w in pieces["down_proj"]], dim=-1)
+    out = project(out, "down_proj")
     if getattr(module, "has_post_expert_norm", False):
         out = module.post_expert_norm(out)
     return out.to(x.dtype)

@@ -39,7 +39,7 @@ class Runtime:
         self.hardware = hardware or Hardware(parallel=cache.device.type == "cuda")
         self.expert_bytes = cache.store.expert_nbytes()
         # a quantized format expands at most this many experts at once; a call with more goes one at a time
-        self.expand_limit = cache.store.format.expand_limit(top_k, max_rows) or cache.num_slots
+        self.expand_limit = cache.store.format.expand_limit(top_k, max_rows) or math.inf
         self.queued_kernels = cache.device.type == "cuda"  # kernels run asynchronously, after the call returns
         self.flops_per_token = 2.0 * cache.store.spec.expert_numel()  # one multiply-add per weight
         self.predictor = predictor

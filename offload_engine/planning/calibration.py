@@ -127,7 +127,7 @@ def calibrate(engine, progress: bool = True, clock: Clock = time.perf_counter) -
     """Measure with a loaded engine (its model gives the expert shape and dtype); returns a [hardware] table."""
     from tqdm.auto import tqdm
 
-    from ..experts.offloaded_experts import SlotExperts
+    from ..experts.offloaded_experts import one_expert
 
     device, store, spec = engine.run.device, engine.store, engine.spec
     binding = engine.model.get_submodule(spec.experts_paths[0])._offload
@@ -148,19 +148,17 @@ def calibrate(engine, progress: bool = True, clock: Clock = time.perf_counter) -
     if pinned is not None:
         copies["pinned"] = lambda: [dst[n].copy_(pinned[n], non_blocking=True) for n in dst]
     # -- one expert on the CPU and on the device, by token count ----------------------------------------------
-    # a quantized format's expert is timed with its expansion, as the engine computes it
-    cpu_view = SlotExperts(binding.module, store.format.expand(store.host_view(0, 0) if store.mode != "mmap"
-                                                               else {n: t[:1] for n, t in host.items()}))
-    slots = engine.cache.fetch(0, [0])
-    dev_view = binding.span(engine.cache, slots[0], slots[0] + 1)
+    # a quantized format's expert is timed as the engine computes it: expanded, or by its kernels
+    fmt, pool = store.format, engine.cache.pool
+    cpu_expert = store.host_view(0, 0) if store.mode != "mmap" else {n: t[:1] for n, t in host.items()}
+    slot = engine.cache.fetch(0, [0])[0]
+    dev_expert = {n: t[slot:slot + 1] for n, t in pool.items()}
     on_cpu, on_device = {}, {}
     for n in TOKEN_COUNTS:
         x = torch.randn(n, spec.hidden_size, dtype=store.dtype)
-        index = torch.zeros((n, 1), dtype=torch.long)
-        ones = torch.ones((n, 1), dtype=store.dtype)
-        xd, idd, od = x.to(device), index.to(device), ones.to(device)
-        on_cpu[n] = lambda x=x, index=index, ones=ones: binding.compute(cpu_view, x, index, ones)
-        on_device[n] = lambda x=xd, index=idd, ones=od: binding.compute(dev_view, x, index, ones)
+        xd = x.to(device)
+        on_cpu[n] = lambda x=x: one_expert(binding, fmt, cpu_expert, x)
+        on_device[n] = lambda x=xd: one_expert(binding, fmt, dev_expert, x)
     copy_t = {k: Timing(()) for k in copies}
     cpu_t = {n: Timing(()) for n in TOKEN_COUNTS}
     device_t = {n: Timing(()) for n in TOKEN_COUNTS}

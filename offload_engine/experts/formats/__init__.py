@@ -46,6 +46,7 @@ class ExpertFormat:
 
     name = "plain"
     expands = False  # False: slots hold the runtime tensors, computed on as they are
+    kernel = False  # True: computed from the stored form by the format's own `linear` (int8/int4 on the CPU)
     # read from the checkpoint as stored (True), or read as `sources` and encoded at load (int8/int4)
     stored_on_disk = True
 
@@ -86,6 +87,11 @@ class ExpertFormat:
     def check_scales(self, key: str, scales: torch.Tensor) -> None:
         """Refuse (CheckpointError) a scale tensor that would make garbage weights: NaN, infinite."""
 
+    def linear(self, x: torch.Tensor, expert: dict[str, torch.Tensor], param: str) -> torch.Tensor:
+        """x [T, in] through one expert's weight `param` (and bias), computed from the stored form: formats
+        with `kernel` only."""
+        raise NotImplementedError(f"the {self.name} format is expanded, not computed in place")
+
     def describe(self) -> str:
         return ""  # the plain format needs no line of its own in the plan
 
@@ -96,7 +102,7 @@ def _plain_kind(param: str) -> str:
 
 def expert_format(spec, dtype: torch.dtype, quantization: dict | None = None, expert_dtype: str | None = None,
                   transposed: bool = False, scale_dtype: torch.dtype = torch.float32,
-                  row_splits: dict[str, list[int]] | None = None) -> ExpertFormat:
+                  row_splits: dict[str, list[int]] | None = None, on_cpu: bool = True) -> ExpertFormat:
     """The format of a checkpoint's experts: its own quantization (checkpoint/quantization.py read it), or the
     one asked for (--expert-dtype) on an unquantized checkpoint, or plain."""
     from .fp8_block import FP8Block
@@ -110,4 +116,4 @@ def expert_format(spec, dtype: torch.dtype, quantization: dict | None = None, ex
         return FP8Block(spec, dtype, tuple(quantization["weight_block_size"]), scale_dtype, row_splits)
     if expert_dtype in (None, "auto") or expert_dtype == str(dtype).removeprefix("torch."):
         return ExpertFormat(spec, dtype)
-    return IntWeight(spec, dtype, expert_dtype, transposed)
+    return IntWeight(spec, dtype, expert_dtype, transposed, on_cpu)
