@@ -1,7 +1,7 @@
 """What --expert-dtype int8|int4 costs on the bundled default model: loss, greedy agreement, bytes per expert.
 
-Experts quantized at load (int8 per output channel; int4 in groups of 128 with a bf16 scale and minimum) are
-expanded where computed, so the output is no longer transformers' own. Measured against the same engine with
+Experts quantized at load (int8 per output channel; int4 in groups of 128 with a scale and a zero per group),
+computed on the CPU by torch's packed weight-only kernels, so the output is no longer transformers' own. Measured against the same engine with
 the experts as stored (bf16), every expert resident (the figures are the format's numerics, nothing else):
 
 (a) loss: mean next-token cross-entropy (nats) over --windows windows of --seq-len scored tokens per domain

@@ -19,6 +19,16 @@ def _check_slots(text: str) -> None:
     bounded_int(1, 10**7)(text)
 
 
+def _check_budget(text: str) -> None:
+    from offload_engine.errors import MemoryBudgetError
+    from offload_engine.planning.memory_plan import parse_bytes
+
+    try:
+        parse_bytes(text)
+    except MemoryBudgetError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _check_policy(text: str) -> None:
     if text not in REPLAY_POLICIES:
         raise argparse.ArgumentTypeError(f"unknown policy {text!r}; choose from {', '.join(REPLAY_POLICIES)}")
@@ -30,6 +40,15 @@ def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
     p.add_argument("trace", metavar="TRACE", help="routing trace .npz (see offload_engine/tracing/trace_file.py)")
     p.add_argument("--slots", type=_csv("--slots", _check_slots), default=("32", "64", "128"),
                    help="cache sizes in expert slots, shared by all layers (default 32,64,128)")
+    p.add_argument("--memory-budget", type=_csv("--memory-budget", _check_budget), default=None, metavar="SIZE,...",
+                   help="instead of --slots: memory budgets, each turned into the slots the memory plan of --model "
+                        "gives (with --expert-dtype: in that format, so int4 holds about 3.6x the experts of bf16)")
+    p.add_argument("--model", default=None, metavar="DIR|HUB_ID",
+                   help="the model whose memory plan turns --memory-budget into slots (default: the bundled model)")
+    p.add_argument("--max-context", type=bounded_int(1, 1 << 30), default=None, metavar="N",
+                   help="the context the memory plan of --memory-budget holds (default: the model's, at most 4096)")
+    p.add_argument("--expert-dtype", choices=("auto", "int8", "int4"), default="auto",
+                   help="the experts' format for --memory-budget (default auto: as the checkpoint stores them)")
     p.add_argument("--policies", type=_csv("--policies", _check_policy), default=REPLAY_POLICIES,
                    help="lru, belady (clairvoyant) and/or predictive (default: all three)")
     p.add_argument("--predictor", choices=REPLAY_PREDICTORS, default="history",
@@ -53,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
     if args.plot:
         check_not_an_input(args.plot, "--plot", [("the trace", args.trace)])
     trace = load_trace(args.trace, num_experts=args.num_experts)
-    slots = [int(c) for c in args.slots]
+    budgets = _slots_for_budgets(args, trace) if args.memory_budget else {}
+    slots = sorted(set(budgets.values())) if budgets else [int(c) for c in args.slots]
     too_few = [c for c in slots if c < trace.k]
     if too_few:
         raise ConfigError(f"--slots {too_few[0]} cannot hold one layer call's {trace.k} experts; use at least {trace.k}")
@@ -63,14 +83,39 @@ def run(args: argparse.Namespace) -> int:
     results = replay_all(trace, slots, list(args.policies), factory, use_predictor=args.predictor != "none",
                          progress=not args.quiet)
     if args.as_json:
-        print(json.dumps({str(c): {p: {"hits": r.hits, "misses": r.misses, "hit_rate": r.hit_rate}
-                                   for p, r in row.items()} for c, row in results.items()}, indent=1))
+        out = {str(c): {p: {"hits": r.hits, "misses": r.misses, "hit_rate": r.hit_rate}
+                        for p, r in row.items()} for c, row in results.items()}
+        if budgets:
+            out["budgets"] = {b: {"slots": c, "expert_dtype": args.expert_dtype} for b, c in budgets.items()}
+        print(json.dumps(out, indent=1))
     else:
         print(format_table(trace, results, args.trace))
+        for budget, c in budgets.items():
+            print(f"budget {budget} ({args.expert_dtype}): {c} slots")
     if args.plot:
         plot_replay(results, args.plot, f"{trace.model or args.trace}: {trace.num_sequences} sequences, "
                                         f"{trace.num_layers} MoE layers x {trace.num_experts} experts, top-{trace.k}")
     return 0
+
+
+def _slots_for_budgets(args, trace) -> dict[str, int]:
+    """Each budget's expert slots in the memory plan of --model, its experts held as --expert-dtype."""
+    import offload_engine
+    from offload_engine.loading import inspect_checkpoint, make_plan
+    from offload_engine.run_config import RunConfig
+
+    model = args.model or offload_engine.DEFAULT_MODEL
+    out = {}
+    for budget in args.memory_budget:
+        run = RunConfig.build(device="cpu", memory_budget=budget, expert_dtype=args.expert_dtype,
+                              max_context=args.max_context, progress=False)
+        inspected = inspect_checkpoint(model, run)
+        if (inspected.spec.num_moe_layers, inspected.spec.num_experts) != (trace.num_layers, trace.num_experts):
+            raise ConfigError(f"--model {model} has {inspected.spec.num_moe_layers} MoE layers of "
+                              f"{inspected.spec.num_experts} experts, the trace {trace.num_layers} of "
+                              f"{trace.num_experts}: pass the model the trace was recorded with")
+        out[budget] = make_plan(inspected, run).expert_slots
+    return out
 
 
 def format_table(trace, results, source: str) -> str:

@@ -333,3 +333,20 @@ def test_any_quantization_config_is_read_or_refused_in_one_line(quantization, wr
             block = got["weight_block_size"]
             assert len(block) == 2 and all(type(b) is int and b >= 1 for b in block)
             assert math.prod(block) >= 1
+
+
+def test_simulate_turns_budgets_into_the_slots_of_each_format(tmp_path, capsys):
+    trace = tmp_path / "t.npz"
+    assert main(["trace", "--input", "prose=tests/data/val_sample/en.txt", "--seq-len", "32", "--max-seqs", "2",
+                 "--out", str(trace), "--quiet"]) == 0
+    capsys.readouterr()
+    slots = {}
+    for kind in ("auto", "int8", "int4"):
+        assert main(["simulate", str(trace), "--memory-budget", "60MiB", "--max-context", "512", "--expert-dtype",
+                     kind, "--policies", "lru", "--json", "--quiet"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        slots[kind] = report["budgets"]["60MiB"]["slots"]
+        engine = OffloadEngine.from_pretrained(DEFAULT_MODEL, memory_budget="60MiB", max_context=512,
+                                               expert_dtype=kind, progress=False)
+        assert slots[kind] == engine.plan.expert_slots and str(slots[kind]) in report
+    assert slots["auto"] < slots["int8"] < slots["int4"]
