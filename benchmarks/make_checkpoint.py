@@ -1,6 +1,7 @@
 """Random-weight checkpoints at the shapes of real MoE models, written one decoder layer at a time.
 
-    python benchmarks/make_checkpoint.py --shape qwen3-30b-a3b --layers 4 [--dtype bf16] [--vocab N] --out DIR
+    python benchmarks/make_checkpoint.py --shape qwen3-30b-a3b --layers 4 [--dtype bf16] [--vocab N]
+        [--format bf16|fp8|mxfp4] --out DIR
 
 Each shape is the model's real configuration (hidden size, experts, top-k, expert and shared-expert sizes,
 attention, vocabulary) with as many decoder layers as asked (default: all). Weights are N(0, 0.02) (norms
@@ -16,6 +17,13 @@ does), which llama.cpp's converter also reads; `--layout fused` writes transform
 ([E, ...] expert tensors). Both the engine and `from_pretrained` read either. A tokenizer padded to the
 vocabulary is written beside the weights (benchmarks/llamacpp/synthetic_tokenizer.py: byte-level BPE, the
 model's pad/BOS/EOS ids), so `moe-offload generate --model DIR --prompt ...` and the GGUF conversion work.
+
+`--format` writes the checkpoint as the pre-quantized releases ship (benchmarks/checkpoint_formats.py), still
+shard by shard, the rest of the weights in bf16 and the quantization_config in config.json: `fp8` as
+Qwen3-30B-A3B-FP8 / DeepSeek-V3 (every linear weight but the routers as float8_e4m3fn in 128x128 blocks with
+fp32 `weight_scale_inv`; hub layout only; shapes whose weights a block neither divides nor covers are refused,
+as transformers cannot read them: deepseek-v2-lite's), `mxfp4` as gpt-oss-20b (experts as MXFP4 blocks and
+scales; gpt-oss-20b only). The random numbers are the same as the unquantized checkpoint's, before rounding.
 """
 
 from __future__ import annotations
@@ -68,8 +76,13 @@ SHAPES: dict[str, tuple[str, dict]] = {
         rms_norm_eps=1e-5, tie_word_embeddings=False, eos_token_id=200002, pad_token_id=199999)),
 }
 LAYOUTS = ("hub", "fused")
+FORMATS = ("bf16", "fp8", "mxfp4")  # bf16: unquantized, in --dtype
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+class FormatRefused(ValueError):
+    """A --format the shape or layout cannot be written in (one line, raised before anything is written)."""
 
 
 def config_of(shape: str, layers: int | None = None, vocab: int | None = None, dtype: str = "bf16", **overrides):
@@ -95,19 +108,24 @@ def config_of(shape: str, layers: int | None = None, vocab: int | None = None, d
 
 
 def write_random(config, out: Path, dtype: torch.dtype, seed: int = 0, router_scale: float = ROUTER_SCALE,
-                 progress: bool = True, device: str = "cpu", layout: str = "hub") -> Path:
+                 progress: bool = True, device: str = "cpu", layout: str = "hub", fmt: str = "bf16") -> Path:
     """Write random weights for `config` to `out`, one shard per decoder layer (never the whole model in
     memory), with config.json, model.safetensors.index.json and a tokenizer. `device`: where the numbers are
-    drawn (a GPU draws a Mixtral layer in milliseconds; the CPU takes seconds). `layout`: see LAYOUTS."""
+    drawn (a GPU draws a Mixtral layer in milliseconds; the CPU takes seconds). `layout`: see LAYOUTS. `fmt`:
+    see FORMATS (fp8 and mxfp4 store the unquantized rest in bf16, whatever `dtype`); a format the shape
+    cannot take raises FormatRefused, before anything is written."""
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
     from transformers.core_model_loading import revert_weight_conversion
     from tqdm.auto import tqdm
 
+    from benchmarks import checkpoint_formats as cf
     from benchmarks.llamacpp.synthetic_tokenizer import write_for_config
 
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -116,6 +134,7 @@ def write_random(config, out: Path, dtype: torch.dtype, seed: int = 0, router_sc
     for name in shapes:
         m = LAYER.match(name)
         groups.setdefault(f"layer-{int(m.group(1)):03d}" if m else "embeddings", []).append(name)
+    _check_format(model, shapes, groups, fmt, layout)
     out.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator(device=device).manual_seed(seed)
     weight_map, total = {}, 0
@@ -126,8 +145,12 @@ def write_random(config, out: Path, dtype: torch.dtype, seed: int = 0, router_sc
         for name in groups[group]:
             shape, tdtype = shapes[name]
             tensors[name] = _random(name, shape, tdtype, generator, router_scale, device).cpu()
-        if layout == "hub":  # the published names and split; the same numbers
+        if fmt == "mxfp4":  # gpt-oss publishes its runtime names, the experts fused
+            tensors = cf.quantize_mxfp4_shard(tensors)
+        elif layout == "hub":  # the published names and split; the same numbers
             tensors = {k: t.contiguous() for k, t in revert_weight_conversion(model, tensors).items()}
+        if fmt == "fp8":
+            tensors = cf.quantize_fp8_shard(tensors)
         for name, t in tensors.items():
             weight_map[name] = file
             total += t.numel() * t.element_size()
@@ -137,11 +160,41 @@ def write_random(config, out: Path, dtype: torch.dtype, seed: int = 0, router_sc
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
     config.architectures = [type(model).__name__]  # as published; llama.cpp's converter goes by it
     config.save_pretrained(out)
+    if fmt != "bf16":
+        raw = json.loads((out / "config.json").read_text())
+        routers = sorted({n.removesuffix(".weight") for n, (shape, _) in shapes.items() if _is_router(n, shape)},
+                         key=lambda n: (len(n), n))
+        raw.update(dtype="bfloat16", quantization_config=cf.mxfp4_config() if fmt == "mxfp4" else
+                   cf.fp8_config(["lm_head", "model.embed_tokens"] + routers))
+        (out / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
     try:
         write_for_config(out, config.to_dict())
     except ValueError as e:  # a vocabulary cut below the 256 byte symbols: benchmarks that feed ids only
         print(f"no tokenizer written: {e}", file=sys.stderr)
     return out
+
+
+def _check_format(model, shapes: dict, groups: dict, fmt: str, layout: str) -> None:
+    """Refuse, in one line, a format this shape or layout cannot be written in (nothing is written yet)."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    from benchmarks import checkpoint_formats as cf
+
+    model_type = model.config.model_type
+    if fmt == "mxfp4" and model_type != "gpt_oss":
+        raise FormatRefused(f"--format mxfp4 is gpt-oss's format (gpt-oss-20b); {model_type} ships no MXFP4 checkpoint")
+    if fmt != "fp8":
+        return
+    if layout != "hub":
+        raise FormatRefused("--format fp8 writes the hub's per-expert layout, as the FP8 releases do; "
+                         "drop --layout fused")
+    for names in groups.values():  # the on-disk shapes, from meta tensors: nothing drawn
+        meta = {n: torch.empty(shapes[n][0], dtype=shapes[n][1], device="meta") for n in names}
+        for key, t in revert_weight_conversion(model, meta).items():
+            if cf.is_fp8_target(key, t.shape) and cf.fp8_block_misfit(t.shape):
+                raise FormatRefused(f"--format fp8: {key} {list(t.shape)} is neither divided nor covered by "
+                                 f"{list(cf.FP8_BLOCK)} blocks, which transformers cannot read; {model_type} "
+                                 "at this width cannot be written in block FP8")
 
 
 def _random(name: str, shape: tuple, dtype: torch.dtype, generator: torch.Generator, router_scale: float,
@@ -207,6 +260,11 @@ def main(argv=None) -> None:
     parser.add_argument("--vocab", type=int, default=None, help="a smaller vocabulary (default: the model's)")
     parser.add_argument("--layout", choices=LAYOUTS, default="hub",
                         help="hub: the published tensor names (per-expert); fused: transformers' in-memory layout")
+    parser.add_argument("--format", choices=FORMATS, default="bf16", dest="fmt",
+                        help="bf16: unquantized, in --dtype; fp8: every linear weight but the routers as "
+                             "float8_e4m3fn in 128x128 blocks, as Qwen3-30B-A3B-FP8 / DeepSeek-V3 (hub layout; "
+                             "shapes whose dims 128 neither divides nor covers are refused); mxfp4: the experts "
+                             "as MXFP4, as gpt-oss-20b (gpt-oss-20b only). Quantized formats keep the rest in bf16")
     parser.add_argument("--router-scale", type=float, default=ROUTER_SCALE)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--report", action="store_true", help="print the routing balance of a random prompt")
@@ -215,9 +273,14 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.out.exists() and any(args.out.iterdir()):
         raise SystemExit(f"{args.out} is not empty; give a new folder")
+    if args.fmt != "bf16" and args.dtype != "bf16":
+        raise SystemExit(f"--format {args.fmt} keeps the unquantized weights in bf16, as the releases do; drop --dtype")
     config = config_of(args.shape, args.layers, args.vocab, args.dtype)
-    write_random(config, args.out, DTYPES[args.dtype], args.seed, args.router_scale, device=args.device,
-                 layout=args.layout)
+    try:
+        write_random(config, args.out, DTYPES[args.dtype], args.seed, args.router_scale, device=args.device,
+                     layout=args.layout, fmt=args.fmt)
+    except FormatRefused as e:
+        raise SystemExit(str(e)) from None
     size = sum(f.stat().st_size for f in args.out.glob("*.safetensors"))
     print(f"{args.shape}: {config.num_hidden_layers} layers, {size / 2**30:.2f} GiB in {args.out}", file=sys.stderr)
     if args.report:

@@ -17,6 +17,8 @@ def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype (default: the model's)")
     p.add_argument("--host-memory", choices=["mmap", "files", "ram", "pinned", "direct"],
                    help="where cold experts wait (default: as the engine chooses)")
+    p.add_argument("--expert-dtype", choices=["auto", "int8", "int4"], default="auto",
+                   help="measure experts quantized at load, as --expert-dtype runs them (default: as stored)")
     p.add_argument("--expert-slots", type=int, default=None,
                    help="slots to load the model with (default: every expert, which the resident decode step needs)")
     p.add_argument("--out", type=Path, required=True, help="the profile to write, e.g. profiles/my-machine.toml")
@@ -36,10 +38,12 @@ def run(args: argparse.Namespace) -> int:
     output_path(args.out)
     model = args.model or str(DEFAULT_MODEL)
     check_not_an_input(args.out, "--out", [("the model in", model)])
-    probe = RunConfig.build(device=args.device, dtype=args.dtype, expert_slots=1 << 20, progress=False)
+    probe = RunConfig.build(device=args.device, dtype=args.dtype, expert_slots=1 << 20, progress=False,
+                            expert_dtype=args.expert_dtype)
     slots = args.expert_slots or inspect_checkpoint(model, probe).spec.total_experts
     engine = OffloadEngine.from_pretrained(model, device=args.device, dtype=args.dtype, expert_slots=slots,
-                                           host_memory=args.host_memory, max_context=128, progress=not args.quiet)
+                                           host_memory=args.host_memory, max_context=128, progress=not args.quiet,
+                                           expert_dtype=args.expert_dtype)
     table = calibrate(engine, progress=not args.quiet)
     busy = busy_note(table)  # the profile is written all the same, spreads included, and says so
     comment = (f"Measured by `moe-offload calibrate` on {table['measured_on']}, {table['date']}: {table['description']}.\n"

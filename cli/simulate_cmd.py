@@ -44,7 +44,8 @@ def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
                    help="instead of --slots: memory budgets, each turned into the slots the memory plan of --model "
                         "gives (with --expert-dtype: in that format, so int4 holds about 3.6x the experts of bf16)")
     p.add_argument("--model", default=None, metavar="DIR|HUB_ID",
-                   help="the model whose memory plan turns --memory-budget into slots (default: the bundled model)")
+                   help="the model whose memory plan (the CPU's: on CUDA the allocator's rounding, and int8/int4's "
+                        "expansion, take some more) turns --memory-budget into slots (default: the bundled model)")
     p.add_argument("--max-context", type=bounded_int(1, 1 << 30), default=None, metavar="N",
                    help="the context the memory plan of --memory-budget holds (default: the model's, at most 4096)")
     p.add_argument("--expert-dtype", choices=("auto", "int8", "int4"), default="auto",

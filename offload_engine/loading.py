@@ -18,12 +18,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .checkpoint.directory import CheckpointTensors, read_config, resolve_checkpoint
-from .checkpoint.layout import CheckpointLayout, expert_scale_dtype
+from .checkpoint.layout import CheckpointLayout, expert_scale_dtype, refuse_unscaled
 from .checkpoint.model_spec import ModelSpec, describe, dtype_from_config
 from .checkpoint.quantization import read_quantization
 from .errors import CheckpointError, ContextTooLongError, MemoryBudgetError, UnsupportedModelError
 from .experts.cache import ExpertCache
 from .experts.formats import ExpertFormat, expert_format
+from .experts.formats.fp8_block import check_grid as check_fp8_grid
 from .experts.formats.fp8_block import check_scales as check_fp8_scales
 from .experts.formats.fp8_block import dequantize as dequantize_fp8
 from .experts.offloaded_experts import IMPLEMENTATION_NAME, bind, register_experts_implementation
@@ -281,11 +282,14 @@ def load_non_experts(inspected: Inspected, device: torch.device, progress: bool)
             )
         # meta.dtype is transformers' choice: the compute dtype, or fp32 where a model keeps routers in fp32
         scale = layout.scale_of(key) if inspected.quantization is not None else None
+        if scale is None and meta.is_floating_point():
+            refuse_unscaled(key, info)
         if name == mapped:  # private mapping: nothing written to it reaches the file
             value = inspected.tensors.view(key)
         elif scale is not None:  # an FP8 weight outside the experts: expanded now, as transformers' reference does
             scales = inspected.tensors.read(scale)
             check_fp8_scales(scale, scales)
+            check_fp8_grid(scale, info.shape, tuple(scales.shape), tuple(inspected.quantization["weight_block_size"]))
             value = dequantize_fp8(inspected.tensors.read(key)[None], scales[None], meta.dtype)[0].to(device)
             used.add(scale)
         else:

@@ -7,6 +7,7 @@ dequantized reference for them.
   float8_e4m3fn with a float32 `.weight_scale_inv` per [b0, b1] block (W ~= q * scale); the rest bf16
   (DeepSeek-V3's e_score_correction_bias fp32).
 
+The quantizers live in benchmarks/checkpoint_formats.py (make_checkpoint.py --format writes with them).
 transformers loads both on CPU by dequantizing (Mxfp4Config(dequantize=True) /
 FineGrainedFP8Config(dequantize=True)); `load_dequantized_reference` returns that model in bf16 eval mode.
 
@@ -25,11 +26,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, FineGrainedFP8Config, Mxfp4Config
 
+from benchmarks.checkpoint_formats import (FP4_VALUES, fp8_config, mxfp4_config, quantize_fp8_shard,
+                                         quantize_mxfp4)
 from tests import tiny_models
 
-MXFP4_BLOCK = 32
-FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # E2M1 magnitudes; code | 8 is the negative
-FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
 FP8_BLOCK = (8, 8)  # divides every weight of the tiny qwen3_moe / deepseek_v3 configs
 
 
@@ -47,28 +47,6 @@ def build_mxfp4_reference(seed=0):
 
 
 # ----------------------------------------------------------------------------------------------------- MXFP4
-
-
-def quantize_mxfp4(weight):
-    """[..., N, K] float -> (blocks uint8 [..., N, K/32, 16], scales uint8 [..., N, K/32]).
-
-    OCP MX rule: shared exponent floor(log2(absmax)) - 2 (E2M1's largest power is 2^2), values divided by
-    2^exp, saturated to 6 and rounded to the nearest E2M1 magnitude; all-zero blocks get exponent -127.
-    """
-    *prefix, n, k = weight.shape
-    if k % MXFP4_BLOCK:
-        raise ValueError(f"input dim {k} is not a multiple of {MXFP4_BLOCK}")
-    x = weight.detach().float().reshape(*prefix, n, k // MXFP4_BLOCK, MXFP4_BLOCK)
-    absmax = x.abs().amax(-1, keepdim=True)
-    exp = torch.where(absmax > 0, torch.floor(torch.log2(absmax.clamp_min(1e-38))) - 2, torch.full_like(absmax, -127))
-    exp = exp.clamp(-127, 127)
-    scaled = (x / torch.exp2(exp)).clamp(-6.0, 6.0)
-    mags = torch.tensor(FP4_VALUES)
-    code = (scaled.abs().unsqueeze(-1) - mags).abs().argmin(-1).to(torch.uint8)
-    code = code | ((scaled < 0).to(torch.uint8) << 3)
-    blocks = code[..., 0::2] | (code[..., 1::2] << 4)
-    scales = (exp.squeeze(-1) + 127).to(torch.uint8)
-    return blocks.contiguous(), scales.contiguous()
 
 
 def dequantize_mxfp4(blocks, scales):
@@ -100,12 +78,7 @@ def save_mxfp4_checkpoint(model, path, dtype=torch.bfloat16):
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
     config = model.config.to_dict()
     config["dtype"] = str(dtype).removeprefix("torch.")
-    config["quantization_config"] = {
-        "quant_method": "mxfp4",
-        "modules_to_not_convert": [
-            "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head",
-        ],
-    }
+    config["quantization_config"] = mxfp4_config()
     (path / "config.json").write_text(json.dumps(config, indent=2))
     return path
 
@@ -113,39 +86,11 @@ def save_mxfp4_checkpoint(model, path, dtype=torch.bfloat16):
 # ------------------------------------------------------------------------------------------------------ FP8
 
 
-def quantize_fp8_block(weight, block=FP8_BLOCK):
-    """[R, C] float -> (float8_e4m3fn [R, C], float32 scale_inv [ceil(R/b0), ceil(C/b1)]) with W ~= q * scale_inv,
-    scale_inv = block absmax / 448 (1 for all-zero blocks).
-
-    A block larger than a dim is one block over the whole dim (grid 1), which transformers reads right; a
-    block smaller than a dim must divide it (transformers derives the block as dim // grid)."""
-    b0, b1 = block
-    rows, cols = weight.shape
-    if (rows > b0 and rows % b0) or (cols > b1 and cols % b1):
-        raise ValueError(f"block {tuple(block)} does not divide weight shape {(rows, cols)}")
-    b0, b1 = min(b0, rows), min(b1, cols)
-    x = weight.detach().float().reshape(rows // b0, b0, cols // b1, b1)
-    scale = x.abs().amax(dim=(1, 3)) / FP8_MAX
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = (x / scale[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    return q.reshape(rows, cols), scale.contiguous()
-
-
 def dequantize_fp8_block(q, scale_inv):
     rows, cols = q.shape
     sr, sc = scale_inv.shape
     x = q.float().reshape(sr, rows // sr, sc, cols // sc) * scale_inv[:, None, :, None]
     return x.reshape(rows, cols)
-
-
-def _is_fp8_target(key):
-    """Whether an on-disk (original, per-expert layout) key is a weight that FP8 checkpoints quantize."""
-    if not key.endswith(".weight"):
-        return False
-    module = key.removesuffix(".weight")
-    if module.endswith(("mlp.gate", "lm_head", "embed_tokens")) or "norm" in module.rsplit(".", 1)[-1]:
-        return False
-    return module.endswith(("_proj", "_proj_with_mqa"))
 
 
 def save_fp8_checkpoint(model, path, block=FP8_BLOCK):
@@ -163,16 +108,7 @@ def save_fp8_checkpoint(model, path, block=FP8_BLOCK):
         raise RuntimeError(f"expected one safetensors file, got {files}")
     with safe_open(files[0], "pt") as f:
         original = {k: f.get_tensor(k) for k in f.keys()}
-    tensors = {}  # (a refused block raises here, before the bf16 file written above is replaced)
-    for key, tensor in original.items():
-        if _is_fp8_target(key) and tensor.ndim == 2:
-            q, scale = quantize_fp8_block(tensor, block)
-            tensors[key] = q
-            tensors[key + "_scale_inv"] = scale
-        elif key.endswith("e_score_correction_bias"):
-            tensors[key] = tensor.float().contiguous()
-        else:
-            tensors[key] = tensor.to(torch.bfloat16).contiguous()
+    tensors = quantize_fp8_shard(original, block)  # (a refused block raises before the bf16 file goes)
     files[0].unlink()
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
     config = json.loads((path / "config.json").read_text())
@@ -181,13 +117,7 @@ def save_fp8_checkpoint(model, path, block=FP8_BLOCK):
         {k.removesuffix(".weight") for k in tensors if k.endswith("mlp.gate.weight")},
         key=lambda n: (len(n), n),
     )
-    config["quantization_config"] = {
-        "quant_method": "fp8",
-        "fmt": "e4m3",
-        "activation_scheme": "dynamic",
-        "weight_block_size": list(block),
-        "modules_to_not_convert": not_converted,
-    }
+    config["quantization_config"] = fp8_config(not_converted, block)
     (path / "config.json").write_text(json.dumps(config, indent=2))
     return path
 

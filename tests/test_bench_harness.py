@@ -66,7 +66,7 @@ def test_quantized_benchmark_runs_end_to_end_on_a_tiny_input(tmp_path):
     res = bench_quantized.main(["--heldout", str(tmp_path), "--windows", "1", "--seq-len", "8", "--prompts", "1",
                                 "--prompt-len", "4", "--new-tokens", "3", "--threads", "1", "--json", str(out)])
     f = res["formats"]
-    assert set(f) == {"auto", "int8", "int4"} and json.loads(out.read_text())["formats"]["int4"]["expert_bytes"]
+    assert set(f) == {"auto", "bf16-by-expert", "int8", "int4"} and json.loads(out.read_text())["formats"]["int4"]["expert_bytes"]
     assert f["auto"]["domains"]["en"]["delta"] == 0.0 and f["auto"]["domains"]["en"]["share"] == 1.0
     assert f["auto"]["expert_bytes"] > f["int8"]["expert_bytes"] > f["int4"]["expert_bytes"]
     assert f["int4"]["domains"]["all"]["scored_tokens"] == 8

@@ -10,6 +10,7 @@ cold-expert mode and host memory mode.
 import json
 import math
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +25,7 @@ from offload_engine.cli.main import main
 from offload_engine.errors import CheckpointError, OffloadEngineError, UnsupportedModelError
 from offload_engine.experts.formats import fp8_block, int_weight, mxfp4
 from offload_engine.generation import SamplingConfig, decode_stream
+from benchmarks.checkpoint_formats import quantize_fp8_block
 from tests import quantized_checkpoints as qc
 
 PROMPT = [5, 17, 33, 9, 70, 3, 44, 101]
@@ -198,10 +200,13 @@ def bundled_bf16():
 def test_int_experts_give_the_same_tokens_whatever_the_cache_and_the_mode(kind, bundled_bf16):
     """Computed expert by expert with the packed kernels wherever they run: one result for every budget."""
     runs = []
-    for slots, cold, host in [(192, "stream", None), (4, "stream", None), (24, "cpu", None), (24, "auto", None),
-                              (24, "stream", "mmap"), (24, "stream", "direct")]:
+    for slots, cold, host, cpu_layers in [
+            (192, "stream", None, 0), (4, "stream", None, 0), (24, "cpu", None, 0), (24, "auto", None, 0),
+            (24, "stream", "mmap", 0), (24, "cpu", "mmap", 0), (24, "auto", "mmap", 0), (24, "stream", "direct", 0),
+            (24, "stream", "mmap", 3)]:
         engine = OffloadEngine.from_pretrained(DEFAULT_MODEL, expert_dtype=kind, expert_slots=slots,
-                                               cold_experts=cold, host_memory=host, progress=False)
+                                               cold_experts=cold, host_memory=host, cpu_moe_layers=cpu_layers,
+                                               progress=False)
         assert engine.store.mode == (host or "ram") and engine.store.format.kernel
         runs.append(steps(engine, prompt=list(range(300, 340)), new=16))
         engine.close()
@@ -220,6 +225,40 @@ def test_int_bytes_per_expert_are_about_half_and_a_quarter_of_bf16():
     assert 0.25 <= sizes["int4"] / sizes["auto"] <= 0.29
 
 
+def test_int8_where_the_kernel_would_crash_expands_instead(tmp_path):
+    """torch 2.13's int8 kernel crashes the process in bf16 where an input size is not a multiple of 16 (the
+    tiny model's experts take 24): such a model expands its int8 experts instead, and runs."""
+    tm.save_checkpoint(tm.build_reference("qwen3_moe").to(torch.bfloat16), tmp_path, "per_expert")
+    engine = OffloadEngine.from_pretrained(tmp_path, expert_dtype="int8", expert_slots=3, progress=False)
+    assert engine.store.dtype == torch.bfloat16 and not engine.store.format.kernel
+    assert len(engine.generate(PROMPT, max_new_tokens=6, ignore_eos=True).token_ids) == 6
+
+
+@pytest.mark.parametrize("name", ["fp8", "mxfp4", "int8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_plan_holds_what_expanding_a_decode_steps_experts_holds(name, dtype):
+    """The working memory the plan adds for a format covers the bytes expanding top_k experts really holds
+    (every tensor created, measured by tests/live_bytes.py), at Qwen3-30B-A3B's expert shape."""
+    from live_bytes import LiveBytes
+
+    from offload_engine.experts.formats import expert_format
+
+    class Spec:
+        model_type, top_k = "gpt_oss", 8
+        expert_params = tuple(type("P", (), {"name": n, "shape": s})() for n, s in
+                              (("gate_up_proj", (1536, 2048)), ("down_proj", (2048, 768))))
+
+    quantization = {"fp8": {"quant_method": "fp8", "weight_block_size": [128, 128]},
+                    "mxfp4": {"quant_method": "mxfp4"}}.get(name)
+    fmt = expert_format(Spec, dtype, quantization, None if quantization else name, on_cpu=False,
+                        transposed=name == "mxfp4")
+    pool = {t.name: torch.zeros((Spec.top_k + 2, *t.shape), dtype=t.dtype) for t in fmt.stored}
+    with LiveBytes() as held:
+        chosen = torch.arange(Spec.top_k)
+        fmt.expand({n: t.index_select(0, chosen) for n, t in pool.items()})
+    assert held.peak <= fmt.expand_bytes(1) <= 2 * held.peak
+
+
 def test_int_experts_of_a_tiny_model_match_their_own_expansion_in_fp32(tmp_path):
     """A model whose sizes the int4 kernels cannot take (inputs of 24) expands instead; fp32 so that the two
     paths' rounding cannot differ: the kernel path and the expanded path give the same tokens."""
@@ -227,7 +266,7 @@ def test_int_experts_of_a_tiny_model_match_their_own_expansion_in_fp32(tmp_path)
     engine = OffloadEngine.from_pretrained(tmp_path, expert_dtype="int4", expert_slots=3, progress=False)
     assert not engine.store.format.kernel and engine.store.format.expands
     int8 = OffloadEngine.from_pretrained(tmp_path, expert_dtype="int8", expert_slots=3, progress=False)
-    assert int8.store.format.kernel
+    assert not int8.store.format.kernel  # 24 inputs: not a multiple of 16 (see the test above)
     assert steps(engine)[0].shape == steps(int8)[0].shape == (1, NEW_TOKENS)
 
 
@@ -280,6 +319,53 @@ def test_blocks_that_do_not_divide_the_weight_are_refused(tmp_path):
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="not divided by the checkpoint's blocks"):
         OffloadEngine.from_pretrained(path, expert_slots=2, progress=False)
+
+
+def test_fp8_tensors_under_a_config_without_quantization_are_refused(tmp_path):
+    """A config.json that lost its quantization_config (or holds an empty one) would cast FP8 values without
+    their scales: refused, naming the tensor."""
+    path = write("fp8-qwen3_moe", tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = {}
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="float8_e4m3fn, a quantized tensor, but config.json has no"):
+        OffloadEngine.from_pretrained(path, expert_slots=2, progress=False)
+
+
+def test_a_non_expert_scale_grid_that_does_not_tile_its_weight_is_refused(tmp_path):
+    path = write("fp8-qwen3_moe", tmp_path)
+    damage(path, lambda k: k.endswith("self_attn.q_proj.weight_scale_inv"), lambda t, k: t.update({k: t[k][:3]}))
+    with pytest.raises(CheckpointError, match="blocks do not divide the weight"):
+        OffloadEngine.from_pretrained(path, expert_slots=2, progress=False)
+
+
+def test_a_missing_expert_scale_is_named(tmp_path):
+    path = write("fp8-qwen3_moe", tmp_path)
+    damage(path, lambda k: k.endswith("experts.0.up_proj.weight_scale_inv"), lambda t, k: t.pop(k))
+    with pytest.raises(CheckpointError, match=r"experts\.0\.up_proj\.weight_scale_inv is missing"):
+        OffloadEngine.from_pretrained(path, expert_slots=2, progress=False)
+
+
+def test_mxfp4_outside_gpt_oss_and_fused_fp8_experts_are_refused(tmp_path):
+    """Checkpoints transformers itself cannot read as quantized: no reference to match, so no tokens."""
+    path = write("fp8-qwen3_moe", tmp_path / "mx")
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4"}
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedModelError, match="MXFP4 for gpt-oss only"):
+        OffloadEngine.from_pretrained(path, progress=False)
+    fused = tmp_path / "fused"
+    tm.save_checkpoint(tm.build_reference("qwen3_moe"), fused, "fused")
+    tensors = load_file(fused / "model.safetensors")
+    for key in [k for k in list(tensors) if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        values, scales = zip(*[quantize_fp8_block(w.to(torch.bfloat16), (8, 8)) for w in tensors[key]])
+        tensors[key], tensors[key + "_scale_inv"] = torch.stack(values), torch.stack(scales)
+    save_file(tensors, str(fused / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((fused / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [8, 8]}
+    (fused / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedModelError, match="fused into one"):
+        OffloadEngine.from_pretrained(fused, progress=False)
 
 
 @pytest.mark.parametrize("quantization, needle", [
@@ -337,7 +423,8 @@ def test_any_quantization_config_is_read_or_refused_in_one_line(quantization, wr
 
 def test_simulate_turns_budgets_into_the_slots_of_each_format(tmp_path, capsys):
     trace = tmp_path / "t.npz"
-    assert main(["trace", "--input", "prose=tests/data/val_sample/en.txt", "--seq-len", "32", "--max-seqs", "2",
+    prose = Path(__file__).resolve().parent / "data" / "val_sample" / "en.txt"
+    assert main(["trace", "--input", f"prose={prose}", "--seq-len", "32", "--max-seqs", "2",
                  "--out", str(trace), "--quiet"]) == 0
     capsys.readouterr()
     slots = {}
@@ -350,3 +437,15 @@ def test_simulate_turns_budgets_into_the_slots_of_each_format(tmp_path, capsys):
                                                expert_dtype=kind, progress=False)
         assert slots[kind] == engine.plan.expert_slots and str(slots[kind]) in report
     assert slots["auto"] < slots["int8"] < slots["int4"]
+
+
+def test_calibrate_measures_experts_in_the_format_they_run_in(tmp_path):
+    """A profile of int4 experts: their stored bytes, and the time of the packed kernel the engine uses."""
+    import tomllib
+
+    out = tmp_path / "int4.toml"
+    assert main(["calibrate", "--device", "cpu", "--expert-dtype", "int4", "--out", str(out), "--quiet"]) == 0
+    table = tomllib.loads(out.read_text())["hardware"]
+    int4 = OffloadEngine.from_pretrained(DEFAULT_MODEL, expert_dtype="int4", expert_slots=8, progress=False)
+    assert table["model"]["expert_bytes"] == int4.plan.expert_bytes
+    assert all(t > 0 for t in table["cpu_expert_s"].values())

@@ -14,6 +14,7 @@ import re
 import warnings
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from ..errors import CheckpointError, UnsupportedModelError
@@ -63,6 +64,18 @@ def expert_scale_dtype(tensors: CheckpointTensors):
     return None if key is None else tensors.infos[key].dtype
 
 
+QUANTIZED_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2, torch.uint8, torch.int8, torch.int32)
+
+
+def refuse_unscaled(key: str, info) -> None:
+    """A tensor read as a plain weight must not be quantized: FP8 values or packed codes cast without their
+    scales would run as garbage (a config.json that lost its quantization_config)."""
+    if info.dtype in QUANTIZED_DTYPES:
+        raise CheckpointError(
+            f"{key} in {info.file.name} is {str(info.dtype).removeprefix('torch.')}, a quantized tensor, but "
+            "config.json has no quantization_config that says how to read it; restore config.json")
+
+
 def _renamings(model: nn.Module):
     """transformers' own key renames for this model (converters are handled by the explicit table above)."""
     try:
@@ -80,7 +93,7 @@ class CheckpointLayout:
 
     def __init__(self, tensors: CheckpointTensors, model: nn.Module, spec: ModelSpec, sources=None):
         """`sources`: what to find of each expert (experts/formats: name, runtime param, kind, shape, dtype);
-        by default the runtime tensors themselves."""
+        by default the runtime tensors themselves, in whatever dtype the files hold them (unchecked)."""
         self.tensors = tensors
         self.spec = spec
         rename = _renamings(model)
@@ -115,6 +128,10 @@ class CheckpointLayout:
     def _source_pieces(self, path: str, module: nn.Module, source):
         suffix = {"weight": "", "bias": "", "blocks": "_blocks", "scales": "_scales", "scale_inv": "_scale_inv"}
         fused = self.find(f"{path}.{source.param}{suffix[source.kind]}")
+        if fused is not None and source.as_stored and source.kind in ("weight", "scale_inv"):
+            raise UnsupportedModelError(
+                f"{fused}: FP8 experts fused into one [E, ...] tensor, which transformers' FP8 loader does not "
+                "read (it would run them unscaled); the engine reads FP8 experts stored per expert, as published")
         if fused is not None:
             info = self.tensors.infos[fused]
             if info.shape != (self.spec.num_experts, *source.shape):
@@ -160,9 +177,12 @@ class CheckpointLayout:
 
     def _check_dtype(self, key: str, source) -> None:
         """Quantized tensors are kept as stored: a value or scale of another dtype is another format."""
-        if not source.as_stored:
+        if source.dtype is None:
             return
         info = self.tensors.infos[key]
+        if not source.as_stored:
+            refuse_unscaled(key, info)
+            return
         if info.dtype != source.dtype:
             raise CheckpointError(
                 f"{key} in {info.file.name} is {str(info.dtype).removeprefix('torch.')}, where the checkpoint's "
@@ -170,6 +190,10 @@ class CheckpointLayout:
                 "match its config.json")
 
     def _missing(self, runtime_key: str):
+        if runtime_key.endswith(("_scale_inv", "_scales", "_blocks")):
+            raise CheckpointError(
+                f"tensor {runtime_key} is missing from the checkpoint in {self.tensors.directory}; the files are "
+                "incomplete or do not match their config.json's quantization_config: re-download them")
         stem = runtime_key.rsplit(".", 1)[0]
         for disk in self.disk_key:
             if disk.startswith(stem.rsplit(".", 1)[0]):

@@ -47,6 +47,11 @@ class ExpertFormat:
     name = "plain"
     expands = False  # False: slots hold the runtime tensors, computed on as they are
     kernel = False  # True: computed from the stored form by the format's own `linear` (int8/int4 on the CPU)
+    # what expanding a call's experts holds at once besides their gathered stored bytes, per runtime weight: so
+    # many fp32 temporaries and so many copies in the compute dtype (the expanded weights among them); checked
+    # against the bytes really held (tests/live_bytes.py) in tests/test_quantized_experts.py
+    expand_fp32_copies = 0.0
+    expand_dtype_copies = 0.0
     # read from the checkpoint as stored (True), or read as `sources` and encoded at load (int8/int4)
     stored_on_disk = True
 
@@ -71,9 +76,13 @@ class ExpertFormat:
         return top_k * rows if self.expands else None
 
     def expand_bytes(self, rows: int) -> int:
-        """Working memory the expansion of one call needs: the gathered stored bytes and the expanded weights."""
+        """Working memory the expansion of one call needs at its peak (a decode step's experts at once)."""
         limit = self.expand_limit(self.spec.top_k, rows)
-        return 0 if limit is None else limit * (self.expert_nbytes() + self.runtime_nbytes())
+        if limit is None:
+            return 0
+        numel = self.runtime_nbytes() // self.dtype.itemsize
+        temporaries = 4 * self.expand_fp32_copies + self.dtype.itemsize * self.expand_dtype_copies
+        return int(limit * (self.expert_nbytes() + numel * temporaries))
 
     def expand(self, stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """[n, ...] stored tensors of n experts -> [n, ...] runtime tensors in the compute dtype."""
@@ -112,6 +121,11 @@ def expert_format(spec, dtype: torch.dtype, quantization: dict | None = None, ex
     if quantization is not None:
         method = quantization["quant_method"]
         if method == "mxfp4":
+            if spec.model_type != "gpt_oss":  # transformers reads MXFP4 experts for gpt-oss only
+                from ...errors import UnsupportedModelError
+
+                raise UnsupportedModelError(f"model type {spec.model_type!r} with MXFP4 experts: transformers reads "
+                                            "MXFP4 for gpt-oss only, so there is no reference to match")
             return MXFP4(spec, dtype)
         return FP8Block(spec, dtype, tuple(quantization["weight_block_size"]), scale_dtype, row_splits)
     if expert_dtype in (None, "auto") or expert_dtype == str(dtype).removeprefix("torch."):

@@ -22,6 +22,7 @@ E8M0 = getattr(torch, "float8_e8m0fnu", None)
 class FP8Block(ExpertFormat):
     name = "fp8"
     expands = True
+    expand_fp32_copies, expand_dtype_copies = 1.0, 1.0
 
     def __init__(self, spec, dtype: torch.dtype, block: tuple[int, int], scale_dtype: torch.dtype,
                  row_splits: dict[str, list[int]] | None = None):
@@ -82,7 +83,7 @@ def dequantize(values: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -
     srows, scols = scales.shape[-2:]
     q = values.to(torch.float32).reshape(n, srows, rows // srows, scols, cols // scols)
     s = scale_to_fp32(scales).reshape(n, srows, 1, scols, 1)
-    return (q * s).to(dtype).reshape(n, rows, cols)
+    return q.mul_(s).to(dtype).reshape(n, rows, cols)  # in place: one fp32 copy of the weight, not two
 
 
 def dequantize_loop(values: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -95,6 +96,17 @@ def dequantize_loop(values: torch.Tensor, scales: torch.Tensor, dtype: torch.dty
         for c in range(cols):
             out[r, c] = float(values[r, c].to(torch.float32)) * float(scale[r // b0, c // b1])
     return out.to(dtype)
+
+
+def check_grid(key: str, weight: tuple[int, ...], grid: tuple[int, ...], block: tuple[int, int]) -> None:
+    """The scales of a weight [rows, cols] must be a grid of ceil(rows / b0) x ceil(cols / b1) blocks that tiles
+    it exactly (each dimension a multiple of its block, or smaller than one), as transformers reads them."""
+    ok = len(weight) == 2 and len(grid) == 2 and all(
+        g == -(-n // b) and (n % b == 0 or n < b) for n, g, b in zip(weight, grid, block))
+    if not ok:
+        raise CheckpointError(
+            f"{key} has a grid of {list(grid)} scales for a weight of {list(weight)} in blocks of {list(block)} "
+            "(weight_block_size): the blocks do not divide the weight, or the file does not match its config")
 
 
 def check_scales(name: str, scales: torch.Tensor) -> None:

@@ -32,18 +32,23 @@ INT4_GROUPS = (128, 64, 32)  # what torch's int4 kernels take (256 too), largest
 class IntWeight(ExpertFormat):
     expands = True
     stored_on_disk = False
+    expand_dtype_copies = 1.0  # expanded on CUDA only: on the CPU the kernels read the stored form
 
     def __init__(self, spec, dtype: torch.dtype, kind: str, transposed: bool = False, on_cpu: bool = True):
         super().__init__(spec, dtype)
         if kind not in INT_DTYPES:
             raise ValueError(f"expert dtype must be one of {INT_DTYPES}, not {kind!r}")
         self.name = kind
+        self.expand_fp32_copies = 1.25 if kind == "int8" else 2.25
         self.transposed = transposed  # runtime weights [in, out] (gpt-oss): quantized as [out, in]
         weights = {p.name: self._out_in(p.shape) for p in spec.expert_params
                    if not p.name.endswith("_bias") and len(p.shape) == 2}
         self.groups = {name: group_size(in_f) for name, (_, in_f) in weights.items()}
-        # the CPU kernels: int4 needs every input size a multiple of a group it takes
-        self.kernel = on_cpu and (kind == "int8" or all(g is not None for g in self.groups.values()))
+        # the CPU kernels: int4 needs every input size a multiple of a group it takes; torch 2.13's int8 kernel
+        # crashes the process (bf16, two tokens or more) where an input size is not a multiple of 16
+        sizes_ok = all(in_f % 16 == 0 for _, in_f in weights.values()) if kind == "int8" else \
+            all(g is not None for g in self.groups.values())
+        self.kernel = on_cpu and sizes_ok
         self.expands = not self.kernel
         stored = []
         for p in spec.expert_params:

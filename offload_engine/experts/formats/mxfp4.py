@@ -21,6 +21,7 @@ BLOCK = 32  # values a scale covers
 class MXFP4(ExpertFormat):
     name = "mxfp4"
     expands = True
+    expand_fp32_copies, expand_dtype_copies = 0.5, 1.5
 
     def __init__(self, spec, dtype: torch.dtype):
         super().__init__(spec, dtype)
