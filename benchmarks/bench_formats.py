@@ -8,6 +8,10 @@ every miss: there is no quantized file to read them from).
 
     python benchmarks/bench_formats.py [--budgets 60MiB,66.7MiB,80MiB] [--rounds 3] [--tokens 48]
                                        [--host-memory direct] [--json runs/formats.json]
+
+At a real shape, checkpoints written by benchmarks/make_checkpoint.py in each format, side by side:
+
+    python benchmarks/bench_formats.py --models bf16=DIR,fp8=DIR_FP8 --budgets 1.5GiB,2GiB --max-context 256
 """
 
 from __future__ import annotations
@@ -40,9 +44,9 @@ def prompts(heldout: Path, tokenizer, length: int) -> list[list[int]]:
     return out
 
 
-def run_once(budget: str, fmt: str, host: str | None, ids: list[list[int]], tokens: int, threads: int | None):
-    engine = OffloadEngine.from_pretrained(DEFAULT_MODEL, memory_budget=budget, max_context=512, expert_dtype=fmt,
-                                           host_memory=host, threads=threads, progress=False)
+def run_once(model, budget: str, fmt: str, host: str | None, ids: list[list[int]], tokens: int, args):
+    engine = OffloadEngine.from_pretrained(model, memory_budget=budget, max_context=args.max_context,
+                                           expert_dtype=fmt, host_memory=host, threads=args.threads, progress=False)
     try:
         rates, hits, lookups, moved, made = [], 0, 0, 0, 0
         for prompt in ids:
@@ -61,7 +65,10 @@ def run_once(budget: str, fmt: str, host: str | None, ids: list[list[int]], toke
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--budgets", default="60MiB,66.7MiB,80MiB", help="memory budgets, comma-separated")
-    p.add_argument("--formats", default=",".join(FORMATS))
+    p.add_argument("--formats", default=",".join(FORMATS), help="--expert-dtype values for the bundled model")
+    p.add_argument("--models", default=None, metavar="LABEL=DIR,...",
+                   help="checkpoints to compare instead (each as stored), e.g. bf16=DIR,fp8=DIR_FP8")
+    p.add_argument("--max-context", type=int, default=512)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--tokens", type=int, default=48, help="tokens generated per prompt")
     p.add_argument("--prompt-tokens", type=int, default=32)
@@ -72,23 +79,28 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     from transformers import AutoTokenizer
 
-    ids = prompts(args.heldout, AutoTokenizer.from_pretrained(DEFAULT_MODEL), args.prompt_tokens)
-    configs = [(b, f) for b in args.budgets.split(",") for f in args.formats.split(",")]
+    if args.models:  # label -> (checkpoint, --expert-dtype)
+        models = {label: (Path(path), "auto") for label, _, path in (m.partition("=") for m in args.models.split(","))}
+    else:
+        models = {"bf16" if f == "auto" else f: (DEFAULT_MODEL, f) for f in args.formats.split(",")}
+    ids = {label: prompts(args.heldout, AutoTokenizer.from_pretrained(path), args.prompt_tokens)
+           for label, (path, _) in models.items()}
+    configs = [(b, label) for b in args.budgets.split(",") for label in models]
     runs: dict[tuple[str, str], list[dict]] = {c: [] for c in configs}
     for r in range(args.rounds):  # interleaved: every configuration once a round
-        for budget, fmt in configs:
-            runs[budget, fmt].append(run_once(budget, fmt, args.host_memory, ids, args.tokens, args.threads))
+        for budget, label in configs:
+            path, fmt = models[label]
+            runs[budget, label].append(run_once(path, budget, fmt, args.host_memory, ids[label], args.tokens, args))
         print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
     table = {}
     print(f"{'budget':>9} {'experts':>7} {'slots':>11} {'expert KiB':>10} {'host':>6} {'hit rate':>8} "
           f"{'KB/token':>9} {'decode tok/s':>12}")
-    for (budget, fmt), rs in runs.items():
+    for (budget, label), rs in runs.items():
         row = {k: rs[0][k] for k in ("slots", "total", "expert_bytes", "host")}
         row.update({k: statistics.median(x[k] for x in rs) for k in ("hit_rate", "bytes_per_token", "decode_tok_s")})
         row["decode_tok_s_all"] = [x["decode_tok_s"] for x in rs]
-        table[f"{budget} {fmt}"] = row
-        name = "bf16" if fmt == "auto" else fmt
-        print(f"{budget:>9} {name:>7} {row['slots']:>5} of {row['total']:<3} {row['expert_bytes'] / 1024:>10.1f} "
+        table[f"{budget} {label}"] = row
+        print(f"{budget:>9} {label:>7} {row['slots']:>5} of {row['total']:<3} {row['expert_bytes'] / 1024:>10.1f} "
               f"{row['host']:>6} {row['hit_rate']:>8.3f} {row['bytes_per_token'] / 1e3:>9.1f} "
               f"{row['decode_tok_s']:>12.1f}")
     if args.json:

@@ -1,7 +1,8 @@
 """A model at least 3x larger than the memory it may use, side by side with llama.cpp under the same limit.
 
     python benchmarks/bench_larger_than_ram.py [--shape qwen3-30b-a3b] [--layers 8] [--vocab N] [--limit 3GiB]
-        [--tokens 32] [--rounds 2] [--configs llama.cpp,lru,predictive] [--out runs/larger_than_ram.json]
+        [--tokens 32] [--rounds 2] [--configs llama.cpp,lru,predictive] [--formats bf16,fp8]
+        [--out runs/larger_than_ram.json]
 
 Makes (once) a random-weight bf16 checkpoint of a real model's shape (benchmarks/make_checkpoint.py) and its
 GGUF (benchmarks/llamacpp/convert.py), checks that the checkpoint is at least 3x the limit, then, round by
@@ -13,6 +14,9 @@ cache counted; as root), after the page cache was emptied and the machine's load
 - this engine, `moe-offload generate --model DIR` with no memory flags (it finds the limit, plans for it
   and takes the direct tier), LRU and no prefetch;
 - the same with the predictive cache, the next-gate predictor and prefetch (automatic depth).
+
+With `--formats bf16,fp8` (or mxfp4 for gpt-oss-20b) the engine's configurations also run on the same shape
+written in that format (make_checkpoint.py --format; named e.g. "lru-fp8"): the disk moves its stored bytes.
 
 Per run: decode tokens/s, TTFT, bytes the process read from the disk per generated token (/proc/PID/io
 read_bytes, less what a one-token run of the same program read: loading the program, its libraries and the
@@ -58,10 +62,10 @@ def checkpoint_bytes(directory: Path) -> int:
     return sum(p.stat().st_size for p in directory.glob("*.safetensors"))
 
 
-def make_checkpoint(shape: str, layers: int, out: Path, vocab: int | None = None) -> Path:
+def make_checkpoint(shape: str, layers: int, out: Path, vocab: int | None = None, fmt: str = "bf16") -> Path:
     if not (out / "config.json").exists():
         subprocess.run([sys.executable, str(ROOT / "benchmarks" / "make_checkpoint.py"), "--shape", shape,
-                        "--layers", str(layers), "--dtype", "bf16", "--out", str(out),
+                        "--layers", str(layers), "--dtype", "bf16", "--out", str(out), "--format", fmt,
                         *(["--vocab", str(vocab)] if vocab else [])], check=True)
     return out
 
@@ -69,7 +73,7 @@ def make_checkpoint(shape: str, layers: int, out: Path, vocab: int | None = None
 def engine_command(model: Path, config: str, tokens: int) -> list[str]:
     script = Path(sys.executable).with_name("moe-offload")
     return [str(script), "generate", "--model", str(model), "--prompt", PROMPT, "--max-new-tokens", str(tokens),
-            "--ignore-eos", "--json", "--quiet", *ENGINE_CONFIGS[config]]
+            "--ignore-eos", "--json", "--quiet", *ENGINE_CONFIGS[config.partition("-")[0]]]
 
 
 def one_run(name: str, command: list[str], group: MemoryCgroup, tokens: int) -> dict:
@@ -103,6 +107,7 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--threads", type=int, default=2, help="llama.cpp's threads (the engine takes its default)")
     p.add_argument("--configs", default="llama.cpp,lru,predictive")
+    p.add_argument("--formats", default="bf16", help="the engine's configurations on each format's checkpoint")
     p.add_argument("--checkpoint", type=Path, default=None, help="default: /tmp/ck/<shape>-<layers>[-v<vocab>]")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "larger_than_ram.json")
     args = p.parse_args()
@@ -111,9 +116,16 @@ def main() -> int:
     if why is not None:
         print(f"bench_larger_than_ram: cannot limit memory here: {why}", file=sys.stderr)
         return 2
-    configs = args.configs.split(",")
     default = Path(f"/tmp/ck/{args.shape}-{args.layers}" + (f"-v{args.vocab}" if args.vocab else ""))
     model = make_checkpoint(args.shape, args.layers, args.checkpoint or default, args.vocab)
+    models = {"bf16": model}
+    for fmt in args.formats.split(","):
+        if fmt != "bf16":
+            models[fmt] = make_checkpoint(args.shape, args.layers, model.with_name(f"{model.name}-{fmt}"), args.vocab,
+                                          fmt)
+    configs = [c for c in args.configs.split(",") if c == "llama.cpp"]
+    configs += [c if fmt == "bf16" else f"{c}-{fmt}" for fmt in models for c in args.configs.split(",")
+                if c != "llama.cpp"]
     size = checkpoint_bytes(model)
     if size < 3 * args.limit:
         print(f"bench_larger_than_ram: the checkpoint ({size / 2**30:.1f} GiB) is not 3x the limit "
@@ -125,8 +137,9 @@ def main() -> int:
 
         gguf = convert(model).gguf
     def command(config: str, tokens: int) -> list[str]:
+        fmt = config.partition("-")[2] or "bf16"
         return (llama_completion_command(gguf, PROMPT, tokens, args.threads) if config == "llama.cpp"
-                else engine_command(model, config, tokens))
+                else engine_command(models[fmt], config, tokens))
 
     commands = {c: command(c, args.tokens) for c in configs}
     rows = []
@@ -158,7 +171,8 @@ def main() -> int:
     record = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
               "machine": platform.node(), "cpu": _cpu(), "shape": args.shape, "layers": args.layers,
               "vocab": args.vocab,
-              "checkpoint_bytes": size, "limit_bytes": args.limit, "tokens": args.tokens, "rounds": args.rounds,
+              "checkpoint_bytes": size, "limit_bytes": args.limit,
+              "format_bytes": {fmt: checkpoint_bytes(m) for fmt, m in models.items()}, "tokens": args.tokens, "rounds": args.rounds,
               "commands": commands, "one_token_read_bytes": base, "runs": rows, "medians": summary}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(args.out) as f:

@@ -47,9 +47,10 @@ class ExpertFormat:
     name = "plain"
     expands = False  # False: slots hold the runtime tensors, computed on as they are
     kernel = False  # True: computed from the stored form by the format's own `linear` (int8/int4 on the CPU)
-    # what expanding a call's experts holds at once besides their gathered stored bytes, per runtime weight: so
-    # many fp32 temporaries and so many copies in the compute dtype (the expanded weights among them); checked
-    # against the bytes really held (tests/live_bytes.py) in tests/test_quantized_experts.py
+    # what expanding one expert holds besides its stored bytes and its expanded weights, per runtime weight: so
+    # many fp32 temporaries and so many more copies in the compute dtype (experts are expanded one at a time
+    # into the call's output: their temporaries count once); checked against the bytes really held
+    # (tests/live_bytes.py) in tests/test_quantized_experts.py
     expand_fp32_copies = 0.0
     expand_dtype_copies = 0.0
     # read from the checkpoint as stored (True), or read as `sources` and encoded at load (int8/int4)
@@ -82,7 +83,7 @@ class ExpertFormat:
             return 0
         numel = self.runtime_nbytes() // self.dtype.itemsize
         temporaries = 4 * self.expand_fp32_copies + self.dtype.itemsize * self.expand_dtype_copies
-        return int(limit * (self.expert_nbytes() + numel * temporaries))
+        return int(limit * (self.expert_nbytes() + self.runtime_nbytes()) + numel * temporaries)
 
     def expand(self, stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """[n, ...] stored tensors of n experts -> [n, ...] runtime tensors in the compute dtype."""
@@ -103,6 +104,21 @@ class ExpertFormat:
 
     def describe(self) -> str:
         return ""  # the plain format needs no line of its own in the plan
+
+
+def one_at_a_time(fn, *stored: torch.Tensor) -> torch.Tensor:
+    """fn over n experts' tensors [n, ...], one expert at a time, into one [n, ...] result: an expansion's
+    temporaries (fp32 copies, indices) exist for one expert at a time, not for the whole call."""
+    n = stored[0].shape[0]
+    first = fn(*(t[:1] for t in stored))
+    if n == 1:
+        return first
+    out = first.new_empty((n, *first.shape[1:]))
+    out[:1] = first
+    del first
+    for i in range(1, n):
+        out[i:i + 1] = fn(*(t[i:i + 1] for t in stored))
+    return out
 
 
 def _plain_kind(param: str) -> str:

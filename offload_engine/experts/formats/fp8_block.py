@@ -14,7 +14,7 @@ import math
 import torch
 
 from ...errors import CheckpointError
-from . import ExpertFormat, StoredTensor
+from . import ExpertFormat, StoredTensor, one_at_a_time
 
 E8M0 = getattr(torch, "float8_e8m0fnu", None)
 
@@ -22,7 +22,7 @@ E8M0 = getattr(torch, "float8_e8m0fnu", None)
 class FP8Block(ExpertFormat):
     name = "fp8"
     expands = True
-    expand_fp32_copies, expand_dtype_copies = 1.0, 1.0
+    expand_fp32_copies, expand_dtype_copies = 1.0, 1.0  # values in fp32 (scaled in place), then rounded
 
     def __init__(self, spec, dtype: torch.dtype, block: tuple[int, int], scale_dtype: torch.dtype,
                  row_splits: dict[str, list[int]] | None = None):
@@ -59,7 +59,8 @@ class FP8Block(ExpertFormat):
             if t.kind == "bias":
                 out[t.name] = stored[t.name]
             elif t.kind == "weight":
-                out[t.name] = dequantize(stored[t.name], stored[f"{t.name}_scale_inv"], self.dtype)
+                out[t.name] = one_at_a_time(lambda v, s: dequantize(v, s, self.dtype), stored[t.name],
+                                            stored[f"{t.name}_scale_inv"])
         return out
 
     def check_scales(self, key: str, scales: torch.Tensor) -> None:
@@ -78,7 +79,16 @@ def scale_to_fp32(scales: torch.Tensor) -> torch.Tensor:
 
 
 def dequantize(values: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """values [n, R, C] float8, scales [n, R / b0, C / b1] -> [n, R, C] in `dtype` (transformers' formula)."""
+    """values [n, R, C] float8, scales [n, R / b0, C / b1] -> [n, R, C] in `dtype` (transformers' formula):
+    compiled on the CPU (cpu_expand.py), torch's ops elsewhere."""
+    from . import cpu_expand
+
+    if cpu_expand.usable(values, scales, dtype=dtype):
+        return cpu_expand.fp8(values, scales, dtype)
+    return dequantize_torch(values, scales, dtype)
+
+
+def dequantize_torch(values: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     n, rows, cols = values.shape
     srows, scols = scales.shape[-2:]
     q = values.to(torch.float32).reshape(n, srows, rows // srows, scols, cols // scols)

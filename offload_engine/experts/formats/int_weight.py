@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from . import ExpertFormat, StoredTensor
+from . import ExpertFormat, StoredTensor, one_at_a_time
 
 INT_DTYPES = ("int8", "int4")
 INT4_GROUPS = (128, 64, 32)  # what torch's int4 kernels take (256 too), largest first
@@ -39,7 +39,7 @@ class IntWeight(ExpertFormat):
         if kind not in INT_DTYPES:
             raise ValueError(f"expert dtype must be one of {INT_DTYPES}, not {kind!r}")
         self.name = kind
-        self.expand_fp32_copies = 1.25 if kind == "int8" else 2.25
+        self.expand_fp32_copies = 1.25 if kind == "int8" else 2.25  # codes in fp32, then scaled
         self.transposed = transposed  # runtime weights [in, out] (gpt-oss): quantized as [out, in]
         weights = {p.name: self._out_in(p.shape) for p in spec.expert_params
                    if not p.name.endswith("_bias") and len(p.shape) == 2}
@@ -97,12 +97,17 @@ class IntWeight(ExpertFormat):
                 out[t.name] = stored[t.name]
                 continue
             if t.kind == "q8":
-                w = dequantize_int8(stored[t.name], stored[f"{t.name}_scale"], self.dtype)
+                def one(q, scale):
+                    w = dequantize_int8(q, scale, self.dtype)
+                    return w.transpose(-1, -2).contiguous() if self.transposed else w
             elif t.kind == "q4":
-                w = dequantize_int4(unpack_int4(stored[t.name]), stored[f"{t.name}_sz"], self.dtype)
+                def one(q, sz):
+                    w = dequantize_int4(unpack_int4(q), sz, self.dtype)
+                    return w.transpose(-1, -2).contiguous() if self.transposed else w
             else:
                 continue
-            out[t.name] = w.transpose(-1, -2).contiguous() if self.transposed else w
+            scales = stored[f"{t.name}_scale"] if t.kind == "q8" else stored[f"{t.name}_sz"]
+            out[t.name] = one_at_a_time(one, stored[t.name], scales)
         return out
 
     def linear(self, x: torch.Tensor, expert: dict[str, torch.Tensor], param: str) -> torch.Tensor:

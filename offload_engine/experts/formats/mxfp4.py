@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ...errors import CheckpointError, UnsupportedModelError
-from . import ExpertFormat, StoredTensor
+from . import ExpertFormat, StoredTensor, one_at_a_time
 
 # transformers' FP4_VALUES: the E2M1 code -> value table
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
@@ -21,7 +21,7 @@ BLOCK = 32  # values a scale covers
 class MXFP4(ExpertFormat):
     name = "mxfp4"
     expands = True
-    expand_fp32_copies, expand_dtype_copies = 0.5, 1.5
+    expand_fp32_copies, expand_dtype_copies = 0.5, 2.5  # int32 codes of half the values; values, transposed
 
     def __init__(self, spec, dtype: torch.dtype):
         super().__init__(spec, dtype)
@@ -46,7 +46,8 @@ class MXFP4(ExpertFormat):
             if t.kind == "bias":
                 out[t.name] = stored[t.name]
             elif t.kind == "blocks":
-                out[t.param] = dequantize(stored[t.name], stored[f"{t.param}_scales"], self.dtype)
+                out[t.param] = one_at_a_time(lambda b, s: dequantize(b, s, self.dtype), stored[t.name],
+                                             stored[f"{t.param}_scales"])
         return out
 
     def check_scales(self, key: str, scales: torch.Tensor) -> None:
@@ -60,8 +61,17 @@ class MXFP4(ExpertFormat):
 
 
 def dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """blocks [n, R, G, 16] uint8, scales [n, R, G] uint8 -> [n, G * 32, R] in `dtype`: transformers'
-    `_convert_moe_packed_tensors` step for step (same table dtype, same ldexp), so the same bits."""
+    """blocks [n, R, G, 16] uint8, scales [n, R, G] uint8 -> [n, G * 32, R] in `dtype`: compiled on the CPU
+    (cpu_expand.py), torch's ops elsewhere; the same bits either way."""
+    from . import cpu_expand
+
+    if cpu_expand.usable(blocks, scales, dtype=dtype):
+        return cpu_expand.mxfp4(blocks, scales, dtype)
+    return dequantize_torch(blocks, scales, dtype)
+
+
+def dequantize_torch(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """transformers' `_convert_moe_packed_tensors` step for step (same table dtype, same ldexp)."""
     n, rows, groups, half = blocks.shape
     lut = torch.tensor(E2M1_VALUES, dtype=dtype, device=blocks.device)
     exp = scales.to(torch.int32).reshape(-1, 1) - 127
