@@ -70,7 +70,7 @@ class ExpertsBinding:
 
     def span(self, cache: ExpertCache, lo: int, hi: int) -> SlotExperts:
         if cache.store.format.expands:  # quantized slots: expanded for this call only, never kept
-            return SlotExperts(self.module, cache.store.format.expand({n: t[lo:hi] for n, t in cache.pool.items()}))
+            return SlotExperts(self.module, cache.store.format.expand(cache.pool, list(range(lo, hi))))
         view = self.spans.get((lo, hi))
         if view is None:
             if len(self.spans) >= MAX_SPANS:  # scattered slots give many spans: keep the memo small
@@ -122,8 +122,8 @@ def execute(binding: ExpertsBinding, cache: ExpertCache, routing: CallRouting, s
     if fmt.expands:  # quantized slots: expand exactly the call's experts, numbered in the order of `slots`
         position = np.empty(cache.num_slots, dtype=np.int64)
         position[slots] = np.arange(len(slots))
-        (slot_index, chosen) = _on(hidden_states.device, position[slot_index], np.asarray(slots, dtype=np.int64))
-        view = SlotExperts(binding.module, fmt.expand({n: t.index_select(0, chosen) for n, t in cache.pool.items()}))
+        (slot_index,) = _on(hidden_states.device, position[slot_index])
+        view = SlotExperts(binding.module, fmt.expand(cache.pool, list(slots)))
         return binding.compute(view, hidden_states, slot_index, top_k_weights)
     # only the span of slots in use: grouped_mm's cost grows with the number of groups it is handed
     lo, hi = min(slots), max(slots) + 1

@@ -77,7 +77,8 @@ class ExpertFormat:
         return top_k * rows if self.expands else None
 
     def expand_bytes(self, rows: int) -> int:
-        """Working memory the expansion of one call needs at its peak (a decode step's experts at once)."""
+        """Working memory the expansion of one call needs at its peak (a decode step's experts at once, expanded
+        straight from their slots)."""
         limit = self.expand_limit(self.spec.top_k, rows)
         if limit is None:
             return 0
@@ -85,9 +86,20 @@ class ExpertFormat:
         temporaries = 4 * self.expand_fp32_copies + self.dtype.itemsize * self.expand_dtype_copies
         return int(limit * (self.expert_nbytes() + self.runtime_nbytes()) + numel * temporaries)
 
-    def expand(self, stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """[n, ...] stored tensors of n experts -> [n, ...] runtime tensors in the compute dtype."""
-        return stored
+    def expand(self, stored: dict[str, torch.Tensor], index: list[int] | None = None) -> dict[str, torch.Tensor]:
+        """Stored tensors [S, ...] -> runtime tensors [n, ...] in the compute dtype of the experts at `index`
+        (positions in S, in order; default all): a call's slots expand straight from the pool."""
+        return stored if index is None else {n: t[index] for n, t in stored.items()}
+
+    def _expanded(self, param: str, fn, *stored: torch.Tensor, index: list[int] | None) -> torch.Tensor:
+        """fn(*one expert's stored tensors [1, ...], out=[1, ...]) over the experts at `index`, one at a time
+        into one [n, ...] result: an expansion's temporaries (fp32 copies, indices) exist for one expert at a
+        time, not for the whole call, and nothing is gathered first."""
+        index = range(stored[0].shape[0]) if index is None else index
+        out = torch.empty((len(index), *self.runtime[param]), dtype=self.dtype, device=stored[0].device)
+        for i, e in enumerate(index):
+            fn(*(t[e:e + 1] for t in stored), out=out[i:i + 1])
+        return out
 
     def encode(self, source: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> None:
         """Runtime tensors [n, ...] read from the checkpoint into the stored tensors `out` (int8/int4 only)."""
@@ -104,21 +116,6 @@ class ExpertFormat:
 
     def describe(self) -> str:
         return ""  # the plain format needs no line of its own in the plan
-
-
-def one_at_a_time(fn, *stored: torch.Tensor) -> torch.Tensor:
-    """fn over n experts' tensors [n, ...], one expert at a time, into one [n, ...] result: an expansion's
-    temporaries (fp32 copies, indices) exist for one expert at a time, not for the whole call."""
-    n = stored[0].shape[0]
-    first = fn(*(t[:1] for t in stored))
-    if n == 1:
-        return first
-    out = first.new_empty((n, *first.shape[1:]))
-    out[:1] = first
-    del first
-    for i in range(1, n):
-        out[i:i + 1] = fn(*(t[i:i + 1] for t in stored))
-    return out
 
 
 def _plain_kind(param: str) -> str:

@@ -82,22 +82,25 @@ def _mxfp4(blocks, scales, table, pow2, out_bits, to_bf16):
                 _store(tile[j], out_bits[e, g * 2 * half + j, r0:r1], to_bf16)
 
 
-def _run(kernel, args, shape, dtype: torch.dtype) -> torch.Tensor:
-    out = torch.empty(shape, dtype=dtype)
+def _run(kernel, args, shape, dtype: torch.dtype, out: torch.Tensor | None) -> torch.Tensor:
+    if out is None or not out.is_contiguous():
+        result = _run(kernel, args, shape, dtype, torch.empty(shape, dtype=dtype))
+        return result if out is None else out.copy_(result)
     bits = out.view(torch.int16 if dtype == torch.bfloat16 else torch.int32).numpy()
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
     kernel(*args, bits.view(np.uint16 if dtype == torch.bfloat16 else np.uint32), dtype == torch.bfloat16)
     return out
 
 
-def fp8(values: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def fp8(values: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
     from .fp8_block import scale_to_fp32
 
     s = scale_to_fp32(scales).contiguous().numpy()
-    return _run(_fp8, (values.view(torch.uint8).numpy(), s, FP8_VALUES), values.shape, dtype)
+    return _run(_fp8, (values.view(torch.uint8).numpy(), s, FP8_VALUES), values.shape, dtype, out)
 
 
-def mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype,
+          out: torch.Tensor | None = None) -> torch.Tensor:
     n, rows, groups, half = blocks.shape
     return _run(_mxfp4, (blocks.numpy(), scales.numpy(), MXFP4_VALUES, E8M0_VALUES), (n, groups * half * 2, rows),
-                dtype)
+                dtype, out)

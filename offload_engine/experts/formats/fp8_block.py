@@ -14,7 +14,7 @@ import math
 import torch
 
 from ...errors import CheckpointError
-from . import ExpertFormat, StoredTensor, one_at_a_time
+from . import ExpertFormat, StoredTensor
 
 E8M0 = getattr(torch, "float8_e8m0fnu", None)
 
@@ -53,14 +53,14 @@ class FP8Block(ExpertFormat):
                                        rows_per_row=rows // srows, as_stored=True))
         self.stored = self.sources = tuple(stored)
 
-    def expand(self, stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def expand(self, stored: dict[str, torch.Tensor], index: list[int] | None = None) -> dict[str, torch.Tensor]:
         out = {}
         for t in self.stored:
             if t.kind == "bias":
-                out[t.name] = stored[t.name]
+                out[t.name] = stored[t.name] if index is None else stored[t.name][index]
             elif t.kind == "weight":
-                out[t.name] = one_at_a_time(lambda v, s: dequantize(v, s, self.dtype), stored[t.name],
-                                            stored[f"{t.name}_scale_inv"])
+                out[t.name] = self._expanded(t.name, lambda v, s, out: dequantize(v, s, self.dtype, out),
+                                             stored[t.name], stored[f"{t.name}_scale_inv"], index=index)
         return out
 
     def check_scales(self, key: str, scales: torch.Tensor) -> None:
@@ -78,14 +78,16 @@ def scale_to_fp32(scales: torch.Tensor) -> torch.Tensor:
     return scales.to(torch.float32)  # float8_e8m0fnu converts to 2^(s - 127) itself
 
 
-def dequantize(values: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """values [n, R, C] float8, scales [n, R / b0, C / b1] -> [n, R, C] in `dtype` (transformers' formula):
-    compiled on the CPU (cpu_expand.py), torch's ops elsewhere."""
+def dequantize(values: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """values [n, R, C] float8, scales [n, R / b0, C / b1] -> [n, R, C] in `dtype` (transformers' formula),
+    into `out` if given: compiled on the CPU (cpu_expand.py), torch's ops elsewhere."""
     from . import cpu_expand
 
     if cpu_expand.usable(values, scales, dtype=dtype):
-        return cpu_expand.fp8(values, scales, dtype)
-    return dequantize_torch(values, scales, dtype)
+        return cpu_expand.fp8(values, scales, dtype, out)
+    result = dequantize_torch(values, scales, dtype)
+    return result if out is None else out.copy_(result)
 
 
 def dequantize_torch(values: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from . import ExpertFormat, StoredTensor, one_at_a_time
+from . import ExpertFormat, StoredTensor
 
 INT_DTYPES = ("int8", "int4")
 INT4_GROUPS = (128, 64, 32)  # what torch's int4 kernels take (256 too), largest first
@@ -88,26 +88,26 @@ class IntWeight(ExpertFormat):
                 out[t.name].copy_(pack_for_cpu(codes) if self.kernel else pack_int4(codes))
                 out[f"{t.name}_sz"].copy_(sz)
 
-    def expand(self, stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def expand(self, stored: dict[str, torch.Tensor], index: list[int] | None = None) -> dict[str, torch.Tensor]:
         if self.kernel:
             raise RuntimeError("int experts on the CPU are computed by the packed kernels (linear), never expanded")
         out = {}
         for t in self.stored:
             if t.kind == "bias":
-                out[t.name] = stored[t.name]
+                out[t.name] = stored[t.name] if index is None else stored[t.name][index]
                 continue
             if t.kind == "q8":
-                def one(q, scale):
+                def one(q, scale, out):
                     w = dequantize_int8(q, scale, self.dtype)
-                    return w.transpose(-1, -2).contiguous() if self.transposed else w
+                    out.copy_(w.transpose(-1, -2) if self.transposed else w)
             elif t.kind == "q4":
-                def one(q, sz):
+                def one(q, sz, out):
                     w = dequantize_int4(unpack_int4(q), sz, self.dtype)
-                    return w.transpose(-1, -2).contiguous() if self.transposed else w
+                    out.copy_(w.transpose(-1, -2) if self.transposed else w)
             else:
                 continue
             scales = stored[f"{t.name}_scale"] if t.kind == "q8" else stored[f"{t.name}_sz"]
-            out[t.name] = one_at_a_time(one, stored[t.name], scales)
+            out[t.name] = self._expanded(t.name, one, stored[t.name], scales, index=index)
         return out
 
     def linear(self, x: torch.Tensor, expert: dict[str, torch.Tensor], param: str) -> torch.Tensor:

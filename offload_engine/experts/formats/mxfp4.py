@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ...errors import CheckpointError, UnsupportedModelError
-from . import ExpertFormat, StoredTensor, one_at_a_time
+from . import ExpertFormat, StoredTensor
 
 # transformers' FP4_VALUES: the E2M1 code -> value table
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
@@ -40,14 +40,14 @@ class MXFP4(ExpertFormat):
             stored.append(StoredTensor(f"{p.name}_scales", p.name, "scales", (rows, cols // BLOCK), torch.uint8, as_stored=True))
         self.stored = self.sources = tuple(stored)
 
-    def expand(self, stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def expand(self, stored: dict[str, torch.Tensor], index: list[int] | None = None) -> dict[str, torch.Tensor]:
         out = {}
         for t in self.stored:
             if t.kind == "bias":
-                out[t.name] = stored[t.name]
+                out[t.name] = stored[t.name] if index is None else stored[t.name][index]
             elif t.kind == "blocks":
-                out[t.param] = one_at_a_time(lambda b, s: dequantize(b, s, self.dtype), stored[t.name],
-                                             stored[f"{t.param}_scales"])
+                out[t.param] = self._expanded(t.param, lambda b, s, out: dequantize(b, s, self.dtype, out),
+                                              stored[t.name], stored[f"{t.param}_scales"], index=index)
         return out
 
     def check_scales(self, key: str, scales: torch.Tensor) -> None:
@@ -60,14 +60,16 @@ class MXFP4(ExpertFormat):
         return f"MXFP4 (4.25 bits a weight, expanded to {str(self.dtype).removeprefix('torch.')} where computed)"
 
 
-def dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """blocks [n, R, G, 16] uint8, scales [n, R, G] uint8 -> [n, G * 32, R] in `dtype`: compiled on the CPU
-    (cpu_expand.py), torch's ops elsewhere; the same bits either way."""
+def dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """blocks [n, R, G, 16] uint8, scales [n, R, G] uint8 -> [n, G * 32, R] in `dtype`, into `out` if given:
+    compiled on the CPU (cpu_expand.py), torch's ops elsewhere; the same bits either way."""
     from . import cpu_expand
 
     if cpu_expand.usable(blocks, scales, dtype=dtype):
-        return cpu_expand.mxfp4(blocks, scales, dtype)
-    return dequantize_torch(blocks, scales, dtype)
+        return cpu_expand.mxfp4(blocks, scales, dtype, out)
+    result = dequantize_torch(blocks, scales, dtype)
+    return result if out is None else out.copy_(result)
 
 
 def dequantize_torch(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
