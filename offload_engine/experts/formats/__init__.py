@@ -47,6 +47,7 @@ class ExpertFormat:
     name = "plain"
     expands = False  # False: slots hold the runtime tensors, computed on as they are
     kernel = False  # True: computed from the stored form by the format's own `linear` (int8/int4 on the CPU)
+    pairs: dict[str, tuple[str, str]] = {}  # runtime weight -> the names of its stored values and scales
     # what expanding one expert holds besides its stored bytes and its expanded weights, per runtime weight: so
     # many fp32 temporaries and so many more copies in the compute dtype (experts are expanded one at a time
     # into the call's output: their temporaries count once); checked against the bytes really held
@@ -88,8 +89,17 @@ class ExpertFormat:
 
     def expand(self, stored: dict[str, torch.Tensor], index: list[int] | None = None) -> dict[str, torch.Tensor]:
         """Stored tensors [S, ...] -> runtime tensors [n, ...] in the compute dtype of the experts at `index`
-        (positions in S, in order; default all): a call's slots expand straight from the pool."""
-        return stored if index is None else {n: t[index] for n, t in stored.items()}
+        (positions in S, in order; default all): a call's slots expand straight from the pool. Biases are
+        taken as stored; each weight of `pairs` is expanded from its values and scales (dequantize_into)."""
+        pick = (lambda t: t) if index is None else (lambda t: t[index])
+        out = {t.name: pick(stored[t.name]) for t in self.stored if not self.expands or t.kind == "bias"}
+        for param, (values, scales) in self.pairs.items():
+            out[param] = self._expanded(param, self.dequantize_into, stored[values], stored[scales], index=index)
+        return out
+
+    def dequantize_into(self, values: torch.Tensor, scales: torch.Tensor, out: torch.Tensor) -> None:
+        """One expert's weight [1, ...] from its stored values and scales into `out` (formats that expand)."""
+        raise NotImplementedError
 
     def _expanded(self, param: str, fn, *stored: torch.Tensor, index: list[int] | None) -> torch.Tensor:
         """fn(*one expert's stored tensors [1, ...], out=[1, ...]) over the experts at `index`, one at a time

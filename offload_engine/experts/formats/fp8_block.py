@@ -52,16 +52,10 @@ class FP8Block(ExpertFormat):
             stored.append(StoredTensor(f"{p.name}_scale_inv", p.name, "scale_inv", (srows, scols), scale_dtype,
                                        rows_per_row=rows // srows, as_stored=True))
         self.stored = self.sources = tuple(stored)
+        self.pairs = {t.param: (t.name, f"{t.name}_scale_inv") for t in stored if t.kind == "weight"}
 
-    def expand(self, stored: dict[str, torch.Tensor], index: list[int] | None = None) -> dict[str, torch.Tensor]:
-        out = {}
-        for t in self.stored:
-            if t.kind == "bias":
-                out[t.name] = stored[t.name] if index is None else stored[t.name][index]
-            elif t.kind == "weight":
-                out[t.name] = self._expanded(t.name, lambda v, s, out: dequantize(v, s, self.dtype, out),
-                                             stored[t.name], stored[f"{t.name}_scale_inv"], index=index)
-        return out
+    def dequantize_into(self, values: torch.Tensor, scales: torch.Tensor, out: torch.Tensor) -> None:
+        dequantize(values, scales, self.dtype, out)
 
     def check_scales(self, key: str, scales: torch.Tensor) -> None:
         check_scales(key, scales)

@@ -64,6 +64,8 @@ class IntWeight(ExpertFormat):
                 stored.append(StoredTensor(p.name, p.name, "q4", (out_f, in_f // 2), torch.uint8))
                 stored.append(StoredTensor(f"{p.name}_sz", p.name, "sz", (in_f // group, out_f, 2), dtype))
         self.stored = tuple(stored)
+        self.pairs = {t.name: (t.name, f"{t.name}_scale" if kind == "int8" else f"{t.name}_sz")
+                      for t in stored if t.kind in ("q8", "q4")}
 
     def _out_in(self, shape: tuple[int, int]) -> tuple[int, int]:
         return (shape[1], shape[0]) if self.transposed else shape
@@ -91,24 +93,14 @@ class IntWeight(ExpertFormat):
     def expand(self, stored: dict[str, torch.Tensor], index: list[int] | None = None) -> dict[str, torch.Tensor]:
         if self.kernel:
             raise RuntimeError("int experts on the CPU are computed by the packed kernels (linear), never expanded")
-        out = {}
-        for t in self.stored:
-            if t.kind == "bias":
-                out[t.name] = stored[t.name] if index is None else stored[t.name][index]
-                continue
-            if t.kind == "q8":
-                def one(q, scale, out):
-                    w = dequantize_int8(q, scale, self.dtype)
-                    out.copy_(w.transpose(-1, -2) if self.transposed else w)
-            elif t.kind == "q4":
-                def one(q, sz, out):
-                    w = dequantize_int4(unpack_int4(q), sz, self.dtype)
-                    out.copy_(w.transpose(-1, -2) if self.transposed else w)
-            else:
-                continue
-            scales = stored[f"{t.name}_scale"] if t.kind == "q8" else stored[f"{t.name}_sz"]
-            out[t.name] = self._expanded(t.name, one, stored[t.name], scales, index=index)
-        return out
+        return super().expand(stored, index)
+
+    def dequantize_into(self, q: torch.Tensor, scales: torch.Tensor, out: torch.Tensor) -> None:
+        if self.name == "int8":
+            w = dequantize_int8(q, scales, self.dtype)
+        else:
+            w = dequantize_int4(unpack_int4(q), scales, self.dtype)
+        out.copy_(w.transpose(-1, -2) if self.transposed else w)
 
     def linear(self, x: torch.Tensor, expert: dict[str, torch.Tensor], param: str) -> torch.Tensor:
         """x [T, in] times one expert's quantized weight `param` ([out, in]), plus its bias: [T, out]."""

@@ -39,16 +39,10 @@ class MXFP4(ExpertFormat):
                                        torch.uint8, as_stored=True))
             stored.append(StoredTensor(f"{p.name}_scales", p.name, "scales", (rows, cols // BLOCK), torch.uint8, as_stored=True))
         self.stored = self.sources = tuple(stored)
+        self.pairs = {t.param: (t.name, f"{t.param}_scales") for t in stored if t.kind == "blocks"}
 
-    def expand(self, stored: dict[str, torch.Tensor], index: list[int] | None = None) -> dict[str, torch.Tensor]:
-        out = {}
-        for t in self.stored:
-            if t.kind == "bias":
-                out[t.name] = stored[t.name] if index is None else stored[t.name][index]
-            elif t.kind == "blocks":
-                out[t.param] = self._expanded(t.param, lambda b, s, out: dequantize(b, s, self.dtype, out),
-                                              stored[t.name], stored[f"{t.param}_scales"], index=index)
-        return out
+    def dequantize_into(self, blocks: torch.Tensor, scales: torch.Tensor, out: torch.Tensor) -> None:
+        dequantize(blocks, scales, self.dtype, out)
 
     def check_scales(self, key: str, scales: torch.Tensor) -> None:
         nan = scales == 255  # E8M0's NaN
