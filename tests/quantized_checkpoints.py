@@ -129,8 +129,8 @@ def quant_method(path):
     return json.loads((Path(path) / "config.json").read_text())["quantization_config"]["quant_method"]
 
 
-def load_dequantized_reference(path):
-    """transformers' own model for a checkpoint written above, dequantized on load (CPU), bf16, eval."""
+def load_dequantized_reference(path, dtype=torch.bfloat16):
+    """transformers' own model for a checkpoint written above, dequantized on load (CPU) to `dtype`, eval."""
     method = quant_method(path)
     if method == "mxfp4":
         qconfig = Mxfp4Config(dequantize=True)
@@ -138,7 +138,7 @@ def load_dequantized_reference(path):
         qconfig = FineGrainedFP8Config(dequantize=True)
     else:
         raise ValueError(f"unknown quant_method {method!r}")
-    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=qconfig, dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=qconfig, dtype=dtype)
     return model.eval()
 
 

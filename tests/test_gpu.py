@@ -254,3 +254,37 @@ def test_pageable_sources_go_through_pinned_bounce_buffers(tmp_path, host):
         engine.close()
         assert loader.demand_ring.available() == loader.demand_ring.size
         assert loader.prefetch_ring.available() == loader.prefetch_ring.size
+
+
+@pytest.mark.parametrize("case", ["mxfp4", "fp8"])
+def test_cuda_quantized_checkpoints_match_their_dequantized_reference(tmp_path, case):
+    """Slots on the GPU hold the stored bytes, expanded in the call by torch's ops: transformers' dequantized
+    model on CUDA (fp32, so that the grouping of experts cannot round differently) gives the same tokens."""
+    from tests import quantized_checkpoints as qc
+
+    if case == "mxfp4":
+        qc.save_mxfp4_checkpoint(qc.build_mxfp4_reference(), tmp_path)
+    else:
+        qc.save_fp8_checkpoint(tm.build_reference("qwen3_moe"), tmp_path)
+    ref = qc.load_dequantized_reference(tmp_path, dtype=torch.float32).to("cuda")
+    ref.generation_config.eos_token_id = None
+    with torch.no_grad():
+        want = ref.generate(torch.tensor([PROMPT], device="cuda"), do_sample=False, max_new_tokens=16,
+                            pad_token_id=0)[0, len(PROMPT):].tolist()
+    for slots in (2, 1 << 20):
+        engine = OffloadEngine.from_pretrained(tmp_path, device="cuda", dtype="float32", expert_slots=slots,
+                                               progress=False)
+        assert engine.store.format.name == case and engine.cache.pool[engine.store.format.stored[0].name].is_cuda
+        assert engine.generate(PROMPT, max_new_tokens=16, ignore_eos=True).token_ids == want
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_cuda_int_experts_expand_in_the_call_and_give_one_result_for_every_cache(tmp_path, kind):
+    tm.save_checkpoint(tm.build_reference("mixtral"), tmp_path, "per_expert")
+    runs = []
+    for slots in (2, 1 << 20):
+        engine = OffloadEngine.from_pretrained(tmp_path, device="cuda", dtype="float32", expert_slots=slots,
+                                               expert_dtype=kind, progress=False)
+        assert engine.store.format.expands and not engine.store.format.kernel
+        runs.append(engine.generate(PROMPT, max_new_tokens=16, ignore_eos=True).token_ids)
+    assert runs[0] == runs[1]

@@ -463,3 +463,18 @@ def test_calibrate_measures_experts_in_the_format_they_run_in(tmp_path):
     int4 = OffloadEngine.from_pretrained(DEFAULT_MODEL, expert_dtype="int4", expert_slots=8, progress=False)
     assert table["model"]["expert_bytes"] == int4.plan.expert_bytes
     assert all(t > 0 for t in table["cpu_expert_s"].values())
+
+
+@pytest.mark.parametrize("case", ["mxfp4-gpt_oss", "fp8-qwen3_moe"])
+def test_the_torch_expansion_cuda_runs_matches_the_reference_in_fp16(tmp_path, case):
+    """fp16 has no compiled CPU loop: the experts expand through the formats' torch ops, the path CUDA takes,
+    and the tokens are transformers' dequantized model's in fp16 at every cache size."""
+    path = write(case, tmp_path)
+    ref = qc.load_dequantized_reference(path, dtype=torch.float16)
+    ref.generation_config.eos_token_id = None
+    with torch.no_grad():
+        want = ref.generate(torch.tensor([PROMPT]), do_sample=False, max_new_tokens=NEW_TOKENS,
+                            pad_token_id=0)[0, len(PROMPT):].tolist()
+    for slots in (2, 10**6):
+        engine = OffloadEngine.from_pretrained(path, dtype="float16", expert_slots=slots, progress=False)
+        assert engine.generate(PROMPT, max_new_tokens=NEW_TOKENS, ignore_eos=True).token_ids == want
