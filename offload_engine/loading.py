@@ -26,7 +26,7 @@ from .experts.cache import ExpertCache
 from .experts.formats import ExpertFormat, expert_format
 from .experts.formats.fp8_block import check_grid as check_fp8_grid
 from .experts.formats.fp8_block import check_scales as check_fp8_scales
-from .experts.formats.fp8_block import dequantize as dequantize_fp8
+from .experts.formats.fp8_block import dequantize_blocks as dequantize_fp8_blocks
 from .experts.offloaded_experts import IMPLEMENTATION_NAME, bind, register_experts_implementation
 from .experts.policies import make_policy
 from .experts.runtime import Runtime
@@ -289,8 +289,9 @@ def load_non_experts(inspected: Inspected, device: torch.device, progress: bool)
         elif scale is not None:  # an FP8 weight outside the experts: expanded now, as transformers' reference does
             scales = inspected.tensors.read(scale)
             check_fp8_scales(scale, scales)
-            check_fp8_grid(scale, info.shape, tuple(scales.shape), tuple(inspected.quantization["weight_block_size"]))
-            value = dequantize_fp8(inspected.tensors.read(key)[None], scales[None], meta.dtype)[0].to(device)
+            block = tuple(inspected.quantization["weight_block_size"])
+            check_fp8_grid(scale, info.shape, tuple(scales.shape), block)
+            value = dequantize_fp8_blocks(inspected.tensors.read(key), scales, block, meta.dtype).to(device)
             used.add(scale)
         else:
             value = inspected.tensors.read(key).to(device=device, dtype=meta.dtype)

@@ -349,8 +349,50 @@ def test_fp8_tensors_under_a_config_without_quantization_are_refused(tmp_path):
 def test_a_non_expert_scale_grid_that_does_not_tile_its_weight_is_refused(tmp_path):
     path = write("fp8-qwen3_moe", tmp_path)
     damage(path, lambda k: k.endswith("self_attn.q_proj.weight_scale_inv"), lambda t, k: t.update({k: t[k][:3]}))
-    with pytest.raises(CheckpointError, match="blocks do not divide the weight"):
+    with pytest.raises(CheckpointError, match="not one scale a block"):
         OffloadEngine.from_pretrained(path, expert_slots=2, progress=False)
+
+
+def test_a_partial_last_fp8_block_outside_the_experts_is_read_block_by_block(tmp_path):
+    """DeepSeek-V3's kv_a_proj_with_mqa has 576 rows in blocks of 128: a partial last block, which
+    transformers' CPU dequantization cannot read (it takes rows // grid rows as the block). The engine reads
+    it block by block, as the GPU kernels do: the reference is transformers on those weights dequantized here
+    (20 rows in blocks of 8 in this tiny model)."""
+    from benchmarks.checkpoint_formats import is_fp8_target
+
+    from transformers import DeepseekV3Config
+
+    fields = {k: v for k, v in tm._config("deepseek_v3").to_dict().items() if k not in ("qk_head_dim", "head_dim")}
+    config = DeepseekV3Config(**{**fields, "qk_rope_head_dim": 4})  # kv_a_proj_with_mqa: 16 + 4 = 20 rows
+    model = tm.build_reference("deepseek_v3", config=config).to(torch.bfloat16)
+    fp8, plain = tmp_path / "fp8", tmp_path / "plain"
+    model.save_pretrained(fp8)
+    model.save_pretrained(plain)
+    tensors = load_file(fp8 / "model.safetensors")
+    dequantized = dict(tensors)
+    for key, w in list(tensors.items()):
+        if not is_fp8_target(key, w.shape):
+            continue
+        rows = w.shape[0]
+        q, scale = quantize_fp8_block(torch.nn.functional.pad(w.float(), (0, 0, 0, -rows % 8)), (8, 8))
+        tensors[key], tensors[key + "_scale_inv"] = q[:rows], scale
+        full = scale.repeat_interleave(8, 0).repeat_interleave(8, 1)[:, :w.shape[1]]
+        dequantized[key] = (q.float() * full)[:rows].to(torch.bfloat16)
+    assert tensors["model.layers.0.self_attn.kv_a_proj_with_mqa.weight_scale_inv"].shape == (3, 4)
+    save_file(tensors, str(fp8 / "model.safetensors"), metadata={"format": "pt"})
+    save_file(dequantized, str(plain / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((fp8 / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [8, 8]}
+    (fp8 / "config.json").write_text(json.dumps(cfg))
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(plain, dtype=torch.bfloat16).eval()
+    ref.generation_config.eos_token_id = None
+    with torch.no_grad():
+        want = ref.generate(torch.tensor([PROMPT]), do_sample=False, max_new_tokens=NEW_TOKENS,
+                            pad_token_id=0)[0, len(PROMPT):].tolist()
+    engine = OffloadEngine.from_pretrained(fp8, expert_slots=10**6, progress=False)
+    assert engine.generate(PROMPT, max_new_tokens=NEW_TOKENS, ignore_eos=True).token_ids == want
 
 
 def test_a_missing_expert_scale_is_named(tmp_path):

@@ -105,14 +105,25 @@ def dequantize_loop(values: torch.Tensor, scales: torch.Tensor, dtype: torch.dty
 
 
 def check_grid(key: str, weight: tuple[int, ...], grid: tuple[int, ...], block: tuple[int, int]) -> None:
-    """The scales of a weight [rows, cols] must be a grid of ceil(rows / b0) x ceil(cols / b1) blocks that tiles
-    it exactly (each dimension a multiple of its block, or smaller than one), as transformers reads them."""
-    ok = len(weight) == 2 and len(grid) == 2 and all(
-        g == -(-n // b) and (n % b == 0 or n < b) for n, g, b in zip(weight, grid, block))
+    """The scales of a weight [rows, cols] must be a grid of ceil(rows / b0) x ceil(cols / b1) blocks (the last
+    of a dimension may be partial: DeepSeek-V3's kv_a_proj_with_mqa has 576 rows)."""
+    ok = len(weight) == 2 and len(grid) == 2 and all(g == -(-n // b) for n, g, b in zip(weight, grid, block))
     if not ok:
         raise CheckpointError(
             f"{key} has a grid of {list(grid)} scales for a weight of {list(weight)} in blocks of {list(block)} "
-            "(weight_block_size): the blocks do not divide the weight, or the file does not match its config")
+            "(weight_block_size): not one scale a block; the file does not match its config")
+
+
+def dequantize_blocks(values: torch.Tensor, scales: torch.Tensor, block: tuple[int, int],
+                      dtype: torch.dtype) -> torch.Tensor:
+    """A non-expert weight [R, C] with scales [ceil(R / b0), ceil(C / b1)], the last block of a dimension
+    possibly partial: each weight times its block's scale, in fp32, rounded once to `dtype`. Where the blocks
+    divide the weight these are the products transformers' dequantization computes; where they do not,
+    transformers' CPU dequantization reads another block size (rows // grid rows) or refuses the weight, and
+    this is the block-wise meaning its GPU kernels and DeepSeek's own `weight_dequant` give it."""
+    rows, cols = values.shape
+    s = scale_to_fp32(scales).repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
+    return (values.to(torch.float32) * s).to(dtype)
 
 
 def check_scales(name: str, scales: torch.Tensor) -> None:
