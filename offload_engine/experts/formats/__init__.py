@@ -15,6 +15,7 @@ are bit for bit the weights transformers' dequantized reference model holds.
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +60,7 @@ class ExpertFormat:
 
     def __init__(self, spec, dtype: torch.dtype):
         self.spec, self.dtype = spec, dtype
+        self._buffers = threading.local()  # expanded weights, per thread (_buffer)
         self.runtime = {p.name: p.shape for p in spec.expert_params}
         self.sources = tuple(StoredTensor(p.name, p.name, _plain_kind(p.name), p.shape, dtype)
                              for p in spec.expert_params)
@@ -97,6 +99,18 @@ class ExpertFormat:
             out[param] = self._expanded(param, self.dequantize_into, stored[values], stored[scales], index=index)
         return out
 
+    def _buffer(self, param: str, n: int, device: torch.device) -> torch.Tensor:
+        """This thread's buffer for n expanded experts of `param`, reused call after call: the plan counts it as
+        working memory, and on the CPU a fresh allocation of tens of MB a call cost more in page faults than the
+        expansion itself. Safe to reuse: a call's expanded weights are read before the next call expands (the
+        CPU computes in the call; CUDA's kernels run in stream order)."""
+        buffers = self._buffers.__dict__.setdefault("by_key", {})
+        key = (param, device)
+        buf = buffers.get(key)
+        if buf is None or buf.shape[0] < n:
+            buf = buffers[key] = torch.empty((n, *self.runtime[param]), dtype=self.dtype, device=device)
+        return buf[:n]
+
     def dequantize_into(self, values: torch.Tensor, scales: torch.Tensor, out: torch.Tensor) -> None:
         """One expert's weight [1, ...] from its stored values and scales into `out` (formats that expand)."""
         raise NotImplementedError
@@ -106,7 +120,7 @@ class ExpertFormat:
         into one [n, ...] result: an expansion's temporaries (fp32 copies, indices) exist for one expert at a
         time, not for the whole call, and nothing is gathered first."""
         index = range(stored[0].shape[0]) if index is None else index
-        out = torch.empty((len(index), *self.runtime[param]), dtype=self.dtype, device=stored[0].device)
+        out = self._buffer(param, len(index), stored[0].device)
         for i, e in enumerate(index):
             fn(*(t[e:e + 1] for t in stored), out=out[i:i + 1])
         return out
