@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .run_options import DEFAULT_MODEL, output_path
+from .run_options import DEFAULT_MODEL, EXPERT_DTYPES, output_path
 
 
 def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
@@ -17,7 +17,7 @@ def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype (default: the model's)")
     p.add_argument("--host-memory", choices=["mmap", "files", "ram", "pinned", "direct"],
                    help="where cold experts wait (default: as the engine chooses)")
-    p.add_argument("--expert-dtype", choices=["auto", "int8", "int4"], default="auto",
+    p.add_argument("--expert-dtype", choices=EXPERT_DTYPES, default="auto",
                    help="measure experts quantized at load, as --expert-dtype runs them (default: as stored)")
     p.add_argument("--expert-slots", type=int, default=None,
                    help="slots to load the model with (default: every expert, which the resident decode step needs)")

@@ -9,7 +9,7 @@ from offload_engine.atomic_write import check_not_an_input
 from offload_engine.errors import ConfigError
 
 from .consistency_cmd import _csv, _num_experts, _plot_path
-from .run_options import bounded_int
+from .run_options import EXPERT_DTYPES, bounded_int
 
 REPLAY_POLICIES = ("lru", "belady", "predictive")  # offload_engine.tracing.replay.REPLAY_POLICIES, without its imports
 REPLAY_PREDICTORS = ("history", "none")
@@ -48,7 +48,7 @@ def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
                         "expansion, take some more) turns --memory-budget into slots (default: the bundled model)")
     p.add_argument("--max-context", type=bounded_int(1, 1 << 30), default=None, metavar="N",
                    help="the context the memory plan of --memory-budget holds (default: the model's, at most 4096)")
-    p.add_argument("--expert-dtype", choices=("auto", "int8", "int4"), default="auto",
+    p.add_argument("--expert-dtype", choices=EXPERT_DTYPES, default="auto",
                    help="the experts' format for --memory-budget (default auto: as the checkpoint stores them)")
     p.add_argument("--policies", type=_csv("--policies", _check_policy), default=REPLAY_POLICIES,
                    help="lru, belady (clairvoyant) and/or predictive (default: all three)")

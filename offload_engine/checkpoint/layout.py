@@ -10,6 +10,7 @@ taken from transformers' own conversion mapping, so the engine names tensors exa
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from dataclasses import dataclass
@@ -34,18 +35,31 @@ QUANTIZED_SUFFIXES = {
 
 
 @dataclass(frozen=True)
-class Source:
-    """What the layout finds of each expert (experts/formats' StoredTensor has the same fields): the tensor's
-    name in the store, its runtime parameter, what it is on disk, its per-expert shape, and the dtype it must
-    have on disk (None: any, converted where read)."""
+class StoredTensor:
+    """One tensor a slot and the host store hold per expert, and what the layout finds of each expert:
+    `name` (the pool's key), the runtime parameter it makes (`param`), what it is on disk (`kind`: weight, bias,
+    blocks, scales, scale_inv), its per-expert shape and dtype (None: whatever the files hold, unchecked).
+    `rows_per_row`: runtime rows one stored row covers (an FP8 scale row covers a block of rows); `as_stored`:
+    read exactly as the file has it (quantized values and scales: another dtype on disk is another format),
+    where a plain tensor is converted to the compute dtype."""
 
     name: str
     param: str
     kind: str
     shape: tuple[int, ...]
-    dtype: object
+    dtype: torch.dtype | None
     rows_per_row: int = 1
     as_stored: bool = False
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def plain_sources(spec: ModelSpec, dtype: torch.dtype | None) -> tuple[StoredTensor, ...]:
+    """The runtime expert tensors themselves, in `dtype` (None: as the files hold them)."""
+    return tuple(StoredTensor(p.name, p.name, "bias" if p.name.endswith("_bias") else "weight", p.shape, dtype)
+                 for p in spec.expert_params)
 
 
 @dataclass(frozen=True)
@@ -100,9 +114,7 @@ class CheckpointLayout:
         self.disk_key = {rename(k): k for k in tensors.keys()}
         self.prefix = getattr(model, "base_model_prefix", "") or ""
         self.experts = [model.get_submodule(p) for p in spec.experts_paths]
-        self.sources = sources if sources is not None else tuple(
-            Source(p.name, p.name, "bias" if p.name.endswith("_bias") else "weight", p.shape, None)
-            for p in spec.expert_params)
+        self.sources = sources if sources is not None else plain_sources(spec, None)
         self.pieces = [self._layer_pieces(i) for i in range(spec.num_moe_layers)]
 
     # -- non-expert tensors -------------------------------------------------------------------------------

@@ -143,19 +143,22 @@ def execute_unweighted(binding: ExpertsBinding, cache: ExpertCache, routing: Cal
         if fmt.kernel:
             y = one_expert(binding, fmt, {name: t[slot:slot + 1] for name, t in cache.pool.items()},
                            hidden_states[token_idx])
-        else:
-            y = one_expert(binding, None, binding.span(cache, slot, slot + 1), hidden_states[token_idx])
+        else:  # the span's view: memoized for plain slots, expanded for quantized ones
+            y = unit_weight(binding, binding.span(cache, slot, slot + 1), hidden_states[token_idx])
         contributions[token_idx, rank] = y.to(contributions.dtype)
 
 
-def one_expert(binding: ExpertsBinding, fmt, stored, x: torch.Tensor) -> torch.Tensor:
-    """One expert on tokens x [T, H] at unit weight. `stored`: its stored tensors, each [1, ...] (a format with
-    its own kernel computes from them; another is expanded), or an expert view ready for transformers'
-    function (fmt None)."""
-    if fmt is not None and fmt.kernel:
+def one_expert(binding: ExpertsBinding, fmt, stored: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """One expert on tokens x [T, H] at unit weight from its stored tensors, each [1, ...]: computed by the
+    format's own kernels, or expanded (a plain format's are the weights) for transformers' function."""
+    if fmt.kernel:
         expert = {name: t[0] for name, t in stored.items()}
         return mlp(binding.module, x, lambda x, p: fmt.linear(x, expert, p))
-    view = stored if fmt is None else SlotExperts(binding.module, fmt.expand(stored))
+    return unit_weight(binding, SlotExperts(binding.module, fmt.expand(stored)), x)
+
+
+def unit_weight(binding: ExpertsBinding, view: SlotExperts, x: torch.Tensor) -> torch.Tensor:
+    """transformers' experts function on a one-expert view, every token routed to it with weight one."""
     ones = torch.ones((x.shape[0], 1), dtype=x.dtype, device=x.device)
     return binding.compute(view, x, torch.zeros((x.shape[0], 1), dtype=torch.long, device=x.device), ones)
 

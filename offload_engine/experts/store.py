@@ -74,6 +74,7 @@ class ExpertStore:
         gpt-oss-20b's experts; four bytes per 128x128 block with FP8, ~1/4096)."""
         for key, name in self.layout.scale_keys().items():
             self.format.check_scales(key, self.tensors.read(key))
+
     def copy_spans(self, layer_pos: int, expert: int) -> tuple[np.ndarray, tuple] | None:
         """One expert's byte spans for the compiled copier (copy_worker.py): rows [n, 6] (int64) of the runtime
         stored tensor's index (format.stored order), the byte offset in the expert's tensor, then the task's
@@ -209,13 +210,13 @@ class ExpertStore:
         never kept: a per-expert file layout splits gate and up into two tensors)."""
         if self.mode not in READ_ON_DEMAND:
             return {name: t[expert:expert + 1] for name, t in self.host[layer_pos].items()}
-        out = {}
-        pieces = self.layout.expert_pieces(layer_pos, expert)
         mapped = self.mode == "mmap"
         if not self.format.stored_on_disk:
             out = {t.name: self._scratch(t.name, t.shape, t.dtype) for t in self.format.stored}
             self._fill(layer_pos, expert, {name: v[0] for name, v in out.items()}, mapped)
             return out
+        out = {}
+        pieces = self.layout.expert_pieces(layer_pos, expert)
         for t in self.format.stored:
             parts = pieces[t.name]
             info = self.tensors.infos[parts[0].key]

@@ -16,30 +16,13 @@ from __future__ import annotations
 
 import math
 import threading
-from dataclasses import dataclass
 
 import torch
 
+from ...checkpoint.layout import StoredTensor, plain_sources
+from ...errors import UnsupportedModelError
 
-@dataclass(frozen=True)
-class StoredTensor:
-    """One tensor a slot holds per expert: `name` (the pool's key), the runtime parameter it makes (`param`),
-    what it is on disk (`kind`: weight, bias, blocks, scales, scale_inv) and its per-expert shape and dtype.
-    `rows_per_row`: runtime rows one stored row covers (an FP8 scale row covers a block of rows); `as_stored`:
-    read exactly as the file has it (quantized values and scales: another dtype on disk is another format),
-    where a plain tensor is converted to the compute dtype."""
-
-    name: str
-    param: str
-    kind: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    rows_per_row: int = 1
-    as_stored: bool = False
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
+__all__ = ["ExpertFormat", "StoredTensor", "expert_format"]
 
 
 class ExpertFormat:
@@ -62,9 +45,7 @@ class ExpertFormat:
         self.spec, self.dtype = spec, dtype
         self._buffers = threading.local()  # expanded weights, per thread (_buffer)
         self.runtime = {p.name: p.shape for p in spec.expert_params}
-        self.sources = tuple(StoredTensor(p.name, p.name, _plain_kind(p.name), p.shape, dtype)
-                             for p in spec.expert_params)
-        self.stored = self.sources
+        self.sources = self.stored = plain_sources(spec, dtype)
 
     def expert_nbytes(self) -> int:
         """Bytes a slot holds and a miss moves, scales included."""
@@ -126,9 +107,9 @@ class ExpertFormat:
         return out
 
     def encode(self, source: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> None:
-        """Runtime tensors [n, ...] read from the checkpoint into the stored tensors `out` (int8/int4 only)."""
-        for name, t in out.items():
-            t.copy_(source[name])
+        """Runtime tensors read from the checkpoint into the stored tensors `out`: the formats not stored on
+        disk (int8/int4) only."""
+        raise NotImplementedError(f"the {self.name} format is read as stored, never encoded")
 
     def check_scales(self, key: str, scales: torch.Tensor) -> None:
         """Refuse (CheckpointError) a scale tensor that would make garbage weights: NaN, infinite."""
@@ -140,10 +121,6 @@ class ExpertFormat:
 
     def describe(self) -> str:
         return ""  # the plain format needs no line of its own in the plan
-
-
-def _plain_kind(param: str) -> str:
-    return "bias" if param.endswith("_bias") else "weight"
 
 
 def expert_format(spec, dtype: torch.dtype, quantization: dict | None = None, expert_dtype: str | None = None,
@@ -159,8 +136,6 @@ def expert_format(spec, dtype: torch.dtype, quantization: dict | None = None, ex
         method = quantization["quant_method"]
         if method == "mxfp4":
             if spec.model_type != "gpt_oss":  # transformers reads MXFP4 experts for gpt-oss only
-                from ...errors import UnsupportedModelError
-
                 raise UnsupportedModelError(f"model type {spec.model_type!r} with MXFP4 experts: transformers reads "
                                             "MXFP4 for gpt-oss only, so there is no reference to match")
             return MXFP4(spec, dtype)
