@@ -101,22 +101,22 @@ def run(args: argparse.Namespace) -> int:
 
 def _slots_for_budgets(args, trace) -> dict[str, int]:
     """Each budget's expert slots in the memory plan of --model, its experts held as --expert-dtype."""
+    from dataclasses import replace
+
     import offload_engine
     from offload_engine.loading import inspect_checkpoint, make_plan
+    from offload_engine.planning.memory_plan import parse_bytes
     from offload_engine.run_config import RunConfig
 
     model = args.model or offload_engine.DEFAULT_MODEL
-    out = {}
-    for budget in args.memory_budget:
-        run = RunConfig.build(device="cpu", memory_budget=budget, expert_dtype=args.expert_dtype,
-                              max_context=args.max_context, progress=False)
-        inspected = inspect_checkpoint(model, run)
-        if (inspected.spec.num_moe_layers, inspected.spec.num_experts) != (trace.num_layers, trace.num_experts):
-            raise ConfigError(f"--model {model} has {inspected.spec.num_moe_layers} MoE layers of "
-                              f"{inspected.spec.num_experts} experts, the trace {trace.num_layers} of "
-                              f"{trace.num_experts}: pass the model the trace was recorded with")
-        out[budget] = make_plan(inspected, run).expert_slots
-    return out
+    run = RunConfig.build(device="cpu", expert_dtype=args.expert_dtype, max_context=args.max_context, progress=False)
+    inspected = inspect_checkpoint(model, run)  # once: only the budget differs between the plans
+    if (inspected.spec.num_moe_layers, inspected.spec.num_experts) != (trace.num_layers, trace.num_experts):
+        raise ConfigError(f"--model {model} has {inspected.spec.num_moe_layers} MoE layers of "
+                          f"{inspected.spec.num_experts} experts, the trace {trace.num_layers} of "
+                          f"{trace.num_experts}: pass the model the trace was recorded with")
+    return {budget: make_plan(inspected, replace(run, memory_budget=parse_bytes(budget))).expert_slots
+            for budget in args.memory_budget}
 
 
 def format_table(trace, results, source: str) -> str:

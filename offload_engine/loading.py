@@ -109,7 +109,7 @@ def inspect_checkpoint(name_or_path, run: RunConfig) -> Inspected:
     transposed = bool(getattr(model.get_submodule(spec.experts_paths[0]), "is_transposed", False))
     splits = None
     if quantization is not None and quantization["quant_method"] == "fp8":  # each on-disk tensor has its own scales
-        splits = CheckpointLayout(tensors, model, spec).row_splits()
+        splits = CheckpointLayout(tensors, model, spec, layers=1).row_splits()
     fmt = expert_format(spec, dtype, quantization, run.expert_dtype, transposed,
                         expert_scale_dtype(tensors) or torch.float32, splits, on_cpu=run.device.type == "cpu")
     layout = CheckpointLayout(tensors, model, spec, fmt.sources)
@@ -186,16 +186,18 @@ def make_plan(inspected: Inspected, run: RunConfig) -> MemoryPlan:
     if budget is None and run.expert_slots is None:
         budget = automatic_budget(run.device, spec.total_experts * expert_bytes)
     allocator = cuda_allocator_bytes(sizes, len(fmt.stored)) if run.device.type == "cuda" else 0
+    expansion = fmt.expand_bytes(run.max_batch)
+    described = dict(expert_format=fmt.describe(), non_experts_expanded=non_experts_expanded(inspected))
 
     def plan_for(max_context: int, fitted: bool = False) -> MemoryPlan:
         if grows:
             kv = growing_kv_bytes(config, dtype, max_context, run.max_batch)
         else:
             kv = kv_bytes_per_token(config, dtype) * max_context * run.max_batch
-        work = working_bytes(config, spec, dtype, max_context, run.max_batch) + fmt.expand_bytes(run.max_batch)
+        work = working_bytes(config, spec, dtype, max_context, run.max_batch) + expansion
         plan = plan_memory(spec, non_expert, kv, work, expert_bytes, budget, run.expert_slots, max_context,
                            run.max_batch, allocator, grows, fitted, mapped_bytes)
-        return replace(plan, expert_format=fmt.describe(), non_experts_expanded=non_experts_expanded(inspected))
+        return replace(plan, **described)
 
     default = min(limit, DEFAULT_MAX_CONTEXT)
     if run.max_context is not None or run.memory_budget is not None or run.expert_slots is not None:

@@ -105,9 +105,11 @@ def _renamings(model: nn.Module):
 class CheckpointLayout:
     """Maps runtime tensor names of `model` to the checkpoint's tensors, and checks that all are there."""
 
-    def __init__(self, tensors: CheckpointTensors, model: nn.Module, spec: ModelSpec, sources=None):
-        """`sources`: what to find of each expert (experts/formats: name, runtime param, kind, shape, dtype);
-        by default the runtime tensors themselves, in whatever dtype the files hold them (unchecked)."""
+    def __init__(self, tensors: CheckpointTensors, model: nn.Module, spec: ModelSpec, sources=None,
+                 layers: int | None = None):
+        """`sources`: what to find of each expert (StoredTensor); by default the runtime tensors themselves, in
+        whatever dtype the files hold them (unchecked). `layers`: map only the first so many MoE layers (a
+        look at how experts are stored, before the format that holds them is chosen)."""
         self.tensors = tensors
         self.spec = spec
         rename = _renamings(model)
@@ -115,7 +117,7 @@ class CheckpointLayout:
         self.prefix = getattr(model, "base_model_prefix", "") or ""
         self.experts = [model.get_submodule(p) for p in spec.experts_paths]
         self.sources = sources if sources is not None else plain_sources(spec, None)
-        self.pieces = [self._layer_pieces(i) for i in range(spec.num_moe_layers)]
+        self.pieces = [self._layer_pieces(i) for i in range(spec.num_moe_layers if layers is None else layers)]
 
     # -- non-expert tensors -------------------------------------------------------------------------------
     def find(self, runtime_key: str) -> str | None:
