@@ -50,22 +50,18 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from offload_engine.experts.formats import int_weight
+
 # --------------------------------------------------------------------------
 # int8, per output channel (symmetric)
 # --------------------------------------------------------------------------
 
 
 def quantize_int8_per_channel(w: torch.Tensor):
-    """w [N, K] (any float dtype) -> (q int8 [N, K], scales bf16 [N]).
-
-    Symmetric: scale[n] = max|w[n, :]| / 127, q = clamp(round(w / scale), -127, 127),
-    so w ~= q * scale[n].  Plain row-major int8, the same bytes on every device
-    (``_weight_int8pack_mm`` takes it as is: there is no pack step).
-    """
-    wf = w.float()
-    scale = wf.abs().amax(dim=1).clamp_min(1e-12) / 127.0
-    q = torch.clamp(torch.round(wf / scale[:, None]), -127, 127).to(torch.int8)
-    return q.contiguous(), scale.to(torch.bfloat16)
+    """w [N, K] (any float dtype) -> (q int8 [N, K], scales bf16 [N]): the engine's own quantizer
+    (offload_engine/experts/formats/int_weight.py), so the kernels are timed on what the engine holds.
+    Plain row-major int8, the same bytes on every device (``_weight_int8pack_mm`` takes it as is)."""
+    return int_weight.quantize_int8(w.float(), torch.bfloat16)
 
 
 def int8_expert_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -89,28 +85,10 @@ def dequantize_int8(q: torch.Tensor, scales: torch.Tensor, dtype=torch.bfloat16)
 
 
 def quantize_int4_groupwise(w: torch.Tensor, group: int):
-    """w [N, K] -> (q uint8 [N, K] values 0..15, scales_and_zeros bf16 [K/group, N, 2]).
-
-    Per group of ``group`` consecutive k in row n:  mn, mx = min, max;
-    scale = (mx - mn) / 15;  zero = mn + 8 * scale;  q = clamp(round((w - mn) / scale), 0, 15).
-    Dequantization (what both aten int4 kernels compute, CPU and CUDA):
-        w ~= (q - 8) * scale + zero      (= q * scale + mn)
-    scales_and_zeros[g, n, 0] = scale, [g, n, 1] = zero (bf16, contiguous).
-    """
-    N, K = w.shape
-    assert K % group == 0
-    wf = w.float().reshape(N, K // group, group)
-    mn = wf.amin(dim=2)
-    mx = wf.amax(dim=2)
-    scale = ((mx - mn) / 15.0).clamp_min(1e-12)
-    # round scale/zero to bf16 first, so q is chosen against what the kernel will use
-    scale_b = scale.to(torch.bfloat16)
-    zero_b = (mn + 8.0 * scale).to(torch.bfloat16)
-    s = scale_b.float()[..., None]
-    z = zero_b.float()[..., None]
-    q = torch.clamp(torch.round((wf - z) / s + 8.0), 0, 15).to(torch.uint8).reshape(N, K)
-    sz = torch.stack([scale_b, zero_b], dim=-1)          # [N, K/g, 2]
-    return q.contiguous(), sz.transpose(0, 1).contiguous()  # [K/g, N, 2]
+    """w [N, K] -> (q uint8 [N, K] values 0..15, scales_and_zeros bf16 [K/group, N, 2]): the engine's own
+    quantizer (int_weight.quantize_int4). Dequantization, what both aten int4 kernels compute (CPU and CUDA):
+    w ~= (q - 8) * scale + zero, with scale = (max - min) / 15 and zero = min + 8 * scale per group."""
+    return int_weight.quantize_int4(w.float(), group, torch.bfloat16)
 
 
 def pack_int4_plain(q: torch.Tensor) -> torch.Tensor:
