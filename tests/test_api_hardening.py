@@ -186,3 +186,22 @@ def test_a_suspended_or_abandoned_stream_leaves_the_callers_autograd_mode_alone(
     assert not torch.is_inference_mode_enabled()  # the caller's code between tokens runs in its own mode
     del stream
     assert not torch.is_inference_mode_enabled()
+
+
+def test_a_script_that_ends_while_a_submitted_request_runs_exits_cleanly(tmp_path):
+    """The engine thread is stopped before the interpreter finalizes: it used to be stopped inside torch's
+    C++ code, and the forced unwind aborted the process (exit 134, "terminate called without an active
+    exception"), every time a script left with a request still decoding."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "leave.py"
+    script.write_text(
+        "from offload_engine import OffloadEngine, DEFAULT_MODEL\n"
+        "engine = OffloadEngine.from_pretrained(DEFAULT_MODEL, max_context=128, max_batch=2, progress=False)\n"
+        "handle = engine.submit('Hello there', max_new_tokens=120, ignore_eos=True)\n"
+        "next(iter(handle))\n"
+        "print('left mid-generation')\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-500:]
+    assert "left mid-generation" in done.stdout

@@ -32,8 +32,10 @@ settings, and the queue's order decides which do).
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import threading
+import weakref
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -102,6 +104,11 @@ class Scheduler:
         self._ids = itertools.count(1)
         self._thread = threading.Thread(target=self._loop, name="offload-engine-scheduler", daemon=True)
         self._thread.start()
+        # A script that ends while a request runs must not end in an abort: the interpreter stops a daemon
+        # thread inside torch's C++ code at finalization, and the forced unwind terminates the process (exit
+        # 134). So the thread is stopped (its rows cancelled) first, at exit, unless close() did it already.
+        self._close_at_exit = _close_at_exit(weakref.ref(self))
+        atexit.register(self._close_at_exit)
 
     def submit(self, prompt, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
                top_k: int = 0, seed: int | None = None, chat: bool = False, ignore_eos: bool = False,
@@ -133,6 +140,7 @@ class Scheduler:
 
     def close(self, timeout: float | None = 30.0) -> None:
         """Refuse new requests, fail the waiting ones, cancel the running batch and stop the thread."""
+        atexit.unregister(self._close_at_exit)
         with self._cond:
             self._closed = True
             waiting, self._waiting = list(self._waiting), deque()
@@ -320,6 +328,15 @@ class Scheduler:
             t.hits += stats.hits - counted.hits
             t.misses += stats.misses - counted.misses
             t.bytes_to_device += stats.bytes_to_device - counted.bytes_to_device
+
+
+def _close_at_exit(scheduler: weakref.ref):
+    """An exit hook of its own for one scheduler, holding it only weakly (a dropped engine is not kept alive)."""
+    def close() -> None:
+        live = scheduler()
+        if live is not None:
+            live.close()
+    return close
 
 
 def _whole(value) -> bool:
