@@ -1,7 +1,7 @@
 """A model at least 3x larger than the memory it may use, side by side with llama.cpp under the same limit.
 
     python benchmarks/bench_larger_than_ram.py [--shape qwen3-30b-a3b] [--layers 8] [--vocab N] [--limit 3GiB]
-        [--tokens 32] [--rounds 2] [--configs llama.cpp,lru,predictive] [--formats bf16,fp8]
+        [--tokens 32] [--rounds 2] [--configs llama.cpp,lru,predictive] [--formats bf16,fp8] [--residual steady]
         [--out runs/larger_than_ram.json]
 
 Makes (once) a random-weight bf16 checkpoint of a real model's shape (benchmarks/make_checkpoint.py) and its
@@ -62,11 +62,12 @@ def checkpoint_bytes(directory: Path) -> int:
     return sum(p.stat().st_size for p in directory.glob("*.safetensors"))
 
 
-def make_checkpoint(shape: str, layers: int, out: Path, vocab: int | None = None, fmt: str = "bf16") -> Path:
+def make_checkpoint(shape: str, layers: int, out: Path, vocab: int | None = None, fmt: str = "bf16",
+                    residual: str = "random") -> Path:
     if not (out / "config.json").exists():
         subprocess.run([sys.executable, str(ROOT / "benchmarks" / "make_checkpoint.py"), "--shape", shape,
                         "--layers", str(layers), "--dtype", "bf16", "--out", str(out), "--format", fmt,
-                        *(["--vocab", str(vocab)] if vocab else [])], check=True)
+                        "--residual", residual, *(["--vocab", str(vocab)] if vocab else [])], check=True)
     return out
 
 
@@ -108,7 +109,10 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2, help="llama.cpp's threads (the engine takes its default)")
     p.add_argument("--configs", default="llama.cpp,lru,predictive")
     p.add_argument("--formats", default="bf16", help="the engine's configurations on each format's checkpoint")
-    p.add_argument("--checkpoint", type=Path, default=None, help="default: /tmp/ck/<shape>-<layers>[-v<vocab>]")
+    p.add_argument("--residual", choices=("random", "steady"), default="random",
+                   help="make_checkpoint.py --residual: steady lets next-gate see ahead as in trained models")
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="default: /tmp/ck/<shape>-<layers>[-v<vocab>][-steady]")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "larger_than_ram.json")
     args = p.parse_args()
 
@@ -116,13 +120,14 @@ def main() -> int:
     if why is not None:
         print(f"bench_larger_than_ram: cannot limit memory here: {why}", file=sys.stderr)
         return 2
-    default = Path(f"/tmp/ck/{args.shape}-{args.layers}" + (f"-v{args.vocab}" if args.vocab else ""))
-    model = make_checkpoint(args.shape, args.layers, args.checkpoint or default, args.vocab)
+    default = Path(f"/tmp/ck/{args.shape}-{args.layers}" + (f"-v{args.vocab}" if args.vocab else "")
+                   + ("-steady" if args.residual == "steady" else ""))
+    model = make_checkpoint(args.shape, args.layers, args.checkpoint or default, args.vocab, residual=args.residual)
     models = {"bf16": model}
     for fmt in args.formats.split(","):
         if fmt != "bf16":
             models[fmt] = make_checkpoint(args.shape, args.layers, model.with_name(f"{model.name}-{fmt}"), args.vocab,
-                                          fmt)
+                                          fmt, args.residual)
     configs = [c for c in args.configs.split(",") if c == "llama.cpp"]
     configs += [c if fmt == "bf16" else f"{c}-{fmt}" for fmt in models for c in args.configs.split(",")
                 if c != "llama.cpp"]
@@ -170,7 +175,7 @@ def main() -> int:
                 summary[name]["hit_rate"] = statistics.median(r["hit_rate"] for r in mine)
     record = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
               "machine": platform.node(), "cpu": _cpu(), "shape": args.shape, "layers": args.layers,
-              "vocab": args.vocab,
+              "vocab": args.vocab, "residual": args.residual,
               "checkpoint_bytes": size, "limit_bytes": args.limit,
               "format_bytes": {fmt: checkpoint_bytes(m) for fmt, m in models.items()}, "tokens": args.tokens, "rounds": args.rounds,
               "commands": commands, "one_token_read_bytes": base, "runs": rows, "medians": summary}

@@ -138,3 +138,16 @@ def test_tokenizer_fills_vocabularies_past_the_pairs(tmp_path):
     assert len(tokenizer) == config["vocab_size"]
     text = "Über Größe: the history of the city begins, 1234 ✅"
     assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
+
+
+def test_a_steady_residual_lets_the_next_layers_router_see_ahead(tmp_path):
+    """--residual steady: the residual stream changes little between layers, as in trained models, so layer
+    l+1's router applied to layer l's residual (next-gate) finds most of l+1's choices; with every weight at
+    N(0, 0.02) each layer rewrites the stream and next-gate sees far less."""
+    recall = {}
+    for residual in ("random", "steady"):
+        config = mc.config_of("qwen3-30b-a3b", layers=3, vocab=512, dtype="fp32", **SMALL["qwen3-30b-a3b"])
+        out = tmp_path / residual
+        mc.write_random(config, out, mc.DTYPES["fp32"], seed=1, progress=False, **mc.RESIDUALS[residual])
+        recall[residual] = mc.report(out, tokens=48)["next_gate_recall_1_ahead"]
+    assert recall["steady"] >= 0.8 and recall["random"] <= recall["steady"] - 0.2, recall
