@@ -70,6 +70,7 @@ class TokenEvent:
     texts: tuple[str, ...]
     finished: tuple[bool, ...]
     stats: GenerationStats | None = None  # set on the last event only
+    logprobs: tuple | None = None  # per row, a logprobs.TokenLogprobs or None: with _stream's `logprobs` only
 
     @property
     def token_id(self) -> int:
@@ -295,10 +296,16 @@ class OffloadEngine:
         chat: bool = False,
         ignore_eos: bool = False,
         stop: Sequence[str] = (),
+        logprobs: int | None = None,
+        stall_timeout: float | None = None,
     ):
         """Queue one prompt for the engine's own generation thread and return its Handle at once (from any
         thread): iterate it for the text as it comes, `result()` for the whole completion, `cancel()` to give
         up. `stop`: strings that end the completion where the text first contains one (cut before it).
+        `logprobs`: None, or K (0..20): each piece carries its token's logprob (log_softmax of the raw logits,
+        before temperature and top-p) and the K most likely tokens' ({id: logprob}). `stall_timeout`: None, or
+        seconds: a request whose oldest produced piece nobody has taken for that long is cancelled, finishing
+        "stalled" (a reader that stopped reading no longer holds its row).
         Requests share the running batch, up to max_batch rows, joining between decode steps (static padded
         batches for models whose cache does not allow it: serving/scheduler.py)."""
         from .serving.scheduler import Scheduler
@@ -308,7 +315,8 @@ class OffloadEngine:
                 self._scheduler = Scheduler(self)
             scheduler = self._scheduler
         return scheduler.submit(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                top_k=top_k, seed=seed, chat=chat, ignore_eos=ignore_eos, stop=stop)
+                                top_k=top_k, seed=seed, chat=chat, ignore_eos=ignore_eos, stop=stop, logprobs=logprobs,
+                                stall_timeout=stall_timeout)
 
     def request(self, rows: int, recorder: RoutingRecorder | None = None) -> Request:
         """A new request's own state: counters, routing history, recorder."""
@@ -320,13 +328,14 @@ class OffloadEngine:
             return self.model(**inputs)
 
     def _stream(self, encoded: list[list[int]], cfg: SamplingConfig, recorder: RoutingRecorder | None = None,
-                request: Request | None = None) -> Iterator[TokenEvent]:
-        """`request`: the batch's state, when the caller reads its counters before the last event (submit's)."""
+                request: Request | None = None, logprobs: list[int | None] | None = None) -> Iterator[TokenEvent]:
+        """`request`: the batch's state, when the caller reads its counters before the last event (submit's);
+        `logprobs`: per row, None or the top alternatives to return with each token (decode_stream's)."""
         with self.runtime.admitted(len(encoded)):
-            yield from self._steps(encoded, cfg, recorder, request)
+            yield from self._steps(encoded, cfg, recorder, request, logprobs)
 
     def _steps(self, encoded: list[list[int]], cfg: SamplingConfig, recorder,
-               request: Request | None = None) -> Iterator[TokenEvent]:
+               request: Request | None = None, logprobs: list[int | None] | None = None) -> Iterator[TokenEvent]:
         input_ids, mask = self._padded(encoded)
         deltas = [IncrementalDetokenizer(self.tokenizer) for _ in encoded]
         request = request if request is not None else self.request(len(encoded), recorder)
@@ -338,7 +347,7 @@ class OffloadEngine:
         count = count_first = step_syncs = 0
         steps = decode_stream(self.model, input_ids, mask, cfg, self.eos_ids(), self.pad_id(),
                               forward=lambda **inputs: self.forward(request, **inputs),
-                              cache=self._kv_cache(len(encoded)) if cuda else None)
+                              cache=self._kv_cache(len(encoded)) if cuda else None, logprobs=logprobs)
         for step in steps:
             first = step.time_s if first is None else first
             step_syncs += step.host_syncs
@@ -354,7 +363,8 @@ class OffloadEngine:
             if all(finished) or last:
                 stats = self._stats(request, encoded, count, count_first, first, step.time_s, step.index + 1, cuda,
                                     step_syncs)
-            yield TokenEvent(step.index, tuple(tokens), texts, finished, stats)
+            yield TokenEvent(step.index, tuple(tokens), texts, finished, stats,
+                             tuple(step.logprobs) if step.logprobs is not None else None)
             done = list(finished)
 
     def _kv_cache(self, rows: int):

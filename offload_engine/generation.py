@@ -18,6 +18,7 @@ import torch
 
 from .errors import GenerationInputError
 from .experts.host_read import read_to_host
+from .logprobs import TokenLogprobs, on_device, per_row
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,7 @@ class Step:
     time_s: float  # since the start of prefill, taken after the token reached the CPU
     logits: torch.Tensor  # [B, V] the scores the token was chosen from, on the device
     host_syncs: int = 1  # reads of the device the step's own loop waited for (the layer calls count theirs)
+    logprobs: list[TokenLogprobs | None] | None = None  # per row, with decode_stream's `logprobs`
 
 
 def cache_keyword(model) -> str:
@@ -125,10 +127,12 @@ def decode_stream(
     pad_id: int,
     forward: Callable | None = None,
     cache=None,
+    logprobs: list[int | None] | None = None,
 ) -> Iterator[Step]:
     """input_ids [B, P] left-padded on the model's device. Stops when every sequence has emitted an EOS.
     `forward(**inputs)` runs one forward pass (default: the model itself; the engine wraps it in its request).
-    `cache`: a KV cache to fill (e.g. a StaticCache allocated up front); default: the model's own, grown on demand."""
+    `cache`: a KV cache to fill (e.g. a StaticCache allocated up front); default: the model's own, grown on demand.
+    `logprobs`: per row, None or K: each Step then carries those rows' logprobs (logprobs.py), read with the tokens."""
     device = input_ids.device
     generator = sampling_generator(cfg, device)
     eos = torch.tensor(sorted(eos_ids), device=device, dtype=torch.long) if eos_ids and not cfg.ignore_eos else None
@@ -153,15 +157,19 @@ def decode_stream(
             tokens = torch.where(finished, torch.full_like(tokens, pad_id), tokens)
             if eos is not None:
                 finished = finished | torch.isin(tokens, eos)
-            # the step's one read of the device: tokens, finished flags and finiteness together
+            # the step's one read of the device: tokens, finished flags and finiteness together (and the logprobs
+            # of the rows that ask)
             rows = tokens.shape[0]
-            (host,) = read_to_host([torch.cat([tokens, finished.long(), finite.long()])])
+            asks = logprobs or [None] * rows
+            host, *values_ids = read_to_host([torch.cat([tokens, finished.long(), finite.long()]),
+                                              *(on_device(logits, tokens, asks) or (None, None))])
             tokens_cpu, finished_cpu, finite_cpu = host[:rows], host[rows:2 * rows].bool(), host[2 * rows:]
             if not bool(finite_cpu.all()):  # NaN weights: no token can be read off these scores
                 raise GenerationInputError(
                     f"the model produced non-finite scores (NaN or inf) at step {index}; its weights are corrupt "
                     "or overflow in this dtype: check the checkpoint, or try --dtype float32")
-        yield Step(index, tokens_cpu, finished_cpu, time.perf_counter() - start, logits)
+        yield Step(index, tokens_cpu, finished_cpu, time.perf_counter() - start, logits,
+                   logprobs=per_row(*values_ids, asks) if logprobs else None)
         if bool(finished_cpu.all()) or index + 1 == cfg.max_new_tokens:
             return
         with torch.inference_mode():

@@ -26,6 +26,7 @@ from ..errors import GenerationInputError
 from ..experts.counters import CacheStats
 from ..experts.host_read import read_to_host
 from ..generation import cache_keyword, pick, sampling_generator
+from ..logprobs import on_device, per_row
 from ..request import Request
 from .handle import Handle
 from .row_cache import RowCache
@@ -91,8 +92,11 @@ class RunningBatch:
                 if source is None:
                     self.cache.put(r, getattr(out, self.cache_arg))
                 self.cache.lengths[r] = len(ids)
-                token, finite = pick(out.logits[:, -1, :], cfg, generator)
-                (host,) = read_to_host([torch.cat([token, finite.long()])])
+                logits = out.logits[:, -1, :]
+                token, finite = pick(logits, cfg, generator)
+                asks = [handle.logprobs]
+                host, *logprobs = read_to_host([torch.cat([token, finite.long()]),
+                                                *(on_device(logits, token, asks) or (None, None))])
         except Exception as error:  # this request's fault (or the engine's): the running rows go on
             self._count(0, decode=False)
             handle._fail(error)
@@ -104,7 +108,7 @@ class RunningBatch:
         paths = self.request.paths
         paths.current = np.concatenate([paths.current, prefill.paths.current])
         paths.previous = np.concatenate([paths.previous, prefill.paths.previous])
-        if self._emit(r, row, bool(host[1]), len(self.rows)):
+        if self._emit(r, row, bool(host[1]), len(self.rows), per_row(*logprobs, asks)[0]):
             self._leave(r)
 
     # -- one decode step ----------------------------------------------------------------------------------
@@ -132,7 +136,9 @@ class RunningBatch:
                 picks = [pick(logits[r:r + 1], row.handle.cfg, row.generator) for r, row in enumerate(self.rows)]
                 tokens = torch.cat([t for t, _ in picks])
                 finite = torch.cat([f for _, f in picks]).long()
-                (host,) = read_to_host([torch.cat([tokens, finite])])  # the step's one read of the device
+                asks = [row.handle.logprobs for row in self.rows]  # the asking rows' logprobs come along
+                host, *logprobs = read_to_host([torch.cat([tokens, finite]),  # the step's one read of the device
+                                                *(on_device(logits, tokens, asks) or (None, None))])
         except Exception as error:
             self._count(0, decode=True)
             self.fail(error)
@@ -142,10 +148,10 @@ class RunningBatch:
             for r, row in enumerate(self.rows):
                 if row.handle.signature is not None:
                     row.handle.signature = self.signer.step(row.handle.signature, self.request.paths.current[r])
-        ended = []
+        ended, logprobs = [], per_row(*logprobs, asks)
         for r, row in enumerate(self.rows):
             row.token = int(host[r])
-            if self._emit(r, row, bool(host[n + r]), n):
+            if self._emit(r, row, bool(host[n + r]), n, logprobs[r]):
                 ended.append(r)
         for r in reversed(ended):
             self._leave(r)
@@ -163,8 +169,8 @@ class RunningBatch:
             self._leave(r)
 
     # -- rows -----------------------------------------------------------------------------------------------
-    def _emit(self, r: int, row: Row, finite: bool, rows: int) -> bool:
-        """Hand row r's newest token to its handle; True when the row has ended."""
+    def _emit(self, r: int, row: Row, finite: bool, rows: int, logprobs) -> bool:
+        """Hand row r's newest token (and its logprobs, if asked) to its handle; True when the row has ended."""
         handle, token = row.handle, row.token
         stats = self.counted
         handle._set_counters(stats.hits - row.base.hits, stats.misses - row.base.misses,
@@ -179,7 +185,7 @@ class RunningBatch:
         cfg = handle.cfg
         eos = not cfg.ignore_eos and token in self.eos
         last = row.count == cfg.max_new_tokens
-        return handle._token(token, row.detokenizer.push(token, last=last or eos), eos, last)
+        return handle._token(token, row.detokenizer.push(token, last=last or eos), eos, last, logprobs)
 
     def _leave(self, r: int) -> None:
         """Row r leaves; the last row takes its place."""
@@ -199,3 +205,4 @@ class RunningBatch:
         stats = CacheStats.of(self.request.counters)
         self.count(stats, self.counted, tokens, steps=1, decode=decode)
         self.counted = stats
+

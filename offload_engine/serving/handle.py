@@ -17,6 +17,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 
 
@@ -24,18 +25,22 @@ from dataclasses import dataclass
 class Piece:
     """One token of a completion and the text it released (possibly "": a character or a stop string may
     still be incomplete). The last piece has a finish_reason: "stop" (an end-of-sequence token or a stop
-    string) or "length" (max_new_tokens)."""
+    string) or "length" (max_new_tokens). With submit's `logprobs=K`: the token's log-probability under the
+    model's raw distribution (log_softmax of its logits, before temperature and top-p) and the K most likely
+    tokens' ({token id: logprob}, most likely first); None without."""
 
     token_id: int
     text: str
     finish_reason: str | None = None
+    logprob: float | None = None
+    top_logprobs: dict[int, float] | None = None
 
 
 @dataclass(frozen=True)
 class Completion:
     text: str  # cut before the first stop string
     token_ids: list[int]  # every token generated (the one that completed a stop string or was an EOS included)
-    finish_reason: str  # "stop", "length", or "cancelled"
+    finish_reason: str  # "stop", "length", "cancelled", or "stalled" (its reader took no piece for stall_timeout s)
     prompt_tokens: int
     queued_s: float  # from submit to the start of its batch
     ttft_s: float  # from submit to the first token (queueing included: what the caller waited)
@@ -84,10 +89,19 @@ _END = object()  # the queue's last item for a cancelled request
 
 class Handle:
     """One submitted prompt. Iterate it for its Pieces (the last one has a finish_reason; a cancelled handle's
-    iteration just ends; an engine error is raised), or call result() for the whole Completion."""
+    iteration just ends; an engine error is raised), or call result() for the whole Completion.
 
-    def __init__(self, request_id: str, prompt_ids: list[int], cfg, stop: tuple[str, ...]):
+    `logprobs`: None, or K: each piece carries its logprob and the top K's. `stall_timeout`: None, or seconds
+    after which the engine thread cancels the request ("stalled") when its oldest piece is still untaken."""
+
+    def __init__(self, request_id: str, prompt_ids: list[int], cfg, stop: tuple[str, ...],
+                 logprobs: int | None = None, stall_timeout: float | None = None):
         self.id, self.prompt_ids, self.cfg = request_id, prompt_ids, cfg
+        self.logprobs, self.stall_timeout = logprobs, stall_timeout
+        # when each queued, untaken piece was produced (monotonic): the engine thread appends before it queues
+        # a piece, the reader pops as it takes one, so [0] is the oldest untaken piece's
+        self._untaken: deque[float] = deque()
+        self._stalled = False
         self.submitted = time.perf_counter()
         self._stop = StopText(stop)
         self._items: queue.SimpleQueue = queue.SimpleQueue()
@@ -125,7 +139,7 @@ class Handle:
 
     @property
     def finish_reason(self) -> str | None:
-        """None while running; then "stop", "length", "cancelled" or "error"."""
+        """None while running; then "stop", "length", "cancelled", "stalled" or "error"."""
         return self._finish
 
     def done(self) -> bool:
@@ -149,6 +163,7 @@ class Handle:
         if item is _END:
             self._items.put(item)
             return None
+        self._untaken.popleft()
         return item
 
     def __iter__(self):
@@ -169,7 +184,7 @@ class Handle:
         first = self._first if self._first is not None else self._ended
         decode_s = self._ended - first
         return Completion(
-            text=self._stop.text if self._finish != "cancelled" else self._stop.text[:self._stop.sent],
+            text=self._stop.text[:self._stop.sent] if self._finish in ("cancelled", "stalled") else self._stop.text,
             token_ids=list(self._tokens), finish_reason=self._finish, prompt_tokens=self.prompt_tokens,
             queued_s=(self._started or self._ended) - self.submitted, ttft_s=first - self.submitted,
             decode_tokens_per_s=(len(self._tokens) - 1) / decode_s if decode_s > 0 else 0.0,
@@ -184,22 +199,38 @@ class Handle:
         """The running batch held `rows` rows (this one included) at a step of this request."""
         self._rows = max(self._rows, rows)
 
-    def _token(self, token_id: int, text: str, eos: bool, last_step: bool) -> bool:
-        """Record one token; True when it ended the request."""
+    def _token(self, token_id: int, text: str, eos: bool, last_step: bool, logprobs=None) -> bool:
+        """Record one token (`logprobs`: its logprobs.TokenLogprobs, when the request asked); True when it
+        ended the request."""
         self._first = self._first if self._first is not None else time.perf_counter()
         self._tokens.append(token_id)
         released, stopped = self._stop.push(text)
         finish = "stop" if stopped or eos else "length" if last_step else None
         if finish is not None and not stopped:
             released += self._stop.flush()
-        self._end(finish, Piece(token_id, released, finish))
+        logprob, top = logprobs if logprobs is not None else (None, None)
+        self._end(finish, Piece(token_id, released, finish, logprob, top))
         return finish is not None
 
     def _set_counters(self, hits: int, misses: int, bytes_to_device: int) -> None:
         self._counters = (hits, misses, bytes_to_device)
 
+    def _stalled_since(self, now: float) -> bool:
+        """Whether the oldest untaken piece was produced more than stall_timeout seconds before `now`."""
+        if self.stall_timeout is None:
+            return False
+        try:
+            return now - self._untaken[0] > self.stall_timeout
+        except IndexError:  # every piece taken (perhaps just now)
+            return False
+
+    def _stall(self) -> None:
+        """Cancel as stalled: the request leaves its batch as a cancelled one does, finishing "stalled"."""
+        self._stalled = True
+        self._cancelled.set()
+
     def _abandon(self) -> None:
-        self._end("cancelled", _END)
+        self._end("stalled" if self._stalled else "cancelled", _END)
 
     def _fail(self, error: BaseException) -> None:
         self._error = error
@@ -210,6 +241,8 @@ class Handle:
         after, so a reader that saw the last item reads the outcome, and one that sees done() finds every item."""
         if finish is not None:
             self._finish, self._ended = finish, time.perf_counter()
+        if isinstance(item, Piece):
+            self._untaken.append(time.monotonic())
         self._items.put(item)
         if finish is not None:
             self._done.set()

@@ -34,7 +34,10 @@ from __future__ import annotations
 
 import atexit
 import itertools
+import math
+import numbers
 import threading
+import time
 import weakref
 from collections import deque
 from collections.abc import Sequence
@@ -43,6 +46,7 @@ from dataclasses import dataclass
 from ..errors import GenerationInputError, OffloadEngineError
 from ..experts.counters import CacheStats
 from ..generation import SamplingConfig
+from ..logprobs import check_ask
 from .continuous import RunningBatch
 from .handle import Handle
 from .schedule import SCHEDULES, WINDOW_PER_ROW, RouterSignature, choose
@@ -76,6 +80,7 @@ class Totals:
     misses: int = 0
     bytes_to_device: int = 0
     schedule_skips: int = 0  # admissions (schedule="routing") of a request other than the oldest waiting
+    stalled: int = 0  # requests cancelled because their reader took no piece for their stall_timeout
 
 
 class Scheduler:
@@ -112,10 +117,15 @@ class Scheduler:
 
     def submit(self, prompt, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
                top_k: int = 0, seed: int | None = None, chat: bool = False, ignore_eos: bool = False,
-               stop: Sequence[str] = ()) -> Handle:
-        """Queue one prompt (text or token ids); the arguments are generate's, plus `stop` strings."""
+               stop: Sequence[str] = (), logprobs: int | None = None, stall_timeout: float | None = None) -> Handle:
+        """Queue one prompt (text or token ids); the arguments are generate's, plus `stop` strings, `logprobs`
+        and `stall_timeout` (engine.submit's)."""
         cfg = SamplingConfig(max_new_tokens, temperature, top_p, top_k, seed, ignore_eos)
         stop = _stop_strings(stop)
+        check_ask(logprobs)
+        if stall_timeout is not None and (not isinstance(stall_timeout, numbers.Real) or isinstance(stall_timeout, bool)
+                                          or not 0 < stall_timeout < math.inf):
+            raise GenerationInputError(f"stall_timeout must be None or a number of seconds > 0, not {stall_timeout!r}")
         if isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], (str, list, tuple)):
             raise GenerationInputError("submit takes one prompt; submit each prompt of a batch on its own")
         (ids,) = self.engine._prompts(prompt, chat, max_new_tokens)  # checked against the model and the plan
@@ -125,7 +135,7 @@ class Scheduler:
             if len(self._waiting) >= self.max_queue:
                 raise QueueFullError(f"{len(self._waiting)} requests are waiting (max_queue); try again once one "
                                      "has started")
-            handle = Handle(f"{next(self._ids)}", ids, cfg, stop)
+            handle = Handle(f"{next(self._ids)}", ids, cfg, stop, logprobs, stall_timeout)
             self._waiting.append(handle)
             self._cond.notify_all()
         return handle
@@ -208,6 +218,7 @@ class Scheduler:
                     self._sign(joining)
                     for handle in joining:
                         batch.admit(handle)
+                    self._drop_stalled(batch.handles())
                     batch.step()
                 except Exception as error:  # a bug past the engine's forwards: end the batch, keep the thread
                     for handle in joining:
@@ -286,9 +297,12 @@ class Scheduler:
             self.totals.batches += 1
             self.totals.rows += len(batch)
         counted = CacheStats.of(request.counters)
-        steps = engine._stream([h.prompt_ids for h in batch], cfg, request=request)
+        asks = [h.logprobs for h in batch]
+        steps = engine._stream([h.prompt_ids for h in batch], cfg, request=request,
+                               logprobs=asks if any(k is not None for k in asks) else None)
         try:
             for event in steps:
+                self._drop_stalled([batch[row] for row in open_rows])
                 last_step = event.index + 1 == cfg.max_new_tokens
                 # the batch's so far, each row's own while it runs; the counters as they stand (engine.cache.stats
                 # would wait for every CUDA copy in flight, once a step)
@@ -302,7 +316,8 @@ class Scheduler:
                     if handle.cancelled:
                         open_rows.remove(row)
                         handle._abandon()
-                    elif handle._token(event.token_ids[row], event.texts[row], event.finished[row], last_step):
+                    elif handle._token(event.token_ids[row], event.texts[row], event.finished[row], last_step,
+                                       event.logprobs[row] if event.logprobs is not None else None):
                         open_rows.remove(row)
                 if not open_rows:
                     break
@@ -315,6 +330,16 @@ class Scheduler:
             for row in open_rows:  # the engine stopped early (only a cancelled row can be left)
                 batch[row]._abandon()
             self._count(CacheStats.of(request.counters), counted, 0)
+
+    def _drop_stalled(self, handles: list[Handle]) -> None:
+        """Cancel, as stalled, the running requests whose oldest produced piece waited for its reader longer
+        than their stall_timeout (between steps; each then leaves as a cancelled one does)."""
+        now = time.monotonic()
+        for handle in handles:
+            if not handle.cancelled and handle._stalled_since(now):
+                handle._stall()
+                with self._cond:
+                    self.totals.stalled += 1
 
     def _count(self, stats, counted, tokens: int, steps: int = 0, decode: bool = False) -> None:
         """Add a step's tokens and the cache counters since `counted` to the totals."""
