@@ -8,6 +8,7 @@ while the server already answers: /health is 503 until it is loaded. Ctrl-C stop
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import socket
@@ -22,6 +23,7 @@ from .run_options import add_model_options, bounded_int, model_path, positive_in
 API_KEY_ENV = "MOE_OFFLOAD_API_KEY"
 GRACE_S = 5  # how long a stop waits for requests in flight
 SCHEDULES = ("fifo", "routing")  # offload_engine.serving.schedule.SCHEDULES, without importing torch for --help
+STALL_TIMEOUT_S = 30.0  # --stall-timeout's default
 
 
 def add_parser(subparsers, name: str):
@@ -39,6 +41,9 @@ def add_parser(subparsers, name: str):
     p.add_argument("--schedule-max-skips", type=bounded_int(0, 2**31 - 1), default=None, metavar="N",
                    help="--schedule routing: a request that N younger requests were admitted ahead of is admitted "
                         "next (default: 1.5 x --max-batch, rounded down; 0: fifo)")
+    p.add_argument("--stall-timeout", type=_seconds, default=STALL_TIMEOUT_S, metavar="SECONDS",
+                   help="cancel a streamed request whose client, still connected, has not read a produced token "
+                        f"for this long, freeing its row (default {STALL_TIMEOUT_S:g}; 0: never)")
     p.add_argument("--api-key", default=None,
                    help=f"require 'Authorization: Bearer KEY' on every route but /health (default: ${API_KEY_ENV} "
                         "if set, else no key)")
@@ -62,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         print(line, file=sys.stderr, flush=True)
 
     app = make_app(api_key=api_key, max_queue=args.max_queue, log=log, schedule=args.schedule,
-                   max_skips=args.schedule_max_skips)
+                   max_skips=args.schedule_max_skips, stall_timeout=args.stall_timeout or None)
     state = app.state.serving
     server = _server(uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=GRACE_S))
     failures: list[BaseException] = []
@@ -95,6 +100,17 @@ def run(args: argparse.Namespace) -> int:
         raise failures[0]
     log("stopped")
     return 0
+
+
+def _seconds(text: str) -> float:
+    """A number of seconds >= 0, checked by argparse with a one-line error."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text[:24]!r} is not a number of seconds") from None
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"{text[:24]!r} must be a number of seconds >= 0 (0: never)")
+    return value
 
 
 def _bind(host: str, port: int) -> socket.socket:

@@ -4,8 +4,9 @@
 `app.state.serving.attach(engine)` (the CLI loads the model in a thread while the server already listens).
 Each request is checked (openai_api.py), submitted to the scheduler's queue (full: 429 with Retry-After),
 and answered as one JSON object or as server-sent events. A client that disconnects cancels its handle
-(its row leaves the batch as scheduler.py describes). Counters go to a prometheus_client registry of the
-app's own, served at /metrics.
+(its row leaves the batch as scheduler.py describes); one that stays connected but stops reading a stream is
+cancelled by the engine thread once its oldest unsent piece is `stall_timeout` seconds old (finish "stalled").
+Counters go to a prometheus_client registry of the app's own, served at /metrics.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from ..errors import OffloadEngineError, one_line
 from .handle import Handle
 from .openai_api import (ApiError, ChatRequest, CompletionRequest, chunk, new_id, parse, prepare, response, sse,
                          usage)
+from .openai_logprobs import LogprobsWriter
 from .scheduler import DEFAULT_MAX_QUEUE, QueueFullError, Scheduler, SchedulerClosedError
 
 POLL_S = 0.25  # how often a waiting request checks that its client is still there
@@ -35,8 +37,10 @@ class ServerState:
     """The engine (None while it loads), its scheduler, the counters and the request log."""
 
     def __init__(self, api_key: str | None, max_queue: int, max_batch: int | None, model_name: str | None,
-                 log: Callable[[str], None] | None, schedule: str = "fifo", max_skips: int | None = None):
+                 log: Callable[[str], None] | None, schedule: str = "fifo", max_skips: int | None = None,
+                 stall_timeout: float | None = None):
         self.api_key, self.max_queue, self.max_batch = api_key, max_queue, max_batch
+        self.stall_timeout = stall_timeout
         self.schedule, self.max_skips = schedule, max_skips
         self.model_name, self.log = model_name, log or (lambda line: None)
         self.engine = self.scheduler = None
@@ -103,7 +107,9 @@ class _EngineCollector:
                                  ("expert_bytes_to_device", "bytes of experts copied to the device",
                                   "bytes_to_device"),
                                  ("schedule_skips", "admissions of a request other than the oldest waiting "
-                                  "(--schedule routing)", "schedule_skips")):
+                                  "(--schedule routing)", "schedule_skips"),
+                                 ("stalled_requests", "requests cancelled because their client took no token for "
+                                  "--stall-timeout seconds", "stalled")):
             yield CounterMetricFamily(f"moe_offload_{name}", doc, value=getattr(t, field) if t else 0)
         yield GaugeMetricFamily("moe_offload_model_loaded", "1 once the model is loaded",
                                 value=int(self.state.engine is not None))
@@ -116,11 +122,13 @@ class _EngineCollector:
 def make_app(engine=None, *, api_key: str | None = None, max_queue: int = DEFAULT_MAX_QUEUE,
              max_batch: int | None = None, model_name: str | None = None,
              log: Callable[[str], None] | None = None, schedule: str = "fifo",
-             max_skips: int | None = None) -> FastAPI:
+             max_skips: int | None = None, stall_timeout: float | None = None) -> FastAPI:
     """The server's app; with `engine` it serves at once, without it /health is 503 until `attach`. The engine
     stays the caller's to close; the app's shutdown stops its scheduler. `log`: receives one line per request.
-    `schedule`, `max_skips`: the Scheduler's (which waiting requests join the batch; scheduler.py)."""
-    state = ServerState(api_key, max_queue, max_batch, model_name, log, schedule, max_skips)
+    `schedule`, `max_skips`: the Scheduler's (which waiting requests join the batch; scheduler.py).
+    `stall_timeout`: seconds, or None for never: a request whose client has not taken a produced token for
+    that long is cancelled (submit's `stall_timeout`)."""
+    state = ServerState(api_key, max_queue, max_batch, model_name, log, schedule, max_skips, stall_timeout)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -189,6 +197,8 @@ async def _generate(state: ServerState, request: Request, chat: bool):
     handle = _submit(state, prepared)
     rid, route = new_id(chat), request.url.path
     wake = _waker(handle)
+    asked = prepared.sampling["logprobs"] is not None
+    writer = LogprobsWriter(chat, state.engine.tokenizer) if asked else None
     try:
         first = await _next(request, handle, wake)
     except ApiError as error:
@@ -216,23 +226,30 @@ async def _generate(state: ServerState, request: Request, chat: bool):
             return Response(status_code=499)
         text = "".join(p.text for p in pieces)
         _log(state, rid, handle, arrived, 200, route)
+        logprobs = writer.shape(pieces) if writer is not None else None
         return response(chat, rid, state.model_name, text, pieces[-1].finish_reason,
-                        usage(handle.prompt_tokens, len(pieces)))
+                        usage(handle.prompt_tokens, len(pieces)), logprobs)
     return StreamingResponse(_events(state, request, handle, wake, first, chat, rid, prepared.include_usage,
-                                     arrived), media_type="text/event-stream",
+                                     arrived, writer), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-async def _events(state, request, handle: Handle, wake, first, chat, rid, include_usage, arrived):
-    """The stream's chunks: the role first (chat), a chunk per released piece, the finish, usage, [DONE]."""
+async def _events(state, request, handle: Handle, wake, first, chat, rid, include_usage, arrived,
+                  writer: LogprobsWriter | None):
+    """The stream's chunks: the role first (chat), a chunk per released piece, the finish, usage, [DONE]. With
+    `writer`, a chunk carries the logprobs of its piece and of the pieces before it that released no text."""
     status, count, piece, model = 200, 0, first, state.model_name
+    unsent = []  # pieces whose logprobs no chunk carried yet
     try:
         if chat:
             yield sse(chunk(chat, rid, model, "", first=True))
         while piece is not None:
             count += 1
+            unsent.append(piece)
             if piece.text or piece.finish_reason:
-                yield sse(chunk(chat, rid, model, piece.text, piece.finish_reason))
+                logprobs = writer.shape(unsent) if writer is not None else None
+                unsent = []
+                yield sse(chunk(chat, rid, model, piece.text, piece.finish_reason, logprobs=logprobs))
             if piece.finish_reason is not None:
                 break
             try:
@@ -248,7 +265,7 @@ async def _events(state, request, handle: Handle, wake, first, chat, rid, includ
             yield sse(chunk(chat, rid, model, None, use=usage(handle.prompt_tokens, count)))
         yield sse("[DONE]")
     finally:  # also when the client went away and the server closed this generator
-        if handle.finish_reason in (None, "cancelled") and status == 200:
+        if handle.finish_reason in (None, "cancelled", "stalled") and status == 200:
             status = 499  # the client left first
         handle.cancel()
         _log(state, rid, handle, arrived, status, request.url.path)
@@ -256,7 +273,7 @@ async def _events(state, request, handle: Handle, wake, first, chat, rid, includ
 
 def _submit(state: ServerState, prepared) -> Handle:
     try:
-        return state.scheduler.submit(prepared.prompt_ids, **prepared.sampling)
+        return state.scheduler.submit(prepared.prompt_ids, **prepared.sampling, stall_timeout=state.stall_timeout)
     except QueueFullError as e:
         raise ApiError(429, f"the server is busy: {e}", type="rate_limit_error", code="queue_full",
                        headers={"Retry-After": str(RETRY_AFTER_S)}) from None

@@ -71,6 +71,7 @@ class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)  # logprobs.MAX_TOP_LOGPROBS
 
 
 @dataclass(frozen=True)
@@ -106,8 +107,7 @@ def prepare(request: _Sampling, tokenizer, context: int) -> Prepared:
     if request.n not in (None, 1):
         raise ApiError(400, f"n={request.n} is not supported: this server returns one choice per request (n=1)",
                        param="n", code="unsupported_value")
-    if request.logprobs:
-        raise ApiError(400, "logprobs are not supported by this server", param="logprobs", code="unsupported_value")
+    logprobs = _logprobs(request)
     stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
     if len(stop) > 4:
         raise ApiError(400, f"stop holds {len(stop)} strings; at most 4 are allowed", param="stop")
@@ -129,9 +129,19 @@ def prepare(request: _Sampling, tokenizer, context: int) -> Prepared:
                             f"context of {context} tokens; ask for at most {context - len(ids)} tokens or shorten "
                             f"the {where}", param="max_tokens", code="context_length_exceeded")
     sampling = dict(max_new_tokens=max_tokens, temperature=1.0 if request.temperature is None else request.temperature,
-                    top_p=1.0 if request.top_p is None else request.top_p, seed=request.seed, stop=stop)
+                    top_p=1.0 if request.top_p is None else request.top_p, seed=request.seed, stop=stop,
+                    logprobs=logprobs)
     include_usage = bool(request.stream_options and request.stream_options.include_usage)
     return Prepared(ids, sampling, bool(request.stream), include_usage)
+
+
+def _logprobs(request: _Sampling) -> int | None:
+    """The alternatives per token the request asks logprobs for (submit's `logprobs`), None for none."""
+    if not isinstance(request, ChatRequest):
+        return request.logprobs
+    if request.top_logprobs is not None and not request.logprobs:
+        raise ApiError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
+    return (request.top_logprobs or 0) if request.logprobs else None
 
 
 def _completion_ids(prompt, tokenizer) -> list[int]:
@@ -179,26 +189,28 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def response(chat: bool, rid: str, model: str, text: str, finish_reason: str, use: dict) -> dict:
+def response(chat: bool, rid: str, model: str, text: str, finish_reason: str, use: dict,
+             logprobs: dict | None = None) -> dict:
+    """`logprobs`: openai_logprobs.LogprobsWriter's shape, when the request asked."""
     if chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
                   "finish_reason": finish_reason}
     else:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
     return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
             "model": model, "choices": [choice], "usage": use}
 
 
 def chunk(chat: bool, rid: str, model: str, text: str | None, finish_reason: str | None = None,
-          use: dict | None = None, first: bool = False) -> dict:
+          use: dict | None = None, first: bool = False, logprobs: dict | None = None) -> dict:
     """One streamed chunk; text None with `use`: the usage-only last chunk (choices empty, as OpenAI sends it)."""
     if text is None:
         choices = []
     elif chat:
         delta = ({"role": "assistant", "content": text} if first else {"content": text}) if text or first else {}
-        choices = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
+        choices = [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]
     else:
-        choices = [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]
+        choices = [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]
     return {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": int(time.time()),
             "model": model, "choices": choices, "usage": use}
 
