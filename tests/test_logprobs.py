@@ -1,0 +1,192 @@
+"""Logprobs (offload_engine/logprobs.py, serving/openai_logprobs.py): every value against log_softmax of
+transformers' own model's logits in fp32, for the chosen token and the top K (ids and values); greedy and
+seeded sampling; rows of a continuous batch against their values alone; the static-batch path (gpt-oss);
+both endpoints, plain and streamed; the step's one read of the device; the 400s.
+
+Tiny random checkpoints with a character-level tokenizer (a chat template included), on the CPU in fp32."""
+
+import json
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import tiny_models as tm
+from device_reads import counting_reads
+from offload_engine import GenerationInputError, OffloadEngine
+from offload_engine.logprobs import on_device
+from offload_engine.serving import continuous
+from offload_engine.serving.app import make_app
+from offload_engine.serving.openai_api import ApiError, ChatRequest, CompletionRequest, parse, prepare
+from test_serve import call, events
+from tiny_tokenizer import save_char_tokenizer
+
+TOL = 1e-5  # fp32: the engine's incremental decode against one full forward of transformers' model
+PROMPTS = [[5, 17, 33, 9, 70, 3], [44, 101, 8], [12, 60, 61, 62, 7, 90, 33, 2, 14], [30, 31]]
+NEVER = "\u2603"  # a character the tiny tokenizer cannot produce: a stop string that never completes
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """name -> (engine, transformers' model): fp32 on the CPU, three rows."""
+    made, engines = {}, []
+
+    def get(name):
+        if name not in made:
+            model = tm.build_reference(name)
+            path = tmp_path_factory.mktemp(name)
+            tm.save_checkpoint(model, path, "per_expert")
+            save_char_tokenizer(path)
+            engine = OffloadEngine.from_pretrained(path, device="cpu", dtype="float32", max_context=64, max_batch=3,
+                                                   progress=False)
+            engines.append(engine)
+            made[name] = engine, model
+        return made[name]
+
+    yield get
+    for engine in engines:
+        engine.close()
+
+
+def reference(model, prompt: list[int], tokens: list[int]) -> torch.Tensor:
+    """log_softmax of transformers' logits at each generated position: [len(tokens), V] in fp32."""
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1:-1].float()
+    return logits.log_softmax(dim=-1)
+
+
+def check(pieces, want: torch.Tensor, k: int) -> None:
+    """The pieces' logprobs and top K (ids, order and values) against the reference's [n, V]."""
+    tokens = torch.tensor([p.token_id for p in pieces])
+    got = torch.tensor([p.logprob for p in pieces])
+    torch.testing.assert_close(got, want.gather(-1, tokens[:, None])[:, 0], rtol=0, atol=TOL)
+    top = want.topk(k, dim=-1)
+    assert [list(p.top_logprobs) for p in pieces] == top.indices.tolist()
+    if k:
+        torch.testing.assert_close(torch.tensor([list(p.top_logprobs.values()) for p in pieces]), top.values,
+                                   rtol=0, atol=TOL)
+
+
+def pieces_of(handle) -> list:
+    return list(handle)
+
+
+# -- the Python API against transformers ------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["mixtral", "gpt_oss"])  # continuous batches; static batches
+@pytest.mark.parametrize("settings_", [dict(), dict(temperature=0.9, seed=3), dict(temperature=0.7, top_p=0.8, seed=5)])
+def test_submit_logprobs_are_transformers_log_softmax(tiny, name, settings_):
+    engine, model = tiny(name)
+    assert engine.continuous_batching == (name == "mixtral")
+    pieces = pieces_of(engine.submit(PROMPTS[0], max_new_tokens=10, ignore_eos=True, logprobs=4, **settings_))
+    assert [p.token_id for p in pieces] == engine.generate(PROMPTS[0], max_new_tokens=10, ignore_eos=True,
+                                                           **settings_).token_ids
+    check(pieces, reference(model, PROMPTS[0], [p.token_id for p in pieces]), 4)
+    if not settings_:  # greedy: the chosen token is the most likely one
+        assert all(p.token_id == next(iter(p.top_logprobs)) for p in pieces)
+    zero = pieces_of(engine.submit(PROMPTS[0], max_new_tokens=3, ignore_eos=True, logprobs=0, **settings_))
+    assert all(p.top_logprobs == {} and p.logprob is not None for p in zero)
+    plain = pieces_of(engine.submit(PROMPTS[0], max_new_tokens=3, ignore_eos=True, **settings_))
+    assert all(p.logprob is None and p.top_logprobs is None for p in plain)
+
+
+def test_rows_of_a_continuous_batch_get_their_values_alone(tiny):
+    """Rows of other settings and other K (one asking nothing) join mid-decode: each row's tokens and logprobs
+    are its own alone, and transformers'."""
+    engine, model = tiny("mixtral")
+    asks = [dict(logprobs=3), dict(logprobs=None, temperature=0.8, seed=1), dict(logprobs=0, temperature=1.0, seed=2),
+            dict(logprobs=5)]
+    alone = [pieces_of(engine.submit(p, max_new_tokens=12, ignore_eos=True, **a)) for p, a in zip(PROMPTS, asks)]
+    handles, taken = [], []
+    for i, (prompt, ask) in enumerate(zip(PROMPTS, asks)):
+        handles.append(engine.submit(prompt, max_new_tokens=12, ignore_eos=True, **ask))
+        taken.append([handles[-1].next_piece(timeout=60)] if i % 2 == 0 else [])  # the next one joins mid-decode
+    got = [first + pieces_of(handle) for first, handle in zip(taken, handles)]
+    assert max(h.result(timeout=120).batch_rows for h in handles) > 1
+    for prompt, ask, mine, want in zip(PROMPTS, asks, got, alone):
+        assert [p.token_id for p in mine] == [p.token_id for p in want]
+        if ask["logprobs"] is None:
+            assert all(p.logprob is None and p.top_logprobs is None for p in mine)
+            continue
+        check(mine, reference(model, prompt, [p.token_id for p in mine]), ask["logprobs"])
+        for g, w in zip(mine, want):
+            assert list(g.top_logprobs) == list(w.top_logprobs)
+            assert g.logprob == pytest.approx(w.logprob, abs=TOL)
+
+
+def test_a_static_batchs_rows_each_get_their_own_k(tiny):
+    """gpt-oss's path (engine._stream, as scheduler._run drives it): one padded batch, rows asking for
+    different K or nothing, each row's values transformers' for its own sequence."""
+    from offload_engine.generation import SamplingConfig
+
+    engine, model = tiny("gpt_oss")
+    asks = [2, None, 0]
+    events_ = list(engine._stream(PROMPTS[:3], SamplingConfig(max_new_tokens=6, ignore_eos=True), logprobs=asks))
+    for row, (prompt, k) in enumerate(zip(PROMPTS, asks)):
+        tokens = [e.token_ids[row] for e in events_]
+        if k is None:
+            assert all(e.logprobs[row] is None for e in events_)
+            continue
+        want = reference(model, prompt, tokens)
+        chosen = torch.tensor([e.logprobs[row][0] for e in events_])
+        torch.testing.assert_close(chosen, want.gather(-1, torch.tensor(tokens)[:, None])[:, 0], rtol=0, atol=TOL)
+        assert [list(e.logprobs[row][1]) for e in events_] == want.topk(k).indices.tolist()
+    assert all(e.logprobs is None for e in engine._stream(PROMPTS[:2], SamplingConfig(max_new_tokens=2)))
+
+
+def test_nothing_is_computed_when_no_row_asks():
+    logits = torch.randn(3, 16)
+    assert on_device(logits, logits.argmax(-1), [None, None, None]) is None
+    values, ids = on_device(logits, logits.argmax(-1), [None, 2, 0])  # only the asking rows, to the largest K
+    assert values.shape == (2, 3) and ids.shape == (2, 2)
+
+
+# -- the step's one read of the device --------------------------------------------------------------------
+def _continuous_reads(engine, logprobs, steps=5):
+    """A RunningBatch of two rows driven on this thread (so the read detector sees every call): the reads of
+    the device, the stray ones, and the pieces."""
+    from offload_engine.generation import SamplingConfig
+    from offload_engine.serving.handle import Handle
+
+    handles = [Handle(str(i), p, SamplingConfig(max_new_tokens=steps, ignore_eos=True), (), logprobs[i])
+               for i, p in enumerate(PROMPTS[:2])]
+    batch = continuous.RunningBatch(engine, 2, lambda *args, **kwargs: None)
+    batch.open()
+    with counting_reads() as mode:
+        original = continuous.read_to_host
+        continuous.read_to_host = mode.wrap(original)  # counting_reads counts generation's and host_read's
+        try:
+            for handle in handles:
+                batch.admit(handle)
+            while batch.rows:
+                batch.step()
+        finally:
+            continuous.read_to_host = original
+    batch.close()
+    return mode, [list(h) for h in handles]
+
+
+@pytest.mark.parametrize("name", ["mixtral", "gpt_oss"])
+def test_logprobs_ride_in_the_steps_one_read(tiny, name):
+    """With logprobs asked, a step still reads the device once (and the layer calls once each): the same
+    count as without, and no stray read."""
+    from offload_engine.generation import SamplingConfig
+
+    engine, _ = tiny(name)
+    layers = engine.spec.num_moe_layers
+    if engine.continuous_batching:
+        without, plain = _continuous_reads(engine, [None, None])
+        asked, pieces = _continuous_reads(engine, [3, 0])
+        assert [[p.token_id for p in row] for row in pieces] == [[p.token_id for p in row] for row in plain]
+        assert all(p.logprob is not None for row in pieces for p in row)
+        assert asked.reads == 6 * (layers + 1)  # two prefills and four decode steps: a read per layer call and step
+    else:
+        cfg = SamplingConfig(max_new_tokens=5, ignore_eos=True)
+        with counting_reads() as without:
+            plain = list(engine._stream(PROMPTS[:2], cfg))
+        with counting_reads() as asked:
+            events_ = list(engine._stream(PROMPTS[:2], cfg, logprobs=[3, 0]))
+        assert events_[-1].stats.host_syncs == plain[-1].stats.host_syncs == 5 * (layers + 1)
+        assert all(row is not None for e in events_ for row in e.logprobs)
+    assert asked.stray == without.stray == []
+    assert asked.reads == without.reads
