@@ -190,3 +190,144 @@ def test_logprobs_ride_in_the_steps_one_read(tiny, name):
         assert all(row is not None for e in events_ for row in e.logprobs)
     assert asked.stray == without.stray == []
     assert asked.reads == without.reads
+
+
+# -- the server ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def app(tiny):
+    apps = {}
+
+    def get(name):
+        if name not in apps:
+            apps[name] = make_app(tiny(name)[0])
+        return apps[name]
+
+    yield get
+    for a in apps.values():
+        a.state.serving.close()
+
+
+def joined(chunks: list, chat: bool):
+    """The chunks' text and logprobs, joined in order (chat: the content entries; completions: each list)."""
+    text = "".join((c["choices"][0]["delta"].get("content") or "") if chat else c["choices"][0]["text"]
+                   for c in chunks)
+    carried = [c["choices"][0]["logprobs"] for c in chunks if c["choices"][0]["logprobs"] is not None]
+    if chat:
+        return text, {"content": [entry for lp in carried for entry in lp["content"]]}
+    return text, {key: [v for lp in carried for v in lp[key]] for key in ("tokens", "token_logprobs", "top_logprobs",
+                                                                          "text_offset")}
+
+
+@pytest.mark.parametrize("name", ["mixtral", "gpt_oss"])
+def test_completions_logprobs_plain_and_streamed(tiny, app, name):
+    """/v1/completions: one entry per generated token (held back or cut by a stop string included), the values
+    submit's (themselves transformers'), the top K and the chosen; a stream's chunks join to the plain lists."""
+    engine, model = tiny(name)
+    tok = engine.tokenizer
+    prompt = "The cat"
+    ids = tok(prompt)["input_ids"]
+    want = pieces_of(engine.submit(ids, max_new_tokens=14, logprobs=3))
+    check(want, reference(model, ids, [p.token_id for p in want]), 3)
+    text = "".join(p.text for p in want)
+    # a stop string that holds a character back wherever it appears and never completes, then one that cuts
+    for stop in [text[2] + NEVER, text[5:7]]:
+        body = {"prompt": prompt, "max_tokens": 14, "temperature": 0, "logprobs": 3, "stop": [stop]}
+        plain = call(app(name), "POST", "/v1/completions", json=body).json()
+        choice = plain["choices"][0]
+        lp = choice["logprobs"]
+        n = plain["usage"]["completion_tokens"]
+        assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(lp["text_offset"]) == n
+        got = want[:n]
+        assert lp["tokens"] == [tok.decode([p.token_id]) for p in got]
+        assert lp["token_logprobs"] == [p.logprob for p in got]
+        assert lp["top_logprobs"] == [{tok.decode([t]): v for t, v in {**p.top_logprobs, p.token_id: p.logprob}.items()}
+                                      for p in got]
+        assert lp["text_offset"] == [sum(len(t) for t in lp["tokens"][:i]) for i in range(n)]
+        chunks = events(call(app(name), "POST", "/v1/completions", json={**body, "stream": True}))[:-1]
+        assert joined(chunks, chat=False) == (choice["text"], lp)
+        assert all(c["choices"][0]["logprobs"]["tokens"] for c in chunks)
+        if NEVER in stop:
+            assert choice["text"] == text[:len(choice["text"])] and n == len(want)
+            assert max(len(c["choices"][0]["logprobs"]["tokens"]) for c in chunks) >= 2  # held back, then released
+        else:
+            assert choice["finish_reason"] == "stop" and stop not in choice["text"]
+    without = call(app(name), "POST", "/v1/completions", json={"prompt": prompt, "max_tokens": 3}).json()
+    assert without["choices"][0]["logprobs"] is None
+
+
+def test_chat_logprobs_plain_and_streamed(tiny, app):
+    engine, model = tiny("mixtral")
+    tok = engine.tokenizer
+    want = pieces_of(engine.submit("Hi there", chat=True, max_new_tokens=10, logprobs=2))
+    prompt_ids = engine._prompts("Hi there", True, 10)[0]
+    check(want, reference(model, prompt_ids, [p.token_id for p in want]), 2)
+    body = {"messages": [{"role": "user", "content": "Hi there"}], "max_tokens": 10, "temperature": 0,
+            "logprobs": True, "top_logprobs": 2}
+
+    def entry(token_id, logprob):
+        text = tok.decode([token_id])
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    plain = call(app("mixtral"), "POST", "/v1/chat/completions", json=body).json()
+    content = plain["choices"][0]["logprobs"]["content"]
+    assert content == [{**entry(p.token_id, p.logprob), "top_logprobs": [entry(t, v) for t, v in p.top_logprobs.items()]}
+                       for p in want]
+    chunks = events(call(app("mixtral"), "POST", "/v1/chat/completions", json={**body, "stream": True}))[:-1]
+    assert chunks[0]["choices"][0]["logprobs"] is None  # the role's chunk
+    assert joined(chunks, chat=True) == (plain["choices"][0]["message"]["content"], {"content": content})
+    only = call(app("mixtral"), "POST", "/v1/chat/completions", json={**body, "top_logprobs": None}).json()
+    assert [e["top_logprobs"] for e in only["choices"][0]["logprobs"]["content"]] == [[]] * len(want)
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/completions", {"prompt": "a", "logprobs": 6}, "logprobs"),
+    ("/v1/completions", {"prompt": "a", "logprobs": -1}, "logprobs"),
+    ("/v1/completions", {"prompt": "a", "logprobs": "2"}, "logprobs"),
+    ("/v1/completions", {"prompt": "a", "logprobs": True}, "logprobs"),
+    ("/v1/chat/completions", {"logprobs": "yes"}, "logprobs"),
+    ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 1.5}, "top_logprobs"),
+    ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs"),
+    ("/v1/chat/completions", {"logprobs": False, "top_logprobs": 0}, "top_logprobs"),
+])
+def test_bad_logprobs_are_400_in_openais_shape(app, path, body, param):
+    if "chat" in path:
+        body = {"messages": [{"role": "user", "content": "a"}], **body}
+    r = call(app("mixtral"), "POST", path, json=body)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and error["type"] == "invalid_request_error" and error["message"]
+
+
+JSON = st.none() | st.booleans() | st.integers(-3, 30) | st.floats(allow_nan=False) | st.text(max_size=3)
+
+
+@settings(max_examples=200, deadline=None)
+@given(JSON, JSON, JSON)
+def test_logprobs_fields_are_checked_as_openai_does(completion_k, chat_logprobs, chat_top):
+    """Any JSON value: accepted exactly when OpenAI accepts it, and then asking for what it says."""
+    def prepared(model, body):
+        try:
+            return prepare(parse(model, json.dumps(body).encode()), None, 64).sampling["logprobs"]
+        except ApiError as error:
+            return error.param
+
+    ok = completion_k is None or (type(completion_k) is int and 0 <= completion_k <= 5)
+    assert prepared(CompletionRequest, {"prompt": [1, 2], "logprobs": completion_k}) == (completion_k if ok else "logprobs")
+    chat = {"messages": [{"role": "user", "content": "a"}], "logprobs": chat_logprobs, "top_logprobs": chat_top}
+    if not (chat_logprobs is None or type(chat_logprobs) is bool):
+        want = "logprobs"
+    elif not (chat_top is None or (type(chat_top) is int and 0 <= chat_top <= 20)):
+        want = "top_logprobs"
+    elif chat_top is not None and not chat_logprobs:
+        want = "top_logprobs"
+    else:
+        want = "messages"  # valid: it goes on to the prompt (no tokenizer here, so the messages are refused)
+    assert prepared(ChatRequest, chat) == want
+
+
+def test_submit_refuses_a_bad_k(tiny):
+    engine, _ = tiny("mixtral")
+    for bad in (-1, 21, 2.0, True, "3"):
+        with pytest.raises(GenerationInputError, match="logprobs"):
+            engine.submit([1, 2], logprobs=bad)
