@@ -348,6 +348,43 @@ def server(chat_model):
             proc.wait(10)
 
 
+def test_the_official_client_reads_logprobs(server, chat_model):
+    """Logprobs through the official client, both endpoints, plain and streamed: the server's values are
+    submit's for the same model and settings here (tests/test_logprobs.py checks those against transformers)."""
+    import openai
+    from openai import OpenAI
+
+    url = server[0]
+    with OffloadEngine.from_pretrained(chat_model, max_context=CONTEXT, progress=False) as local:
+        want = list(local.submit(PROMPTS[0], max_new_tokens=8, logprobs=2))
+        want_chat = list(local.submit("Hello there", max_new_tokens=8, chat=True, logprobs=3))
+        decode = {t: local.tokenizer.decode([t]) for p in want + want_chat for t in [p.token_id, *p.top_logprobs]}
+    client = OpenAI(base_url=f"{url}/v1", api_key="k", max_retries=0, timeout=60)
+    ask = dict(model="chat_model", prompt=PROMPTS[0], max_tokens=8, temperature=0, logprobs=2)
+    lp = client.completions.create(**ask).choices[0].logprobs
+    assert lp.tokens == [decode[p.token_id] for p in want]
+    assert lp.token_logprobs == pytest.approx([p.logprob for p in want], abs=1e-6)
+    assert [list(top) for top in lp.top_logprobs] == [[decode[t] for t in {**p.top_logprobs, p.token_id: 0}]
+                                                      for p in want]
+    streamed = [c.choices[0].logprobs for c in client.completions.create(**ask, stream=True) if c.choices]
+    assert [v for chunk_lp in streamed for v in chunk_lp.token_logprobs] == lp.token_logprobs
+
+    chat = dict(model="chat_model", messages=[{"role": "user", "content": "Hello there"}], max_tokens=8, temperature=0,
+                logprobs=True, top_logprobs=3)
+    content = client.chat.completions.create(**chat).choices[0].logprobs.content
+    assert [c.token for c in content] == [decode[p.token_id] for p in want_chat]
+    assert [c.logprob for c in content] == pytest.approx([p.logprob for p in want_chat], abs=1e-6)
+    assert [[t.token for t in c.top_logprobs] for c in content] == [[decode[t] for t in p.top_logprobs]
+                                                                    for p in want_chat]
+    assert all(c.bytes == list(c.token.encode()) for c in content)
+    streamed = [c.choices[0].logprobs for c in client.chat.completions.create(**chat, stream=True)
+                if c.choices and c.choices[0].logprobs]
+    assert [e.logprob for chunk_lp in streamed for e in chunk_lp.content] == [c.logprob for c in content]
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(**{**chat, "logprobs": False})
+    assert refused.value.param == "top_logprobs"
+
+
 def test_the_official_client_against_the_real_server(server, chat_model):
     from openai import OpenAI
 
