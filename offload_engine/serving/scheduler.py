@@ -28,6 +28,9 @@ receiving at the next step, but its row keeps its place in the batch (and in the
 until the batch ends, unless every row of the batch is finished or cancelled: then the batch is abandoned at
 the next step. Static batches stay first in, first out under either schedule (a batch's rows must share their
 settings, and the queue's order decides which do).
+
+Between steps, in either kind of batch, a request submitted with a `stall_timeout` whose oldest produced piece
+its reader has not taken for that long is cancelled as "stalled" (Totals.stalled counts them).
 """
 
 from __future__ import annotations
