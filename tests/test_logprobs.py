@@ -68,9 +68,6 @@ def check(pieces, want: torch.Tensor, k: int) -> None:
                                    rtol=0, atol=TOL)
 
 
-def pieces_of(handle) -> list:
-    return list(handle)
-
 
 # -- the Python API against transformers ------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["mixtral", "gpt_oss"])  # continuous batches; static batches
@@ -78,15 +75,15 @@ def pieces_of(handle) -> list:
 def test_submit_logprobs_are_transformers_log_softmax(tiny, name, settings_):
     engine, model = tiny(name)
     assert engine.continuous_batching == (name == "mixtral")
-    pieces = pieces_of(engine.submit(PROMPTS[0], max_new_tokens=10, ignore_eos=True, logprobs=4, **settings_))
+    pieces = list(engine.submit(PROMPTS[0], max_new_tokens=10, ignore_eos=True, logprobs=4, **settings_))
     assert [p.token_id for p in pieces] == engine.generate(PROMPTS[0], max_new_tokens=10, ignore_eos=True,
                                                            **settings_).token_ids
     check(pieces, reference(model, PROMPTS[0], [p.token_id for p in pieces]), 4)
     if not settings_:  # greedy: the chosen token is the most likely one
         assert all(p.token_id == next(iter(p.top_logprobs)) for p in pieces)
-    zero = pieces_of(engine.submit(PROMPTS[0], max_new_tokens=3, ignore_eos=True, logprobs=0, **settings_))
+    zero = list(engine.submit(PROMPTS[0], max_new_tokens=3, ignore_eos=True, logprobs=0, **settings_))
     assert all(p.top_logprobs == {} and p.logprob is not None for p in zero)
-    plain = pieces_of(engine.submit(PROMPTS[0], max_new_tokens=3, ignore_eos=True, **settings_))
+    plain = list(engine.submit(PROMPTS[0], max_new_tokens=3, ignore_eos=True, **settings_))
     assert all(p.logprob is None and p.top_logprobs is None for p in plain)
 
 
@@ -96,12 +93,12 @@ def test_rows_of_a_continuous_batch_get_their_values_alone(tiny):
     engine, model = tiny("mixtral")
     asks = [dict(logprobs=3), dict(logprobs=None, temperature=0.8, seed=1), dict(logprobs=0, temperature=1.0, seed=2),
             dict(logprobs=5)]
-    alone = [pieces_of(engine.submit(p, max_new_tokens=12, ignore_eos=True, **a)) for p, a in zip(PROMPTS, asks)]
+    alone = [list(engine.submit(p, max_new_tokens=12, ignore_eos=True, **a)) for p, a in zip(PROMPTS, asks)]
     handles, taken = [], []
     for i, (prompt, ask) in enumerate(zip(PROMPTS, asks)):
         handles.append(engine.submit(prompt, max_new_tokens=12, ignore_eos=True, **ask))
         taken.append([handles[-1].next_piece(timeout=60)] if i % 2 == 0 else [])  # the next one joins mid-decode
-    got = [first + pieces_of(handle) for first, handle in zip(taken, handles)]
+    got = [first + list(handle) for first, handle in zip(taken, handles)]
     assert max(h.result(timeout=120).batch_rows for h in handles) > 1
     for prompt, ask, mine, want in zip(PROMPTS, asks, got, alone):
         assert [p.token_id for p in mine] == [p.token_id for p in want]
@@ -226,7 +223,7 @@ def test_completions_logprobs_plain_and_streamed(tiny, app, name):
     tok = engine.tokenizer
     prompt = "The cat"
     ids = tok(prompt)["input_ids"]
-    want = pieces_of(engine.submit(ids, max_new_tokens=14, logprobs=3))
+    want = list(engine.submit(ids, max_new_tokens=14, logprobs=3))
     check(want, reference(model, ids, [p.token_id for p in want]), 3)
     text = "".join(p.text for p in want)
     # a stop string that holds a character back wherever it appears and never completes, then one that cuts
@@ -258,7 +255,7 @@ def test_completions_logprobs_plain_and_streamed(tiny, app, name):
 def test_chat_logprobs_plain_and_streamed(tiny, app):
     engine, model = tiny("mixtral")
     tok = engine.tokenizer
-    want = pieces_of(engine.submit("Hi there", chat=True, max_new_tokens=10, logprobs=2))
+    want = list(engine.submit("Hi there", chat=True, max_new_tokens=10, logprobs=2))
     prompt_ids = engine._prompts("Hi there", True, 10)[0]
     check(want, reference(model, prompt_ids, [p.token_id for p in want]), 2)
     body = {"messages": [{"role": "user", "content": "Hi there"}], "max_tokens": 10, "temperature": 0,

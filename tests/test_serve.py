@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -316,13 +317,14 @@ def test_api_key_and_metrics(engine):
 
 
 # -- the real server ----------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def server(chat_model):
-    """`moe-offload serve` on a free port, with a key; yields (base url, its stderr lines, the process)."""
+@contextmanager
+def running_server(model, *flags):
+    """`moe-offload serve --model MODEL FLAGS` on a free port, once healthy: (base url, its stderr lines, the
+    process); killed at the end if still running."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
                                                         os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen([sys.executable, "-m", "offload_engine.cli.main", "serve", "--model", str(chat_model),
-                             "--port", "0", "--max-context", str(CONTEXT), "--api-key", "k", "--quiet"],
+    proc = subprocess.Popen([sys.executable, "-m", "offload_engine.cli.main", "serve", "--model", str(model),
+                             "--port", "0", *flags, "--quiet"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
@@ -346,6 +348,13 @@ def server(chat_model):
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def server(chat_model):
+    """`moe-offload serve` on a free port, with a key; yields (base url, its stderr lines, the process)."""
+    with running_server(chat_model, "--max-context", str(CONTEXT), "--api-key", "k") as running:
+        yield running
 
 
 def test_the_official_client_reads_logprobs(server, chat_model):

@@ -13,35 +13,15 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-import tiny_models as tm
-from offload_engine import GenerationInputError, OffloadEngine
+from offload_engine import GenerationInputError
 from offload_engine.serving.app import make_app
 from offload_engine.serving.scheduler import Scheduler
+from test_logprobs import tiny  # noqa: F401 (the tiny checkpoints with a tokenizer, as engines)
 from test_serve import call
-from tiny_tokenizer import save_char_tokenizer
 
 STEP_S = 0.02  # each forward's added time
 TIMEOUT = 0.5
 PROMPTS = [[5, 17, 33, 9, 70, 3], [44, 101, 8], [12, 60, 61, 62, 7]]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    made, engines = {}, []
-
-    def get(name):
-        if name not in made:
-            path = tmp_path_factory.mktemp(name)
-            tm.save_checkpoint(tm.build_reference(name), path, "per_expert")
-            save_char_tokenizer(path)
-            engines.append(OffloadEngine.from_pretrained(path, device="cpu", dtype="float32", max_context=64,
-                                                         max_batch=2, progress=False))
-            made[name] = engines[-1]
-        return made[name]
-
-    yield get
-    for engine in engines:
-        engine.close()
 
 
 @pytest.fixture
@@ -59,15 +39,8 @@ def slow(monkeypatch):
     return slow_down
 
 
-def wait_for(condition, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.005)
-
-
 def test_a_handle_nobody_reads_frees_its_row_and_the_others_keep_their_tokens(tiny, slow):
-    engine = tiny("mixtral")
+    engine = tiny("mixtral")[0]
     alone = engine.generate(PROMPTS[1], max_new_tokens=50, ignore_eos=True).token_ids
     third_alone = engine.generate(PROMPTS[2], max_new_tokens=4, ignore_eos=True).token_ids
     slow(engine)
@@ -98,7 +71,7 @@ def test_a_handle_nobody_reads_frees_its_row_and_the_others_keep_their_tokens(ti
 
 
 def test_a_static_batch_drops_a_stalled_row(tiny, slow):
-    engine = slow(tiny("gpt_oss"))
+    engine = slow(tiny("gpt_oss")[0])
     assert not engine.continuous_batching
     scheduler = Scheduler(engine)
     try:
@@ -112,7 +85,7 @@ def test_a_static_batch_drops_a_stalled_row(tiny, slow):
 
 
 def test_stall_timeout_is_checked(tiny):
-    engine = tiny("mixtral")
+    engine = tiny("mixtral")[0]
     for bad in (0, -1.0, float("inf"), float("nan"), True, "5"):
         with pytest.raises(GenerationInputError, match="stall_timeout"):
             engine.submit([1, 2], stall_timeout=bad)
@@ -156,7 +129,7 @@ async def stop_reading(app, body: dict, chunks: int, stalled):
 
 
 def test_a_stream_whose_client_stops_reading_is_cancelled_and_logged(tiny, slow):
-    engine = tiny("mixtral")
+    engine = tiny("mixtral")[0]
     body = {"prompt": "The cat", "max_tokens": 50, "temperature": 0}
     log: list[str] = []
     app = make_app(engine, log=log.append, stall_timeout=TIMEOUT)
@@ -181,3 +154,4 @@ def test_a_stream_whose_client_stops_reading_is_cancelled_and_logged(tiny, slow)
         assert again["text"] == want["text"][:len(again["text"])] and again["finish_reason"] == "length"
     finally:
         app.state.serving.close()
+
