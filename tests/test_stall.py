@@ -155,3 +155,17 @@ def test_a_stream_whose_client_stops_reading_is_cancelled_and_logged(tiny, slow)
     finally:
         app.state.serving.close()
 
+
+
+def test_a_bad_stall_timeout_flag_is_one_line_and_exit_2(capsys):
+    from offload_engine.cli.main import main
+
+    for bad in ("-1", "soon", "inf"):
+        with pytest.raises(SystemExit) as exit_:
+            main(["serve", "--stall-timeout", bad])
+        assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all("--stall-timeout" in line for line in err)
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    assert "--stall-timeout SECONDS" in capsys.readouterr().out
