@@ -15,6 +15,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ..logprobs import MAX_TOP_LOGPROBS
+
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat's default is the rest of the context
 
 
@@ -71,7 +73,7 @@ class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)  # logprobs.MAX_TOP_LOGPROBS
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
 
 @dataclass(frozen=True)
