@@ -140,7 +140,8 @@ def test_a_stream_whose_client_stops_reading_is_cancelled_and_logged(tiny, slow)
         scheduler = app.state.serving.scheduler
         sent, waited = asyncio.run(stop_reading(app, {**body, "stream": True}, chunks=2,
                                                 stalled=lambda: scheduler.totals.stalled == 1 and not scheduler.running))
-        assert TIMEOUT <= waited < TIMEOUT + 1.0
+        # the oldest untaken piece may have come a little before `send` stopped returning
+        assert TIMEOUT - 0.2 <= waited < TIMEOUT + 1.0
         data = b"".join(m.get("body", b"") for m in sent[1:]).decode().split("\n\n")
         chunks = [json.loads(d[len("data: "):]) for d in data if d]
         text = "".join(c["choices"][0]["text"] for c in chunks)
