@@ -237,18 +237,15 @@ async def _generate(state: ServerState, request: Request, chat: bool):
 async def _events(state, request, handle: Handle, wake, first, chat, rid, include_usage, arrived,
                   writer: LogprobsWriter | None):
     """The stream's chunks: the role first (chat), a chunk per released piece, the finish, usage, [DONE]. With
-    `writer`, a chunk carries the logprobs of its piece and of the pieces before it that released no text."""
+    `writer` (logprobs asked), a chunk per piece, with its logprobs, also where it released no text (as vLLM)."""
     status, count, piece, model = 200, 0, first, state.model_name
-    unsent = []  # pieces whose logprobs no chunk carried yet
     try:
         if chat:
             yield sse(chunk(chat, rid, model, "", first=True))
         while piece is not None:
             count += 1
-            unsent.append(piece)
-            if piece.text or piece.finish_reason:
-                logprobs = writer.shape(unsent) if writer is not None else None
-                unsent = []
+            if piece.text or piece.finish_reason or writer is not None:
+                logprobs = writer.shape([piece]) if writer is not None else None
                 yield sse(chunk(chat, rid, model, piece.text, piece.finish_reason, logprobs=logprobs))
             if piece.finish_reason is not None:
                 break

@@ -9,8 +9,10 @@ documents). /v1/chat/completions (`logprobs: true`, `top_logprobs`: K, 0..20): {
 Every generated token has its entry, those whose text is held back or cut (a stop string, an end-of-sequence
 token) included, as vLLM's: the lists have usage's completion_tokens entries. A token's text is the tokenizer's
 decoding of it alone, special tokens included ("token_id:N" without a tokenizer); `text_offset` counts those
-texts from the completion's start. A stream's chunk carries the entries of the tokens since the previous chunk,
-and its offsets count on across chunks: the chunks' lists, joined, are the plain response's.
+texts from the completion's start. A stream sends a chunk per token, with its entry, also where the token
+released no text (as vLLM's server does); its offsets count on across chunks, so the chunks' lists, joined, are
+the plain response's (vLLM's streamed offsets count the text released before the chunk instead, which differs
+from its plain response's where text was held back).
 """
 
 from __future__ import annotations
