@@ -40,9 +40,9 @@ def on_device(logits: torch.Tensor, tokens: torch.Tensor,
     if not rows:
         return None
     k = max(asks[b] for b in rows)
-    if len(rows) < len(asks):
-        index = torch.tensor(rows, device=logits.device)
-        logits, tokens = logits.index_select(0, index), tokens.index_select(0, index)
+    if len(rows) < len(asks):  # slices, not an index tensor: a host-to-device copy here would wait for the step
+        logits = torch.cat([logits[b:b + 1] for b in rows])
+        tokens = torch.cat([tokens[b:b + 1] for b in rows])
     logp = logits.float().log_softmax(dim=-1)  # [m, V]
     chosen = logp.gather(-1, tokens[:, None])  # [m, 1]
     top = logp.topk(k, dim=-1)  # sorted, most likely first; k=0 gives [m, 0]

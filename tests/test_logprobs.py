@@ -329,3 +329,11 @@ def test_submit_refuses_a_bad_k(tiny):
     for bad in (-1, 21, 2.0, True, "3"):
         with pytest.raises(GenerationInputError, match="logprobs"):
             engine.submit([1, 2], logprobs=bad)
+
+
+def test_the_module_example_runs():
+    import doctest
+
+    from offload_engine import logprobs
+
+    assert doctest.testmod(logprobs).attempted > 0 and doctest.testmod(logprobs).failed == 0
