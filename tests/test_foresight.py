@@ -20,7 +20,7 @@ from offload_engine.experts.policies import BeladyPolicy, LRUPolicy, PredictiveP
 from offload_engine.experts.runtime import Runtime
 from offload_engine.experts.slot_map import SlotMap
 from offload_engine.foresight.predictors import HistoryPredictor
-from offload_engine.foresight.predictors.base import LayerContext, Paths, Prediction, Predictor
+from offload_engine.foresight.predictors.base import LayerContext, Paths, Prediction, Predictor, ranked
 from offload_engine.foresight.predictors.evaluate import evaluate
 from offload_engine.foresight.predictors.metrics import NEXT_TOKEN, Tally
 from offload_engine.request import Request
@@ -599,13 +599,38 @@ def test_history_predictor_kernels_equal_their_plain_loop_twin():
                     for d in (1, 3, L):
                         got = p.scores(ctx, d, (layer + d) % L)
                         assert np.allclose(got, twin.scores(paths, layer, d, (layer + d) % L, history.SOURCES))
-                    predicted = [(q.depth, q.layer) for q in p.predict(ctx, L, 3)]
+                    predictions = p.predict(ctx, L, 3)
+                    predicted = [(q.depth, q.layer) for q in predictions]
                     assert predicted[-1] == (L, layer) and len(predicted) == min(3, L) + (L > 3)
+                    for q in predictions:  # one compiled call ranks every target as ranked() ranks its scores
+                        assert np.array_equal(q.experts, ranked(p.scores(ctx, q.depth, q.layer), 3))
         for table in ("co", "seen", "usage"):
             assert np.array_equal(getattr(p, table), getattr(twin, table)), (L, missing, table)
         assert np.allclose(p.repeat, twin.repeat) and np.abs(twin.repeat - 0.5).min() > 0.05  # learned, and moved
     with pytest.raises(ValueError, match="no evidence for 4 layers ahead"):
         HistoryPredictor(8, 10, 3).scores(LayerContext(0, ids, None, Paths.empty(3, 8, 3)), 4, 4)
+
+
+def test_history_scores_stay_finite_after_a_billion_tokens():
+    """_scores multiplies up to PRODUCT ratios before a logarithm: with counts of a billion tokens and experts
+    never seen together, each ratio is ~1e-19, and the products must neither underflow nor drift from the twin's
+    sum of logarithms."""
+    from offload_engine.foresight.predictors import history
+
+    L, E, k = 4, 64, 16
+    p = HistoryPredictor(L, E, k)
+    p.usage[:] = 1e9
+    p.usage[:, 0] = 0.0
+    p.seen[:] = 1e9
+    twin = TwinHistory(L, E, k, p.distances.tolist())
+    twin.co, twin.seen, twin.usage = p.co.astype(np.float64), p.seen.astype(np.float64), p.usage.copy()
+    paths = Paths.empty(1, L, k)
+    for layer in range(L):
+        paths.observe(layer, np.arange(E - k, E)[None] - layer)
+    ctx = LayerContext(L - 1, paths.current[:, L - 1], None, paths)
+    got = p.scores(ctx, 1, 0)
+    assert np.isfinite(got).all()
+    assert np.allclose(got, twin.scores(paths, L - 1, 1, 0, history.SOURCES), rtol=1e-12, atol=1e-9)
 
 
 def test_history_predictor_learns_a_deterministic_path():

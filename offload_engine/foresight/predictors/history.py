@@ -18,11 +18,12 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from .base import LayerContext, Prediction, Predictor, ranked, target_layers
+from .base import LayerContext, Prediction, Predictor, target_layers
 
 SMOOTHING = 4.0  # pseudo-counts towards the target layer's usage, per source expert
 SOURCES = 3  # this token's layers used as evidence: the current one and the two before it
 REPEAT_DECAY = 0.02
+PRODUCT = 8  # source experts whose ratios are multiplied before one logarithm (_scores)
 
 
 class HistoryPredictor(Predictor):
@@ -65,12 +66,19 @@ class HistoryPredictor(Predictor):
 
     def predict(self, ctx: LayerContext, depth: int, n: int) -> list[Prediction]:
         """The next min(depth, max_depth) layers; with depth >= L, also this layer's own next call (the next
-        token's), so that every layer has a prediction of its next call."""
+        token's), so that every layer has a prediction of its next call. Every target's scores and ranking in
+        one compiled call (ranked(scores(...)) for each)."""
         L = self.num_layers
         targets = target_layers(ctx.layer, min(depth, self.max_depth), L, self.wraps)
         if depth >= L and self.max_depth < L:
             targets.append((L, ctx.layer))
-        return [Prediction(d, j, ranked(self.scores(ctx, d, j), n)) for d, j in targets]
+        if not targets:
+            return []
+        wanted = np.array(targets, dtype=np.int64)  # [targets, 2]: (distance, layer)
+        paths = ctx.paths
+        best = _ranked_targets(self.co, self.seen, self.usage, self.slot, self.repeat, paths.current, paths.previous,
+                               ctx.layer, wanted, SOURCES, self.top_k, SMOOTHING, n)
+        return [Prediction(d, j, best[i]) for i, (d, j) in enumerate(targets)]
 
 
 # -- kernels: a decode step calls these once per layer, so they must cost microseconds, not numpy dispatches --
@@ -113,7 +121,10 @@ def _observe(co, seen, usage, repeat, current, previous, layer, distances, decay
 def _scores(co, seen, usage, slot, repeat, current, previous, layer, depth, target, sources, k,
             smoothing):  # pragma: no cover - compiled
     """log P(b) + sum over the sources' experts a of log(P(b | a) / P(b)) + the repetition term, with
-    P(b) = (usage + 1) / (calls + E) k at the target layer and P(b | a) = (co + s P(b) / k) / (seen + s)."""
+    P(b) = (usage + 1) / (calls + E) k at the target layer and P(b | a) = (co + s P(b) / k) / (seen + s).
+    The ratios P(b | a) of up to PRODUCT source experts are multiplied before one logarithm (a logarithm
+    each was most of a decode call's time: 3 sources x k x E of them per target); each ratio is at least
+    s P(b) / k / (seen + s), so the product of PRODUCT of them stays far from float64's smallest number."""
     rows, L, _ = current.shape
     E = usage.shape[1]
     total = 0.0
@@ -125,6 +136,7 @@ def _scores(co, seen, usage, slot, repeat, current, previous, layer, depth, targ
         prior[b] = (usage[target, b] + 1.0) / (total + E) * k
         log_prior[b] = np.log(prior[b])
     out = np.empty((rows, E))
+    product = np.empty(E)
     for r in range(rows):
         for b in range(E):
             out[r, b] = log_prior[b]
@@ -135,13 +147,24 @@ def _scores(co, seen, usage, slot, repeat, current, previous, layer, depth, targ
             if src[r, src_layer, 0] < 0:
                 continue
             i = slot[depth + back]
+            factors = 0
             for j in range(k):
                 a = src[r, src_layer, j]
                 if a < 0:
                     continue
+                if factors == 0:
+                    product[:] = 1.0
                 counts, n = co[src_layer, i, a], seen[src_layer, i, a] + smoothing
                 for b in range(E):
-                    out[r, b] += np.log((counts[b] + smoothing * prior[b] / k) / n) - log_prior[b]
+                    product[b] *= (counts[b] + smoothing * prior[b] / k) / n
+                factors += 1
+                if factors == PRODUCT:
+                    for b in range(E):
+                        out[r, b] += np.log(product[b]) - factors * log_prior[b]
+                    factors = 0
+            if factors:
+                for b in range(E):
+                    out[r, b] += np.log(product[b]) - factors * log_prior[b]
         # the last token known at `target`: this token's if it wraps to the next one, else the previous one's
         last = current if target <= layer else previous
         if last[r, target, 0] >= 0:
@@ -153,4 +176,20 @@ def _scores(co, seen, usage, slot, repeat, current, previous, layer, depth, targ
                 b = last[r, target, j]
                 if b >= 0:
                     out[r, b] += hit - miss
+    return out
+
+
+@numba.njit(cache=True)
+def _ranked_targets(co, seen, usage, slot, repeat, current, previous, layer, targets, sources, k, smoothing,
+                    n):  # pragma: no cover - compiled
+    """[targets, rows, min(n, E)]: for each (distance, layer) row of `targets`, _scores' experts best first
+    (ties: the lower id), as ranked() orders them."""
+    rows = current.shape[0]
+    E = usage.shape[1]
+    out = np.empty((len(targets), rows, min(n, E)), dtype=np.int64)
+    for t in range(len(targets)):
+        scores = _scores(co, seen, usage, slot, repeat, current, previous, layer, targets[t, 0], targets[t, 1],
+                         sources, k, smoothing)
+        for r in range(rows):
+            out[t, r] = np.argsort(-scores[r], kind="mergesort")[:out.shape[2]]
     return out
