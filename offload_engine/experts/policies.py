@@ -105,6 +105,9 @@ class PredictivePolicy:
         self.resident = np.zeros((L, E), dtype=bool)
         self.age = np.full((L, E), N, dtype=np.int64)  # calls of the layer since the expert's last use
         self.popularity = np.full((L, E), base)
+        # each expert's popularity bucket, kept with its popularity (searchsorted over every expert, each time the
+        # probabilities were recomputed, was most of their cost)
+        self.bucket = np.searchsorted(self.edges, self.popularity, side="right").astype(np.int64)
         # hazard counts at a call by (layer, popularity bucket, age 1..N+1): uses and opportunities
         self.uses = np.full((L, B, N + 2), self.PRIOR * base)
         self.calls = np.full((L, B, N + 2), self.PRIOR)
@@ -124,7 +127,7 @@ class PredictivePolicy:
         """Load (or compile) the kernels now, while the engine loads: the first call of a process costs numba
         about a second, which would otherwise land on the first token. Runs on copies: nothing is counted."""
         used = np.zeros(self.num_experts, dtype=np.bool_)
-        _count_call(self.age.copy(), self.popularity.copy(), self.edges, self.uses.copy(),
+        _count_call(self.age.copy(), self.popularity.copy(), self.bucket.copy(), self.edges, self.uses.copy(),
                     self.calls.copy(), self.pred_uses.copy(), self.pred_calls.copy(), self.predicted.copy(),
                     self.pending.copy(), 0, used, self.MAX_AGE, self.POPULARITY_DECAY)
         _mark(self.predicted[0, 0].copy(), np.zeros(1, dtype=np.int64))
@@ -132,8 +135,9 @@ class PredictivePolicy:
 
     def on_call(self, layer: int, experts: Sequence[int]) -> None:
         used = np.zeros(self.num_experts, dtype=np.bool_)
-        used[list(experts)] = True
-        _count_call(self.age, self.popularity, self.edges, self.uses, self.calls, self.pred_uses,
+        for e in experts:  # a decode call's few experts: cheaper than numpy's conversion of a list index
+            used[e] = True
+        _count_call(self.age, self.popularity, self.bucket, self.edges, self.uses, self.calls, self.pred_uses,
                     self.pred_calls, self.predicted, self.pending, layer, used, self.MAX_AGE, self.POPULARITY_DECAY)
         self.layer = layer
         self._probability = None
@@ -149,9 +153,8 @@ class PredictivePolicy:
     def use_probability(self) -> np.ndarray:
         """[L, E] each expert's probability of being used at its layer's next call."""
         if self._probability is None:
-            self._probability = _use_probability(self.age, self.popularity, self.edges, self.uses, self.calls,
-                                                 self.pred_uses, self.pred_calls, self.predicted, self.pending,
-                                                 self.MAX_AGE)
+            self._probability = _use_probability(self.age, self.bucket, self.uses, self.calls, self.pred_uses,
+                                                 self.pred_calls, self.predicted, self.pending, self.MAX_AGE)
         return self._probability
 
     def on_insert(self, key: Key) -> None:
@@ -180,7 +183,7 @@ class PredictivePolicy:
         """Expected further uses soon, if loaded now: p / (1 - p) with p = P(used at its layer's next call)
         just after a use (the expected run of consecutive uses if each follows with probability p)."""
         layer, e = key
-        b = np.searchsorted(self.edges, self.popularity[layer, e], side="right")
+        b = self.bucket[layer, e]
         p = min(0.95, float(self.uses[layer, b, 1] / self.calls[layer, b, 1]))
         return p / (1 - p)
 
@@ -241,10 +244,10 @@ def make_policy(name: str, num_layers: int, num_experts: int, top_k: int):
 
 # -- kernels: the engine calls these on every layer call, so they must cost microseconds ----------------------
 @numba.njit(cache=True)
-def _count_call(age, popularity, edges, uses, calls, pred_uses, pred_calls, predicted, pending, layer, used,
+def _count_call(age, popularity, bucket, edges, uses, calls, pred_uses, pred_calls, predicted, pending, layer, used,
                 max_age, decay):  # pragma: no cover - compiled
     """One call of `layer`: grade its pending predictions and its experts' hazards against what was used, then
-    age the experts and update their popularity."""
+    age the experts and update their popularity (and its bucket: searchsorted(edges, popularity, right))."""
     E = age.shape[1]
     for e in range(E):
         a = min(age[layer, e] + 1, max_age + 1)  # the age the expert has at this call
@@ -254,17 +257,18 @@ def _count_call(age, popularity, edges, uses, calls, pred_uses, pred_calls, pred
                 named = 1 if predicted[layer, d, e] else 0
                 pred_calls[d, named, a] += 1.0
                 pred_uses[d, named, a] += u
-        b = np.searchsorted(edges, popularity[layer, e], side="right")  # its bucket at this call
+        b = bucket[layer, e]  # its bucket at this call
         calls[layer, b, a] += 1.0
         uses[layer, b, a] += u
         age[layer, e] = 0 if used[e] else min(age[layer, e] + 1, max_age)
         popularity[layer, e] += decay * (u - popularity[layer, e])
+        bucket[layer, e] = np.searchsorted(edges, popularity[layer, e], side="right")
     for d in range(pending.shape[1]):
         pending[layer, d] = False
 
 
 @numba.njit(cache=True)
-def _use_probability(age, popularity, edges, uses, calls, pred_uses, pred_calls, predicted, pending,
+def _use_probability(age, bucket, uses, calls, pred_uses, pred_calls, predicted, pending,
                      max_age):  # pragma: no cover - compiled
     """[L, E] P(used at the layer's next call): the hazard, or for an expert named by the nearest pending
     prediction of its layer, the graded rate of such predictions."""
@@ -281,7 +285,7 @@ def _use_probability(age, popularity, edges, uses, calls, pred_uses, pred_calls,
             if depth >= 0 and predicted[layer, depth, e]:
                 out[layer, e] = pred_uses[depth, 1, a] / pred_calls[depth, 1, a]
             else:
-                b = np.searchsorted(edges, popularity[layer, e], side="right")
+                b = bucket[layer, e]
                 out[layer, e] = uses[layer, b, a] / calls[layer, b, a]
     return out
 
