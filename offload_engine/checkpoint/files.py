@@ -85,10 +85,14 @@ class FileIdentity:
     def check(self, fd: int, path: Path) -> None:
         """CheckpointError if the open file `fd` is no longer what was loaded (an fstat: about a microsecond)."""
         try:
-            now = FileIdentity.of(os.fstat(fd))
+            st = os.fstat(fd)
         except OSError as e:
             raise CheckpointError(f"{path} cannot be read any more ({e.strerror}); reload the model") from None
-        if now != self:
+        # compared field by field: a new FileIdentity and its __eq__ cost more than the fstat (every prefetch
+        # batch checks its files)
+        if (st.st_mtime_ns != self.mtime_ns or st.st_size != self.size or st.st_ino != self.inode
+                or st.st_dev != self.device):
+            now = FileIdentity.of(st)
             change = f"size {self.size} -> {now.size} bytes" if now.size != self.size else "modified"
             raise CheckpointError(f"{path} changed on disk after loading ({change}); reload the model")
 
