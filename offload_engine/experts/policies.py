@@ -249,14 +249,14 @@ def _count_call(age, popularity, bucket, edges, uses, calls, pred_uses, pred_cal
     """One call of `layer`: grade its pending predictions and its experts' hazards against what was used, then
     age the experts and update their popularity (and its bucket: searchsorted(edges, popularity, right))."""
     E = age.shape[1]
+    depths = np.nonzero(pending[layer])[0]  # the distances of this call's pending predictions, ascending
     for e in range(E):
         a = min(age[layer, e] + 1, max_age + 1)  # the age the expert has at this call
         u = 1.0 if used[e] else 0.0
-        for d in range(pending.shape[1]):
-            if pending[layer, d]:
-                named = 1 if predicted[layer, d, e] else 0
-                pred_calls[d, named, a] += 1.0
-                pred_uses[d, named, a] += u
+        for d in depths:
+            named = 1 if predicted[layer, d, e] else 0
+            pred_calls[d, named, a] += 1.0
+            pred_uses[d, named, a] += u
         b = bucket[layer, e]  # its bucket at this call
         calls[layer, b, a] += 1.0
         uses[layer, b, a] += u

@@ -277,4 +277,6 @@ class Runtime:
 
 def last_positions(residual: torch.Tensor, rows: int) -> torch.Tensor:
     """[rows, H]: each row's newest position of a call's residual stream ([rows * T, H] or [rows, T, H])."""
+    if residual.dim() == 3 and residual.shape[0] == rows:  # [rows, T, H], the usual case: one view, not two
+        return residual[:, -1]
     return residual.reshape(rows, -1, residual.shape[-1])[:, -1]

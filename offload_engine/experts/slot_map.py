@@ -44,9 +44,12 @@ class SlotMap:
         protected = {(layer, e) for e in experts}
         c = counters[layer]
         out = Staging()
+        # every call runs this loop over its experts: the lookups it repeats are bound once
+        slot_of, on_hit, unused, arriving, slots = (self.slot_of, self.policy.on_hit, self.unused_prefetches,
+                                                    self.arriving, out.slots)
         for e in experts:
             key = (layer, e)
-            slot = self.slot_of.get(key)
+            slot = slot_of.get(key)
             if slot is None:
                 slot = self._claim(protected, counters, out.evicted)
                 self._assign(key, slot)
@@ -55,14 +58,14 @@ class SlotMap:
                 c.misses += 1
                 c.bytes_to_device += self.expert_bytes
             else:
-                self.policy.on_hit(key)
+                on_hit(key)
                 c.hits += 1
-                if key in self.unused_prefetches:
-                    self.unused_prefetches.discard(key)
+                if key in unused:
+                    unused.discard(key)
                     c.prefetch_hits += 1
-                if slot in self.arriving:
+                if slot in arriving:
                     out.waits.append(slot)
-            out.slots.append(slot)
+            slots.append(slot)
         return out
 
     def prefetch(self, key: Key, protected: set, counters: list[LayerCounters], evicted: list[Key],
