@@ -93,7 +93,7 @@ class SlotFill:
         None where they need torch's copies (a dtype to convert, not x86-64)."""
         if not self.compiled:
             return None
-        parts, files = [], set()
+        parts, offsets, files = [], [], set()
         for e, slot in loads:
             template = self._templates.get((layer_pos, e))
             if template is None:
@@ -102,12 +102,13 @@ class SlotFill:
                     self.compiled = False  # one layout for every expert: the others cannot be copied as they are
                     return None
             rows, strides, sources = template
-            rows = rows.copy()
-            rows[:, 0] += slot * strides
             parts.append(rows)
+            offsets.append(slot * strides)
             files.update(sources)
         self.store.check_sources(files)
-        return np.concatenate(parts) if len(parts) > 1 else parts[0]
+        tasks = np.concatenate(parts)  # a new array: the templates stay as they are
+        tasks[:, 0] += np.concatenate(offsets)
+        return tasks
 
     def _template(self, layer_pos: int, e: int):
         """An expert's task rows for slot 0, the per-row stride of one slot, and its source files."""
