@@ -343,6 +343,64 @@ def run_calls(policy, slots, calls):
     return sum(c.hits for c in counters)
 
 
+def twin_prefetch(cache, keys, protected, counters, evicted):
+    """SlotMap.prefetch_many as it was written before victims came in one step: one victim() per key."""
+    from offload_engine.experts.policies import NoVictimError
+
+    excluded, started = cache.excluded(protected), []
+    for key in keys:
+        if key in cache.slot_of:
+            continue
+        if cache.free:
+            slot = cache.free.pop()
+        else:
+            try:
+                victim = cache.policy.victim(excluded)
+            except NoVictimError:
+                continue
+            if not cache.policy.worth_prefetching(key, victim):
+                continue
+            slot = cache._evict(victim, counters, evicted)
+        cache._assign(key, slot)
+        cache.policy.on_prefetch(key)
+        cache.unused_prefetches.add(key)
+        counters[key[0]].prefetches += 1
+        excluded.add(key)
+        started.append((key, slot))
+    return started
+
+
+@pytest.mark.parametrize("policy", ["lru", "predictive"])
+def test_prefetching_many_keys_takes_the_victims_one_victim_call_at_a_time_would(policy):
+    """prefetch_many asks the policy for its victims once; the same keys start in the same slots, the same
+    victims go, as with a victim() per key, on random routings, predictions, protected and arriving keys."""
+    from offload_engine.experts.policies import make_policy
+
+    L, E, k, slots = 4, 12, 2, 10
+    for seed in range(6):
+        rng = np.random.default_rng(seed)
+        maps = [SlotMap(slots, make_policy(policy, L, E, k), expert_bytes=1) for _ in range(2)]
+        counters = [new_counters(L), new_counters(L)]
+        for step in range(60):
+            layer = step % L
+            experts = sorted(rng.choice(E, k, replace=False).tolist())
+            predictions = [(d, (layer + d) % L, rng.choice(E, k, replace=False)) for d in (1, 2)]
+            keys = [(int(j), int(e)) for _, j, named in predictions for e in named]
+            protected = {(layer, e) for e in experts}
+            results = []
+            for m, c, prefetch in zip(maps, counters, (twin_prefetch, SlotMap.prefetch_many)):
+                staging = m.call(layer, experts, c)
+                for s in staging.slots:
+                    m.arrived(s)
+                m.policy.on_predictions(layer, predictions)
+                evicted = []
+                started = prefetch(m, keys, protected, c, evicted)
+                for _, s in started[:len(started) // 2]:  # some land, the rest stay arriving
+                    m.arrived(s)
+                results.append((started, evicted, dict(m.slot_of), [(x.prefetches, x.evictions) for x in c]))
+            assert results[0] == results[1], (policy, seed, step)
+
+
 def test_predictive_policy_knows_the_layer_order():
     """Three layers that always use their expert 0, two slots: LRU evicts exactly the expert the next layer
     needs (0 hits); the predictive policy evicts the one needed furthest ahead, as Belady does (1 in 2)."""

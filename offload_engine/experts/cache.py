@@ -107,12 +107,8 @@ class ExpertCache:
         started: dict[int, list[tuple[int, int]]] = {}
         evicted: list[Key] = []
         with self.lock:
-            excluded = self.map.excluded(protected)
-            for key in keys:
-                slot = self.map.prefetch(key, protected, counters, evicted, excluded)
-                if slot is not None:
-                    excluded.add(key)
-                    started.setdefault(key[0], []).append((key[1], slot))
+            for (layer, e), slot in self.map.prefetch_many(keys, protected, counters, evicted):
+                started.setdefault(layer, []).append((e, slot))
             self._retable(evicted, [(layer, e, s) for layer, loads in started.items() for e, s in loads])
         batches = list(started.items())
         for i, (layer, loads) in enumerate(batches):

@@ -9,6 +9,7 @@ in the engine's cache and in the replay simulator (tracing/replay.py), so a repl
     on_hit(key)               a call used a resident (or arriving) key
     on_evict(key)             a key left the cache
     victim(excluded)          the key to evict; never one in `excluded` (the call's own experts, keys arriving)
+    victims(excluded, n)      the next n victims in turn (each evicted before the next is asked for), in one step
     worth_prefetching(k, v)   whether loading k is worth evicting v
     on_predictions(layer, p)  a predictor's ranked experts for the next layers (PredictivePolicy only)
 """
@@ -57,6 +58,15 @@ class LRUPolicy:
             if key not in excluded:
                 return key
         raise NoVictimError("every resident expert is protected; the cache needs more slots")
+
+    def victims(self, excluded: set, n: int) -> list[Key]:
+        out = []
+        for key in self._order:
+            if len(out) == n:
+                break
+            if key not in excluded:
+                out.append(key)
+        return out
 
     def worth_prefetching(self, key: Key, victim: Key) -> bool:
         return True
@@ -131,7 +141,7 @@ class PredictivePolicy:
                     self.calls.copy(), self.pred_uses.copy(), self.pred_calls.copy(), self.predicted.copy(),
                     self.pending.copy(), 0, used, self.MAX_AGE, self.POPULARITY_DECAY)
         _mark(self.predicted[0, 0].copy(), np.zeros(1, dtype=np.int64))
-        _least_likely(self.use_probability(), self._distances[0], self.resident, np.zeros(0, dtype=np.int64))
+        _least_likely(self.use_probability(), self._distances[0], self.resident, np.zeros(0, dtype=np.int64), 1)
 
     def on_call(self, layer: int, experts: Sequence[int]) -> None:
         used = np.zeros(self.num_experts, dtype=np.bool_)
@@ -169,11 +179,17 @@ class PredictivePolicy:
         self.resident[key] = False
 
     def victim(self, excluded: set) -> Key:
-        flat = np.array([layer * self.num_experts + e for layer, e in excluded], dtype=np.int64)
-        best = _least_likely(self.use_probability(), self._distances[self.layer], self.resident, flat)
-        if best < 0:
+        found = self.victims(excluded, 1)
+        if not found:
             raise NoVictimError("every resident expert is protected; the cache needs more slots")
-        return divmod(int(best), self.num_experts)
+        return found[0]
+
+    def victims(self, excluded: set, n: int) -> list[Key]:
+        """The n lowest hit densities in turn: what n calls of victim() give while each victim is evicted (the
+        probabilities do not change in between: a prefetch asks for several, and a call each cost ~5 us)."""
+        flat = np.array([layer * self.num_experts + e for layer, e in excluded], dtype=np.int64)
+        best = _least_likely(self.use_probability(), self._distances[self.layer], self.resident, flat, n)
+        return [divmod(i, self.num_experts) for i in best.tolist()]
 
     def worth_prefetching(self, key: Key, victim: Key) -> bool:
         probability = self.use_probability()
@@ -224,6 +240,10 @@ class BeladyPolicy:
         if not candidates:
             raise NoVictimError("every resident expert is protected; the cache needs more slots")
         return max(candidates, key=lambda k: (self.next_use(k), k))
+
+    def victims(self, excluded: set, n: int) -> list[Key]:
+        candidates = [k for k in self.resident if k not in excluded]
+        return sorted(candidates, key=lambda k: (self.next_use(k), k), reverse=True)[:n]
 
     def worth_prefetching(self, key: Key, victim: Key) -> bool:
         return self.next_use(key) < self.next_use(victim)
@@ -291,27 +311,32 @@ def _use_probability(age, bucket, uses, calls, pred_uses, pred_calls, predicted,
 
 
 @numba.njit(cache=True)
-def _least_likely(probability, distance, resident, excluded):  # pragma: no cover - compiled
-    """The flat index of the resident, not excluded key with the lowest hit density, P(used at its layer's
-    next call) / calls until that call (ties: the larger distance, then the larger index); -1 if none."""
+def _least_likely(probability, distance, resident, excluded, n):  # pragma: no cover - compiled
+    """The flat indices of up to n resident, not excluded keys, lowest hit density first: P(used at its layer's
+    next call) / calls until that call (ties: the larger distance, then the larger index), each found as the
+    lowest of those left."""
     L, E = probability.shape
-    best, best_s, best_d = -1, np.inf, -1
-    for layer in range(L):
-        d = distance[layer]
-        for e in range(E):
-            if not resident[layer, e]:
-                continue
-            s = probability[layer, e] / d
-            if s < best_s or (s == best_s and d >= best_d):
-                i = layer * E + e
-                skip = False
-                for x in excluded:
-                    if x == i:
-                        skip = True
-                        break
-                if not skip:
-                    best, best_s, best_d = i, s, d
-    return best
+    skip = np.zeros(L * E, dtype=np.bool_)
+    for x in excluded:
+        skip[x] = True
+    out = np.empty(n, dtype=np.int64)
+    found = 0
+    while found < n:
+        best, best_s, best_d = -1, np.inf, -1
+        for layer in range(L):
+            d = distance[layer]
+            for e in range(E):
+                if not resident[layer, e] or skip[layer * E + e]:
+                    continue
+                s = probability[layer, e] / d
+                if s < best_s or (s == best_s and d >= best_d):
+                    best, best_s, best_d = layer * E + e, s, d
+        if best < 0:
+            break
+        out[found] = best
+        skip[best] = True
+        found += 1
+    return out[:found]
 
 
 @numba.njit(cache=True)

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .counters import LayerCounters
-from .policies import Key, NoVictimError
+from .policies import Key
 
 
 @dataclass
@@ -68,30 +68,42 @@ class SlotMap:
             slots.append(slot)
         return out
 
-    def prefetch(self, key: Key, protected: set, counters: list[LayerCounters], evicted: list[Key],
-                 excluded: set | None = None) -> int | None:
-        """Start loading `key` ahead of its call if the policy finds it worth a victim; returns its slot.
-        `excluded` (protected and arriving keys, from excluded()) may be passed in when prefetching many keys;
-        the caller then adds each key it starts."""
-        if key in self.slot_of:
-            return None
-        if self.free:
-            slot = self.free.pop()
-        else:
-            try:
-                victim = self.policy.victim(excluded if excluded is not None else self.excluded(protected))
-            except NoVictimError:
-                return None
-            if not self.policy.worth_prefetching(key, victim):
-                return None
-            slot = self._evict(victim, counters, evicted)
-        self._assign(key, slot)
-        self.policy.on_prefetch(key)
-        self.unused_prefetches.add(key)
-        c = counters[key[0]]
-        c.prefetches += 1
-        c.bytes_to_device += self.expert_bytes
-        return slot
+    def prefetch(self, key: Key, protected: set, counters: list[LayerCounters], evicted: list[Key]) -> int | None:
+        """Start loading `key` ahead of its call if the policy finds it worth a victim; returns its slot."""
+        started = self.prefetch_many([key], protected, counters, evicted)
+        return started[0][1] if started else None
+
+    def prefetch_many(self, keys: Sequence[Key], protected: set, counters: list[LayerCounters],
+                      evicted: list[Key]) -> list[tuple[Key, int]]:
+        """prefetch() for each of `keys` in turn (best first); the (key, slot) of those started. The victims
+        are asked for once, in turn (policy.victims): nothing between two of them changes the policy's
+        ranking, each key started is resident but protected from the next, each victim taken is gone."""
+        excluded = self.excluded(protected)
+        victims, taken = None, 0
+        started = []
+        for key in keys:
+            if key in self.slot_of:
+                continue
+            if self.free:
+                slot = self.free.pop()
+            else:
+                if victims is None:
+                    victims = self.policy.victims(excluded, len(keys))
+                if taken == len(victims):  # every resident expert is protected or arriving
+                    continue
+                if not self.policy.worth_prefetching(key, victims[taken]):
+                    continue
+                slot = self._evict(victims[taken], counters, evicted)
+                taken += 1
+            self._assign(key, slot)
+            self.policy.on_prefetch(key)
+            self.unused_prefetches.add(key)
+            c = counters[key[0]]
+            c.prefetches += 1
+            c.bytes_to_device += self.expert_bytes
+            excluded.add(key)
+            started.append((key, slot))
+        return started
 
     def arrived(self, slot: int) -> None:
         self.arriving.discard(slot)
