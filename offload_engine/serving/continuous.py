@@ -14,8 +14,9 @@ The batch's Request (request.py) is one for the batch's life: its counters gathe
 scheduler's totals read them), its `rows` is the step's row count, and its paths keep a row per running
 request: a joining request brings the paths of its prefill's last token, a leaving one takes its row along.
 
-Chunked prefill (prefill_chunk=N): a prompt's chunks are its tokens [0, N), [N, 2N), ..., whatever runs
-beside it, each one forward into the request's own cache (a DynamicCache growing from chunk to chunk; on
+Chunked prefill (prefill_chunk=N), while rows decode (with none, nothing waits: the rest of a prompt is one
+forward, so a request alone is prefilled as alone): a prompt's chunks are its tokens [0, N), [N, 2N), ...,
+each one forward into the request's own cache (a DynamicCache growing from chunk to chunk; on
 CUDA a StaticCache over a free row of the batch's cache), so no decode step waits for more than N prompt
 tokens. `prefill()` runs the oldest joining request's next chunk, then, in what is left of the N, the whole
 prompts of the requests behind it that fit: only the oldest can be part-way, and it joins at the end. A
@@ -116,12 +117,14 @@ class RunningBatch:
     def prefill(self) -> None:
         """Cancelled joining requests leave; then the oldest's next chunk and, in what is left of
         prefill_chunk tokens, the whole prompts of those behind it that fit (all of them, whole, when
-        prefill_chunk is 0). A request whose prompt is done gets its first token and joins as a row; one that
-        ends with that token (or fails) leaves at once."""
+        prefill_chunk is 0; and while no row decodes, the rest of the oldest's prompt at once, as nothing
+        waits for it). A request whose prompt is done gets its first token and joins as a row; one that ends
+        with that token (or fails) leaves at once."""
         for j in [j for j in self.joining if j.handle.cancelled]:
             self.joining.remove(j)
             j.handle._abandon()
-        budget = self.prefill_chunk or None  # None: no limit
+        # None: no limit (whole prompts, or no row decoding that a prompt could stall)
+        budget = self.prefill_chunk if self.prefill_chunk and self.rows else None
         if self.joining:  # the oldest: its next chunk
             j = self.joining[0]
             size = len(j.handle.prompt_ids) - j.done
@@ -131,6 +134,8 @@ class RunningBatch:
             if not self._chunk(j, size):
                 return  # part-way: its chunk took the whole budget
         while self.joining:  # then the whole prompts behind it, while they fit
+            if budget is None and self.prefill_chunk and self.rows:  # a row joined: its next step waits
+                budget = self.prefill_chunk
             size = len(self.joining[0].handle.prompt_ids)
             if budget is not None:
                 if size > budget:
