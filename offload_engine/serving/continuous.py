@@ -19,7 +19,7 @@ forward, so a request alone is prefilled as alone): a prompt's chunks are its to
 each one forward into the request's own cache (a DynamicCache growing from chunk to chunk; on
 CUDA a StaticCache over a free row of the batch's cache), so no decode step waits for more than N prompt
 tokens. `prefill()` runs the oldest joining request's next chunk, then, in what is left of the N, the whole
-prompts of the requests behind it that fit: only the oldest can be part-way, and it joins at the end. A
+prompts of the requests behind it that fit: only the oldest is ever part-way through its prompt. A
 chunk's logits are not the whole prompt's bit for bit (matrix products of other row counts round
 differently: fp32 differs by ~1e-6), so with chunks a row's tokens are those it gets alone where such
 differences change no token (asserted in fp32, greedy and seeded, on the tests' prompts); prefill_chunk=0,
