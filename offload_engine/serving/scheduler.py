@@ -50,10 +50,10 @@ DEFAULT_MAX_QUEUE = 64
 DEFAULT_SKIPS_PER_ROW = 1.5  # schedule="routing": max_skips defaults to this x max_batch, rounded down. Measured
 # (bench_serve.py, 16 clients, 4 rows, medians of 4): bytes per token -25% against fifo, the first token's p99 1.48x;
 # 2 x: -27%, 1.66x; 1 x: -20 to -23%, 1.15 to 1.17x
-DEFAULT_PREFILL_CHUNK = 0  # whole prompts. Measured (bench_serve.py, 4 clients, 64-token prompts, demo budget, medians of
-# 4, a loaded machine): chunks of 16 cut the per-token p99 (179 -> 121 ms) but cost 32% of the aggregate tok/s and
-# 1.4x the bytes moved per token: on this CPU a 16-token forward costs 55-90% of a 64-token one (experts fetched
-# and called per forward), so four chunks are 2-3.5x the whole prefill's work
+DEFAULT_PREFILL_CHUNK = 0  # whole prompts. Measured (bench_serve.py, 4 clients, 64-token prompts, demo budget, medians
+# of 4 interleaved runs): chunks of 16 cut the per-token p99 90 -> 48 ms but the aggregate 194 -> 147 tok/s (bytes moved
+# per token +38%); chunks of 32: p99 60 -> 37 ms, 271 -> 226 tok/s (+15%). A chunk's forward costs most of a whole
+# prompt's on this CPU (experts fetched and called per forward), so chunks trade throughput for the tail
 IDLE_POLL_S = 0.05  # how often an idle engine thread looks again for rows another thread's generate holds
 
 
