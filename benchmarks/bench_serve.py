@@ -78,12 +78,14 @@ def metrics(base: str) -> dict[str, float]:
 
 
 def start_server(port: int, max_batch: int, max_context: int, profile: Path, schedule: str,
-                 max_skips: int | None) -> subprocess.Popen:
+                 max_skips: int | None, prefill_chunk: int | None = None) -> subprocess.Popen:
     command = [str(Path(sys.executable).with_name("moe-offload")), "serve", "--profile", str(profile),
                "--port", str(port), "--max-batch", str(max_batch), "--max-context", str(max_context),
                "--max-queue", "1024", "--schedule", schedule]
     if max_skips is not None:
         command += ["--schedule-max-skips", str(max_skips)]
+    if prefill_chunk is not None:
+        command += ["--prefill-chunk", str(prefill_chunk)]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -137,10 +139,11 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def run(clients: int, schedule: str, args) -> dict:
+def run(clients: int, schedule: str, args, prefill_chunk: int | None = None) -> dict:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    server = start_server(port, args.max_batch, args.max_context, args.profile, schedule, args.schedule_max_skips)
+    server = start_server(port, args.max_batch, args.max_context, args.profile, schedule, args.schedule_max_skips,
+                          prefill_chunk)
     try:
         model = json.loads(urllib.request.urlopen(f"{base}/v1/models", timeout=10).read())["data"][0]["id"]
         queue = prompts(max(args.requests, 3 * clients), args.prompt_tokens, seed=clients + 1000 * args.prompt_seed)
@@ -171,7 +174,7 @@ def run(clients: int, schedule: str, args) -> dict:
     gaps = [g for r in results for g in r["gaps_s"]]
     ttft = [r["ttft_s"] for r in results]
     return {
-        "clients": clients, "schedule": schedule, "requests": len(results), "errors": errors, "completion_tokens": tokens, "wall_s": wall,
+        "clients": clients, "schedule": schedule, "prefill_chunk": prefill_chunk, "requests": len(results), "errors": errors, "completion_tokens": tokens, "wall_s": wall,
         "aggregate_tokens_per_s": tokens / wall if wall > 0 else 0.0,
         "ttft_p50_s": percentile(ttft, 0.5), "ttft_p99_s": percentile(ttft, 0.99),
         "token_latency_p50_s": percentile(gaps, 0.5), "token_latency_p99_s": percentile(gaps, 0.99),
@@ -199,37 +202,48 @@ def main() -> int:
                    help="the server's --schedule, or several (fifo,routing): run in the order A B B A per client count")
     p.add_argument("--schedule-max-skips", type=int, default=None,
                    help="the server's --schedule-max-skips (default: the server's, 1.5 x --max-batch)")
-    p.add_argument("--repeats", type=int, default=1, help="with several schedules: how many A B B A rounds")
+    p.add_argument("--prefill-chunk", default=None,
+                   help="the server's --prefill-chunk (default: the server's), or several (0,32): run in the order "
+                        "A B B A per client count, as several schedules are (one schedule then)")
+    p.add_argument("--repeats", type=int, default=1, help="with several schedules or chunks: how many A B B A rounds")
     p.add_argument("--time-limit", type=float, default=300, help="seconds per client count")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_serve.json")
     args = p.parse_args()
     schedules = args.schedule.split(",")
     if not set(schedules) <= {"fifo", "routing"} or len(set(schedules)) != len(schedules):
         p.error(f"--schedule: fifo, routing or fifo,routing, not {args.schedule!r}")
-    order = schedules + schedules[::-1] if len(schedules) > 1 else schedules  # A B B A
+    chunks = [None] if args.prefill_chunk is None else [int(c) for c in args.prefill_chunk.split(",")]
+    if len(chunks) > 1 and len(schedules) > 1:
+        p.error("--prefill-chunk: several chunk sizes run with one --schedule")
+    variants = [(s, chunks[0]) for s in schedules] if len(chunks) == 1 else [(schedules[0], c) for c in chunks]
+    order = variants + variants[::-1] if len(variants) > 1 else variants  # A B B A
     rows = []
     for clients in (int(c) for c in args.clients.split(",")):
-        for schedule in order * args.repeats:
-            row = run(clients, schedule, args)
+        for schedule, chunk in order * args.repeats:
+            row = run(clients, schedule, args, chunk)
             rows.append(row)
-            print(f"{schedule:>8} " + line(row), flush=True)
+            print(f"{label(schedule, chunk):>16} " + line(row), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(args.out) as f:
         f.write(json.dumps({"date": time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime()), "max_batch": args.max_batch,
                             "max_tokens": args.max_tokens, "rows": rows}, indent=1).encode())
-    if len(schedules) > 1:
+    if len(variants) > 1:
         print("medians of the runs:")
         for clients in dict.fromkeys(r["clients"] for r in rows):
-            for schedule in schedules:
-                runs = [r for r in rows if r["clients"] == clients and r["schedule"] == schedule]
-                kept = ("clients", "schedule", "errors")
-                print(f"{schedule:>8} " + line({k: runs[0][k] if k in kept else median([r[k] for r in runs])
+            for schedule, chunk in variants:
+                runs = [r for r in rows if r["clients"] == clients and (r["schedule"], r["prefill_chunk"]) == (schedule, chunk)]
+                kept = ("clients", "schedule", "prefill_chunk", "errors")
+                print(f"{label(schedule, chunk):>16} " + line({k: runs[0][k] if k in kept else median([r[k] for r in runs])
                                                  for k in runs[0]}) + f" (medians of {len(runs)} runs)", flush=True)
     elif len(rows) > 1 and rows[0]["clients"] == 1:
         for row in rows[1:]:
             print(f"aggregate tokens/s at {row['clients']} clients / 1 client: "
                   f"{row['aggregate_tokens_per_s'] / rows[0]['aggregate_tokens_per_s']:.2f}x")
     return 0
+
+
+def label(schedule: str, chunk: int | None) -> str:
+    return schedule if chunk is None else f"{schedule} chunk {chunk}"
 
 
 def median(values: list):

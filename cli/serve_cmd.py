@@ -44,6 +44,10 @@ def add_parser(subparsers, name: str):
     p.add_argument("--stall-timeout", type=_seconds, default=STALL_TIMEOUT_S, metavar="SECONDS",
                    help="cancel a streamed request whose client, still connected, has not read a produced token "
                         f"for this long, freeing its row (default {STALL_TIMEOUT_S:g}; 0: never)")
+    p.add_argument("--prefill-chunk", type=bounded_int(0, 2**31 - 1), default=0, metavar="N",
+                   # scheduler.DEFAULT_PREFILL_CHUNK (a test holds them equal)
+                   help="continuous batching: at most N prompt tokens are prefilled between two decode steps of the "
+                        "running rows (a longer prompt in chunks; 0: whole prompts; default: %(default)s)")
     p.add_argument("--api-key", default=None,
                    help=f"require 'Authorization: Bearer KEY' on every route but /health (default: ${API_KEY_ENV} "
                         "if set, else no key)")
@@ -67,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
         print(line, file=sys.stderr, flush=True)
 
     app = make_app(api_key=api_key, max_queue=args.max_queue, log=log, schedule=args.schedule,
-                   max_skips=args.schedule_max_skips, stall_timeout=args.stall_timeout or None)
+                   max_skips=args.schedule_max_skips, stall_timeout=args.stall_timeout or None,
+                   prefill_chunk=args.prefill_chunk)
     state = app.state.serving
     server = _server(uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=GRACE_S))
     failures: list[BaseException] = []
@@ -85,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
         state.attach(engines[0])
         schedule = args.schedule if engines[0].continuous_batching else "fifo (static batches)"
         log(f"loaded {state.model_name} in {time.perf_counter() - start:.1f} s (max batch {run_cfg.max_batch}, "
-            f"context {state.context} tokens, schedule {schedule}); ready")
+            f"context {state.context} tokens, schedule {schedule}, prefill chunk {args.prefill_chunk or 'whole'}); ready")
 
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
     log(f"listening on {url} (OpenAI API at {url}/v1); loading {path} ...")

@@ -155,6 +155,7 @@ def _continuous_reads(engine, logprobs, steps=5):
         try:
             for handle in handles:
                 batch.admit(handle)
+            batch.prefill()  # whole prompts: no row decodes yet
             while batch.rows:
                 batch.step()
         finally:

@@ -27,7 +27,7 @@ from .handle import Handle
 from .openai_api import (ApiError, ChatRequest, CompletionRequest, chunk, new_id, parse, prepare, response, sse,
                          usage)
 from .openai_logprobs import LogprobsWriter
-from .scheduler import DEFAULT_MAX_QUEUE, QueueFullError, Scheduler, SchedulerClosedError
+from .scheduler import DEFAULT_MAX_QUEUE, DEFAULT_PREFILL_CHUNK, QueueFullError, Scheduler, SchedulerClosedError
 
 POLL_S = 0.25  # how often a waiting request checks that its client is still there
 RETRY_AFTER_S = 1
@@ -38,10 +38,10 @@ class ServerState:
 
     def __init__(self, api_key: str | None, max_queue: int, max_batch: int | None, model_name: str | None,
                  log: Callable[[str], None] | None, schedule: str = "fifo", max_skips: int | None = None,
-                 stall_timeout: float | None = None):
+                 stall_timeout: float | None = None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
         self.api_key, self.max_queue, self.max_batch = api_key, max_queue, max_batch
         self.stall_timeout = stall_timeout
-        self.schedule, self.max_skips = schedule, max_skips
+        self.schedule, self.max_skips, self.prefill_chunk = schedule, max_skips, prefill_chunk
         self.model_name, self.log = model_name, log or (lambda line: None)
         self.engine = self.scheduler = None
         self.failed: str | None = None
@@ -61,7 +61,7 @@ class ServerState:
     def attach(self, engine) -> None:
         """The model is loaded: start serving it."""
         self.scheduler = Scheduler(engine, max_queue=self.max_queue, max_batch=self.max_batch,
-                                   schedule=self.schedule, max_skips=self.max_skips)
+                                   schedule=self.schedule, max_skips=self.max_skips, prefill_chunk=self.prefill_chunk)
         self.model_name = self.model_name or engine.directory.name
         spec_limit = engine.spec.max_position_embeddings or engine.plan.max_context
         self.context = min(engine.plan.max_context, spec_limit)
@@ -122,13 +122,15 @@ class _EngineCollector:
 def make_app(engine=None, *, api_key: str | None = None, max_queue: int = DEFAULT_MAX_QUEUE,
              max_batch: int | None = None, model_name: str | None = None,
              log: Callable[[str], None] | None = None, schedule: str = "fifo",
-             max_skips: int | None = None, stall_timeout: float | None = None) -> FastAPI:
+             max_skips: int | None = None, stall_timeout: float | None = None,
+             prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> FastAPI:
     """The server's app; with `engine` it serves at once, without it /health is 503 until `attach`. The engine
     stays the caller's to close; the app's shutdown stops its scheduler. `log`: receives one line per request.
-    `schedule`, `max_skips`: the Scheduler's (which waiting requests join the batch; scheduler.py).
-    `stall_timeout`: seconds, or None for never: a request whose client has not taken a produced token for
-    that long is cancelled (submit's `stall_timeout`)."""
-    state = ServerState(api_key, max_queue, max_batch, model_name, log, schedule, max_skips, stall_timeout)
+    `schedule`, `max_skips`, `prefill_chunk`: the Scheduler's (which waiting requests join the batch, and how
+    much of their prompts between two decode steps; scheduler.py). `stall_timeout`: seconds, or None for never:
+    a request whose client has not taken a produced token for that long is cancelled (submit's `stall_timeout`)."""
+    state = ServerState(api_key, max_queue, max_batch, model_name, log, schedule, max_skips, stall_timeout,
+                        prefill_chunk)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -1,8 +1,10 @@
 """Continuous batching: the running batch, whose rows join between decode steps and leave when they finish.
 
-scheduler.py's engine thread drives it: `admit(handle)` prefills a waiting request alone (batch 1, as
-`engine.generate` alone does: the same inputs, the same cache type) and samples its first token from its own
-logits; `step()` runs one decode step for every row at once, over a RowCache (row_cache.py) in which each row
+scheduler.py's engine thread drives it: `admit(handle)` queues a request to join; `prefill()` prefills the
+joining requests' prompts alone (batch 1, as `engine.generate` alone does: the same inputs, the same cache
+type), at most `prefill_chunk` prompt tokens per call (0: whole prompts, every joining one), and a request
+whose last chunk ran samples its first token from that chunk's logits and joins as a row; `step()` runs one
+decode step for every row at once, over a RowCache (row_cache.py) in which each row
 keeps its own positions. Each row samples with its own SamplingConfig and generator from its own [1, V]
 logits, as it would alone. A row that ends (its EOS unless ignore_eos, a stop string, max_new_tokens) or was
 cancelled leaves at once: the last row moves into its place (KV columns, length, routing paths), so the rows
@@ -11,10 +13,22 @@ stay 0..n-1.
 The batch's Request (request.py) is one for the batch's life: its counters gather every forward's (the
 scheduler's totals read them), its `rows` is the step's row count, and its paths keep a row per running
 request: a joining request brings the paths of its prefill's last token, a leaving one takes its row along.
+
+Chunked prefill (prefill_chunk=N), while rows decode (with none, nothing waits: the rest of a prompt is one
+forward, so a request alone is prefilled as alone): a prompt's chunks are its tokens [0, N), [N, 2N), ...,
+each one forward into the request's own cache (a DynamicCache growing from chunk to chunk; on
+CUDA a StaticCache over a free row of the batch's cache), so no decode step waits for more than N prompt
+tokens. `prefill()` runs the oldest joining request's next chunk, then, in what is left of the N, the whole
+prompts of the requests behind it that fit: only the oldest is ever part-way through its prompt. A
+chunk's logits are not the whole prompt's bit for bit (matrix products of other row counts round
+differently: fp32 differs by ~1e-6), so with chunks a row's tokens are those it gets alone where such
+differences change no token (asserted in fp32, greedy and seeded, on the tests' prompts); prefill_chunk=0,
+or a prompt of at most N tokens, is the whole prompt's forward, as before.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -42,15 +56,29 @@ class Row:
     count: int = 0  # tokens generated
 
 
+@dataclass
+class Joining:
+    """A request whose prompt is being prefilled: its own cache until the last chunk."""
+
+    handle: Handle
+    generator: torch.Generator | None
+    base: object  # the batch's cache counters when its prefill started (None: not started)
+    cache: object = None  # the cache its chunks fill (None before the first chunk on the CPU)
+    row: int | None = None  # CUDA: the row of the batch's cache the StaticCache `cache` writes
+    done: int = 0  # prompt tokens prefilled
+
+
 class RunningBatch:
     """Rows 0..n-1 of `cache` are `rows`; `count(stats, counted, tokens, steps, decode)` adds each forward to
     the scheduler's totals; `signer` (a schedule.RouterSignature, or None) updates each row's signature."""
 
-    def __init__(self, engine, max_rows: int, count: Callable, signer=None):
+    def __init__(self, engine, max_rows: int, count: Callable, signer=None, prefill_chunk: int = 0):
         self.engine, self.max_rows, self.count = engine, max_rows, count
+        self.prefill_chunk = prefill_chunk  # prompt tokens between two decode steps at most; 0: whole prompts
         self.signer = signer  # schedule="routing": each row's signature follows its routing (schedule.py)
         self.request = Request(0, engine.spec.num_moe_layers, engine.spec.top_k)
         self.rows: list[Row] = []
+        self.joining: deque[Joining] = deque()  # admitted, prefilling: each holds a row of max_rows
         self.cache: RowCache | None = None
         self.counted = CacheStats.of(self.request.counters)
         self.cuda = engine.run.device.type == "cuda"
@@ -68,41 +96,101 @@ class RunningBatch:
         self.cache = None
 
     def handles(self) -> list[Handle]:
-        return [row.handle for row in self.rows]
+        """The rows' handles, then the joining requests'."""
+        return [row.handle for row in self.rows] + [j.handle for j in self.joining]
+
+    @property
+    def free(self) -> int:
+        """Rows neither running nor held by a joining request."""
+        return self.max_rows - len(self.rows) - len(self.joining)
+
+    @property
+    def idle(self) -> bool:
+        return not self.rows and not self.joining
 
     # -- joining ------------------------------------------------------------------------------------------
     def admit(self, handle: Handle) -> None:
-        """Prefill `handle`'s prompt alone into the next free row and give it its first token; a request that
-        ends with that token (or fails) leaves at once."""
-        engine, r = self.engine, len(self.rows)
-        device, cfg, ids = engine.run.device, handle.cfg, handle.prompt_ids
-        base = self.counted  # every forward of the batch is counted as it ends: these are the counters now
+        """Queue `handle` to join: `prefill()` runs its prompt, into a row held for it from now on."""
+        if self.free < 1:
+            raise RuntimeError("no free row to admit a request into")
+        self.joining.append(Joining(handle, sampling_generator(handle.cfg, self.engine.run.device), None))
+
+    def prefill(self) -> None:
+        """Cancelled joining requests leave; then the oldest's next chunk and, in what is left of
+        prefill_chunk tokens, the whole prompts of those behind it that fit (all of them, whole, when
+        prefill_chunk is 0; and while no row decodes, the rest of the oldest's prompt at once, as nothing
+        waits for it). A request whose prompt is done gets its first token and joins as a row; one that ends
+        with that token (or fails) leaves at once."""
+        for j in [j for j in self.joining if j.handle.cancelled]:
+            self.joining.remove(j)
+            j.handle._abandon()
+        # None: no limit (whole prompts, or no row decoding that a prompt could stall)
+        budget = self.prefill_chunk if self.prefill_chunk and self.rows else None
+        if self.joining:  # the oldest: its next chunk
+            j = self.joining[0]
+            size = len(j.handle.prompt_ids) - j.done
+            if budget is not None:
+                size = min(size, budget)
+                budget -= size
+            if not self._chunk(j, size):
+                return  # part-way: its chunk took the whole budget
+        while self.joining:  # then the whole prompts behind it, while they fit
+            if budget is None and self.prefill_chunk and self.rows:  # a row joined: its next step waits
+                budget = self.prefill_chunk
+            size = len(self.joining[0].handle.prompt_ids)
+            if budget is not None:
+                if size > budget:
+                    return
+                budget -= size
+            self._chunk(self.joining[0], size)
+
+    def _chunk(self, j: Joining, size: int) -> bool:
+        """Prefill `size` more prompt tokens of j (the oldest joining); True when it has left `joining`
+        (joined, ended or failed)."""
+        engine, handle = self.engine, j.handle
+        device, ids = engine.run.device, handle.prompt_ids
+        if j.base is None:
+            # every forward of the batch is counted as it ends: these are the counters now
+            j.base = self.counted
+            handle._start(len(self.rows) + 1)
+            if self.cuda:  # the prefill writes a free row in place (a StaticCache over it, as generate alone uses)
+                j.row = len(self.rows)
+                j.cache = self.cache.row_static_cache(j.row, engine.model.config)
+        start, end = j.done, j.done + size
+        # a Request of its own per forward, sharing the batch's counters: the paths it brings are its last token's
         prefill = Request(1, self.request.num_layers, self.request.top_k, counters=self.request.counters)
-        input_ids = torch.tensor([ids], dtype=torch.long, device=device)
-        # the prefill writes straight into its row on CUDA (a StaticCache over it, as generate alone uses one);
-        # on the CPU generate alone grows a DynamicCache, so this one does too and its columns are copied
-        source = self.cache.row_static_cache(r, engine.model.config) if self.cuda else None
-        generator = sampling_generator(cfg, device)
-        handle._start(r + 1)
+        input_ids = torch.tensor([ids[start:end]], dtype=torch.long, device=device)
         try:
             with torch.inference_mode():
-                out = engine.forward(prefill, input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                     position_ids=torch.arange(len(ids), device=device)[None], use_cache=True,
-                                     logits_to_keep=1, **({self.cache_arg: source} if source is not None else {}))
-                if source is None:
-                    self.cache.put(r, getattr(out, self.cache_arg))
-                self.cache.lengths[r] = len(ids)
+                # on the CPU generate alone grows a DynamicCache: the first chunk's forward makes it, as alone
+                out = engine.forward(prefill, input_ids=input_ids,
+                                     attention_mask=torch.ones((1, end), dtype=torch.long, device=device),
+                                     position_ids=torch.arange(start, end, device=device)[None], use_cache=True,
+                                     logits_to_keep=1, **({self.cache_arg: j.cache} if j.cache is not None else {}))
+                j.cache, j.done = getattr(out, self.cache_arg), end
+                if end < len(ids):
+                    self._count(0, decode=False)
+                    return False
+                r = len(self.rows)  # rows only left while it prefilled: every row from r up is free
+                if self.cuda:
+                    self.cache.lengths[j.row] = end
+                    if j.row != r:
+                        self.cache.move(j.row, r)
+                else:
+                    self.cache.put(r, j.cache)
                 logits = out.logits[:, -1, :]
-                token, finite = pick(logits, cfg, generator)
+                token, finite = pick(logits, handle.cfg, j.generator)
                 asks = [handle.logprobs]
                 host, *logprobs = read_to_host([torch.cat([token, finite.long()]),
                                                 *(on_device(logits, token, asks) or (None, None))])
         except Exception as error:  # this request's fault (or the engine's): the running rows go on
+            self.joining.popleft()
             self._count(0, decode=False)
             handle._fail(error)
-            return
+            return True
+        self.joining.popleft()
         self._count(1, decode=False)
-        row = Row(handle, generator, IncrementalDetokenizer(engine.tokenizer), int(host[0]), base)
+        row = Row(handle, j.generator, IncrementalDetokenizer(engine.tokenizer), int(host[0]), j.base)
         self.rows.append(row)
         self.request.rows = len(self.rows)
         paths = self.request.paths
@@ -110,6 +198,7 @@ class RunningBatch:
         paths.previous = np.concatenate([paths.previous, prefill.paths.previous])
         if self._emit(r, row, bool(host[1]), len(self.rows), per_row(*logprobs, asks)[0]):
             self._leave(r)
+        return True
 
     # -- one decode step ----------------------------------------------------------------------------------
     def step(self) -> None:
@@ -157,13 +246,19 @@ class RunningBatch:
             self._leave(r)
 
     def fail(self, error: BaseException) -> None:
-        """End every row with `error`."""
+        """End every row and joining request with `error`."""
+        while self.joining:
+            handle = self.joining.popleft().handle
+            if handle.finish_reason is None:
+                handle._fail(error)
         for r in reversed(range(len(self.rows))):
             self.rows[r].handle._fail(error)
             self._leave(r)
 
     def abandon(self) -> None:
-        """End every row as cancelled (the scheduler is closing)."""
+        """End every row and joining request as cancelled (the scheduler is closing)."""
+        while self.joining:
+            self.joining.popleft().handle._abandon()
         for r in reversed(range(len(self.rows))):
             self.rows[r].handle._abandon()
             self._leave(r)

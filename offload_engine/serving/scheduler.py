@@ -6,8 +6,9 @@ puts the request on a bounded FIFO queue (full: QueueFullError) and returns its 
 Continuous batching (continuous.py), for models whose every layer is a full-attention layer with
 transformers' standard KV cache (row_cache.fits: Qwen3-MoE, Mixtral, OLMoE, Qwen2-MoE, DeepSeek, ...),
 decided once at load (engine.continuous_batching): between decode steps the engine thread admits the oldest
-waiting requests into the batch's free rows (up to max_batch; any settings), each prefilled alone, then runs
-one decode step for every row; a row leaves the step it ends, and a cancelled one at the next step, so its
+waiting requests into the batch's free rows (up to max_batch; any settings), each prefilled alone, at most
+`prefill_chunk` prompt tokens between two decode steps (a longer prompt in chunks over several steps, its row
+held meanwhile; 0: whole prompts), then runs one decode step for every row; a row leaves the step it ends, and a cancelled one at the next step, so its
 place is free for a waiting request. Each row's tokens are the ones it gets alone (`engine.generate`). While
 any row runs, the batch holds all max_batch rows in the runtime's admission (its KV cache is allocated whole).
 Which waiting requests join is the `schedule`'s choice: "fifo" (the default; `engine.submit`'s scheduler
@@ -58,6 +59,10 @@ DEFAULT_MAX_QUEUE = 64
 DEFAULT_SKIPS_PER_ROW = 1.5  # schedule="routing": max_skips defaults to this x max_batch, rounded down. Measured
 # (bench_serve.py, 16 clients, 4 rows, medians of 4): bytes per token -25% against fifo, the first token's p99 1.48x;
 # 2 x: -27%, 1.66x; 1 x: -20 to -23%, 1.15 to 1.17x
+DEFAULT_PREFILL_CHUNK = 0  # whole prompts. Measured (bench_serve.py, 4 clients, 64-token prompts, demo budget, medians
+# of 4 interleaved runs): chunks of 16 cut the per-token p99 90 -> 48 ms but the aggregate 194 -> 147 tok/s (bytes moved
+# per token +38%); chunks of 32: p99 60 -> 37 ms, 271 -> 226 tok/s (+15%). A chunk's forward costs most of a whole
+# prompt's on this CPU (experts fetched and called per forward), so chunks trade throughput for the tail
 IDLE_POLL_S = 0.05  # how often an idle engine thread looks again for rows another thread's generate holds
 
 
@@ -75,7 +80,7 @@ class Totals:
 
     batches: int = 0  # continuous: the times a batch started from no rows
     rows: int = 0
-    steps: int = 0  # forward passes: each prefill (with its first token; continuous: one per request), each decode step
+    steps: int = 0  # forward passes: each prefill (continuous: each prefill chunk), each decode step
     decode_steps: int = 0
     decode_lookups: int = 0  # experts the decode steps' layer calls looked up: distinct per call, summed
     generated_tokens: int = 0
@@ -88,7 +93,7 @@ class Totals:
 
 class Scheduler:
     def __init__(self, engine, max_queue: int = DEFAULT_MAX_QUEUE, max_batch: int | None = None,
-                 schedule: str = "fifo", max_skips: int | None = None):
+                 schedule: str = "fifo", max_skips: int | None = None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
         max_batch = engine.run.max_batch if max_batch is None else max_batch
         if not _whole(max_batch) or not 1 <= max_batch <= engine.run.max_batch:
             raise GenerationInputError(f"max_batch must be from 1 to the memory plan's {engine.run.max_batch}, "
@@ -100,7 +105,11 @@ class Scheduler:
         max_skips = int(DEFAULT_SKIPS_PER_ROW * max_batch) if max_skips is None else max_skips
         if not _whole(max_skips) or max_skips < 0:
             raise GenerationInputError(f"max_skips must be a whole number >= 0, not {max_skips!r}")
+        if not _whole(prefill_chunk) or prefill_chunk < 0:
+            raise GenerationInputError(f"prefill_chunk must be a whole number of tokens >= 0 (0: whole prompts), "
+                                       f"not {prefill_chunk!r}")
         self.engine, self.max_queue, self.max_batch = engine, max_queue, max_batch
+        self.prefill_chunk = prefill_chunk
         self.schedule, self.max_skips = schedule, max_skips
         routing = schedule == "routing" and engine.continuous_batching
         self._signer = RouterSignature(engine) if routing else None
@@ -190,16 +199,17 @@ class Scheduler:
                     self._running = []
 
     def _continuous(self) -> None:
-        """Between decode steps, admit waiting requests into free rows; then one step for every row. The KV
+        """Between decode steps, admit waiting requests into free rows and prefill up to prefill_chunk of their
+        prompt tokens; then one step for every row. The KV
         cache holds max_batch rows, so the runtime's admission holds max_batch rows of the plan while any
         request runs (another thread's generate waits for them), and gives them back when the batch empties."""
-        batch = RunningBatch(self.engine, self.max_batch, self._count, self._signer)
+        batch = RunningBatch(self.engine, self.max_batch, self._count, self._signer, self.prefill_chunk)
         runtime, held = self.engine.runtime, False
         try:
             while True:
                 self._sign_window()
                 with self._cond:
-                    while not self._waiting and not batch.rows and not self._closed:
+                    while not self._waiting and batch.idle and not self._closed:
                         if held:  # idle: the KV cache and its rows go back to the plan
                             batch.close()
                             runtime.release(self.max_batch)
@@ -214,7 +224,7 @@ class Scheduler:
                             continue
                         batch.open()
                         self.totals.batches += 1
-                    joining = self._take_free(self.max_batch - len(batch.rows), batch.handles())
+                    joining = self._take_free(batch.free, batch.handles())
                     self.totals.rows += len(joining)
                     self._running = batch.handles() + joining
                 try:
@@ -222,6 +232,7 @@ class Scheduler:
                     for handle in joining:
                         batch.admit(handle)
                     self._drop_stalled(batch.handles())
+                    batch.prefill()
                     batch.step()
                 except Exception as error:  # a bug past the engine's forwards: end the batch, keep the thread
                     for handle in joining:
