@@ -95,8 +95,8 @@ class _EngineCollector:
         for name, doc, field in (("generated_tokens", "tokens the engine generated (cancelled rows included)",
                                   "generated_tokens"),
                                  ("batches", "batches the engine ran", "batches"),
-                                 ("steps", "forward passes the engine ran: a batch's prefill with its first token, "
-                                  "then one per decode step", "steps"),
+                                 ("steps", "forward passes the engine ran: each prefill (each chunk of one, with "
+                                  "--prefill-chunk), then one per decode step", "steps"),
                                  ("decode_steps", "decode steps the engine ran (every row of the batch one token)",
                                   "decode_steps"),
                                  ("decode_expert_lookups", "experts the decode steps' layer calls needed (distinct "
