@@ -755,3 +755,16 @@ def test_next_gate_names_each_target_layers_own_router_top_k(tmp_path, name):
                     ranked = [logits[p.layer, r][e] for e in ranking]  # best first, up to rounding
                     assert len(set(ranking)) == len(ranking) == n
                     assert all(a >= b - 1e-5 for a, b in zip(ranked, ranked[1:])), (layer, p.depth, r)
+
+
+def test_rebucket_is_searchsorted_from_any_start():
+    """The policy's bucket update (one step from the old bucket) against numpy's searchsorted, right side, on
+    random popularities, from every starting bucket, edges included."""
+    from offload_engine.experts.policies import _rebucket
+
+    rng = np.random.default_rng(0)
+    edges = np.asarray(PredictivePolicy.POPULARITY_EDGES) * (8 / 128)
+    values = np.concatenate([rng.uniform(0, 1, 500), edges, [0.0, 1.0]])
+    for x in values:
+        want = int(np.searchsorted(edges, x, side="right"))
+        assert all(_rebucket(edges, b, x) == want for b in range(len(edges) + 1)), x

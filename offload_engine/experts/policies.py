@@ -282,9 +282,20 @@ def _count_call(age, popularity, bucket, edges, uses, calls, pred_uses, pred_cal
         uses[layer, b, a] += u
         age[layer, e] = 0 if used[e] else min(age[layer, e] + 1, max_age)
         popularity[layer, e] += decay * (u - popularity[layer, e])
-        bucket[layer, e] = np.searchsorted(edges, popularity[layer, e], side="right")
+        bucket[layer, e] = _rebucket(edges, b, popularity[layer, e])
     for d in range(pending.shape[1]):
         pending[layer, d] = False
+
+
+@numba.njit(cache=True)
+def _rebucket(edges, b, x):  # pragma: no cover - compiled
+    """searchsorted(edges, x, side="right") from the bucket b that x was in before one popularity update: a call
+    moves a popularity by at most 1/16, so the answer is b or next to it (a search per expert was most of a call)."""
+    while b < len(edges) and edges[b] <= x:
+        b += 1
+    while b > 0 and edges[b - 1] > x:
+        b -= 1
+    return b
 
 
 @numba.njit(cache=True)
