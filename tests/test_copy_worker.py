@@ -115,6 +115,28 @@ def test_the_cache_fills_cpu_slots_with_compiled_copies(mixtral_dir):  # noqa: F
         cache.close()
 
 
+def test_a_batch_task_rows_equal_each_experts_rows_placed_one_at_a_time(mixtral_dir):  # noqa: F811
+    """SlotFill's task rows for a batch against the plain loop: each expert's spans from the store, its
+    destination the pool's base of each tensor plus the slot times the tensor's stride, in the batch's order."""
+    rng = np.random.default_rng(0)
+    for mode in ("mmap", "files", "ram"):
+        cache = make_cache(mixtral_dir, 4, mode)
+        fill = cache.loader.prefetch_fill
+        pool = list(cache.pool.values())
+        for _ in range(20):
+            layer = int(rng.integers(2))
+            experts = rng.choice(8, int(rng.integers(1, 5)), replace=False).tolist()
+            loads = [(e, int(rng.integers(4))) for e in experts]
+            want = []
+            for e, slot in loads:
+                rows, _ = cache.store.copy_spans(layer, e)
+                for param, offset, *rest in rows.tolist():
+                    t = pool[param]
+                    want.append([t.data_ptr() + slot * t[0].numel() * t.element_size() + offset, *rest])
+            assert fill._copy_tasks(layer, loads).tolist() == want, (mode, layer, loads)
+        cache.close()
+
+
 def test_a_dtype_to_convert_keeps_torch_copies(mixtral_dir):  # noqa: F811
     from offload_engine.experts.cache import ExpertCache
     from offload_engine.experts.policies import LRUPolicy

@@ -93,7 +93,7 @@ class SlotFill:
         None where they need torch's copies (a dtype to convert, not x86-64)."""
         if not self.compiled:
             return None
-        parts, offsets, files = [], [], set()
+        parts, destinations, files = [], [], set()
         for e, slot in loads:
             template = self._templates.get((layer_pos, e))
             if template is None:
@@ -101,17 +101,19 @@ class SlotFill:
                 if template is None:
                     self.compiled = False  # one layout for every expert: the others cannot be copied as they are
                     return None
-            rows, strides, sources = template
+            rows, at_slot_0, strides, sources = template
             parts.append(rows)
-            offsets.append(slot * strides)
+            # a decode batch's few rows: Python's integers beat a numpy product and concatenation per batch
+            destinations += [d + slot * s for d, s in zip(at_slot_0, strides)]
             files.update(sources)
         self.store.check_sources(files)
         tasks = np.concatenate(parts)  # a new array: the templates stay as they are
-        tasks[:, 0] += np.concatenate(offsets)
+        tasks[:, 0] = destinations
         return tasks
 
     def _template(self, layer_pos: int, e: int):
-        """An expert's task rows for slot 0, the per-row stride of one slot, and its source files."""
+        """An expert's task rows for slot 0, their destinations there and the per-row stride of one slot (as
+        Python integers), and its source files."""
         spans = self.store.copy_spans(layer_pos, e)
         if spans is None:
             return None
@@ -120,4 +122,4 @@ class SlotFill:
         tasks = copy_worker.task_rows(len(rows))
         tasks[:, 0] = self._pool_base[param] + rows[:, 1]
         tasks[:, 1:] = rows[:, 2:]
-        return tasks, self._pool_stride[param], sources
+        return tasks, tasks[:, 0].tolist(), self._pool_stride[param].tolist(), sources
