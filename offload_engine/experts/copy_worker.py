@@ -203,12 +203,12 @@ class CopyWorker:
         warm()
 
     def post(self, rows: np.ndarray) -> "CopyTicket":
-        box, capacity = self.box, len(self.tasks)
-        first = int(box[POSTED])
+        box, capacity, n = self.box, len(self.tasks), len(rows)
+        first = int(box[POSTED])  # only this thread writes POSTED: read once, as a Python integer
         at = first % capacity
-        if len(rows) <= capacity - at and box[POSTED] - box[DONE] + len(rows) <= capacity:  # the usual case: one write
-            self.tasks[at:at + len(rows)] = rows
-            box[POSTED] += len(rows)  # published after the rows
+        if n <= capacity - at and first - int(box[DONE]) + n <= capacity:  # the usual case: one write
+            self.tasks[at:at + n] = rows
+            box[POSTED] = first + n  # published after the rows
         else:
             for row in rows:
                 while box[POSTED] - box[DONE] >= capacity:  # the ring is full: let the worker catch up
