@@ -178,6 +178,10 @@ def test_logprobs_ride_in_the_steps_one_read(tiny, name):
         assert [[p.token_id for p in row] for row in pieces] == [[p.token_id for p in row] for row in plain]
         assert all(p.logprob is not None for row in pieces for p in row)
         assert asked.reads == 6 * (layers + 1)  # two prefills and four decode steps: a read per layer call and step
+        some, mixed = _continuous_reads(engine, [None, 2])  # only some rows ask: their rows picked by slices
+        assert [[p.token_id for p in row] for row in mixed] == [[p.token_id for p in row] for row in plain]
+        assert all(p.logprob is None for p in mixed[0]) and all(len(p.top_logprobs) == 2 for p in mixed[1])
+        assert some.reads == asked.reads and some.stray == []
     else:
         cfg = SamplingConfig(max_new_tokens=5, ignore_eos=True)
         with counting_reads() as without:
@@ -338,3 +342,28 @@ def test_the_module_example_runs():
     from offload_engine import logprobs
 
     assert doctest.testmod(logprobs).attempted > 0 and doctest.testmod(logprobs).failed == 0
+
+
+def test_a_character_split_over_tokens_keeps_its_bytes_and_offsets():
+    """Byte-level BPE splits a character over tokens whose texts alone decode to "\ufffd": each entry's
+    `bytes` are the token's own (they join to the text's UTF-8), and text_offset counts characters, a token
+    that ends a split character starting where the character does."""
+    from transformers import AutoTokenizer
+
+    from offload_engine import DEFAULT_MODEL
+    from offload_engine.serving.handle import Piece
+    from offload_engine.serving.openai_logprobs import LogprobsWriter, TokenBytes
+
+    tokenizer = AutoTokenizer.from_pretrained(DEFAULT_MODEL)
+    text = "Größe 東京 ✅ ok"
+    ids = tokenizer(text)["input_ids"]
+    assert any("\ufffd" in tokenizer.decode([i]) for i in ids)  # the case this test is about
+    token_bytes = TokenBytes(tokenizer)
+    pieces = [Piece(i, "", None, -1.0, {i: -1.0}) for i in ids]
+    chat = LogprobsWriter(True, tokenizer, token_bytes).shape(pieces)["content"]
+    assert bytes(b for entry in chat for b in entry["bytes"]) == text.encode("utf-8")
+    assert all(entry["top_logprobs"][0]["bytes"] == entry["bytes"] for entry in chat)
+    offsets = LogprobsWriter(False, tokenizer, token_bytes).shape(pieces)["text_offset"]
+    # a plain-loop twin: the characters of the bytes before each token that decode whole
+    twin = [len(b"".join(token_bytes(i) for i in ids[:n]).decode("utf-8", errors="ignore")) for n in range(len(ids))]
+    assert offsets == twin and offsets[-1] < len(text) and offsets == sorted(offsets)

@@ -76,12 +76,40 @@ def test_a_static_batch_drops_a_stalled_row(tiny, slow):
     scheduler = Scheduler(engine)
     try:
         ignored = scheduler.submit(PROMPTS[0], max_new_tokens=50, ignore_eos=True, stall_timeout=TIMEOUT)
-        assert ignored.result(timeout=30).finish_reason == "stalled" and ignored.generated_tokens < 50
+        wait_until(ignored.done)  # not result(): a caller waiting there is reading the completion whole
+        assert ignored.result(timeout=0).finish_reason == "stalled" and ignored.generated_tokens < 50
         assert scheduler.totals.stalled == 1
         read = scheduler.submit(PROMPTS[1], max_new_tokens=30, ignore_eos=True, stall_timeout=TIMEOUT)
         assert len(list(read)) == 30 and read.finish_reason == "length"
     finally:
         scheduler.close()
+
+
+def test_a_slow_reader_that_keeps_reading_is_not_stalled(tiny, slow):
+    """Pieces pile up behind a reader slower than the steps (a piece every 3 steps), so the oldest untaken
+    piece grows old; but the reader never pauses for the timeout, so it is not cancelled."""
+    engine = slow(tiny("mixtral")[0])
+    handle = engine.submit(PROMPTS[0], max_new_tokens=50, ignore_eos=True, stall_timeout=TIMEOUT)
+    pieces = []
+    for piece in handle:
+        pieces.append(piece)
+        time.sleep(3 * STEP_S)
+    assert handle.finish_reason == "length" and len(pieces) == 50
+
+
+def test_a_caller_waiting_for_the_result_is_not_stalled(tiny, slow):
+    """result() takes the completion whole at the end: its pieces wait untaken by design."""
+    engine = slow(tiny("mixtral")[0])
+    handle = engine.submit(PROMPTS[0], max_new_tokens=50, ignore_eos=True, stall_timeout=TIMEOUT)
+    done = handle.result(timeout=60)  # 50 steps of STEP_S: longer than the timeout
+    assert done.finish_reason == "length" and len(done.token_ids) == 50
+
+
+def wait_until(condition, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
 
 
 def test_stall_timeout_is_checked(tiny):
@@ -144,8 +172,9 @@ def test_a_stream_whose_client_stops_reading_is_cancelled_and_logged(tiny, slow)
         assert TIMEOUT - 0.2 <= waited < TIMEOUT + 1.0
         data = b"".join(m.get("body", b"") for m in sent[1:]).decode().split("\n\n")
         chunks = [json.loads(d[len("data: "):]) for d in data if d]
-        text = "".join(c["choices"][0]["text"] for c in chunks)
+        text = "".join(c["choices"][0]["text"] for c in chunks[:-1])
         assert text == want["text"][:len(text)] and len(text) < len(want["text"])  # its pieces, then the end
+        assert chunks[-1]["error"]["code"] == "stalled" and "--stall-timeout" in chunks[-1]["error"]["message"]
         assert "[DONE]" not in data
         assert any(" 499 " in line and "stalled" in line for line in log), log
         metrics = {s.name: s.value for f in text_string_to_metric_families(call(app, "GET", "/metrics").text)
@@ -155,7 +184,6 @@ def test_a_stream_whose_client_stops_reading_is_cancelled_and_logged(tiny, slow)
         assert again["text"] == want["text"][:len(again["text"])] and again["finish_reason"] == "length"
     finally:
         app.state.serving.close()
-
 
 
 def test_a_bad_stall_timeout_flag_is_one_line_and_exit_2(capsys):

@@ -26,7 +26,7 @@ from ..errors import OffloadEngineError, one_line
 from .handle import Handle
 from .openai_api import (ApiError, ChatRequest, CompletionRequest, chunk, new_id, parse, prepare, response, sse,
                          usage)
-from .openai_logprobs import LogprobsWriter
+from .openai_logprobs import LogprobsWriter, TokenBytes
 from .scheduler import DEFAULT_MAX_QUEUE, DEFAULT_PREFILL_CHUNK, QueueFullError, Scheduler, SchedulerClosedError
 
 POLL_S = 0.25  # how often a waiting request checks that its client is still there
@@ -62,6 +62,7 @@ class ServerState:
         """The model is loaded: start serving it."""
         self.scheduler = Scheduler(engine, max_queue=self.max_queue, max_batch=self.max_batch,
                                    schedule=self.schedule, max_skips=self.max_skips, prefill_chunk=self.prefill_chunk)
+        self.token_bytes = TokenBytes(engine.tokenizer)  # its vocabulary read once, for every logprobs response
         self.model_name = self.model_name or engine.directory.name
         spec_limit = engine.spec.max_position_embeddings or engine.plan.max_context
         self.context = min(engine.plan.max_context, spec_limit)
@@ -200,7 +201,7 @@ async def _generate(state: ServerState, request: Request, chat: bool):
     rid, route = new_id(chat), request.url.path
     wake = _waker(handle)
     asked = prepared.sampling["logprobs"] is not None
-    writer = LogprobsWriter(chat, state.engine.tokenizer) if asked else None
+    writer = LogprobsWriter(chat, state.engine.tokenizer, state.token_bytes) if asked else None
     try:
         first = await _next(request, handle, wake)
     except ApiError as error:
@@ -259,6 +260,10 @@ async def _events(state, request, handle: Handle, wake, first, chat, rid, includ
                 break
         if piece is None:
             status = 499
+            if handle.finish_reason == "stalled":  # a client that reads again learns why its stream ends here
+                yield sse(ApiError(499, f"the stream was cancelled: its client took nothing for "
+                                        f"{state.stall_timeout:g} s (the server's --stall-timeout)",
+                                   type="timeout", code="stalled").body())
             return
         if include_usage:
             yield sse(chunk(chat, rid, model, None, use=usage(handle.prompt_tokens, count)))

@@ -91,8 +91,9 @@ class Handle:
     """One submitted prompt. Iterate it for its Pieces (the last one has a finish_reason; a cancelled handle's
     iteration just ends; an engine error is raised), or call result() for the whole Completion.
 
-    `logprobs`: None, or K: each piece carries its logprob and the top K's. `stall_timeout`: None, or seconds
-    after which the engine thread cancels the request ("stalled") when its oldest piece is still untaken."""
+    `logprobs`: None, or K: each piece carries its logprob and the top K's. `stall_timeout`: None, or seconds:
+    the engine thread cancels the request ("stalled") when pieces wait and its reader has taken none for that
+    long (a slow reader that keeps taking pieces is not stalled; a caller waiting in result() never is)."""
 
     def __init__(self, request_id: str, prompt_ids: list[int], cfg, stop: tuple[str, ...],
                  logprobs: int | None = None, stall_timeout: float | None = None):
@@ -101,6 +102,8 @@ class Handle:
         # when each queued, untaken piece was produced (monotonic): the engine thread appends before it queues
         # a piece, the reader pops as it takes one, so [0] is the oldest untaken piece's
         self._untaken: deque[float] = deque()
+        self._last_take: float | None = None  # when the reader last took a piece (monotonic)
+        self._awaited = False  # a caller waits in result(): it takes the completion whole, at the end
         self._stalled = False
         self.submitted = time.perf_counter()
         self._stop = StopText(stop)
@@ -164,6 +167,7 @@ class Handle:
             self._items.put(item)
             return None
         self._untaken.popleft()
+        self._last_take = time.monotonic()
         return item
 
     def __iter__(self):
@@ -177,6 +181,7 @@ class Handle:
 
     def result(self, timeout: float | None = None) -> Completion:
         """Wait for the whole completion (TimeoutError after `timeout` seconds); raises the request's error."""
+        self._awaited = True
         if not self._done.wait(timeout):
             raise TimeoutError(f"request {self.id} did not finish within {timeout} s")
         if self._error is not None:
@@ -216,13 +221,16 @@ class Handle:
         self._counters = (hits, misses, bytes_to_device)
 
     def _stalled_since(self, now: float) -> bool:
-        """Whether the oldest untaken piece was produced more than stall_timeout seconds before `now`."""
-        if self.stall_timeout is None:
+        """Whether pieces wait and, for more than stall_timeout seconds before `now`, none was taken: both the
+        oldest untaken piece and the reader's last take are older than that."""
+        if self.stall_timeout is None or self._awaited:
             return False
         try:
-            return now - self._untaken[0] > self.stall_timeout
+            oldest = self._untaken[0]
         except IndexError:  # every piece taken (perhaps just now)
             return False
+        last_take = self._last_take
+        return now - (oldest if last_take is None else max(oldest, last_take)) > self.stall_timeout
 
     def _stall(self) -> None:
         """Cancel as stalled: the request leaves its batch as a cancelled one does, finishing "stalled"."""
