@@ -172,6 +172,22 @@ def test_max_batch_rows_at_once_a_fifth_waits_and_a_full_queue_refuses(engine):
         scheduler.close()
 
 
+def test_a_burst_is_refused_only_past_the_free_rows_and_the_queue(engine):
+    """Requests arriving together wait for rows that are free (they join at the next step) on top of
+    max_queue: with 4 free rows and a queue of 1, five are taken at once and the sixth is refused."""
+    scheduler = Scheduler(engine, max_queue=1)
+    try:
+        burst = [scheduler.submit(p, max_new_tokens=LONG, ignore_eos=True) for p in PROMPTS[:5]]
+        with pytest.raises(QueueFullError):
+            scheduler.submit(PROMPTS[5], max_new_tokens=3)
+        wait_for(lambda: scheduler.running == 4 and scheduler.waiting == 1)
+        for h in burst:
+            h.cancel()
+        wait_for(lambda: scheduler.running == 0)
+    finally:
+        scheduler.close()
+
+
 def test_generate_from_another_thread_waits_for_the_batchs_rows(engine):
     scheduler = Scheduler(engine)
     try:

@@ -472,3 +472,57 @@ def test_bad_flags_and_a_port_in_use_are_one_line_and_exit_2(capsys):
         assert main(["serve", "--port", str(taken.getsockname()[1]), "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "--port" in err[0] and "cannot listen on 127.0.0.1" in err[1]
+
+
+def test_a_client_gone_before_its_request_was_read_is_499_not_500(engine):
+    """The body never arrives whole (the client hung up): counted as the client's leaving, no error of ours."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    log: list[str] = []
+    app = make_app(engine, log=log.append)
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/completions", "raw_path": b"/v1/completions", "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"application/json"), (b"content-length", b"100")],
+             "client": ("127.0.0.1", 1234), "server": ("test", 80)}
+    sent = []
+
+    async def receive():
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    try:
+        asyncio.run(app(scope, receive, send))
+        assert sent[0]["status"] == 499 and any("left before its request was read" in line for line in log)
+        metrics = text_string_to_metric_families(call(app, "GET", "/metrics").text)
+        requests = {s.labels["status"]: s.value for f in metrics for s in f.samples
+                    if s.name == "moe_offload_requests_total"}
+        assert requests == {"499": 1.0}
+    finally:
+        app.state.serving.close()
+
+
+def test_best_of_other_than_one_is_refused_and_prompts_are_prepared_off_the_event_loop(engine, monkeypatch):
+    """best_of > 1 would need several samples (as n does): a 400 naming it. And a prompt is parsed and
+    tokenized in a worker thread: a large one must not stop the event loop handing the other streams their
+    tokens (a stream starved that way would even look stalled)."""
+    import offload_engine.serving.app as app_module
+
+    threads, real = [], app_module.prepare
+
+    def recording(*args, **kwargs):
+        threads.append(threading.current_thread())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(app_module, "prepare", recording)
+    app = make_app(engine)
+    try:
+        r = call(app, "POST", "/v1/completions", json={"prompt": PROMPTS[0], "max_tokens": 2, "best_of": 2})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "best_of"
+        r = call(app, "POST", "/v1/completions", json={"prompt": PROMPTS[0], "max_tokens": 2, "best_of": 1,
+                                                       "temperature": 0})
+        assert r.status_code == 200
+        assert threads and all(t is not threading.main_thread() for t in threads)
+    finally:
+        app.state.serving.close()

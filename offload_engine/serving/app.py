@@ -21,6 +21,8 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from ..errors import OffloadEngineError, one_line
 from .handle import Handle
@@ -195,10 +197,18 @@ def make_app(engine=None, *, api_key: str | None = None, max_queue: int = DEFAUL
 async def _generate(state: ServerState, request: Request, chat: bool):
     state.ready()
     arrived = time.perf_counter()
-    body = parse(ChatRequest if chat else CompletionRequest, await request.body())
-    prepared = prepare(body, state.engine.tokenizer, state.context)
-    handle = _submit(state, prepared)
     rid, route = new_id(chat), request.url.path
+    try:
+        raw = await request.body()
+    except ClientDisconnect:  # gone before its request was whole: nothing to answer, not the server's fault
+        state.requests.labels(route, "499").inc()
+        state.log(f"{rid}: the client left before its request was read")
+        return Response(status_code=499)
+    # parsing and tokenizing a large prompt takes seconds: off the event loop, which meanwhile keeps handing
+    # the other streams their tokens (a stream it starves would look stalled)
+    prepared = await run_in_threadpool(lambda: prepare(parse(ChatRequest if chat else CompletionRequest, raw),
+                                                       state.engine.tokenizer, state.context))
+    handle = _submit(state, prepared)
     wake = _waker(handle)
     asked = prepared.sampling["logprobs"] is not None
     writer = LogprobsWriter(chat, state.engine.tokenizer, state.token_bytes) if asked else None

@@ -49,6 +49,7 @@ class _Sampling(_Strict):
     seed: int | None = Field(None, ge=0, lt=2**63)
     stop: str | list[str] | None = None
     n: int | None = Field(None, ge=1)
+    best_of: int | None = Field(None, ge=1)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
 
@@ -109,6 +110,9 @@ def prepare(request: _Sampling, tokenizer, context: int) -> Prepared:
     if request.n not in (None, 1):
         raise ApiError(400, f"n={request.n} is not supported: this server returns one choice per request (n=1)",
                        param="n", code="unsupported_value")
+    if request.best_of not in (None, 1):
+        raise ApiError(400, f"best_of={request.best_of} is not supported: this server samples one completion per "
+                       "request (best_of=1)", param="best_of", code="unsupported_value")
     logprobs = _logprobs(request)
     stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
     if len(stop) > 4:

@@ -144,7 +144,8 @@ class Scheduler:
         with self._cond:
             if self._closed:
                 raise SchedulerClosedError("the engine's scheduler is closed; submit to a new engine")
-            if len(self._waiting) >= self.max_queue:
+            # rows free now take requests at the next step: they wait on top of max_queue, not in it
+            if len(self._waiting) >= self.max_queue + max(0, self.max_batch - len(self._running)):
                 raise QueueFullError(f"{len(self._waiting)} requests are waiting (max_queue); try again once one "
                                      "has started")
             handle = Handle(f"{next(self._ids)}", ids, cfg, stop, logprobs, stall_timeout)
