@@ -17,6 +17,7 @@ in the engine's cache and in the replay simulator (tracing/replay.py), so a repl
 from __future__ import annotations
 
 import bisect
+import heapq
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -30,7 +31,17 @@ class NoVictimError(RuntimeError):
     """Every resident expert is protected: the cache has fewer slots than one call needs."""
 
 
-class LRUPolicy:
+class Victims:
+    """victim() as the first of victims(): each policy ranks its victims once, in victims()."""
+
+    def victim(self, excluded: set) -> Key:
+        found = self.victims(excluded, 1)
+        if not found:
+            raise NoVictimError("every resident expert is protected; the cache needs more slots")
+        return found[0]
+
+
+class LRUPolicy(Victims):
     """Least recently used: evict the key whose last use is oldest."""
 
     name = "lru"
@@ -53,12 +64,6 @@ class LRUPolicy:
     def on_evict(self, key: Key) -> None:
         del self._order[key]
 
-    def victim(self, excluded: set) -> Key:
-        for key in self._order:
-            if key not in excluded:
-                return key
-        raise NoVictimError("every resident expert is protected; the cache needs more slots")
-
     def victims(self, excluded: set, n: int) -> list[Key]:
         out = []
         for key in self._order:
@@ -79,7 +84,7 @@ class LRUPolicy:
         return 0.0
 
 
-class PredictivePolicy:
+class PredictivePolicy(Victims):
     """Evict the resident expert with the lowest hit density: its probability of being used at its layer's
     next call, per call it would hold the slot until then (LHD, Beckmann et al., NSDI 2018, with the layer
     order known), every probability learned at run time from what the router really chose (ExpertFlow's
@@ -178,12 +183,6 @@ class PredictivePolicy:
     def on_evict(self, key: Key) -> None:
         self.resident[key] = False
 
-    def victim(self, excluded: set) -> Key:
-        found = self.victims(excluded, 1)
-        if not found:
-            raise NoVictimError("every resident expert is protected; the cache needs more slots")
-        return found[0]
-
     def victims(self, excluded: set, n: int) -> list[Key]:
         """The n lowest hit densities in turn: what n calls of victim() give while each victim is evicted (the
         probabilities do not change in between: a prefetch asks for several, and a call each cost ~5 us)."""
@@ -204,7 +203,7 @@ class PredictivePolicy:
         return p / (1 - p)
 
 
-class BeladyPolicy:
+class BeladyPolicy(Victims):
     """Clairvoyant (replay only): evict the key whose next request is furthest away (never: infinitely far;
     ties towards the larger (layer, expert)). `requests` maps each key to the ascending call indices that ask
     for it; the replay calls on_call once per call, in order."""
@@ -235,15 +234,9 @@ class BeladyPolicy:
     def on_evict(self, key: Key) -> None:
         self.resident.discard(key)
 
-    def victim(self, excluded: set) -> Key:
-        candidates = [k for k in self.resident if k not in excluded]
-        if not candidates:
-            raise NoVictimError("every resident expert is protected; the cache needs more slots")
-        return max(candidates, key=lambda k: (self.next_use(k), k))
-
     def victims(self, excluded: set, n: int) -> list[Key]:
         candidates = [k for k in self.resident if k not in excluded]
-        return sorted(candidates, key=lambda k: (self.next_use(k), k), reverse=True)[:n]
+        return heapq.nlargest(n, candidates, key=lambda k: (self.next_use(k), k))
 
     def worth_prefetching(self, key: Key, victim: Key) -> bool:
         return self.next_use(key) < self.next_use(victim)
