@@ -304,8 +304,8 @@ class OffloadEngine:
         up. `stop`: strings that end the completion where the text first contains one (cut before it).
         `logprobs`: None, or K (0..20): each piece carries its token's logprob (log_softmax of the raw logits,
         before temperature and top-p) and the K most likely tokens' ({id: logprob}). `stall_timeout`: None, or
-        seconds: a request whose oldest produced piece nobody has taken for that long is cancelled, finishing
-        "stalled" (a reader that stopped reading no longer holds its row).
+        seconds: a request whose pieces wait while its reader has taken none for that long is cancelled, finishing
+        "stalled" (a reader that stopped reading no longer holds its row; one waiting in result() never is).
         Requests share the running batch, up to max_batch rows, joining between decode steps (static padded
         batches for models whose cache does not allow it: serving/scheduler.py)."""
         from .serving.scheduler import Scheduler

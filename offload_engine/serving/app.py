@@ -5,7 +5,8 @@
 Each request is checked (openai_api.py), submitted to the scheduler's queue (full: 429 with Retry-After),
 and answered as one JSON object or as server-sent events. A client that disconnects cancels its handle
 (its row leaves the batch as scheduler.py describes); one that stays connected but stops reading a stream is
-cancelled by the engine thread once its oldest unsent piece is `stall_timeout` seconds old (finish "stalled").
+cancelled by the engine thread once pieces wait and it has taken none for `stall_timeout` seconds (finish
+"stalled").
 Counters go to a prometheus_client registry of the app's own, served at /metrics.
 """
 

@@ -300,4 +300,3 @@ class RunningBatch:
         stats = CacheStats.of(self.request.counters)
         self.count(stats, self.counted, tokens, steps=1, decode=decode)
         self.counted = stats
-

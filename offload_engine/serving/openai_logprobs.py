@@ -11,10 +11,10 @@ token) included, as vLLM's: the lists have usage's completion_tokens entries. A 
 decoding of it alone, special tokens included ("token_id:N" without a tokenizer); its `bytes` are its own
 (TokenBytes: a character split over several tokens has its bytes split too, where the decoded text of each part
 is "\ufffd"); `text_offset` counts the characters of the tokens' bytes before it from the completion's start
-(a token that ends a split character starts where that character does). A stream sends a chunk per token, with its entry, also where the token
-released no text (as vLLM's server does); its offsets count on across chunks, so the chunks' lists, joined, are
-the plain response's (vLLM's streamed offsets count the text released before the chunk instead, which differs
-from its plain response's where text was held back).
+(a token that ends a split character starts where that character does). A stream sends a chunk per token,
+with its entry, also where the token released no text (as vLLM's server does); its offsets count on across
+chunks, so the chunks' lists, joined, are the plain response's (vLLM's streamed offsets count the text
+released before the chunk instead, which differs from its plain response's where text was held back).
 """
 
 from __future__ import annotations

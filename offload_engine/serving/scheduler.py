@@ -8,8 +8,10 @@ transformers' standard KV cache (row_cache.fits: Qwen3-MoE, Mixtral, OLMoE, Qwen
 decided once at load (engine.continuous_batching): between decode steps the engine thread admits the oldest
 waiting requests into the batch's free rows (up to max_batch; any settings), each prefilled alone, at most
 `prefill_chunk` prompt tokens between two decode steps (a longer prompt in chunks over several steps, its row
-held meanwhile; 0: whole prompts), then runs one decode step for every row; a row leaves the step it ends, and a cancelled one at the next step, so its
-place is free for a waiting request. Each row's tokens are the ones it gets alone (`engine.generate`). While
+held meanwhile; 0: whole prompts), then runs one decode step for every row; a row leaves the step it ends,
+and a cancelled one at the next step, so its place is free for a waiting request. Each row's tokens are the
+ones it gets alone (`engine.generate`; a chunked prompt's logits round differently, continuous.py says what
+holds). While
 any row runs, the batch holds all max_batch rows in the runtime's admission (its KV cache is allocated whole).
 Which waiting requests join is the `schedule`'s choice: "fifo" (the default; `engine.submit`'s scheduler
 always) admits the oldest; "routing" (schedule.py) admits, when more wait than rows are free, those whose
@@ -30,8 +32,8 @@ until the batch ends, unless every row of the batch is finished or cancelled: th
 the next step. Static batches stay first in, first out under either schedule (a batch's rows must share their
 settings, and the queue's order decides which do).
 
-Between steps, in either kind of batch, a request submitted with a `stall_timeout` whose oldest produced piece
-its reader has not taken for that long is cancelled as "stalled" (Totals.stalled counts them).
+Between steps, in either kind of batch, a request submitted with a `stall_timeout` whose pieces wait while its
+reader has taken none for that long is cancelled as "stalled" (Handle._stalled_since; Totals.stalled counts them).
 """
 
 from __future__ import annotations
@@ -347,7 +349,7 @@ class Scheduler:
             self._count(CacheStats.of(request.counters), counted, 0)
 
     def _drop_stalled(self, handles: list[Handle]) -> None:
-        """Cancel, as stalled, the running requests whose oldest produced piece waited for its reader longer
+        """Cancel, as stalled, the running requests whose reader took none of their waiting pieces for longer
         than their stall_timeout (between steps; each then leaves as a cancelled one does)."""
         now = time.monotonic()
         for handle in handles:
