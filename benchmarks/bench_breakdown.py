@@ -9,6 +9,7 @@ own decode loop, batch 1, greedy; the engine's counters give copy and CPU-expert
 microseconds each: the breakdown is read as shares, the undisturbed rate is printed beside it.
 
     python benchmarks/bench_breakdown.py [--model DIR | --mixtral-213m] [--expert-slots N] [--cold-experts cpu]
+        [--cpu-expert-weights packed|stored]
 """
 
 from __future__ import annotations
@@ -90,6 +91,7 @@ def main() -> None:
     parser.add_argument("--mixtral-213m", action="store_true", help="the 213M Mixtral-shaped model of bench_offload")
     parser.add_argument("--expert-slots", type=int, default=1 << 20)
     parser.add_argument("--cold-experts", default="stream")
+    parser.add_argument("--cpu-expert-weights", default="packed", choices=("packed", "stored"))
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
@@ -105,7 +107,8 @@ def main() -> None:
         make_checkpoint(model, torch.float32)
     # threads= as asked: loading sets the process's threads, so an earlier torch.set_num_threads would not hold
     engine = OffloadEngine.from_pretrained(model, expert_slots=args.expert_slots, cold_experts=args.cold_experts,
-                                           progress=False, threads=args.threads)
+                                           progress=False, threads=args.threads,
+                                           cpu_expert_weights=args.cpu_expert_weights)
     prompt = list(range(10, 42))
     engine.generate(prompt, max_new_tokens=8, ignore_eos=True)  # warm
     rates = [engine.generate(prompt, max_new_tokens=args.tokens, ignore_eos=True).stats.decode_tokens_per_s
@@ -135,7 +138,7 @@ def main() -> None:
              "lm head": weights["lm head"]}
     bandwidth = read_bandwidth(args.threads)
     print(f"{model.name}: {engine.plan.expert_slots} of {engine.plan.total_experts} experts resident, cold experts "
-          f"{args.cold_experts}, {args.threads} threads; decode {statistics.median(rates):.1f} tok/s undisturbed "
+          f"{args.cold_experts} ({args.cpu_expert_weights}), {args.threads} threads; decode {statistics.median(rates):.1f} tok/s undisturbed "
           f"(median of {args.repeats}); with timers {steps / total:.1f} tok/s incl. prefill; this machine reads "
           f"{bandwidth / 1e9:.1f} GB/s (1 GiB sum, {args.threads} threads)")
     for name, ms in rows.items():

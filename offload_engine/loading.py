@@ -28,6 +28,7 @@ from .experts.formats.fp8_block import check_grid as check_fp8_grid
 from .experts.formats.fp8_block import check_scales as check_fp8_scales
 from .experts.formats.fp8_block import dequantize_blocks as dequantize_fp8_blocks
 from .experts.offloaded_experts import IMPLEMENTATION_NAME, bind, register_experts_implementation
+from .experts.packed import PackedExperts, packing_is_exact
 from .experts.policies import make_policy
 from .experts.runtime import Runtime
 from .experts.store import ExpertStore
@@ -248,6 +249,23 @@ def host_mode(run: RunConfig, plan: MemoryPlan, memory: HostMemory | None = None
     return "pinned" if run.device.type == "cuda" else "ram" if encoded else "mmap"
 
 
+def packed_cpu_experts(run: RunConfig, store: ExpertStore, plan: MemoryPlan,
+                       memory: HostMemory | None = None) -> PackedExperts | None:
+    """The CPU experts' weights packed for oneDNN (experts/packed.py) where experts run on the CPU, the packed
+    products give the stored weights' bits on this machine, and RAM holds the packed copies beside everything
+    else (up to HOST_RAM_SHARE of what is available now: not in the direct tier, which exists because RAM
+    does not hold the experts); else None, and they are computed as stored."""
+    if run.cpu_expert_weights != "packed" or (run.cold_experts == "stream" and not run.cpu_moe_layers):
+        return None
+    if store.format.name != "plain" or store.mode == "direct":
+        return None
+    if not packing_is_exact(store.dtype, tuple(p.shape for p in store.spec.expert_params if len(p.shape) == 2)):
+        return None
+    capacity = min(plan.total_experts * plan.expert_bytes,
+                   int(HOST_RAM_SHARE * (memory or host_memory()).available_bytes))
+    return PackedExperts(store, capacity)
+
+
 def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
     module_name, _, leaf = name.rpartition(".")
     module = model.get_submodule(module_name)
@@ -331,7 +349,8 @@ def load(inspected: Inspected, run: RunConfig, plan: MemoryPlan):
                       run.cold_experts, run.cpu_moe_layers,
                       hardware_of(run.hardware, parallel=cuda,
                                   model=calibrated_model(run.hardware, model_name(inspected.directory),
-                                                         store.expert_nbytes(), spec.num_moe_layers, spec.top_k)))
+                                                         store.expert_nbytes(), spec.num_moe_layers, spec.top_k)),
+                      packed=packed_cpu_experts(run, store, plan))
     reference_impl = inspected.model.get_correct_experts_implementation(None)  # what from_pretrained would use
     for layer_pos, path in enumerate(spec.experts_paths):
         module = inspected.model.get_submodule(path)

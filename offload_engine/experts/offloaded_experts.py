@@ -28,6 +28,8 @@ import torch
 
 from .cache import ExpertCache
 from .host_read import CallRouting
+from .packed import PackedExperts
+from .packed import linear as packed_linear
 
 IMPLEMENTATION_NAME = "offload_engine"
 MAX_SPANS = 256
@@ -178,21 +180,25 @@ def reduce(binding: ExpertsBinding, contributions: torch.Tensor, routing: CallRo
 
 
 def execute_on_cpu(binding: ExpertsBinding, store, layer_pos: int, routing: CallRouting, experts: list[int],
-                   contributions: torch.Tensor) -> None:
+                   contributions: torch.Tensor, packed: PackedExperts | None = None) -> None:
     """Experts computed on the CPU where they lie (host buffers, or the memory map), into contributions
     [T, k, H] with unit weights: no slot, no copy to the device but the outputs'. The inputs are the call's
     hidden states as read to the host with its routing (routing.hidden): no wait for the device here, so on
     CUDA the device's kernels, queued first, run meanwhile. Weights split over several file tensors (a
     per-expert layout's gate and up) are read in place, block by block (piecewise); the others go through
-    transformers' own experts function on a one-expert view."""
+    transformers' own experts function on a one-expert view. With `packed` (experts/packed.py: where it gives
+    the same bits), each expert's weights are packed once for oneDNN and the products skip its reorder."""
     module = binding.module
     device = contributions.device
     # T=tokens routed to the expert, H=hidden
     for e in experts:
         token_idx, rank = routing.positions(e)
         x = routing.hidden[torch.as_tensor(token_idx)]
-        pieces = store.host_pieces(layer_pos, e) if _piecewise_ok(module) else None
-        if pieces is not None:
+        weights = packed.weights(layer_pos, e) if packed is not None and _piecewise_ok(module) else None
+        pieces = store.host_pieces(layer_pos, e) if weights is None and _piecewise_ok(module) else None
+        if weights is not None:
+            y = mlp(module, x, lambda x, p: packed_linear(x, weights[p]))
+        elif pieces is not None:
             y = piecewise(module, pieces, x)
         else:
             y = one_expert(binding, store.format, store.host_view(layer_pos, e), x.to(contributions.dtype))

@@ -25,6 +25,7 @@ from ..request import Request
 from .cache import ExpertCache
 from .host_read import CallRouting
 from .offloaded_experts import ExpertsBinding, execute, execute_on_cpu, execute_unweighted, reduce
+from .packed import PackedExperts
 
 AUTO_DEPTH_LIMIT = 3  # prefetch at most this many MoE layers ahead when the depth is chosen automatically
 TIME_DECAY = 0.1  # weight of the newest measurement in the running layer and load times
@@ -33,9 +34,11 @@ TIME_DECAY = 0.1  # weight of the newest measurement in the running layer and lo
 class Runtime:
     def __init__(self, cache: ExpertCache, num_layers: int, top_k: int, predictor: Predictor | None,
                  prefetch_depth: int | None, max_rows: int = 1, cold_experts: str = "stream",
-                 cpu_moe_layers: int = 0, hardware: Hardware | None = None):
+                 cpu_moe_layers: int = 0, hardware: Hardware | None = None, packed: PackedExperts | None = None):
+        """packed: the CPU experts' packed weights (experts/packed.py), None to compute them as stored."""
         self.cache, self.num_layers, self.top_k = cache, num_layers, top_k
         self.cold_experts, self.cpu_moe_layers = cold_experts, cpu_moe_layers
+        self.packed = packed
         self.hardware = hardware or Hardware(parallel=cache.device.type == "cuda")
         self.expert_bytes = cache.store.expert_nbytes()
         # a quantized format expands at most this many experts at once; a call with more goes one at a time
@@ -215,7 +218,7 @@ class Runtime:
         if look_ahead is not None and not on_device:
             look_ahead()
         start = time.perf_counter()
-        execute_on_cpu(binding, self.cache.store, layer, routing, sorted(on_cpu), contributions)
+        execute_on_cpu(binding, self.cache.store, layer, routing, sorted(on_cpu), contributions, self.packed)
         c = request.counters[layer]
         c.cpu_experts += len(on_cpu)
         c.cpu_s += time.perf_counter() - start

@@ -1,0 +1,99 @@
+"""CPU experts' weights packed once for oneDNN (experts/packed.py): the packed product against F.linear, the probe
+that decides where packing is exact, and the engine's tokens and logits with packed CPU experts against
+transformers' own model, bit for bit in bf16."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import tiny_models as tm
+from offload_engine import OffloadEngine
+from offload_engine.experts import packed
+from test_exactness import PROMPT, engine_steps, reference_no_eos
+
+EXACT = packed.packing_is_exact(torch.bfloat16)
+needs_exact = pytest.mark.skipif(not EXACT, reason="bf16 F.linear does not run oneDNN on this CPU: nothing is packed")
+
+
+@needs_exact
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 70), out_features=st.integers(1, 300), in_features=st.integers(1, 300),
+       seed=st.integers(0, 2**31 - 1))
+def test_a_packed_product_is_f_linear_bit_for_bit(rows, out_features, in_features, seed):
+    g = torch.Generator().manual_seed(seed)
+    weight = (torch.randn(out_features, in_features, generator=g) * 0.05).to(torch.bfloat16)
+    x = torch.randn(rows, in_features, generator=g).to(torch.bfloat16)
+    assert torch.equal(packed.linear(x, packed.pack(weight)), torch.nn.functional.linear(x, weight))
+
+
+@needs_exact
+def test_the_probe_refuses_a_kernel_that_differs(monkeypatch):
+    real = packed.linear
+    monkeypatch.setattr(packed, "linear", lambda x, w: real(x, w) * (1 + 2**-7))
+    assert not packed.packing_is_exact(torch.bfloat16)
+
+
+def test_nothing_but_bf16_is_packed():
+    """fp32 products run MKL, not oneDNN (they differ in the last bits here); fp16 packing needs AVX-512 FP16."""
+    assert not packed.packing_is_exact(torch.float32)
+    assert not packed.packing_is_exact(torch.float16)
+
+
+@pytest.fixture(scope="module")
+def bf16_model(tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+
+    path = tmp_path_factory.mktemp("qwen3_moe_bf16")
+    tm.build_reference("qwen3_moe").to(torch.bfloat16).save_pretrained(path)
+    ref = AutoModelForCausalLM.from_pretrained(path).eval()
+    return path, *reference_no_eos(ref, torch.tensor([PROMPT]))
+
+
+@needs_exact
+@pytest.mark.parametrize("settings", [dict(cold_experts="cpu"), dict(cold_experts="cpu", host_memory="ram"),
+                                      dict(cpu_moe_layers=1, expert_slots=2)])
+def test_packed_cpu_experts_give_transformers_bits(bf16_model, settings):
+    path, ref_tokens, ref_logits = bf16_model
+    engine = OffloadEngine.from_pretrained(path, device="cpu", progress=False, **{"expert_slots": 3, **settings})
+    tokens, logits = engine_steps(engine, PROMPT)
+    assert engine.runtime.packed.experts > 0, "no expert was packed"
+    assert engine.runtime.packed.bytes == engine.runtime.packed.experts * engine.cache.store.expert_nbytes()
+    assert tokens.tolist() == ref_tokens.tolist()
+    assert torch.equal(logits, ref_logits)
+
+
+@needs_exact
+def test_past_the_capacity_experts_run_as_stored(bf16_model):
+    path, ref_tokens, ref_logits = bf16_model
+    engine = OffloadEngine.from_pretrained(path, device="cpu", expert_slots=3, cold_experts="cpu", progress=False)
+    engine.runtime.packed.capacity_bytes = engine.cache.store.expert_nbytes()  # room for one
+    tokens, logits = engine_steps(engine, PROMPT)
+    assert engine.runtime.packed.experts == 1 and engine.cache.store.expert_nbytes() == engine.runtime.packed.bytes
+    assert stats_cpu_experts(engine) > 1
+    assert torch.equal(logits, ref_logits)
+
+
+def stats_cpu_experts(engine) -> int:
+    return engine.generate(PROMPT, max_new_tokens=2, ignore_eos=True).stats.cpu_experts
+
+
+@pytest.mark.parametrize("settings", [dict(cold_experts="stream"), dict(cold_experts="cpu", dtype="float32"),
+                                      dict(cold_experts="cpu", cpu_expert_weights="stored"),
+                                      dict(cold_experts="cpu", host_memory="direct")])
+def test_no_packing_where_it_does_not_apply(bf16_model, settings):
+    """Nothing runs on the CPU (stream), packing would change the bits (fp32), the user said so, or RAM is
+    what the run lacks (the direct tier)."""
+    path, _, ref_logits = bf16_model
+    engine = OffloadEngine.from_pretrained(path, device="cpu", expert_slots=3, progress=False, **settings)
+    assert engine.runtime.packed is None
+    if settings.get("dtype") is None:
+        _, logits = engine_steps(engine, PROMPT)
+        assert torch.equal(logits, ref_logits)
+
+
+def test_a_wrong_setting_is_refused():
+    from offload_engine.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="cpu_expert_weights must be one of"):
+        OffloadEngine.from_pretrained(tm.__file__, cpu_expert_weights="fast", progress=False)
