@@ -9,7 +9,7 @@ own decode loop, batch 1, greedy; the engine's counters give copy and CPU-expert
 microseconds each: the breakdown is read as shares, the undisturbed rate is printed beside it.
 
     python benchmarks/bench_breakdown.py [--model DIR | --mixtral-213m] [--expert-slots N] [--cold-experts cpu]
-        [--cpu-expert-weights packed|stored]
+        [--cpu-weights packed|stored]
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
+
+from offload_engine.packed_weights import PackedLinear  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -72,8 +74,9 @@ def read_bandwidth(threads: int, gib: float = 1.0, repeats: int = 5) -> float:
 def bytes_read(engine) -> dict[str, int]:
     """Weight bytes each part reads per decode token at batch 1: every attention and LM-head weight, the MoE
     blocks' own (router, shared experts)."""
-    def nbytes(module) -> int:
-        return sum(p.numel() * p.element_size() for p in module.parameters())
+    def nbytes(module) -> int:  # parameters, and the weights packed for oneDNN (packed_weights.PackedLinear)
+        weights = [*module.parameters(), *(m.packed for m in module.modules() if isinstance(m, PackedLinear))]
+        return sum(p.numel() * p.element_size() for p in weights)
 
     model, spec = engine.model, engine.spec
     attention = sum(nbytes(m) for name, m in model.named_modules()
@@ -91,7 +94,7 @@ def main() -> None:
     parser.add_argument("--mixtral-213m", action="store_true", help="the 213M Mixtral-shaped model of bench_offload")
     parser.add_argument("--expert-slots", type=int, default=1 << 20)
     parser.add_argument("--cold-experts", default="stream")
-    parser.add_argument("--cpu-expert-weights", default="packed", choices=("packed", "stored"))
+    parser.add_argument("--cpu-weights", default="packed", choices=("packed", "stored"))
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
@@ -108,7 +111,7 @@ def main() -> None:
     # threads= as asked: loading sets the process's threads, so an earlier torch.set_num_threads would not hold
     engine = OffloadEngine.from_pretrained(model, expert_slots=args.expert_slots, cold_experts=args.cold_experts,
                                            progress=False, threads=args.threads,
-                                           cpu_expert_weights=args.cpu_expert_weights)
+                                           cpu_weights=args.cpu_weights)
     prompt = list(range(10, 42))
     engine.generate(prompt, max_new_tokens=8, ignore_eos=True)  # warm
     rates = [engine.generate(prompt, max_new_tokens=args.tokens, ignore_eos=True).stats.decode_tokens_per_s
@@ -138,7 +141,7 @@ def main() -> None:
              "lm head": weights["lm head"]}
     bandwidth = read_bandwidth(args.threads)
     print(f"{model.name}: {engine.plan.expert_slots} of {engine.plan.total_experts} experts resident, cold experts "
-          f"{args.cold_experts} ({args.cpu_expert_weights}), {args.threads} threads; decode {statistics.median(rates):.1f} tok/s undisturbed "
+          f"{args.cold_experts} ({args.cpu_weights}), {args.threads} threads; decode {statistics.median(rates):.1f} tok/s undisturbed "
           f"(median of {args.repeats}); with timers {steps / total:.1f} tok/s incl. prefill; this machine reads "
           f"{bandwidth / 1e9:.1f} GB/s (1 GiB sum, {args.threads} threads)")
     for name, ms in rows.items():

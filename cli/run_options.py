@@ -19,7 +19,7 @@ DEFAULT_MODEL = offload_engine.DEFAULT_MODEL
 POLICIES = ("lru", "predictive")  # offload_engine.experts.policies.POLICIES, without importing numba for --help
 COLD_EXPERTS = ("stream", "cpu", "auto")  # offload_engine.run_config.COLD_EXPERTS, without importing torch
 EXPERT_DTYPES = ("auto", "int8", "int4")  # offload_engine.run_config.EXPERT_DTYPES
-CPU_EXPERT_WEIGHTS = ("packed", "stored")  # offload_engine.run_config.CPU_EXPERT_WEIGHTS
+CPU_WEIGHTS = ("packed", "stored")  # offload_engine.run_config.CPU_WEIGHTS
 
 
 def bounded_int(low: int, high: int):
@@ -67,10 +67,11 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cold-experts", choices=COLD_EXPERTS, default="stream",
                    help="an expert not in the device cache is copied into a slot (stream), computed on the CPU "
                         "where it lies (cpu), or either, by the cost model (auto); default stream")
-    p.add_argument("--cpu-expert-weights", choices=CPU_EXPERT_WEIGHTS, default="packed",
-                   help="experts computed on the CPU: packed once in oneDNN's layout where that gives the same "
-                        "bits (about twice the speed of a bf16 expert; costs RAM for each expert packed), or read "
-                        "as stored; default packed")
+    p.add_argument("--cpu-weights", choices=CPU_WEIGHTS, default="packed",
+                   help="matrix products on the CPU (experts computed there; on a CPU device, every linear layer): "
+                        "weights packed once in oneDNN's layout where that gives the same bits (bf16 with AVX-512: "
+                        "about twice the rate; a packed CPU expert costs RAM beside its stored copy), or read as "
+                        "stored; default packed")
     p.add_argument("--expert-dtype", choices=EXPERT_DTYPES, default="auto",
                    help="int8 or int4: quantize an unquantized checkpoint's experts at load (weight-only: half or "
                         "about a quarter of bf16's bytes, so more experts fit and a miss moves fewer; the output "
@@ -155,5 +156,5 @@ def run_config(args) -> "RunConfig":
         policy=args.policy, predictor=args.predictor, prefetch_depth=args.prefetch_depth,
         cold_experts=args.cold_experts, cpu_moe_layers=args.cpu_moe_layers, threads=args.threads,
         hardware=args.hardware, progress=not args.quiet, expert_dtype=args.expert_dtype,
-        cpu_expert_weights=args.cpu_expert_weights,
+        cpu_weights=args.cpu_weights,
     )

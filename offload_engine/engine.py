@@ -142,16 +142,17 @@ class OffloadEngine:
         progress: bool = True,
         cpu_threads: int | None = None,
         expert_dtype: str = "auto",
-        cpu_expert_weights: str = "packed",
+        cpu_weights: str = "packed",
     ) -> "OffloadEngine":
         """threads: compute threads (default: the usable cores less one); cpu_threads: its former name;
         expert_dtype: "auto" (as stored) or "int8" or "int4" to quantize an unquantized checkpoint's experts at load (weight-only;
-        the output is then no longer transformers' own, see BENCHMARKS.md for what it costs); cpu_expert_weights:
-        "packed" (the experts computed on the CPU are packed once for oneDNN where that gives the same bits,
-        experts/packed.py) or "stored" (computed from the weights as stored)."""
+        the output is then no longer transformers' own, see BENCHMARKS.md for what it costs); cpu_weights: "packed"
+        (the weights of the products that run on the CPU, the CPU experts' and on a CPU device the model's own
+        linear layers, are packed once for oneDNN where that gives the same bits: packed_weights.py) or "stored"
+        (computed from the weights as stored)."""
         run = RunConfig.build(device, dtype, memory_budget, expert_slots, host_memory, max_context, max_batch,
                               policy, predictor, prefetch_depth, cold_experts, cpu_moe_layers, threads,
-                              hardware, progress, cpu_threads, expert_dtype, cpu_expert_weights)
+                              hardware, progress, cpu_threads, expert_dtype, cpu_weights)
         return cls.from_run_config(name_or_path, run)
 
     @classmethod

@@ -28,7 +28,7 @@ from .experts.formats.fp8_block import check_grid as check_fp8_grid
 from .experts.formats.fp8_block import check_scales as check_fp8_scales
 from .experts.formats.fp8_block import dequantize_blocks as dequantize_fp8_blocks
 from .experts.offloaded_experts import IMPLEMENTATION_NAME, bind, register_experts_implementation
-from .experts.packed import PackedExperts, packing_is_exact
+from .experts.packed_experts import PackedExperts
 from .experts.policies import make_policy
 from .experts.runtime import Runtime
 from .experts.store import ExpertStore
@@ -38,6 +38,7 @@ from .planning.hardware_profile import calibrated_model, hardware_of, model_name
 from .planning.host_memory import HostMemory, host_memory
 from .planning.memory_plan import (MemoryPlan, cuda_allocator_bytes, growing_kv_bytes, kv_bytes_per_token, plan_memory,
                           working_bytes)
+from .packed_weights import pack_linears, packing_is_exact
 from .run_config import DEFAULT_MAX_CONTEXT, RunConfig
 
 CPU_BUDGET_SHARE = 0.5  # of available RAM: the rest stays for the page cache the experts are read from
@@ -251,11 +252,11 @@ def host_mode(run: RunConfig, plan: MemoryPlan, memory: HostMemory | None = None
 
 def packed_cpu_experts(run: RunConfig, store: ExpertStore, plan: MemoryPlan,
                        memory: HostMemory | None = None) -> PackedExperts | None:
-    """The CPU experts' weights packed for oneDNN (experts/packed.py) where experts run on the CPU, the packed
+    """The CPU experts' weights packed for oneDNN (packed_weights.py) where experts run on the CPU, the packed
     products give the stored weights' bits on this machine, and RAM holds the packed copies beside everything
     else (up to HOST_RAM_SHARE of what is available now: not in the direct tier, which exists because RAM
     does not hold the experts); else None, and they are computed as stored."""
-    if run.cpu_expert_weights != "packed" or (run.cold_experts == "stream" and not run.cpu_moe_layers):
+    if run.cpu_weights != "packed" or (run.cold_experts == "stream" and not run.cpu_moe_layers):
         return None
     if store.format.name != "plain" or store.mode == "direct":
         return None
@@ -361,6 +362,8 @@ def load(inspected: Inspected, run: RunConfig, plan: MemoryPlan):
                 lambda m, args, kwargs, i=layer_pos: runtime.capture_residual(i, first_input(args, kwargs)),
                 with_kwargs=True)
     model = inspected.model.eval()
+    if run.device.type == "cpu" and run.cpu_weights == "packed":
+        pack_linears(model, inspected.dtype)
     # forwards that bypass the engine's API (engine.model.generate) still run one at a time
     model.register_forward_pre_hook(lambda m, args: runtime.lock.acquire() and None)
     model.register_forward_hook(lambda m, args, out: runtime.lock.release(), always_call=True)

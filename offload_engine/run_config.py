@@ -17,7 +17,7 @@ from .planning.memory_plan import parse_bytes
 DEFAULT_MAX_CONTEXT = 4096
 MAX_PREFETCH_DEPTH = 3  # = foresight.HORIZON: no predictor looks further ahead within a token
 COLD_EXPERTS = ("stream", "cpu", "auto")
-CPU_EXPERT_WEIGHTS = ("packed", "stored")
+CPU_WEIGHTS = ("packed", "stored")
 EXPERT_DTYPES = ("auto", "int8", "int4")  # auto: as the checkpoint stores them
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -41,7 +41,7 @@ class RunConfig:
     hardware: dict | None = None  # a profile's [hardware] figures for the cost model; None: defaults
     progress: bool = True
     expert_dtype: str | None = None  # None: as the checkpoint stores them; int8/int4: quantized at load
-    cpu_expert_weights: str = "packed"  # CPU experts: packed once for oneDNN where that gives the same bits, or as stored
+    cpu_weights: str = "packed"  # products on the CPU: weights packed once for oneDNN where the bits stay, or as stored
 
     @classmethod
     def build(
@@ -63,7 +63,7 @@ class RunConfig:
         progress: bool = True,
         cpu_threads: int | None = None,
         expert_dtype: str | None = None,
-        cpu_expert_weights: str = "packed",
+        cpu_weights: str = "packed",
     ) -> "RunConfig":
         """Validate user-facing settings once; every error is one line naming the setting."""
         for name, value in (("host_memory", host_memory), ("policy", policy)):
@@ -111,8 +111,8 @@ class RunConfig:
         if expert_dtype is not None and expert_dtype not in EXPERT_DTYPES:
             raise ConfigError(f"unknown expert dtype {expert_dtype!r}; choose one of {EXPERT_DTYPES} (int8/int4 "
                               "quantize bf16/fp16/fp32 experts at load)")
-        if cpu_expert_weights not in CPU_EXPERT_WEIGHTS:
-            raise ConfigError(f"cpu_expert_weights must be one of {CPU_EXPERT_WEIGHTS}, not {cpu_expert_weights!r}")
+        if cpu_weights not in CPU_WEIGHTS:
+            raise ConfigError(f"cpu_weights must be one of {CPU_WEIGHTS}, not {cpu_weights!r}")
         threads = _threads(threads, cpu_threads)
         if hardware is not None:
             from .planning.hardware_profile import check_hardware
@@ -120,7 +120,7 @@ class RunConfig:
             hardware = check_hardware(hardware, "hardware")
         return cls(dev, dtype, budget, expert_slots, host_memory, max_context, max_batch, policy, predictor,
                    prefetch_depth, cold_experts, cpu_moe_layers, threads, hardware, progress,
-                   None if expert_dtype == "auto" else expert_dtype, cpu_expert_weights)
+                   None if expert_dtype == "auto" else expert_dtype, cpu_weights)
 
 
 def _threads(threads: int | None, cpu_threads: int | None) -> int:

@@ -28,8 +28,8 @@ import torch
 
 from .cache import ExpertCache
 from .host_read import CallRouting
-from .packed import PackedExperts
-from .packed import linear as packed_linear
+from ..packed_weights import linear as packed_linear
+from .packed_experts import PackedExperts
 
 IMPLEMENTATION_NAME = "offload_engine"
 MAX_SPANS = 256
@@ -186,7 +186,7 @@ def execute_on_cpu(binding: ExpertsBinding, store, layer_pos: int, routing: Call
     hidden states as read to the host with its routing (routing.hidden): no wait for the device here, so on
     CUDA the device's kernels, queued first, run meanwhile. Weights split over several file tensors (a
     per-expert layout's gate and up) are read in place, block by block (piecewise); the others go through
-    transformers' own experts function on a one-expert view. With `packed` (experts/packed.py: where it gives
+    transformers' own experts function on a one-expert view. With `packed` (packed_experts.py: where it gives
     the same bits), each expert's weights are packed once for oneDNN and the products skip its reorder."""
     module = binding.module
     device = contributions.device

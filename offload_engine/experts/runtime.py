@@ -25,7 +25,7 @@ from ..request import Request
 from .cache import ExpertCache
 from .host_read import CallRouting
 from .offloaded_experts import ExpertsBinding, execute, execute_on_cpu, execute_unweighted, reduce
-from .packed import PackedExperts
+from .packed_experts import PackedExperts
 
 AUTO_DEPTH_LIMIT = 3  # prefetch at most this many MoE layers ahead when the depth is chosen automatically
 TIME_DECAY = 0.1  # weight of the newest measurement in the running layer and load times
@@ -35,7 +35,7 @@ class Runtime:
     def __init__(self, cache: ExpertCache, num_layers: int, top_k: int, predictor: Predictor | None,
                  prefetch_depth: int | None, max_rows: int = 1, cold_experts: str = "stream",
                  cpu_moe_layers: int = 0, hardware: Hardware | None = None, packed: PackedExperts | None = None):
-        """packed: the CPU experts' packed weights (experts/packed.py), None to compute them as stored."""
+        """packed: the CPU experts' packed weights (packed_experts.py), None to compute them as stored."""
         self.cache, self.num_layers, self.top_k = cache, num_layers, top_k
         self.cold_experts, self.cpu_moe_layers = cold_experts, cpu_moe_layers
         self.packed = packed

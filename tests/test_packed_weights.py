@@ -1,4 +1,4 @@
-"""CPU experts' weights packed once for oneDNN (experts/packed.py): the packed product against F.linear, the probe
+"""CPU experts' weights packed once for oneDNN (packed_weights.py, experts/packed_experts.py): the packed product against F.linear, the probe
 that decides where packing is exact, and the engine's tokens and logits with packed CPU experts against
 transformers' own model, bit for bit in bf16."""
 
@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import tiny_models as tm
 from offload_engine import OffloadEngine
-from offload_engine.experts import packed
+from offload_engine import packed_weights as packed
 from test_exactness import PROMPT, engine_steps, reference_no_eos
 
 EXACT = packed.packing_is_exact(torch.bfloat16)
@@ -79,7 +79,7 @@ def stats_cpu_experts(engine) -> int:
 
 
 @pytest.mark.parametrize("settings", [dict(cold_experts="stream"), dict(cold_experts="cpu", dtype="float32"),
-                                      dict(cold_experts="cpu", cpu_expert_weights="stored"),
+                                      dict(cold_experts="cpu", cpu_weights="stored"),
                                       dict(cold_experts="cpu", host_memory="direct")])
 def test_no_packing_where_it_does_not_apply(bf16_model, settings):
     """Nothing runs on the CPU (stream), packing would change the bits (fp32), the user said so, or RAM is
@@ -95,5 +95,41 @@ def test_no_packing_where_it_does_not_apply(bf16_model, settings):
 def test_a_wrong_setting_is_refused():
     from offload_engine.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="cpu_expert_weights must be one of"):
-        OffloadEngine.from_pretrained(tm.__file__, cpu_expert_weights="fast", progress=False)
+    with pytest.raises(ConfigError, match="cpu_weights must be one of"):
+        OffloadEngine.from_pretrained(tm.__file__, cpu_weights="fast", progress=False)
+
+
+def packed_names(engine) -> set[str]:
+    return {name for name, m in engine.model.named_modules() if isinstance(m, packed.PackedLinear)}
+
+
+@needs_exact
+def test_a_bf16_cpu_run_packs_its_linear_layers_and_keeps_the_bits(bf16_model):
+    """Every attention projection and the (untied) LM head packed, nothing left as nn.Linear in bf16, and the
+    logits of every step bit for bit transformers' own."""
+    path, ref_tokens, ref_logits = bf16_model
+    engine = OffloadEngine.from_pretrained(path, device="cpu", progress=False)
+    names = packed_names(engine)
+    assert "lm_head" in names and any(n.endswith("self_attn.q_proj") for n in names)
+    assert not [n for n, m in engine.model.named_modules() if type(m) is torch.nn.Linear]
+    tokens, logits = engine_steps(engine, PROMPT)
+    assert tokens.tolist() == ref_tokens.tolist()
+    assert torch.equal(logits, ref_logits)
+
+
+@needs_exact
+def test_a_tied_lm_head_is_not_packed(tmp_path):
+    """Packing the LM head would hold the embedding twice: a weight another module shares stays as it is."""
+    config = tm.qwen3_moe()
+    config.tie_word_embeddings = True
+    model = tm.build_reference("qwen3_moe", config=config).to(torch.bfloat16)
+    assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    assert packed.pack_linears(model, torch.bfloat16) > 0
+    assert type(model.lm_head) is torch.nn.Linear
+
+
+@pytest.mark.parametrize("settings", [dict(dtype="float32"), dict(cpu_weights="stored")])
+def test_no_linear_is_packed_where_it_does_not_apply(bf16_model, settings):
+    path, _, _ = bf16_model
+    engine = OffloadEngine.from_pretrained(path, device="cpu", progress=False, **settings)
+    assert not packed_names(engine)
