@@ -252,11 +252,12 @@ def host_mode(run: RunConfig, plan: MemoryPlan, memory: HostMemory | None = None
 
 def packed_cpu_experts(run: RunConfig, store: ExpertStore, plan: MemoryPlan,
                        memory: HostMemory | None = None) -> PackedExperts | None:
-    """The CPU experts' weights packed for oneDNN (packed_weights.py) where experts run on the CPU, the packed
-    products give the stored weights' bits on this machine, and RAM holds the packed copies beside everything
-    else (up to HOST_RAM_SHARE of what is available now: not in the direct tier, which exists because RAM
-    does not hold the experts); else None, and they are computed as stored."""
-    if run.cpu_weights != "packed" or (run.cold_experts == "stream" and not run.cpu_moe_layers):
+    """The CPU experts' weights packed for oneDNN (packed_weights.py) where the packed products give the stored
+    weights' bits on this machine and RAM holds the packed copies beside everything else (up to HOST_RAM_SHARE
+    of what is available now: not in the direct tier, which exists because RAM does not hold the experts);
+    else None, and they are computed as stored. Experts are packed on their first call on the CPU, so with
+    --cold-experts stream (calibrate's CPU timings aside) nothing is."""
+    if run.cpu_weights != "packed":
         return None
     if store.format.name != "plain" or store.mode == "direct":
         return None

@@ -78,12 +78,20 @@ def stats_cpu_experts(engine) -> int:
     return engine.generate(PROMPT, max_new_tokens=2, ignore_eos=True).stats.cpu_experts
 
 
-@pytest.mark.parametrize("settings", [dict(cold_experts="stream"), dict(cold_experts="cpu", dtype="float32"),
+def test_with_stream_nothing_is_packed(bf16_model):
+    path, _, ref_logits = bf16_model
+    engine = OffloadEngine.from_pretrained(path, device="cpu", expert_slots=3, progress=False)
+    _, logits = engine_steps(engine, PROMPT)
+    assert engine.runtime.packed.experts == 0 and engine.runtime.packed.bytes == 0
+    assert torch.equal(logits, ref_logits)
+
+
+@pytest.mark.parametrize("settings", [dict(cold_experts="cpu", dtype="float32"),
                                       dict(cold_experts="cpu", cpu_weights="stored"),
                                       dict(cold_experts="cpu", host_memory="direct")])
 def test_no_packing_where_it_does_not_apply(bf16_model, settings):
-    """Nothing runs on the CPU (stream), packing would change the bits (fp32), the user said so, or RAM is
-    what the run lacks (the direct tier)."""
+    """Packing would change the bits (fp32), the user said so, or RAM is what the run lacks (the direct
+    tier)."""
     path, _, ref_logits = bf16_model
     engine = OffloadEngine.from_pretrained(path, device="cpu", expert_slots=3, progress=False, **settings)
     assert engine.runtime.packed is None
@@ -133,3 +141,16 @@ def test_no_linear_is_packed_where_it_does_not_apply(bf16_model, settings):
     path, _, _ = bf16_model
     engine = OffloadEngine.from_pretrained(path, device="cpu", progress=False, **settings)
     assert not packed_names(engine)
+
+
+@needs_exact
+def test_calibrate_times_the_cpu_experts_as_the_engine_computes_them(bf16_model):
+    """A bf16 engine packs its CPU experts, so calibrate times packed experts (the cost model's CPU rate); one
+    told to keep weights as stored is timed as stored."""
+    from offload_engine.planning.calibration import calibrate
+
+    path, _, _ = bf16_model
+    for weights in ("packed", "stored"):
+        engine = OffloadEngine.from_pretrained(path, device="cpu", expert_slots=3, cpu_weights=weights, progress=False)
+        table = calibrate(engine, progress=False)
+        assert table["cpu_weights"] == weights and table["cpu_read_bytes_per_s"] > 0

@@ -194,10 +194,10 @@ def execute_on_cpu(binding: ExpertsBinding, store, layer_pos: int, routing: Call
     for e in experts:
         token_idx, rank = routing.positions(e)
         x = routing.hidden[torch.as_tensor(token_idx)]
-        weights = packed.weights(layer_pos, e) if packed is not None and _piecewise_ok(module) else None
+        weights = packed.weights(layer_pos, e) if packs(packed, module) else None
         pieces = store.host_pieces(layer_pos, e) if weights is None and _piecewise_ok(module) else None
         if weights is not None:
-            y = mlp(module, x, lambda x, p: packed_linear(x, weights[p]))
+            y = packed_expert(module, weights, x)
         elif pieces is not None:
             y = piecewise(module, pieces, x)
         else:
@@ -218,6 +218,12 @@ def _on(device: torch.device, *arrays: np.ndarray) -> tuple[torch.Tensor, ...]:
     return tuple(t.to(device, non_blocking=True) for t in tensors)
 
 
+def packs(packed: PackedExperts | None, module) -> bool:
+    """Whether this module's CPU experts are computed from packed weights: packing is on, and the module's math
+    is mlp's plain case (packed_linear has no transposed weights; a bias is left to transformers' function)."""
+    return packed is not None and _piecewise_ok(module)
+
+
 def _piecewise_ok(module) -> bool:
     """The experts functions' math for a gated or plain MLP without biases, weights [out, in] (not transposed)."""
     return not getattr(module, "is_transposed", False) and not getattr(module, "has_bias", False)
@@ -234,6 +240,12 @@ def piecewise(module, pieces: dict[str, list[torch.Tensor]], x: torch.Tensor) ->
         return torch.cat([torch.nn.functional.linear(x, w) for w in blocks], dim=-1)
 
     return mlp(module, x, project)
+
+
+def packed_expert(module, weights: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """One expert at unit weight from its weights packed for oneDNN (packed_experts.py): piecewise's result,
+    bit for bit, where packing_is_exact holds."""
+    return mlp(module, x, lambda x, p: packed_linear(x, weights[p]))
 
 
 def mlp(module, x: torch.Tensor, project: Callable) -> torch.Tensor:
