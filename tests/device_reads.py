@@ -65,11 +65,13 @@ class DeviceReads(TorchFunctionMode):
         return False
 
     def _is_host(self, tensor: torch.Tensor) -> bool:
+        if tensor.layout == torch._mkldnn:  # a weight packed for oneDNN (packed_weights.py): CPU memory, no storage
+            return True
         return tensor.untyped_storage().data_ptr() in self.host
 
     def _tag(self, out) -> None:
         for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and not t.is_meta:
+            if isinstance(t, torch.Tensor) and not t.is_meta and t.layout != torch._mkldnn:
                 self.host[t.untyped_storage().data_ptr()] = t
 
     def wrap(self, read_to_host):

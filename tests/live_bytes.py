@@ -25,9 +25,9 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        inputs = {a.untyped_storage().data_ptr() for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)}
+        inputs = {a.untyped_storage().data_ptr() for a in tree_flatten((args, kwargs))[0] if _dense(a)}
         for t in tree_flatten(out)[0]:  # an in-place result or a view of an input holds no new bytes
-            if isinstance(t, torch.Tensor) and t.device.type != "meta" and t.untyped_storage().data_ptr() not in inputs:
+            if _dense(t) and t.device.type != "meta" and t.untyped_storage().data_ptr() not in inputs:
                 self._track(t.untyped_storage())
         return out
 
@@ -44,3 +44,9 @@ class LiveBytes(TorchDispatchMode):
     def _freed(self, key: int, nbytes: int) -> None:
         self._tracked.discard(key)
         self.live -= nbytes
+
+
+def _dense(a) -> bool:
+    """A tensor with a storage (a weight packed for oneDNN, packed_weights.py, has none: it is never created in
+    the block, only read)."""
+    return isinstance(a, torch.Tensor) and a.layout != torch._mkldnn
