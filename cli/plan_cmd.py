@@ -15,7 +15,7 @@ def add_parser(subparsers, name: str):
 
 
 def run(args) -> int:
-    from offload_engine.loading import fits_in_memory, host_mode, inspect_checkpoint, make_plan
+    from offload_engine.loading import fits_in_memory, host_mode, inspect_checkpoint, make_plan, packed_capacity
     from offload_engine.planning.host_memory import host_memory
     from offload_engine.planning.memory_plan import format_bytes
 
@@ -26,6 +26,8 @@ def run(args) -> int:
     memory = host_memory()
     experts_bytes = plan.total_experts * plan.expert_bytes
     host = host_mode(run_cfg, plan, memory, encoded=not inspected.format.stored_on_disk)
+    cpu_experts = run_cfg.cold_experts != "stream" or run_cfg.cpu_moe_layers > 0
+    packed = packed_capacity(run_cfg, inspected.format, host, spec, plan, memory) if cpu_experts else 0
     if args.json:
         print(json.dumps({
             "model_type": spec.model_type, "moe_layers": len(spec.moe_layers), "experts_per_layer": spec.num_experts,
@@ -41,6 +43,7 @@ def run(args) -> int:
             "context_fitted": plan.context_fitted, "host_memory": host, "experts_total_bytes": experts_bytes,
             "host_available_bytes": memory.available_bytes, "memory_limit_bytes": memory.limit_bytes,
             "experts_fit_in_memory": fits_in_memory(experts_bytes, memory),
+            "cpu_experts_packed_max_bytes": packed,
         }))
         return 0
     print(f"model          {spec.architecture} ({spec.model_type}), {len(spec.moe_layers)} MoE layers of "
@@ -50,6 +53,9 @@ def run(args) -> int:
     limit = f", a cgroup limit of {format_bytes(memory.limit_bytes)}" if memory.limited_by_cgroup else ""
     print(f"host side      {host}: the experts take {format_bytes(experts_bytes)}; this process may use "
           f"{format_bytes(memory.available_bytes)}{limit}")
+    if packed:
+        print(f"               CPU experts are packed for oneDNN as they first run: up to {format_bytes(packed)} "
+              "of RAM beside the files (--cpu-weights stored: none)")
     if not fits_in_memory(experts_bytes, memory):
         print("               the model does not fit in memory: "
               + ("experts are read from the files around the page cache, the slot pool is the only cache"

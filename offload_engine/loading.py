@@ -250,22 +250,18 @@ def host_mode(run: RunConfig, plan: MemoryPlan, memory: HostMemory | None = None
     return "pinned" if run.device.type == "cuda" else "ram" if encoded else "mmap"
 
 
-def packed_cpu_experts(run: RunConfig, store: ExpertStore, plan: MemoryPlan,
-                       memory: HostMemory | None = None) -> PackedExperts | None:
-    """The CPU experts' weights packed for oneDNN (packed_weights.py) where the packed products give the stored
-    weights' bits on this machine and RAM holds the packed copies beside everything else (up to HOST_RAM_SHARE
-    of what is available now: not in the direct tier, which exists because RAM does not hold the experts);
-    else None, and they are computed as stored. Experts are packed on their first call on the CPU, so with
-    --cold-experts stream (calibrate's CPU timings aside) nothing is."""
-    if run.cpu_weights != "packed":
-        return None
-    if store.format.name != "plain" or store.mode == "direct":
-        return None
-    if not packing_is_exact(store.dtype, tuple(p.shape for p in store.spec.expert_params if len(p.shape) == 2)):
-        return None
-    capacity = min(plan.total_experts * plan.expert_bytes,
-                   int(HOST_RAM_SHARE * (memory or host_memory()).available_bytes))
-    return PackedExperts(store, capacity)
+def packed_capacity(run: RunConfig, fmt: ExpertFormat, host: str, spec: ModelSpec, plan: MemoryPlan,
+                    memory: HostMemory | None = None) -> int:
+    """Bytes of CPU experts' weights packed for oneDNN (packed_weights.py) this run may hold: where the packed
+    products give the stored weights' bits on this machine, as many as RAM holds beside everything else (up to
+    HOST_RAM_SHARE of what is available now), and none in the direct tier (which exists because RAM does not
+    hold the experts). Experts are packed on their first call on the CPU, so with --cold-experts stream
+    (calibrate's CPU timings aside) none is."""
+    if run.cpu_weights != "packed" or fmt.name != "plain" or host == "direct":
+        return 0
+    if not packing_is_exact(fmt.dtype, tuple(p.shape for p in spec.expert_params if len(p.shape) == 2)):
+        return 0
+    return min(plan.total_experts * plan.expert_bytes, int(HOST_RAM_SHARE * (memory or host_memory()).available_bytes))
 
 
 def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -345,6 +341,7 @@ def load(inspected: Inspected, run: RunConfig, plan: MemoryPlan):
     policy = make_policy(run.policy, spec.num_moe_layers, spec.num_experts, spec.top_k)
     cache = ExpertCache(store, plan.expert_slots, run.device, policy)
     cuda = run.device.type == "cuda"
+    capacity = packed_capacity(run, store.format, store.mode, spec, plan)
     # the one process-wide setting the engine makes: its compute threads (run_config.default_threads)
     torch.set_num_threads(run.threads)
     runtime = Runtime(cache, spec.num_moe_layers, spec.top_k, predictor, run.prefetch_depth, run.max_batch,
@@ -352,7 +349,7 @@ def load(inspected: Inspected, run: RunConfig, plan: MemoryPlan):
                       hardware_of(run.hardware, parallel=cuda,
                                   model=calibrated_model(run.hardware, model_name(inspected.directory),
                                                          store.expert_nbytes(), spec.num_moe_layers, spec.top_k)),
-                      packed=packed_cpu_experts(run, store, plan))
+                      packed=PackedExperts(store, capacity) if capacity else None)
     reference_impl = inspected.model.get_correct_experts_implementation(None)  # what from_pretrained would use
     for layer_pos, path in enumerate(spec.experts_paths):
         module = inspected.model.get_submodule(path)

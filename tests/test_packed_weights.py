@@ -154,3 +154,20 @@ def test_calibrate_times_the_cpu_experts_as_the_engine_computes_them(bf16_model)
         engine = OffloadEngine.from_pretrained(path, device="cpu", expert_slots=3, cpu_weights=weights, progress=False)
         table = calibrate(engine, progress=False)
         assert table["cpu_weights"] == weights and table["cpu_read_bytes_per_s"] > 0
+
+
+@needs_exact
+def test_plan_says_what_packed_cpu_experts_may_hold(bf16_model, capsys):
+    import json
+
+    from offload_engine.cli.main import main
+
+    path, _, _ = bf16_model
+    held = {}
+    for cold in ("cpu", "stream"):
+        assert main(["plan", "--model", str(path), "--expert-slots", "3", "--cold-experts", cold, "--json"]) == 0
+        held[cold] = json.loads(capsys.readouterr().out)
+    assert held["cpu"]["cpu_experts_packed_max_bytes"] == held["cpu"]["experts_total_bytes"]  # all of them fit
+    assert held["stream"]["cpu_experts_packed_max_bytes"] == 0
+    assert main(["plan", "--model", str(path), "--expert-slots", "3", "--cold-experts", "cpu"]) == 0
+    assert "packed for oneDNN" in capsys.readouterr().out
