@@ -12,6 +12,8 @@ model, round by round (the order rotating), each a fresh process started once th
 - the same with top-k slots and every cold expert computed on the CPU from the memory map (`--cold-experts cpu`),
 - transformers' generate (this file run as a child: per-token times from a streamer, decode = tokens after
   the first over the time after the first),
+- by name only: `engine-stored` and `engine-cpu-experts-stored`, the two engine lines with `--cpu-weights
+  stored` (no weight packed for oneDNN: the engine before packed_weights.py),
 
 GGUFs converted in the engine's dtype (benchmarks/llamacpp/convert.py, tokenizer checked), the same prompt
 text and thread count for all. Prints medians and each round's ratio to llama-bench, cross-checks llama-bench
@@ -57,6 +59,10 @@ def commands(model: Path, gguf: Path, tokens: int, threads: int) -> dict[str, li
         "llama-completion": llama_completion_command(gguf, PROMPT, tokens, threads),
         "engine": [*engine, "--expert-slots", str(spec.total_experts)],
         "engine-cpu-experts": [*engine, "--expert-slots", str(spec.top_k), "--cold-experts", "cpu"],
+        # the same with weights as stored (before packed_weights.py): by name in --programs, not by default
+        "engine-stored": [*engine, "--expert-slots", str(spec.total_experts), "--cpu-weights", "stored"],
+        "engine-cpu-experts-stored": [*engine, "--expert-slots", str(spec.top_k), "--cold-experts", "cpu",
+                                      "--cpu-weights", "stored"],
         "transformers": [sys.executable, str(Path(__file__).resolve()), "--child-transformers", str(model),
                          "--tokens", str(tokens), "--threads", str(threads)],
     }
