@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -250,18 +251,33 @@ def host_mode(run: RunConfig, plan: MemoryPlan, memory: HostMemory | None = None
     return "pinned" if run.device.type == "cuda" else "ram" if encoded else "mmap"
 
 
+def stored_weight(inspected: Inspected, module_name: str) -> Callable[[], torch.Tensor] | None:
+    """A way to a linear layer's weight as a view of the checkpoint's memory map (each call checks the file, as
+    every read does), where the file holds it as the model computes with it; None where it does not (another
+    dtype, FP8 blocks)."""
+    key = inspected.layout.find(f"{module_name}.weight")
+    if key is None or inspected.tensors.infos[key].dtype != inspected.dtype:
+        return None
+    if inspected.quantization is not None and inspected.layout.scale_of(key) is not None:
+        return None
+    return lambda: inspected.tensors.view(key)
+
+
 def packed_capacity(run: RunConfig, fmt: ExpertFormat, host: str, spec: ModelSpec, plan: MemoryPlan,
                     memory: HostMemory | None = None) -> int:
-    """Bytes of CPU experts' weights packed for oneDNN (packed_weights.py) this run may hold: where the packed
-    products give the stored weights' bits on this machine, as many as RAM holds beside everything else (up to
-    HOST_RAM_SHARE of what is available now), and none in the direct tier (which exists because RAM does not
-    hold the experts). Experts are packed on their first call on the CPU, so with --cold-experts stream
-    (calibrate's CPU timings aside) none is."""
+    """Bytes of CPU experts' weights packed for oneDNN (packed_weights.py) this run may hold: where every expert
+    weight's shape packs exactly on this machine, as many as RAM holds beside everything else (HOST_RAM_SHARE
+    of what is available, less what the plan puts in RAM on a CPU device and the process's own reserve), and
+    none in the direct tier (which exists because RAM does not hold the experts). Experts are packed on their
+    first call on the CPU, so with --cold-experts stream (calibrate's CPU timings aside) none is."""
     if run.cpu_weights != "packed" or fmt.name != "plain" or host == "direct":
         return 0
-    if not packing_is_exact(fmt.dtype, tuple(p.shape for p in spec.expert_params if len(p.shape) == 2)):
+    if not all(packing_is_exact(fmt.dtype, *p.shape) for p in spec.expert_params if len(p.shape) == 2):
         return 0
-    return min(plan.total_experts * plan.expert_bytes, int(HOST_RAM_SHARE * (memory or host_memory()).available_bytes))
+    available = int(HOST_RAM_SHARE * (memory or host_memory()).available_bytes) - PROCESS_RESERVE
+    if run.device.type == "cpu":  # the slots, KV cache and working memory are RAM too, not all touched yet
+        available -= plan.total_bytes
+    return max(0, min(plan.total_experts * plan.expert_bytes, available))
 
 
 def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -332,6 +348,9 @@ def load(inspected: Inspected, run: RunConfig, plan: MemoryPlan):
     """Returns (model, store, runtime): the model on run.device with every experts module bound to the
     runtime (its cache, predictor and prefetch)."""
     spec = inspected.spec
+    # the one process-wide setting the engine makes: its compute threads (run_config.default_threads); first,
+    # since oneDNN's choice of kernel (which packing_is_exact probes) may depend on them
+    torch.set_num_threads(run.threads)
     predictor = make_predictor(run.predictor, inspected.model, spec, inspected.directory)
     used = load_non_experts(inspected, run.device, run.progress)
     used |= inspected.layout.expert_keys()
@@ -342,8 +361,6 @@ def load(inspected: Inspected, run: RunConfig, plan: MemoryPlan):
     cache = ExpertCache(store, plan.expert_slots, run.device, policy)
     cuda = run.device.type == "cuda"
     capacity = packed_capacity(run, store.format, store.mode, spec, plan)
-    # the one process-wide setting the engine makes: its compute threads (run_config.default_threads)
-    torch.set_num_threads(run.threads)
     runtime = Runtime(cache, spec.num_moe_layers, spec.top_k, predictor, run.prefetch_depth, run.max_batch,
                       run.cold_experts, run.cpu_moe_layers,
                       hardware_of(run.hardware, parallel=cuda,
@@ -361,7 +378,7 @@ def load(inspected: Inspected, run: RunConfig, plan: MemoryPlan):
                 with_kwargs=True)
     model = inspected.model.eval()
     if run.device.type == "cpu" and run.cpu_weights == "packed":
-        pack_linears(model, inspected.dtype)
+        pack_linears(model, inspected.dtype, lambda name: stored_weight(inspected, name))
     # forwards that bypass the engine's API (engine.model.generate) still run one at a time
     model.register_forward_pre_hook(lambda m, args: runtime.lock.acquire() and None)
     model.register_forward_hook(lambda m, args, out: runtime.lock.release(), always_call=True)

@@ -1,6 +1,6 @@
-"""CPU experts' weights packed once for oneDNN (packed_weights.py, experts/packed_experts.py): the packed product against F.linear, the probe
-that decides where packing is exact, and the engine's tokens and logits with packed CPU experts against
-transformers' own model, bit for bit in bf16."""
+"""Weights packed once for oneDNN (packed_weights.py, experts/packed_experts.py): the packed product against
+F.linear, the probe that decides per weight shape where packing is exact, and the engine's tokens and logits
+with packed CPU experts and packed layers against transformers' own model, bit for bit in bf16."""
 
 import pytest
 import torch
@@ -12,32 +12,79 @@ from offload_engine import OffloadEngine
 from offload_engine import packed_weights as packed
 from test_exactness import PROMPT, engine_steps, reference_no_eos
 
-EXACT = packed.packing_is_exact(torch.bfloat16)
+EXACT = packed.packing_is_exact(torch.bfloat16, 256, 128)
 needs_exact = pytest.mark.skipif(not EXACT, reason="bf16 F.linear does not run oneDNN on this CPU: nothing is packed")
+F = torch.nn.functional
 
 
 @needs_exact
-@settings(max_examples=40, deadline=None)
-@given(rows=st.integers(1, 70), out_features=st.integers(1, 300), in_features=st.integers(1, 300),
-       seed=st.integers(0, 2**31 - 1))
-def test_a_packed_product_is_f_linear_bit_for_bit(rows, out_features, in_features, seed):
+@settings(max_examples=30, deadline=None)
+@given(rows=st.integers(1, packed.PACKED_MAX_ROWS), out_features=st.integers(1, 300),
+       in_features=st.integers(1, 300), bias=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_where_the_probe_packs_a_shape_its_products_are_f_linear_bit_for_bit(rows, out_features, in_features,
+                                                                              bias, seed):
+    """Many more inputs than the probe's own, summation-order ones included."""
+    if not packed.packing_is_exact(torch.bfloat16, out_features, in_features, bias):
+        return
     g = torch.Generator().manual_seed(seed)
-    weight = (torch.randn(out_features, in_features, generator=g) * 0.05).to(torch.bfloat16)
-    x = torch.randn(rows, in_features, generator=g).to(torch.bfloat16)
-    assert torch.equal(packed.linear(x, packed.pack(weight)), torch.nn.functional.linear(x, weight))
+    for weight, b, x in [packed.ordered_sum_probe(out_features, in_features, torch.bfloat16, g, bias)] + \
+            [packed.random_probe(out_features, in_features, torch.bfloat16, g, bias) for _ in range(20)]:
+        assert torch.equal(packed.linear(x[:rows], packed.pack(weight), b), F.linear(x[:rows], weight, b))
 
 
 @needs_exact
-def test_the_probe_refuses_a_kernel_that_differs(monkeypatch):
-    real = packed.linear
-    monkeypatch.setattr(packed, "linear", lambda x, w: real(x, w) * (1 + 2**-7))
-    assert not packed.packing_is_exact(torch.bfloat16)
+def test_the_probe_refuses_a_kernel_that_sums_in_another_order(monkeypatch):
+    """A kernel that adds the same products in reverse order is refused: the summation-order probe sees it
+    where random values rarely would."""
+    monkeypatch.setattr(packed, "pack", lambda w: w)
+    monkeypatch.setattr(packed, "linear", lambda x, w, b=None: F.linear(x.flip(-1).float(), w.flip(-1).float(),
+                                                                       None if b is None else b.float()).to(x.dtype))
+    assert not packed.packing_is_exact(torch.bfloat16, 256, 128)
+    monkeypatch.setattr(packed, "linear", lambda x, w, b=None: F.linear(x, w, b) * (1 + 2**-7))
+    assert not packed.packing_is_exact(torch.bfloat16, 256, 128)
+    monkeypatch.setattr(packed, "linear", F.linear)  # the same kernel: packs
+    assert packed.packing_is_exact(torch.bfloat16, 256, 128)
 
 
-def test_nothing_but_bf16_is_packed():
-    """fp32 products run MKL, not oneDNN (they differ in the last bits here); fp16 packing needs AVX-512 FP16."""
-    assert not packed.packing_is_exact(torch.float32)
-    assert not packed.packing_is_exact(torch.float16)
+def test_fp32_packs_nothing_because_its_packed_products_differ():
+    """fp32 products run MKL, not oneDNN: packed, they differ in the last bits (where this build packs fp32 at
+    all), so the probe refuses fp32 (and fp16, which packs only with AVX-512 FP16)."""
+    weight, _, x = packed.ordered_sum_probe(512, 256, torch.float32, torch.Generator().manual_seed(0), False)
+    try:
+        differs = not torch.equal(packed.linear(x, packed.pack(weight)), F.linear(x, weight))
+    except RuntimeError:
+        differs = True  # no fp32 packing in this build
+    assert differs
+    assert not packed.packing_is_exact(torch.float32, 512, 256)
+    assert not packed.packing_is_exact(torch.float16, 512, 256)
+
+
+@needs_exact
+def test_a_packed_layer_runs_what_the_probe_did_not_cover_on_the_stored_weight():
+    """More rows than PACKED_MAX_ROWS (a prefill) or an input that is not contiguous: F.linear on the stored
+    weight, read for the call; within the limit, the packed weight alone."""
+    layer = torch.nn.Linear(256, 128, bias=True).to(torch.bfloat16)
+    reads = []
+    stored = layer.weight.detach().clone()
+    wrapped = packed.PackedLinear(layer, lambda: reads.append(1) or stored)
+    for x, read in ((torch.randn(3, 5, 256), False), (torch.randn(2, 9, 256), True),
+                    (torch.randn(256, 4).t(), True)):
+        x = x.to(torch.bfloat16)
+        reads.clear()
+        assert torch.equal(wrapped(x), F.linear(x, stored, layer.bias))
+        assert bool(reads) == read
+
+
+def scaled(name: str, factor: int = 8):
+    """The tiny config of `name` with its widths (hidden, intermediate, head and LoRA sizes) x factor: wide
+    enough that oneDNN's packed products are exact (the tiny widths of 24-64 are not, and stay as stored)."""
+    config = tm.ARCHITECTURES[name]()
+    for key, value in list(config.to_dict().items()):
+        if isinstance(value, int) and not isinstance(value, bool) and value > 1 and (
+                key == "hidden_size" or "intermediate_size" in key or key.endswith("head_dim")
+                or key.endswith("lora_rank")):
+            setattr(config, key, value * factor)
+    return config
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +92,29 @@ def bf16_model(tmp_path_factory):
     from transformers import AutoModelForCausalLM
 
     path = tmp_path_factory.mktemp("qwen3_moe_bf16")
-    tm.build_reference("qwen3_moe").to(torch.bfloat16).save_pretrained(path)
+    tm.build_reference("qwen3_moe", config=scaled("qwen3_moe")).to(torch.bfloat16).save_pretrained(path)
     ref = AutoModelForCausalLM.from_pretrained(path).eval()
     return path, *reference_no_eos(ref, torch.tensor([PROMPT]))
+
+
+@needs_exact
+@pytest.mark.parametrize("name", list(tm.ARCHITECTURES))
+def test_every_architecture_keeps_transformers_bits_with_packed_weights(tmp_path, name):
+    """bf16 on this CPU, every architecture at widths that pack, with CPU experts (packed) and with every
+    expert resident (packed layers): logits bit for bit transformers', and something was packed."""
+    from transformers import AutoModelForCausalLM
+
+    tm.build_reference(name, config=scaled(name)).to(torch.bfloat16).save_pretrained(tmp_path)
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ref_tokens, ref_logits = reference_no_eos(ref, torch.tensor([PROMPT]))
+    for run in (dict(cold_experts="cpu", expert_slots=2), dict()):
+        engine = OffloadEngine.from_pretrained(tmp_path, device="cpu", progress=False, **run)
+        tokens, logits = engine_steps(engine, PROMPT)
+        assert packed_names(engine), f"{name}: no layer packed"
+        if run:
+            assert engine.runtime.packed is not None, f"{name}: CPU experts not packed"
+        assert tokens.tolist() == ref_tokens.tolist(), f"{name} {run}"
+        assert torch.equal(logits, ref_logits), f"{name} {run}"
 
 
 @needs_exact
@@ -128,11 +195,11 @@ def test_a_bf16_cpu_run_packs_its_linear_layers_and_keeps_the_bits(bf16_model):
 @needs_exact
 def test_a_tied_lm_head_is_not_packed(tmp_path):
     """Packing the LM head would hold the embedding twice: a weight another module shares stays as it is."""
-    config = tm.qwen3_moe()
+    config = scaled("qwen3_moe")
     config.tie_word_embeddings = True
     model = tm.build_reference("qwen3_moe", config=config).to(torch.bfloat16)
     assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
-    assert packed.pack_linears(model, torch.bfloat16) > 0
+    assert packed.pack_linears(model, torch.bfloat16, lambda name: (lambda: model.get_submodule(name).weight)) > 0
     assert type(model.lm_head) is torch.nn.Linear
 
 

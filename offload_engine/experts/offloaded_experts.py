@@ -29,6 +29,7 @@ import torch
 from .cache import ExpertCache
 from .host_read import CallRouting
 from ..packed_weights import linear as packed_linear
+from ..packed_weights import packable
 from .packed_experts import PackedExperts
 
 IMPLEMENTATION_NAME = "offload_engine"
@@ -194,7 +195,7 @@ def execute_on_cpu(binding: ExpertsBinding, store, layer_pos: int, routing: Call
     for e in experts:
         token_idx, rank = routing.positions(e)
         x = routing.hidden[torch.as_tensor(token_idx)]
-        weights = packed.weights(layer_pos, e) if packs(packed, module) else None
+        weights = packed.weights(layer_pos, e) if packs(packed, module) and packable(x) else None
         pieces = store.host_pieces(layer_pos, e) if weights is None and _piecewise_ok(module) else None
         if weights is not None:
             y = packed_expert(module, weights, x)
@@ -244,7 +245,8 @@ def piecewise(module, pieces: dict[str, list[torch.Tensor]], x: torch.Tensor) ->
 
 def packed_expert(module, weights: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """One expert at unit weight from its weights packed for oneDNN (packed_experts.py): piecewise's result,
-    bit for bit, where packing_is_exact holds."""
+    bit for bit, for the inputs packing_is_exact covers (`packable` x; the gate's output is a new contiguous
+    tensor of as many rows)."""
     return mlp(module, x, lambda x, p: packed_linear(x, weights[p]))
 
 

@@ -128,7 +128,7 @@ def calibrate(engine, progress: bool = True, clock: Clock = time.perf_counter) -
     from tqdm.auto import tqdm
 
     from ..experts.offloaded_experts import one_expert, packed_expert, packs
-    from ..packed_weights import pack
+    from ..packed_weights import pack, packable
 
     device, store, spec = engine.run.device, engine.store, engine.spec
     binding = engine.model.get_submodule(spec.experts_paths[0])._offload
@@ -152,7 +152,7 @@ def calibrate(engine, progress: bool = True, clock: Clock = time.perf_counter) -
     # a quantized format's expert is timed as the engine computes it: expanded, or by its kernels
     fmt, pool = store.format, engine.cache.pool
     cpu_expert = store.host_view(0, 0) if store.mode != "mmap" else {n: t[:1] for n, t in host.items()}
-    # as the engine computes its CPU experts: from packed weights where it packs them
+    # as the engine computes its CPU experts: from packed weights where it packs them (up to PACKED_MAX_ROWS)
     packed = {n: pack(t[0]) for n, t in cpu_expert.items()} if packs(engine.runtime.packed, binding.module) else None
     slot = engine.cache.fetch(0, [0])[0]
     dev_expert = {n: t[slot:slot + 1] for n, t in pool.items()}
@@ -160,8 +160,8 @@ def calibrate(engine, progress: bool = True, clock: Clock = time.perf_counter) -
     for n in TOKEN_COUNTS:
         x = torch.randn(n, spec.hidden_size, dtype=store.dtype)
         xd = x.to(device)
-        on_cpu[n] = (lambda x=x: one_expert(binding, fmt, cpu_expert, x)) if packed is None else \
-            (lambda x=x: packed_expert(binding.module, packed, x))
+        on_cpu[n] = (lambda x=x: one_expert(binding, fmt, cpu_expert, x)) if packed is None or not packable(x) \
+            else (lambda x=x: packed_expert(binding.module, packed, x))
         on_device[n] = lambda x=xd: one_expert(binding, fmt, dev_expert, x)
     copy_t = {k: Timing(()) for k in copies}
     cpu_t = {n: Timing(()) for n in TOKEN_COUNTS}
