@@ -45,6 +45,7 @@ class GenerationStats:
     copy_s: float  # time spent copying experts into slots (CUDA: measured with events, off the host's clock)
     cpu_experts: int  # experts computed on the CPU where they lie (--cold-experts cpu/auto, --cpu-moe-layers)
     cpu_s: float  # time spent computing them
+    cpu_packed: int  # of them, packed for oneDNN at their first call (each then holds its bytes in RAM)
     predict_s: float  # time the routing predictor took
     host_syncs: int  # reads of the device the host waited for: one per MoE layer call, one per decode step
     ttft_s: float  # prefill and first token
@@ -105,8 +106,9 @@ class OffloadEngine:
 
     def close(self) -> None:
         """Stop submit's engine thread (waiting requests fail, the running batch is cancelled), finish loads in
-        flight, stop the prefetch thread and unlock pinned host memory. The engine can still generate afterwards (the threads
-        restart on demand), but pinned copies become synchronous."""
+        flight, stop the prefetch thread, unlock pinned host memory and drop packed CPU experts. The engine can still
+        generate afterwards (the threads restart on demand, experts are packed again), but pinned copies become
+        synchronous."""
         with self._scheduler_lock:
             scheduler, self._scheduler = self._scheduler, None
         if scheduler is not None:
@@ -114,6 +116,8 @@ class OffloadEngine:
         self.cache.drain()
         self.cache.close()
         self.store.close()
+        if self.runtime.packed is not None:
+            self.runtime.packed.clear()
 
     def __enter__(self) -> "OffloadEngine":
         return self
@@ -150,9 +154,12 @@ class OffloadEngine:
         (the weights of the products that run on the CPU, the CPU experts' and on a CPU device the model's own
         linear layers, are packed once for oneDNN where that gives the same bits: packed_weights.py) or "stored"
         (computed from the weights as stored)."""
-        run = RunConfig.build(device, dtype, memory_budget, expert_slots, host_memory, max_context, max_batch,
-                              policy, predictor, prefetch_depth, cold_experts, cpu_moe_layers, threads,
-                              hardware, progress, cpu_threads, expert_dtype, cpu_weights)
+        run = RunConfig.build(
+            device=device, dtype=dtype, memory_budget=memory_budget, expert_slots=expert_slots,
+            host_memory=host_memory, max_context=max_context, max_batch=max_batch, policy=policy,
+            predictor=predictor, prefetch_depth=prefetch_depth, cold_experts=cold_experts,
+            cpu_moe_layers=cpu_moe_layers, threads=threads, hardware=hardware, progress=progress,
+            cpu_threads=cpu_threads, expert_dtype=expert_dtype, cpu_weights=cpu_weights)
         return cls.from_run_config(name_or_path, run)
 
     @classmethod
@@ -405,6 +412,7 @@ class OffloadEngine:
             copy_s=delta.copy_s,
             cpu_experts=delta.cpu_experts,
             cpu_s=delta.cpu_s,
+            cpu_packed=delta.cpu_packed,
             predict_s=delta.predict_s,
             host_syncs=delta.host_syncs + step_syncs,
             ttft_s=first or 0.0,

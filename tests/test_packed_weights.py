@@ -238,3 +238,16 @@ def test_plan_says_what_packed_cpu_experts_may_hold(bf16_model, capsys):
     assert held["stream"]["cpu_experts_packed_max_bytes"] == 0
     assert main(["plan", "--model", str(path), "--expert-slots", "3", "--cold-experts", "cpu"]) == 0
     assert "packed for oneDNN" in capsys.readouterr().out
+
+
+@needs_exact
+def test_packing_is_counted_once_per_expert_and_close_drops_it(bf16_model):
+    path, _, _ = bf16_model
+    engine = OffloadEngine.from_pretrained(path, device="cpu", expert_slots=3, cold_experts="cpu", progress=False)
+    first = engine.generate(PROMPT, max_new_tokens=4, ignore_eos=True).stats
+    again = engine.generate(PROMPT, max_new_tokens=4, ignore_eos=True).stats
+    assert first.cpu_packed == engine.runtime.packed.experts > 0
+    assert again.cpu_packed == 0 and again.cpu_experts == first.cpu_experts  # the same experts, packed already
+    engine.close()
+    assert engine.runtime.packed.experts == 0 and engine.runtime.packed.bytes == 0
+    assert engine.generate(PROMPT, max_new_tokens=4, ignore_eos=True).stats.cpu_packed == first.cpu_packed

@@ -19,6 +19,7 @@ class LayerCounters:
     # copy thread's prefetches are not timed, it never returns to Python: demand loads and pool copies only)
     cpu_experts: int = 0  # experts computed on the CPU from host memory instead of a slot
     cpu_s: float = 0.0  # time spent computing them
+    cpu_packed: int = 0  # CPU experts packed for oneDNN at their first call (each holds its bytes in RAM from then)
     predict_s: float = 0.0  # time the predictor took (observing the routing, predicting, informing the policy)
     host_syncs: int = 0  # reads of the device the host waited for (host_read.py: one per layer call)
 
@@ -46,6 +47,7 @@ class CacheStats:
     copy_s: float
     cpu_experts: int
     cpu_s: float
+    cpu_packed: int
     predict_s: float
     host_syncs: int
     per_layer: tuple[LayerCounters, ...] = field(repr=False)

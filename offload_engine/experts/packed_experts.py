@@ -11,7 +11,8 @@ from ..packed_weights import pack
 class PackedExperts:
     """Each CPU-computed expert's weights, packed on its first call on the CPU and kept, up to `capacity_bytes`
     (beyond it an expert is computed as stored). Counters: `experts` packed, `bytes` they hold (counted as
-    stored)."""
+    stored; oneDNN's blocked layout may pad a width that is not a multiple of its blocks). Used by the thread
+    running the forward only, under the runtime's lock, so it takes no lock of its own."""
 
     def __init__(self, store, capacity_bytes: int):
         self.store = store
@@ -19,6 +20,11 @@ class PackedExperts:
         self.experts = 0
         self.bytes = 0
         self._packed: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+
+    def clear(self) -> None:
+        """Drop every packed expert (engine.close): they are packed again on their next call."""
+        self._packed.clear()
+        self.experts = self.bytes = 0
 
     def weights(self, layer_pos: int, expert: int) -> dict[str, torch.Tensor] | None:
         """The expert's packed weights by runtime parameter name; None when they would not fit."""

@@ -218,9 +218,11 @@ class Runtime:
         if look_ahead is not None and not on_device:
             look_ahead()
         start = time.perf_counter()
+        packed_before = self.packed.experts if self.packed is not None else 0
         execute_on_cpu(binding, self.cache.store, layer, routing, sorted(on_cpu), contributions, self.packed)
         c = request.counters[layer]
         c.cpu_experts += len(on_cpu)
+        c.cpu_packed += (self.packed.experts if self.packed is not None else 0) - packed_before
         c.cpu_s += time.perf_counter() - start
         return reduce(binding, contributions, routing, top_k_weights, hidden_states.dtype)
 
