@@ -434,6 +434,44 @@ def test_the_predictive_policys_compiled_prefetch_plan_is_the_plain_loops():
     assert checked == 8 * 80 * 3 and with_victims > 200  # the victims' branch is what is tested
 
 
+def twin_least_likely(probability, distance, resident, excluded, n):
+    """policies._least_likely as it was written before its one pass: a scan of every key per victim."""
+    L, E = probability.shape
+    skip, out = set(excluded), []
+    while len(out) < n:
+        best, best_s, best_d = -1, math.inf, -1
+        for layer in range(L):
+            d = int(distance[layer])
+            for e in range(E):
+                if not resident[layer, e] or layer * E + e in skip:
+                    continue
+                s = probability[layer, e] / d
+                if s < best_s or (s == best_s and d >= best_d):
+                    best, best_s, best_d = layer * E + e, s, d
+        if best < 0:
+            break
+        out.append(best)
+        skip.add(best)
+    return out
+
+
+def test_the_one_pass_victims_are_the_scan_per_victims():
+    """_least_likely's one pass keeps the victims a scan per victim finds, in order, ties included (coarse
+    probabilities and repeated distances make many), on random residents, exclusions and counts."""
+    from offload_engine.experts.policies import _least_likely
+
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        L, E = int(rng.integers(1, 5)), int(rng.integers(1, 20))
+        probability = rng.integers(0, 4, size=(L, E)) / 4 if trial % 2 else rng.random((L, E))
+        distance = rng.integers(1, 4, size=L)
+        resident = rng.random((L, E)) < rng.random()
+        excluded = rng.choice(L * E, int(rng.integers(0, L * E + 1)), replace=False).astype(np.int64)
+        for n in (0, 1, 3, L * E + 2):
+            got = _least_likely(probability, distance.astype(np.int64), resident, excluded, n).tolist()
+            assert got == twin_least_likely(probability, distance, resident, excluded, n), (trial, n)
+
+
 def test_predictive_policy_knows_the_layer_order():
     """Three layers that always use their expert 0, two slots: LRU evicts exactly the expert the next layer
     needs (0 hits); the predictive policy evicts the one needed furthest ahead, as Belady does (1 in 2)."""

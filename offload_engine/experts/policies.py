@@ -392,7 +392,7 @@ def _plan_prefetches(probability, distance, resident, excluded, keys, free):  # 
             free -= 1
         else:
             if not asked:  # the cache as it is now: every started key resident and excluded
-                victims = _least_likely_of(probability, distance, present.reshape(L, E), skip.copy(), len(keys))
+                victims = _least_likely_of(probability, distance, present.reshape(L, E), skip, len(keys))
                 asked = True
             if taken == len(victims):
                 continue
@@ -411,25 +411,31 @@ def _plan_prefetches(probability, distance, resident, excluded, keys, free):  # 
 
 @numba.njit(cache=True)
 def _least_likely_of(probability, distance, resident, skip, n):  # pragma: no cover - compiled
-    """_least_likely with the excluded keys as flags (skip [L * E], which it marks with those it picks)."""
+    """_least_likely with the excluded keys as flags (skip [L * E]), in one pass: the n first in the order
+    each lowest-of-those-left scan finds them (density ascending, then distance descending, then index
+    descending), kept sorted as the keys go by (a scan per victim was most of a prefetch's victims)."""
     L, E = probability.shape
     out = np.empty(n, dtype=np.int64)
+    best_s = np.empty(n)
+    best_d = np.empty(n, dtype=np.int64)
     found = 0
-    while found < n:
-        best, best_s, best_d = -1, np.inf, -1
-        for layer in range(L):
-            d = distance[layer]
-            for e in range(E):
-                if not resident[layer, e] or skip[layer * E + e]:
-                    continue
-                s = probability[layer, e] / d
-                if s < best_s or (s == best_s and d >= best_d):
-                    best, best_s, best_d = layer * E + e, s, d
-        if best < 0:
-            break
-        out[found] = best
-        skip[best] = True
-        found += 1
+    for layer in range(L):
+        d = distance[layer]
+        for e in range(E):
+            if not resident[layer, e] or skip[layer * E + e]:
+                continue
+            s = probability[layer, e] / d
+            # the first kept key this one comes before: the index rises as the keys go by, so a tie in density
+            # and distance puts this one first
+            at = found
+            while at > 0 and (s < best_s[at - 1] or (s == best_s[at - 1] and d >= best_d[at - 1])):
+                at -= 1
+            if at == n:
+                continue
+            for j in range(min(found, n - 1), at, -1):
+                out[j], best_s[j], best_d[j] = out[j - 1], best_s[j - 1], best_d[j - 1]
+            out[at], best_s[at], best_d[at] = layer * E + e, s, d
+            found = min(found + 1, n)
     return out[:found]
 
 
