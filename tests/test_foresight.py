@@ -401,39 +401,6 @@ def test_prefetching_many_keys_takes_the_victims_one_victim_call_at_a_time_would
             assert results[0] == results[1], (policy, seed, step)
 
 
-def test_the_predictive_policys_compiled_prefetch_plan_is_the_plain_loops():
-    """PredictivePolicy.prefetch_plan (one compiled step) plans what Victims.prefetch_plan's plain loop does with
-    the same policy's victims() and worth_prefetching(): on random trained states, free slots, protected keys,
-    and keys that repeat, are resident, or are a victim the plan itself evicts."""
-    from offload_engine.experts.policies import Victims
-
-    L, E, k, slots = 4, 12, 2, 14
-    checked = with_victims = 0
-    for seed in range(8):
-        rng = np.random.default_rng(seed)
-        policy = PredictivePolicy(L, E, k)
-        cache = SlotMap(slots, policy, expert_bytes=1)
-        counters = new_counters(L)
-        for step in range(80):
-            layer = step % L
-            experts = sorted(rng.choice(E, k, replace=False).tolist())
-            for s in cache.call(layer, experts, counters).slots:
-                cache.arrived(s)
-            policy.on_predictions(layer, [(d, (layer + d) % L, rng.choice(E, k, replace=False)) for d in (1, 2)])
-            resident = list(cache.slot_of)
-            keys = [(int(rng.integers(L)), int(rng.integers(E))) for _ in range(int(rng.integers(0, 9)))]
-            keys += [resident[i] for i in rng.choice(len(resident), 2, replace=False)]  # resident: skipped
-            keys += [keys[i] for i in rng.choice(len(keys), 2)]  # repeats
-            rng.shuffle(keys)
-            excluded = {(layer, e) for e in experts} | {resident[i] for i in rng.choice(len(resident), 3)}
-            for free in (0, 1, 3):
-                plan = policy.prefetch_plan(keys, cache.slot_of, excluded, free)
-                assert plan == Victims.prefetch_plan(policy, keys, cache.slot_of, excluded, free), (seed, step)
-                checked += 1
-                with_victims += any(v is not None for _, v in plan)
-    assert checked == 8 * 80 * 3 and with_victims > 200  # the victims' branch is what is tested
-
-
 def twin_least_likely(probability, distance, resident, excluded, n):
     """policies._least_likely as it was written before its one pass: a scan of every key per victim."""
     L, E = probability.shape

@@ -32,44 +32,13 @@ class NoVictimError(RuntimeError):
 
 
 class Victims:
-    """victim() as the first of victims(): each policy ranks its victims once, in victims(); and the plan of a
-    batch of prefetches from those victims."""
+    """victim() as the first of victims(): each policy ranks its victims once, in victims()."""
 
     def victim(self, excluded: set) -> Key:
         found = self.victims(excluded, 1)
         if not found:
             raise NoVictimError("every resident expert is protected; the cache needs more slots")
         return found[0]
-
-    def prefetch_plan(self, keys: Sequence[Key], resident, excluded: set, free: int) -> list[tuple[int, Key | None]]:
-        """Which of `keys` (best first) start loading, in turn: (index in keys, its victim, or None for one of
-        the `free` slots). A key starts if it is not `resident` (nor started), and a free slot is left or
-        it is worth the next victim; victims() is asked once, for len(keys), when the free slots run out
-        (nothing between two prefetches changes the ranking; each started key is excluded from the later
-        victims, each victim taken is gone). SlotMap.prefetch_many does what the plan says."""
-        excluded, started, gone = set(excluded), set(), set()
-        plan: list[tuple[int, Key | None]] = []
-        victims, taken = None, 0
-        for i, key in enumerate(keys):
-            if key in started or (key in resident and key not in gone):
-                continue
-            victim = None
-            if free:
-                free -= 1
-            else:
-                if victims is None:
-                    victims = self.victims(excluded, len(keys))
-                if taken == len(victims):  # every resident expert is protected or arriving
-                    continue
-                if not self.worth_prefetching(key, victims[taken]):
-                    continue
-                victim = victims[taken]
-                gone.add(victim)
-                taken += 1
-            excluded.add(key)
-            started.add(key)
-            plan.append((i, victim))
-        return plan
 
 
 class LRUPolicy(Victims):
@@ -178,8 +147,6 @@ class PredictivePolicy(Victims):
                     self.pending.copy(), 0, used, self.MAX_AGE, self.POPULARITY_DECAY)
         _mark(self.predicted[0, 0].copy(), np.zeros(1, dtype=np.int64))
         _least_likely(self.use_probability(), self._distances[0], self.resident, np.zeros(0, dtype=np.int64), 1)
-        _plan_prefetches(self.use_probability(), self._distances[0], self.resident, np.zeros(0, dtype=np.int64),
-                         np.zeros(1, dtype=np.int64), 0)
 
     def on_call(self, layer: int, experts: Sequence[int]) -> None:
         used = np.zeros(self.num_experts, dtype=np.bool_)
@@ -226,17 +193,6 @@ class PredictivePolicy(Victims):
     def worth_prefetching(self, key: Key, victim: Key) -> bool:
         probability = self.use_probability()
         return bool(probability[key] > probability[victim])
-
-    def prefetch_plan(self, keys: Sequence[Key], resident, excluded: set, free: int) -> list[tuple[int, Key | None]]:
-        """Victims.prefetch_plan in one compiled step (a prefetching call asked for victims, then weighed
-        each key against one in Python: about half its prefetch time). `resident` is not read: this policy's
-        own flags are the cache's keys (on_insert, on_prefetch and on_evict keep them so)."""
-        E = self.num_experts
-        flat_keys = np.array([layer * E + e for layer, e in keys], dtype=np.int64)
-        flat_excluded = np.array([layer * E + e for layer, e in excluded], dtype=np.int64)
-        chosen, victims = _plan_prefetches(self.use_probability(), self._distances[self.layer], self.resident,
-                                           flat_excluded, flat_keys, free)
-        return [(i, None if v < 0 else divmod(v, E)) for i, v in zip(chosen.tolist(), victims.tolist())]
 
     def reuse(self, key: Key) -> float:
         """Expected further uses soon, if loaded now: p / (1 - p) with p = P(used at its layer's next call)
@@ -361,60 +317,13 @@ def _use_probability(age, bucket, uses, calls, pred_uses, pred_calls, predicted,
 @numba.njit(cache=True)
 def _least_likely(probability, distance, resident, excluded, n):  # pragma: no cover - compiled
     """The flat indices of up to n resident, not excluded keys, lowest hit density first: P(used at its layer's
-    next call) / calls until that call (ties: the larger distance, then the larger index), each found as the
-    lowest of those left."""
+    next call) / calls until that call (ties: the larger distance, then the larger index), each the lowest of
+    those left. One pass, the n lowest kept sorted as the keys go by (a scan per victim, as this was written
+    before, cost a prefetch asking for len(keys) victims a scan each)."""
     L, E = probability.shape
     skip = np.zeros(L * E, dtype=np.bool_)
     for x in excluded:
         skip[x] = True
-    return _least_likely_of(probability, distance, resident, skip, n)
-
-
-@numba.njit(cache=True)
-def _plan_prefetches(probability, distance, resident, excluded, keys, free):  # pragma: no cover - compiled
-    """Victims.prefetch_plan over flat keys: (indices into keys started, each one's flat victim or -1 for a
-    free slot). resident [L, E] is read, not written."""
-    L, E = probability.shape
-    present = resident.copy().reshape(L * E)  # the cache as the plan goes: started keys in, victims out
-    skip = np.zeros(L * E, dtype=np.bool_)
-    for x in excluded:
-        skip[x] = True
-    chosen = np.empty(len(keys), dtype=np.int64)
-    victim_of = np.empty(len(keys), dtype=np.int64)
-    victims = np.empty(0, dtype=np.int64)
-    asked, taken, n = False, 0, 0
-    for i in range(len(keys)):
-        key = keys[i]
-        if present[key]:
-            continue
-        victim = -1
-        if free > 0:
-            free -= 1
-        else:
-            if not asked:  # the cache as it is now: every started key resident and excluded
-                victims = _least_likely_of(probability, distance, present.reshape(L, E), skip, len(keys))
-                asked = True
-            if taken == len(victims):
-                continue
-            victim = victims[taken]
-            if not probability[key // E, key % E] > probability[victim // E, victim % E]:
-                continue
-            present[victim] = False
-            taken += 1
-        present[key] = True
-        skip[key] = True
-        chosen[n] = i
-        victim_of[n] = victim
-        n += 1
-    return chosen[:n], victim_of[:n]
-
-
-@numba.njit(cache=True)
-def _least_likely_of(probability, distance, resident, skip, n):  # pragma: no cover - compiled
-    """_least_likely with the excluded keys as flags (skip [L * E]), in one pass: the n first in the order
-    each lowest-of-those-left scan finds them (density ascending, then distance descending, then index
-    descending), kept sorted as the keys go by (a scan per victim was most of a prefetch's victims)."""
-    L, E = probability.shape
     out = np.empty(n, dtype=np.int64)
     best_s = np.empty(n)
     best_d = np.empty(n, dtype=np.int64)

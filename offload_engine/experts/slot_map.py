@@ -75,20 +75,33 @@ class SlotMap:
 
     def prefetch_many(self, keys: Sequence[Key], protected: set, counters: list[LayerCounters],
                       evicted: list[Key]) -> list[tuple[Key, int]]:
-        """prefetch() for each of `keys` in turn (best first); the (key, slot) of those started. Which start,
-        and in whose slots, the policy plans in one step (Victims.prefetch_plan): victims asked for once,
-        in turn, nothing between two of them changing the policy's ranking."""
-        plan = self.policy.prefetch_plan(keys, self.slot_of, self.excluded(protected), len(self.free))
+        """prefetch() for each of `keys` in turn (best first); the (key, slot) of those started. The victims
+        are asked for once, in turn (policy.victims): nothing between two of them changes the policy's
+        ranking, each key started is resident but protected from the next, each victim taken is gone."""
+        excluded = self.excluded(protected)
+        victims, taken = None, 0
         started = []
-        for i, victim in plan:
-            key = keys[i]
-            slot = self.free.pop() if victim is None else self._evict(victim, counters, evicted)
+        for key in keys:
+            if key in self.slot_of:
+                continue
+            if self.free:
+                slot = self.free.pop()
+            else:
+                if victims is None:
+                    victims = self.policy.victims(excluded, len(keys))
+                if taken == len(victims):  # every resident expert is protected or arriving
+                    continue
+                if not self.policy.worth_prefetching(key, victims[taken]):
+                    continue
+                slot = self._evict(victims[taken], counters, evicted)
+                taken += 1
             self._assign(key, slot)
             self.policy.on_prefetch(key)
             self.unused_prefetches.add(key)
             c = counters[key[0]]
             c.prefetches += 1
             c.bytes_to_device += self.expert_bytes
+            excluded.add(key)
             started.append((key, slot))
         return started
 
