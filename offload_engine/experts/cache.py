@@ -104,20 +104,24 @@ class ExpertCache:
         """Start loading `keys` (best first) where the policy finds them worth a victim; returns how many."""
         counters = self.counters if counters is None else counters
         self._sweep()
-        started: dict[int, list[tuple[int, int]]] = {}
         evicted: list[Key] = []
         with self.lock:
-            for (layer, e), slot in self.map.prefetch_many(keys, protected, counters, evicted):
-                started.setdefault(layer, []).append((e, slot))
-            self._retable(evicted, [(layer, e, s) for layer, loads in started.items() for e, s in loads])
-        batches = list(started.items())
+            started = self.map.prefetch_many(keys, protected, counters, evicted)
+            table = self.slot_table  # _retable's writes, without its lists (a prefetching call's hot path)
+            for key in evicted:
+                table[key] = -1
+            for key, slot in started:
+                table[key] = slot
+        if not started:
+            return 0
+        batches = _by_layer(started)
         for i, (layer, loads) in enumerate(batches):
             try:
                 self._load(layer, loads, counters[layer], demand=False)
             except BaseException:  # _load forgot its own slots; the layers not yet started must not look resident
                 self._forget([slot for _, later in batches[i + 1:] for _, slot in later])
                 raise
-        return sum(map(len, started.values()))
+        return len(started)
 
     def drain(self) -> None:
         """The host waits for every load in flight, on every stream and thread (before timing, or before the
@@ -188,9 +192,14 @@ class ExpertCache:
         be evicted); drop failed prefetches."""
         self.loader.pump()
         done, failed = [], []
+        settled: dict[Ticket, bool] = {}  # a batch's slots share its ticket: asked once (done stays done)
         for slot, ticket in list(self.ready.items()):
-            if ticket.done():
-                (failed if ticket.error() is not None else done).append(slot)
+            ok = settled.get(ticket)
+            if ok is None:
+                if not ticket.done():
+                    continue
+                ok = settled[ticket] = ticket.error() is None
+            (done if ok else failed).append(slot)
         if failed:
             self._forget(failed)
         if done:
@@ -217,3 +226,14 @@ class ExpertCache:
             if (layer_pos, e) not in self.map.slot_of:
                 self.fetch(layer_pos, [e])
                 self.counters[layer_pos].misses -= 1  # preloading is not a lookup
+
+
+def _by_layer(started: list[tuple[Key, int]]) -> list[tuple[int, list[tuple[int, int]]]]:
+    """(layer, [(expert, slot), ...]) per layer, in the order the layers first come; usually there is one."""
+    layer = started[0][0][0]
+    if all(key[0] == layer for key, _ in started):
+        return [(layer, [(e, slot) for (_, e), slot in started])]
+    batches: dict[int, list[tuple[int, int]]] = {}
+    for (layer, e), slot in started:
+        batches.setdefault(layer, []).append((e, slot))
+    return list(batches.items())

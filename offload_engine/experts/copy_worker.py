@@ -209,12 +209,14 @@ class CopyWorker:
         if n <= capacity - at and first - int(box[DONE]) + n <= capacity:  # the usual case: one write
             self.tasks[at:at + n] = rows
             box[POSTED] = first + n  # published after the rows
-        else:
-            for row in rows:
-                while box[POSTED] - box[DONE] >= capacity:  # the ring is full: let the worker catch up
-                    self._ensure_running()
-                self.tasks[box[POSTED] % capacity] = row
-                box[POSTED] += 1
+            if self._thread is None or not self._thread.is_alive():  # a live thread needs nothing of _ensure_running
+                self._ensure_running()
+            return CopyTicket(self, first, first + n)
+        for row in rows:
+            while box[POSTED] - box[DONE] >= capacity:  # the ring is full: let the worker catch up
+                self._ensure_running()
+            self.tasks[box[POSTED] % capacity] = row
+            box[POSTED] += 1
         self._ensure_running()
         return CopyTicket(self, first, int(box[POSTED]))
 
