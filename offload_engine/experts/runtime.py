@@ -144,11 +144,11 @@ class Runtime:
             # prefetch where it overlaps this call's compute: on CUDA after the kernels are queued (issued
             # first, its copies would delay them); on the CPU, whose kernels run here, before them
             if context is not None and not self.queued_kernels:
-                self._look_ahead(request, context, {(layer, e) for e in experts})
+                self._look_ahead(request, context, experts)
             out = execute(binding, cache, routing, slots, hidden_states, top_k_weights)
             cache.used(slots)
             if context is not None and self.queued_kernels:
-                self._look_ahead(request, context, {(layer, e) for e in experts})
+                self._look_ahead(request, context, experts)
             return out
         # more experts than slots: a group at a time, each expert with unit weights, then one reduction
         contributions = hidden_states.new_zeros((*top_k_index.shape, hidden_states.shape[-1]))
@@ -213,7 +213,7 @@ class Runtime:
         contributions = hidden_states.new_zeros((*routing.ids.shape, hidden_states.shape[-1]))
         on_device = [e for e in experts if e not in on_cpu]
         look_ahead = None if context is None else \
-            (lambda: self._look_ahead(request, context, {(layer, e) for e in experts}))
+            (lambda: self._look_ahead(request, context, experts))
         self._in_groups(binding, request, layer, routing, on_device, hidden_states, contributions, look_ahead)
         if look_ahead is not None and not on_device:
             look_ahead()
@@ -239,18 +239,19 @@ class Runtime:
         request.counters[layer].predict_s += time.perf_counter() - start
         return context if decode else None
 
-    def _look_ahead(self, request: Request, context: LayerContext, protected: set) -> None:
-        """Predict the next layers' experts: the policy learns of them, and the nearest are loaded now."""
+    def _look_ahead(self, request: Request, context: LayerContext, experts: list[int]) -> None:
+        """Predict the next layers' experts: the policy learns of them, and the nearest are loaded now (never in
+        place of `experts`, the call's own)."""
         start = time.perf_counter()
         wanted = self.foresight.look_ahead(context)  # always its whole horizon: a replay must see the same
         request.counters[context.layer].predict_s += time.perf_counter() - start
         depth = self.depth()
         if depth:
             resident = self.cache.slot_of  # most predicted experts are resident already: skip them here, cheaply
-            keys = [key for d, layer, experts in wanted if d <= depth
-                    for key in ((layer, e) for e in experts.tolist()) if key not in resident]
-            if keys:
-                self.cache.prefetch(keys, protected, request.counters)
+            keys = [key for d, layer, predicted in wanted if d <= depth
+                    for e in predicted.tolist() if (key := (layer, e)) not in resident]
+            if keys:  # the call's own experts as keys only now (never, with every expert resident)
+                self.cache.prefetch(keys, {(context.layer, e) for e in experts}, request.counters)
 
     def depth(self) -> int:
         """Prefetch depth: as set, or enough layers ahead that a call's misses can load while the layers
