@@ -145,7 +145,7 @@ class PredictivePolicy(Victims):
         _count_call(self.age.copy(), self.popularity.copy(), self.bucket.copy(), self.edges, self.uses.copy(),
                     self.calls.copy(), self.pred_uses.copy(), self.pred_calls.copy(), self.predicted.copy(),
                     self.pending.copy(), 0, used, self.MAX_AGE, self.POPULARITY_DECAY)
-        _mark(self.predicted[0, 0].copy(), np.zeros(1, dtype=np.int64))
+        _mark(self.predicted.copy(), self.pending.copy(), 0, 0, np.zeros(1, dtype=np.int64))
         _least_likely(self.use_probability(), self._distances[0], self.resident, np.zeros(0, dtype=np.int64), 1)
 
     def on_call(self, layer: int, experts: Sequence[int]) -> None:
@@ -160,9 +160,8 @@ class PredictivePolicy(Victims):
     def on_predictions(self, layer: int, predictions) -> None:
         """predictions: (distance d >= 1, target layer j, ranked expert ids) for the calls after `layer`'s."""
         for depth, target, experts in predictions:  # depth L: the layer's own next call (the next token's)
-            d = min(depth, self.MAX_DEPTH)  # the farther ones share the last bucket of graded predictions
-            _mark(self.predicted[target, d], experts)
-            self.pending[target, d] = True
+            # the farther ones share the last bucket of graded predictions
+            _mark(self.predicted, self.pending, target, min(depth, self.MAX_DEPTH), experts)
         self._probability = None
 
     def use_probability(self) -> np.ndarray:
@@ -349,7 +348,11 @@ def _least_likely(probability, distance, resident, excluded, n):  # pragma: no c
 
 
 @numba.njit(cache=True)
-def _mark(row, experts):  # pragma: no cover - compiled
+def _mark(predicted, pending, target, d, experts):  # pragma: no cover - compiled
+    """A prediction at distance d of layer `target`'s next call (indexed here: a view and a write from Python,
+    three times a call, cost more than the marking)."""
+    row = predicted[target, d]
     row[:] = False
     for e in experts:
         row[e] = True
+    pending[target, d] = True
