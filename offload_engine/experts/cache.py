@@ -87,7 +87,8 @@ class ExpertCache:
             self._wait(list(self.map.arriving), counters[layer_pos])  # too many slots still being written
         with self.lock:
             staging = self.map.call(layer_pos, experts, counters)
-            self._retable(staging.evicted, [(layer_pos, e, s) for e, s in staging.loads])
+            if staging.loads:  # a call of hits changes no slot
+                self._retable(staging.evicted, [(layer_pos, e, s) for e, s in staging.loads])
         waits = staging.waits
         if staging.loads:
             self._load(layer_pos, staging.loads, counters[layer_pos], demand=True)

@@ -41,7 +41,7 @@ class SlotMap:
         if len(experts) > self.num_slots:
             raise ValueError(f"{len(experts)} experts asked for at once, but the cache has {self.num_slots} slots")
         self.policy.on_call(layer, experts)
-        protected = {(layer, e) for e in experts}
+        protected = None  # the call's keys, never a victim: built at its first miss (most calls have none)
         c = counters[layer]
         out = Staging()
         # every call runs this loop over its experts: the lookups it repeats are bound once
@@ -51,6 +51,8 @@ class SlotMap:
             key = (layer, e)
             slot = slot_of.get(key)
             if slot is None:
+                if protected is None:
+                    protected = {(layer, e) for e in experts}
                 slot = self._claim(protected, counters, out.evicted)
                 self._assign(key, slot)
                 self.policy.on_insert(key)
