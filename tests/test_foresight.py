@@ -439,6 +439,32 @@ def test_the_one_pass_victims_are_the_scan_per_victims():
             assert got == twin_least_likely(probability, distance, resident, excluded, n), (trial, n)
 
 
+def test_victims_from_stale_probabilities_recompute_them_as_use_probability_does():
+    """PredictivePolicy.victims recomputes stale probabilities in the same compiled call: the same victims as
+    from use_probability(), which then returns exactly what _use_probability computes, on random trained states."""
+    from offload_engine.experts.policies import _least_likely, _use_probability
+
+    L, E, k = 3, 10, 2
+    rng = np.random.default_rng(1)
+    policy = PredictivePolicy(L, E, k)
+    cache = SlotMap(12, policy, expert_bytes=1)
+    counters = new_counters(L)
+    for step in range(200):
+        layer = step % L
+        for s in cache.call(layer, sorted(rng.choice(E, k, replace=False).tolist()), counters).slots:
+            cache.arrived(s)
+        policy.on_predictions(layer, [(d, (layer + d) % L, rng.choice(E, k, replace=False)) for d in (1, 2)])
+        assert policy._probability is None  # every call and prediction leaves them stale
+        excluded = {(int(rng.integers(L)), int(rng.integers(E))) for _ in range(3)}
+        fresh = _use_probability(policy.age, policy.bucket, policy.uses, policy.calls, policy.pred_uses,
+                                 policy.pred_calls, policy.predicted, policy.pending, policy.MAX_AGE)
+        flat = np.array([j * E + e for j, e in excluded], dtype=np.int64)
+        expected = _least_likely(fresh, policy._distances[policy.layer], policy.resident, flat, 4).tolist()
+        assert [j * E + e for j, e in policy.victims(excluded, 4)] == expected
+        assert np.array_equal(policy.use_probability(), fresh)
+        assert [j * E + e for j, e in policy.victims(excluded, 4)] == expected  # from the cached ones
+
+
 def test_predictive_policy_knows_the_layer_order():
     """Three layers that always use their expert 0, two slots: LRU evicts exactly the expert the next layer
     needs (0 hits); the predictive policy evicts the one needed furthest ahead, as Belady does (1 in 2)."""
