@@ -38,9 +38,10 @@ def stats_line(stats) -> str:
     if stats.prefetches_dropped:  # queued prefetches the routing proved wrong before they moved
         prefetched += f", {stats.prefetches_dropped} dropped"
     # with --cold-experts cpu the misses are computed where they lie: without this the line read "0 misses"
-    on_cpu = f" | {stats.cpu_experts} experts on CPU ({stats.cpu_s:.3f} s)" if stats.cpu_experts else ""
-    if stats.cpu_packed:  # the RAM they take from now on: plan shows the most it may come to
-        on_cpu += f", {stats.cpu_packed} packed"
+    on_cpu = ""
+    if stats.cpu_experts:  # the packed ones hold RAM from now on: plan shows the most it may come to
+        packed = f", {stats.cpu_packed} packed for oneDNN" if stats.cpu_packed else ""
+        on_cpu = f" | {stats.cpu_experts} experts on CPU ({stats.cpu_s:.3f} s{packed})"
     return (f"TTFT {stats.ttft_s:.3f} s | decode {stats.decode_tokens_per_s:.1f} tok/s | "
             f"hit rate {100 * stats.hit_rate:.1f}% ({stats.hits} hits, {stats.misses} misses{prefetched}) | "
             f"moved {format_bytes(stats.bytes_to_device)}{on_cpu} | "

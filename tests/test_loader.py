@@ -179,3 +179,7 @@ def test_the_summary_line_names_dropped_prefetches():
                 cpu_experts=0, cpu_s=0.0, peak_device_bytes=0, prefetches=3)
     assert "3 prefetched, 2 dropped" in stats_line(SimpleNamespace(**base, prefetches_dropped=2))
     assert "dropped" not in stats_line(SimpleNamespace(**base, prefetches_dropped=0))
+    on_cpu = {**base, "cpu_experts": 5, "cpu_s": 0.01}
+    assert "5 experts on CPU (0.010 s, 2 packed for oneDNN)" in stats_line(
+        SimpleNamespace(**on_cpu, prefetches_dropped=0, cpu_packed=2))
+    assert "packed" not in stats_line(SimpleNamespace(**on_cpu, prefetches_dropped=0, cpu_packed=0))
