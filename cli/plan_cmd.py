@@ -54,7 +54,8 @@ def run(args) -> int:
     print(f"host side      {host}: the experts take {format_bytes(experts_bytes)}; this process may use "
           f"{format_bytes(memory.available_bytes)}{limit}")
     if packed:
-        print(f"               CPU experts are packed for oneDNN as they first run: up to {format_bytes(packed)} "
+        when = "at load" if run_cfg.cold_experts == "cpu" or run_cfg.cpu_moe_layers else "as they first run"
+        print(f"               CPU experts are packed for oneDNN {when}: up to {format_bytes(packed)} "
               "of RAM beside the files (--cpu-weights stored: none)")
     if not fits_in_memory(experts_bytes, memory):
         print("               the model does not fit in memory: "

@@ -28,7 +28,7 @@ from .experts.formats import ExpertFormat, expert_format
 from .experts.formats.fp8_block import check_grid as check_fp8_grid
 from .experts.formats.fp8_block import check_scales as check_fp8_scales
 from .experts.formats.fp8_block import dequantize_blocks as dequantize_fp8_blocks
-from .experts.offloaded_experts import IMPLEMENTATION_NAME, bind, register_experts_implementation
+from .experts.offloaded_experts import IMPLEMENTATION_NAME, bind, packs, register_experts_implementation
 from .experts.packed_experts import PackedExperts
 from .experts.policies import make_policy
 from .experts.runtime import Runtime
@@ -385,4 +385,9 @@ def load(inspected: Inspected, run: RunConfig, plan: MemoryPlan):
     if plan.expert_slots >= plan.total_experts:  # everything fits: load it all now, decode never misses
         keys = [(i, e) for i in range(spec.num_moe_layers) for e in range(spec.num_experts)]
         cache.preload(keys, run.progress)
+    elif runtime.packed is not None:  # layers whose cold experts all run on the CPU: packed now, as llama.cpp repacks
+        on_cpu = range(spec.num_moe_layers) if run.cold_experts == "cpu" else range(min(run.cpu_moe_layers,
+                                                                                       spec.num_moe_layers))
+        runtime.packed.preload([(i, e) for i in on_cpu if packs(runtime.packed, model.get_submodule(spec.experts_paths[i]))
+                                for e in range(spec.num_experts)], run.progress)
     return model, store, runtime

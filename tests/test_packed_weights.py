@@ -130,10 +130,28 @@ def test_packed_cpu_experts_give_transformers_bits(bf16_model, settings):
     assert torch.equal(logits, ref_logits)
 
 
+CHEAP_CPU = dict(cold_experts="auto", hardware=dict(cpu_call_s=1e-9, cpu_read_bytes_per_s=1e15, cpu_flops=1e18))
+
+
+@needs_exact
+def test_with_cold_experts_cpu_every_expert_is_packed_at_load(bf16_model):
+    """Where every cold expert of a layer runs on the CPU, its experts are packed at load (a first call would
+    pack mid-token); with auto, as they first run."""
+    path, _, _ = bf16_model
+    engine = OffloadEngine.from_pretrained(path, device="cpu", expert_slots=3, cold_experts="cpu", progress=False)
+    spec = engine.spec
+    assert engine.runtime.packed.experts == spec.num_moe_layers * spec.num_experts
+    assert engine.generate(PROMPT, max_new_tokens=4, ignore_eos=True).stats.cpu_packed == 0
+    layered = OffloadEngine.from_pretrained(path, device="cpu", expert_slots=3, cpu_moe_layers=1, progress=False)
+    assert layered.runtime.packed.experts == spec.num_experts
+    lazy = OffloadEngine.from_pretrained(path, device="cpu", expert_slots=3, progress=False, **CHEAP_CPU)
+    assert lazy.runtime.packed.experts == 0
+
+
 @needs_exact
 def test_past_the_capacity_experts_run_as_stored(bf16_model):
     path, ref_tokens, ref_logits = bf16_model
-    engine = OffloadEngine.from_pretrained(path, device="cpu", expert_slots=3, cold_experts="cpu", progress=False)
+    engine = OffloadEngine.from_pretrained(path, device="cpu", expert_slots=3, progress=False, **CHEAP_CPU)
     engine.runtime.packed.capacity_bytes = engine.cache.store.expert_nbytes()  # room for one
     tokens, logits = engine_steps(engine, PROMPT)
     assert engine.runtime.packed.experts == 1 and engine.cache.store.expert_nbytes() == engine.runtime.packed.bytes
@@ -243,7 +261,7 @@ def test_plan_says_what_packed_cpu_experts_may_hold(bf16_model, capsys):
 @needs_exact
 def test_packing_is_counted_once_per_expert_and_close_drops_it(bf16_model):
     path, _, _ = bf16_model
-    engine = OffloadEngine.from_pretrained(path, device="cpu", expert_slots=3, cold_experts="cpu", progress=False)
+    engine = OffloadEngine.from_pretrained(path, device="cpu", expert_slots=3, progress=False, **CHEAP_CPU)
     first = engine.generate(PROMPT, max_new_tokens=4, ignore_eos=True).stats
     again = engine.generate(PROMPT, max_new_tokens=4, ignore_eos=True).stats
     assert first.cpu_packed == engine.runtime.packed.experts > 0
