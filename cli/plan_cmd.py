@@ -15,7 +15,8 @@ def add_parser(subparsers, name: str):
 
 
 def run(args) -> int:
-    from offload_engine.loading import fits_in_memory, host_mode, inspect_checkpoint, make_plan, packed_capacity
+    from offload_engine.loading import (fits_in_memory, host_mode, inspect_checkpoint, layers_packed_at_load, make_plan,
+                                        packed_capacity)
     from offload_engine.planning.host_memory import host_memory
     from offload_engine.planning.memory_plan import format_bytes
 
@@ -54,7 +55,7 @@ def run(args) -> int:
     print(f"host side      {host}: the experts take {format_bytes(experts_bytes)}; this process may use "
           f"{format_bytes(memory.available_bytes)}{limit}")
     if packed:
-        when = "at load" if run_cfg.cold_experts == "cpu" or run_cfg.cpu_moe_layers else "as they first run"
+        when = "at load" if layers_packed_at_load(run_cfg, plan, spec.num_moe_layers) else "as they first run"
         print(f"               CPU experts are packed for oneDNN {when}: up to {format_bytes(packed)} "
               "of RAM beside the files (--cpu-weights stored: none)")
     if not fits_in_memory(experts_bytes, memory):

@@ -280,6 +280,15 @@ def packed_capacity(run: RunConfig, fmt: ExpertFormat, host: str, spec: ModelSpe
     return max(0, min(plan.total_experts * plan.expert_bytes, available))
 
 
+def layers_packed_at_load(run: RunConfig, plan: MemoryPlan, num_layers: int) -> range:
+    """The MoE layers whose CPU experts are packed at load rather than at their first call: those whose cold
+    experts all run on the CPU (--cold-experts cpu: every layer; --cpu-moe-layers N: the first N), unless every
+    expert is resident (none is then cold)."""
+    if plan.expert_slots >= plan.total_experts:
+        return range(0)
+    return range(num_layers if run.cold_experts == "cpu" else min(run.cpu_moe_layers, num_layers))
+
+
 def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
     module_name, _, leaf = name.rpartition(".")
     module = model.get_submodule(module_name)
@@ -385,9 +394,8 @@ def load(inspected: Inspected, run: RunConfig, plan: MemoryPlan):
     if plan.expert_slots >= plan.total_experts:  # everything fits: load it all now, decode never misses
         keys = [(i, e) for i in range(spec.num_moe_layers) for e in range(spec.num_experts)]
         cache.preload(keys, run.progress)
-    elif runtime.packed is not None:  # layers whose cold experts all run on the CPU: packed now, as llama.cpp repacks
-        on_cpu = range(spec.num_moe_layers) if run.cold_experts == "cpu" else range(min(run.cpu_moe_layers,
-                                                                                       spec.num_moe_layers))
-        runtime.packed.preload([(i, e) for i in on_cpu if packs(runtime.packed, model.get_submodule(spec.experts_paths[i]))
+    if runtime.packed is not None:  # as llama.cpp repacks at load
+        runtime.packed.preload([(i, e) for i in layers_packed_at_load(run, plan, spec.num_moe_layers)
+                                if packs(runtime.packed, model.get_submodule(spec.experts_paths[i]))
                                 for e in range(spec.num_experts)], run.progress)
     return model, store, runtime

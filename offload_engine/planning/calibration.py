@@ -128,7 +128,7 @@ def calibrate(engine, progress: bool = True, clock: Clock = time.perf_counter) -
     from tqdm.auto import tqdm
 
     from ..experts.offloaded_experts import one_expert, packed_expert, packs
-    from ..packed_weights import pack, packable
+    from ..packed_weights import packable
 
     device, store, spec = engine.run.device, engine.store, engine.spec
     binding = engine.model.get_submodule(spec.experts_paths[0])._offload
@@ -153,7 +153,7 @@ def calibrate(engine, progress: bool = True, clock: Clock = time.perf_counter) -
     fmt, pool = store.format, engine.cache.pool
     cpu_expert = store.host_view(0, 0) if store.mode != "mmap" else {n: t[:1] for n, t in host.items()}
     # as the engine computes its CPU experts: from packed weights where it packs them (up to PACKED_MAX_ROWS)
-    packed = {n: pack(t[0]) for n, t in cpu_expert.items()} if packs(engine.runtime.packed, binding.module) else None
+    packed = engine.runtime.packed.weights(0, 0) if packs(engine.runtime.packed, binding.module) else None
     slot = engine.cache.fetch(0, [0])[0]
     dev_expert = {n: t[slot:slot + 1] for n, t in pool.items()}
     on_cpu, on_device = {}, {}
