@@ -8,12 +8,14 @@ model, round by round (the order rotating), each a fresh process started once th
 
 - llama-bench (`-p 0 -n TOKENS -r 1`: decode only, after its warm-up run),
 - llama-completion, greedy, its own timer (llama_perf_context_print's eval time),
-- this engine's CLI, every expert resident (`--expert-slots` = all), `--json`'s decode_tokens_per_s,
+- this engine's CLI with no memory flag, `--json`'s decode_tokens_per_s: every expert resident (the run stops
+  if the plan does not hold them all), on a CPU device packed for oneDNN in place of a slot pool,
 - the same with top-k slots and every cold expert computed on the CPU from the memory map (`--cold-experts cpu`),
 - transformers' generate (this file run as a child: per-token times from a streamer, decode = tokens after
   the first over the time after the first),
-- by name only: `engine-stored` and `engine-cpu-experts-stored`, the two engine lines with `--cpu-weights
-  stored` (no weight packed for oneDNN: the engine before packed_weights.py),
+- by name only: `engine-slots`, every expert in a slot pool (`--expert-slots` = all: the engine before
+  stop 27), and `engine-stored` and `engine-cpu-experts-stored`, the slot pool and the CPU experts with
+  `--cpu-weights stored` (no weight packed for oneDNN: the engine before packed_weights.py),
 
 GGUFs converted in the engine's dtype (benchmarks/llamacpp/convert.py, tokenizer checked), the same prompt
 text and thread count for all. Prints medians and each round's ratio to llama-bench, cross-checks llama-bench
@@ -44,6 +46,7 @@ from benchmarks.fresh_process import load_average, run_watched, wait_until_quiet
 
 PROMPT = "The history of the city begins with a small settlement on the river, where"
 PROGRAMS = ("llama-bench", "llama-completion", "engine", "engine-cpu-experts", "transformers")
+RESIDENT = ("engine", "engine-slots", "engine-stored")  # every expert resident: no expert is ever loaded
 
 
 def commands(model: Path, gguf: Path, tokens: int, threads: int) -> dict[str, list[str]]:
@@ -57,7 +60,10 @@ def commands(model: Path, gguf: Path, tokens: int, threads: int) -> dict[str, li
     return {
         "llama-bench": llama_bench_command(gguf, threads, tokens, repetitions=1),
         "llama-completion": llama_completion_command(gguf, PROMPT, tokens, threads),
-        "engine": [*engine, "--expert-slots", str(spec.total_experts)],
+        # every expert resident as the plan holds them with no memory flag: on a CPU device packed for oneDNN and
+        # computed where they lie (loading.packs_resident_experts); engine-slots keeps them in a slot pool
+        "engine": engine,
+        "engine-slots": [*engine, "--expert-slots", str(spec.total_experts)],
         "engine-cpu-experts": [*engine, "--expert-slots", str(spec.top_k), "--cold-experts", "cpu"],
         # the same with weights as stored (before packed_weights.py): by name in --programs, not by default
         "engine-stored": [*engine, "--expert-slots", str(spec.total_experts), "--cpu-weights", "stored"],
@@ -77,7 +83,10 @@ def rate_of(program: str, stdout: str, stderr: str) -> float:
     if program == "llama-completion":
         return llama_timer(stderr)["decode_tokens_per_s"]
     if program.startswith("engine"):
-        return json.loads(stdout)["stats"]["decode_tokens_per_s"]
+        stats = json.loads(stdout)["stats"]
+        if program in RESIDENT and stats["misses"]:
+            raise SystemExit(f"{program} loaded {stats['misses']} experts: not every expert was resident")
+        return stats["decode_tokens_per_s"]
     return json.loads(stdout.strip().splitlines()[-1])["decode_tokens_per_s"]
 
 

@@ -27,7 +27,7 @@ def run(args) -> int:
     memory = host_memory()
     experts_bytes = plan.total_experts * plan.expert_bytes
     host = host_mode(run_cfg, plan, memory, encoded=not inspected.format.stored_on_disk)
-    cpu_experts = run_cfg.cold_experts != "stream" or run_cfg.cpu_moe_layers > 0
+    cpu_experts = run_cfg.cold_experts != "stream" or run_cfg.cpu_moe_layers > 0 or plan.experts_packed
     packed = packed_capacity(run_cfg, inspected.format, host, spec, plan, memory) if cpu_experts else 0
     if args.json:
         print(json.dumps({
@@ -44,7 +44,7 @@ def run(args) -> int:
             "context_fitted": plan.context_fitted, "host_memory": host, "experts_total_bytes": experts_bytes,
             "host_available_bytes": memory.available_bytes, "memory_limit_bytes": memory.limit_bytes,
             "experts_fit_in_memory": fits_in_memory(experts_bytes, memory),
-            "cpu_experts_packed_max_bytes": packed,
+            "cpu_experts_packed_max_bytes": packed, "experts_packed": plan.experts_packed,
         }))
         return 0
     print(f"model          {spec.architecture} ({spec.model_type}), {len(spec.moe_layers)} MoE layers of "

@@ -398,6 +398,8 @@ class OffloadEngine:
             tokens = max(len(e) for e in encoded) + steps
             kv = kv_bytes_per_token(self.config, self.store.dtype) * tokens * len(encoded)
             peak = self.plan.non_expert_bytes + self.cache.nbytes + kv
+            if self.plan.experts_packed:  # the packed experts are the slots' stand-in
+                peak += self.runtime.packed.bytes
         return GenerationStats(
             prompt_tokens=sum(len(e) for e in encoded),
             generated_tokens=generated,

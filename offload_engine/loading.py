@@ -28,7 +28,7 @@ from .experts.formats import ExpertFormat, expert_format
 from .experts.formats.fp8_block import check_grid as check_fp8_grid
 from .experts.formats.fp8_block import check_scales as check_fp8_scales
 from .experts.formats.fp8_block import dequantize_blocks as dequantize_fp8_blocks
-from .experts.offloaded_experts import IMPLEMENTATION_NAME, bind, packs, register_experts_implementation
+from .experts.offloaded_experts import IMPLEMENTATION_NAME, bind, packs, plain_mlp, register_experts_implementation
 from .experts.packed_experts import PackedExperts
 from .experts.policies import make_policy
 from .experts.runtime import Runtime
@@ -204,7 +204,7 @@ def make_plan(inspected: Inspected, run: RunConfig) -> MemoryPlan:
 
     default = min(limit, DEFAULT_MAX_CONTEXT)
     if run.max_context is not None or run.memory_budget is not None or run.expert_slots is not None:
-        return plan_for(run.max_context or default)
+        return with_packed_experts(inspected, run, plan_for(run.max_context or default))
     # Nothing asked: under a tight memory limit the default context's KV cache and prefill activations would
     # leave the slot pool too small for one token's experts (or not fit at all); halve it until they fit.
     wanted = min(spec.top_k * len(spec.moe_layers), spec.total_experts)
@@ -214,11 +214,34 @@ def make_plan(inspected: Inspected, run: RunConfig) -> MemoryPlan:
         try:
             plan = plan_for(max_context, fitted=max_context < default)
             if plan.expert_slots >= wanted or last:
-                return plan
+                return with_packed_experts(inspected, run, plan)
         except MemoryBudgetError:
             if last:
                 raise
         max_context //= 2
+
+
+def with_packed_experts(inspected: Inspected, run: RunConfig, plan: MemoryPlan) -> MemoryPlan:
+    """The plan with `experts_packed` set where packs_resident_experts says so."""
+    return replace(plan, experts_packed=True) if packs_resident_experts(inspected, run, plan) else plan
+
+
+def packs_resident_experts(inspected: Inspected, run: RunConfig, plan: MemoryPlan,
+                           memory: HostMemory | None = None) -> bool:
+    """Whether a CPU device holds its experts packed for oneDNN, each computed where it lies as a CPU expert,
+    instead of in a slot pool: where every expert is resident and no slot count was asked for, and packing
+    gives the same bits (packed_capacity's conditions, and experts that packed_expert computes). On a CPU a
+    slot is a second copy in RAM that transformers' grouped_mm reorders on every product and loops over empty
+    groups for; the packed copies take the slots' bytes and decode 1.7x faster at Qwen3-30B-A3B's shape
+    (BENCHMARKS.md). `--expert-slots` (a slot pool asked for: calibrate times its loads) or `--cpu-weights
+    stored` keeps the slots."""
+    if run.device.type != "cpu" or run.expert_slots is not None or plan.expert_slots < plan.total_experts:
+        return False
+    module = inspected.model.get_submodule(inspected.spec.experts_paths[0])
+    if not plain_mlp(module):
+        return False
+    host = host_mode(run, plan, memory, encoded=not inspected.format.stored_on_disk)
+    return packs_exactly(run, inspected.format, host, inspected.spec)
 
 
 def automatic_budget(device: torch.device, experts_bytes: int, memory: HostMemory | None = None) -> int:
@@ -270,20 +293,30 @@ def packed_capacity(run: RunConfig, fmt: ExpertFormat, host: str, spec: ModelSpe
     of what is available, less what the plan puts in RAM on a CPU device and the process's own reserve), and
     none in the direct tier (which exists because RAM does not hold the experts). Experts are packed on their
     first call on the CPU, so with --cold-experts stream (calibrate's CPU timings aside) none is."""
-    if run.cpu_weights != "packed" or fmt.name != "plain" or host == "direct":
+    if not packs_exactly(run, fmt, host, spec):
         return 0
-    if not all(packing_is_exact(fmt.dtype, *p.shape) for p in spec.expert_params if len(p.shape) == 2):
-        return 0
+    if plan.experts_packed:  # in place of the slots, which the plan counts
+        return plan.total_experts * plan.expert_bytes
     available = int(HOST_RAM_SHARE * (memory or host_memory()).available_bytes) - PROCESS_RESERVE
     if run.device.type == "cpu":  # the slots, KV cache and working memory are RAM too, not all touched yet
         available -= plan.total_bytes
     return max(0, min(plan.total_experts * plan.expert_bytes, available))
 
 
+def packs_exactly(run: RunConfig, fmt: ExpertFormat, host: str, spec: ModelSpec) -> bool:
+    """Whether this run packs CPU experts: asked to, experts of the plain dtype, not the direct tier, and every
+    expert weight's shape packs exactly on this machine."""
+    if run.cpu_weights != "packed" or fmt.name != "plain" or host == "direct":
+        return False
+    return all(packing_is_exact(fmt.dtype, *p.shape) for p in spec.expert_params if len(p.shape) == 2)
+
+
 def layers_packed_at_load(run: RunConfig, plan: MemoryPlan, num_layers: int) -> range:
     """The MoE layers whose CPU experts are packed at load rather than at their first call: those whose cold
     experts all run on the CPU (--cold-experts cpu: every layer; --cpu-moe-layers N: the first N), unless every
-    expert is resident (none is then cold)."""
+    expert is resident in slots (none is then cold); every layer's where the plan packs the resident experts."""
+    if plan.experts_packed:
+        return range(num_layers)
     if plan.expert_slots >= plan.total_experts:
         return range(0)
     return range(num_layers if run.cold_experts == "cpu" else min(run.cpu_moe_layers, num_layers))
@@ -367,11 +400,11 @@ def load(inspected: Inspected, run: RunConfig, plan: MemoryPlan):
     store = ExpertStore(inspected.tensors, inspected.layout, spec, inspected.format,
                         host_mode(run, plan, encoded=not inspected.format.stored_on_disk), run.progress)
     policy = make_policy(run.policy, spec.num_moe_layers, spec.num_experts, spec.top_k)
-    cache = ExpertCache(store, plan.expert_slots, run.device, policy)
+    cache = ExpertCache(store, 0 if plan.experts_packed else plan.expert_slots, run.device, policy)
     cuda = run.device.type == "cuda"
     capacity = packed_capacity(run, store.format, store.mode, spec, plan)
     runtime = Runtime(cache, spec.num_moe_layers, spec.top_k, predictor, run.prefetch_depth, run.max_batch,
-                      run.cold_experts, run.cpu_moe_layers,
+                      run.cold_experts, spec.num_moe_layers if plan.experts_packed else run.cpu_moe_layers,
                       hardware_of(run.hardware, parallel=cuda,
                                   model=calibrated_model(run.hardware, model_name(inspected.directory),
                                                          store.expert_nbytes(), spec.num_moe_layers, spec.top_k)),
@@ -391,7 +424,7 @@ def load(inspected: Inspected, run: RunConfig, plan: MemoryPlan):
     # forwards that bypass the engine's API (engine.model.generate) still run one at a time
     model.register_forward_pre_hook(lambda m, args: runtime.lock.acquire() and None)
     model.register_forward_hook(lambda m, args, out: runtime.lock.release(), always_call=True)
-    if plan.expert_slots >= plan.total_experts:  # everything fits: load it all now, decode never misses
+    if cache.num_slots >= plan.total_experts:  # everything fits: load it all now, decode never misses
         keys = [(i, e) for i in range(spec.num_moe_layers) for e in range(spec.num_experts)]
         cache.preload(keys, run.progress)
     if runtime.packed is not None:  # as llama.cpp repacks at load

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 import tiny_models as tm
 from offload_engine import OffloadEngine
 from offload_engine import packed_weights as packed
+from offload_engine.experts.offloaded_experts import plain_mlp
 from test_exactness import PROMPT, engine_steps, reference_no_eos
 
 EXACT = packed.packing_is_exact(torch.bfloat16, 256, 128)
@@ -113,6 +114,10 @@ def test_every_architecture_keeps_transformers_bits_with_packed_weights(tmp_path
         assert packed_names(engine), f"{name}: no layer packed"
         if run:
             assert engine.runtime.packed is not None, f"{name}: CPU experts not packed"
+        else:  # every expert fits: packed in place of slots where packed_expert computes them
+            module = engine.model.get_submodule(engine.spec.experts_paths[0])
+            assert engine.plan.experts_packed == plain_mlp(module), name
+            assert engine.cache.num_slots == (0 if engine.plan.experts_packed else engine.spec.total_experts)
         assert tokens.tolist() == ref_tokens.tolist(), f"{name} {run}"
         assert torch.equal(logits, ref_logits), f"{name} {run}"
 
@@ -269,3 +274,65 @@ def test_packing_is_counted_once_per_expert_and_close_drops_it(bf16_model):
     engine.close()
     assert engine.runtime.packed.experts == 0 and engine.runtime.packed.bytes == 0
     assert engine.generate(PROMPT, max_new_tokens=4, ignore_eos=True).stats.cpu_packed == first.cpu_packed
+
+
+@needs_exact
+def test_a_cpu_device_holding_every_expert_packs_them_in_place_of_slots(bf16_model):
+    """No slot count asked for and every expert fits: no slot pool, every expert packed at load and computed
+    where it lies, transformers' bits; the stats count CPU experts, not lookups, and the packed bytes."""
+    path, ref_tokens, ref_logits = bf16_model
+    engine = OffloadEngine.from_pretrained(path, device="cpu", progress=False)
+    spec, plan = engine.spec, engine.plan
+    assert plan.experts_packed and plan.expert_slots == spec.total_experts and engine.cache.num_slots == 0
+    assert engine.runtime.packed.experts == spec.total_experts
+    tokens, logits = engine_steps(engine, PROMPT)
+    assert tokens.tolist() == ref_tokens.tolist() and torch.equal(logits, ref_logits)
+    stats = engine.generate(PROMPT, max_new_tokens=3, ignore_eos=True).stats
+    assert stats.hits == stats.misses == stats.bytes_to_device == stats.cpu_packed == 0
+    assert stats.cpu_experts >= 3 * spec.top_k * spec.num_moe_layers
+    assert stats.peak_device_bytes >= plan.non_expert_bytes + spec.total_experts * plan.expert_bytes
+
+
+@needs_exact
+@pytest.mark.parametrize("settings", [dict(expert_slots=10**6), dict(cpu_weights="stored"),
+                                      dict(memory_budget="1GiB", cold_experts="cpu")])
+def test_slots_stay_where_asked_for_or_where_nothing_packs(bf16_model, settings):
+    """A slot count asked for (calibrate times slot loads) or weights as stored keep the slot pool; a budget
+    that holds every expert packs them whatever --cold-experts says."""
+    path, _, ref_logits = bf16_model
+    engine = OffloadEngine.from_pretrained(path, device="cpu", progress=False, **settings)
+    packs = "memory_budget" in settings
+    assert engine.plan.experts_packed == packs
+    assert engine.cache.num_slots == (0 if packs else engine.spec.total_experts)
+    _, logits = engine_steps(engine, PROMPT)
+    assert torch.equal(logits, ref_logits)
+
+
+@needs_exact
+def test_a_predictor_prefetches_nothing_into_slots_that_cpu_layers_never_use(bf16_model):
+    """Predicted experts of layers computed on the CPU (all of them here; --cpu-moe-layers' first N) are not
+    copied into slots they would never be read from."""
+    path, ref_tokens, _ = bf16_model
+    for settings in (dict(), dict(expert_slots=3, cpu_moe_layers=10)):
+        engine = OffloadEngine.from_pretrained(path, device="cpu", predictor="history", prefetch_depth=2,
+                                               progress=False, **settings)
+        result = engine.generate(PROMPT, max_new_tokens=ref_tokens.shape[1], ignore_eos=True)
+        assert result.stats.prefetches == 0 and result.stats.misses == 0, settings
+        assert result.token_ids == ref_tokens[0].tolist(), settings
+
+
+@needs_exact
+def test_plan_says_the_experts_are_packed_in_place_of_slots(bf16_model, capsys):
+    import json
+
+    from offload_engine.cli.main import main
+
+    path, _, _ = bf16_model
+    assert main(["plan", "--model", str(path), "--json"]) == 0
+    held = json.loads(capsys.readouterr().out)
+    assert held["experts_packed"] and held["cpu_experts_packed_max_bytes"] == held["experts_total_bytes"]
+    assert main(["plan", "--model", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "experts packed for oneDNN" in out and "computed where they lie on the CPU" in out
+    assert main(["plan", "--model", str(path), "--expert-slots", "3", "--json"]) == 0
+    assert not json.loads(capsys.readouterr().out)["experts_packed"]

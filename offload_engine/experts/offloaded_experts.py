@@ -196,7 +196,7 @@ def execute_on_cpu(binding: ExpertsBinding, store, layer_pos: int, routing: Call
         token_idx, rank = routing.positions(e)
         x = routing.hidden[torch.as_tensor(token_idx)]
         weights = packed.weights(layer_pos, e) if packs(packed, module) and packable(x) else None
-        pieces = store.host_pieces(layer_pos, e) if weights is None and _piecewise_ok(module) else None
+        pieces = store.host_pieces(layer_pos, e) if weights is None and plain_mlp(module) else None
         if weights is not None:
             y = packed_expert(module, weights, x)
         elif pieces is not None:
@@ -222,10 +222,10 @@ def _on(device: torch.device, *arrays: np.ndarray) -> tuple[torch.Tensor, ...]:
 def packs(packed: PackedExperts | None, module) -> bool:
     """Whether this module's CPU experts are computed from packed weights: packing is on, and the module's math
     is mlp's plain case (packed_linear has no transposed weights; a bias is left to transformers' function)."""
-    return packed is not None and _piecewise_ok(module)
+    return packed is not None and plain_mlp(module)
 
 
-def _piecewise_ok(module) -> bool:
+def plain_mlp(module) -> bool:
     """The experts functions' math for a gated or plain MLP without biases, weights [out, in] (not transposed)."""
     return not getattr(module, "is_transposed", False) and not getattr(module, "has_bias", False)
 

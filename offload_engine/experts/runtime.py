@@ -178,6 +178,8 @@ class Runtime:
         tells the policy of a call of this layer, and a prediction of the layer's own next call made before
         the last of them would be graded against this call."""
         cache = self.cache
+        if not experts:  # every expert of the call on the CPU (a cache of no slots among them)
+            return
         for start in range(0, len(experts), cache.num_slots):
             group = experts[start:start + cache.num_slots]
             slots = cache.fetch(layer, group, request.counters)
@@ -248,7 +250,8 @@ class Runtime:
         depth = self.depth()
         if depth:
             resident = self.cache.slot_of  # most predicted experts are resident already: skip them here, cheaply
-            keys = [key for d, layer, predicted in wanted if d <= depth
+            # a --cpu-moe-layers layer's experts never take a slot: none is prefetched into one
+            keys = [key for d, layer, predicted in wanted if d <= depth and layer >= self.cpu_moe_layers
                     for e in predicted.tolist() if (key := (layer, e)) not in resident]
             if keys:  # the call's own experts as keys only now (never, with every expert resident)
                 self.cache.prefetch(keys, {(context.layer, e) for e in experts}, request.counters)

@@ -28,7 +28,8 @@ class SlotFill:
         # compiled copies where a store's bytes can be copied as they are (a benchmark sets it False to compare)
         self.compiled = copy_worker.available() and all(t.device.type == "cpu" for t in pool.values())
         self._pool_base = np.array([t.data_ptr() for t in pool.values()], dtype=np.int64)
-        self._pool_stride = np.array([t[0].numel() * t.element_size() for t in pool.values()], dtype=np.int64)
+        self._pool_stride = np.array([t[0].numel() * t.element_size() if len(t) else 0 for t in pool.values()],
+                                     dtype=np.int64)
         self._worker: copy_worker.CopyWorker | None = None
         self._pool_thread: ThreadPoolExecutor | None = None
         self._scratch = None  # the calling thread's aligned buffer for direct reads (the copy thread has its own)

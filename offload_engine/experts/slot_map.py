@@ -27,8 +27,8 @@ class Staging:
 
 class SlotMap:
     def __init__(self, num_slots: int, policy, expert_bytes: int):
-        if num_slots < 1:
-            raise ValueError("the expert cache needs at least one slot")
+        if num_slots < 0:
+            raise ValueError("the expert cache cannot have a negative number of slots")
         self.num_slots, self.policy, self.expert_bytes = num_slots, policy, expert_bytes
         self.slot_of: dict[Key, int] = {}
         self.key_in: list[Key | None] = [None] * num_slots

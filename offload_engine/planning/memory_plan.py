@@ -138,6 +138,9 @@ class MemoryPlan:
     mapped_bytes: int = 0  # the input embedding, left in the memory-mapped file (CPU; loading.mapped_embedding)
     expert_format: str = ""  # how a slot holds an expert (experts/formats describe()); "" for the plain dtype
     non_experts_expanded: bool = False  # FP8 non-expert weights, expanded to the compute dtype at load
+    # a CPU device holding every expert: packed for oneDNN and computed where they lie, with no slot pool (the
+    # expert_slots' bytes are the packed copies'; loading.packs_resident_experts)
+    experts_packed: bool = False
 
     @property
     def fixed_bytes(self) -> int:
@@ -172,10 +175,12 @@ class MemoryPlan:
              format_bytes(self.kv_cache_bytes)),
             ("working memory (estimate)", format_bytes(self.working_bytes)),
             *([("allocator rounding (CUDA)", format_bytes(self.allocator_bytes))] if self.allocator_bytes else []),
-            (f"expert slots ({self.expert_slots} x {format_bytes(self.expert_bytes)})", format_bytes(self.slot_bytes)),
+            (f"{'experts packed for oneDNN' if self.experts_packed else 'expert slots'} ({self.expert_slots} x "
+             f"{format_bytes(self.expert_bytes)})", format_bytes(self.slot_bytes)),
             *([("experts held as", self.expert_format)] if self.expert_format else []),
             ("total", format_bytes(self.total_bytes)),
-            ("experts resident", f"{self.expert_slots} of {self.total_experts} ({100 * self.resident_share:.1f}%)"),
+            ("experts resident", f"{self.expert_slots} of {self.total_experts} ({100 * self.resident_share:.1f}%)"
+                                 + (", computed where they lie on the CPU" if self.experts_packed else "")),
             ("minimum budget", f"{format_bytes(self.minimum_bytes)} ({self.min_slots} slots)"),
         ]
         width = max(len(r[0]) for r in rows)

@@ -108,6 +108,8 @@ class _EngineCollector:
                                   "decode_lookups"),
                                  ("expert_cache_hits", "needed experts already resident", "hits"),
                                  ("expert_cache_misses", "expert loads a layer call had to wait for", "misses"),
+                                 ("experts_on_cpu", "needed experts computed where they lie on the CPU (neither "
+                                  "a hit nor a miss)", "cpu_experts"),
                                  ("expert_bytes_to_device", "bytes of experts copied to the device",
                                   "bytes_to_device"),
                                  ("schedule_skips", "admissions of a request other than the oldest waiting "

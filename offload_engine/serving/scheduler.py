@@ -84,10 +84,11 @@ class Totals:
     rows: int = 0
     steps: int = 0  # forward passes: each prefill (continuous: each prefill chunk), each decode step
     decode_steps: int = 0
-    decode_lookups: int = 0  # experts the decode steps' layer calls looked up: distinct per call, summed
+    decode_lookups: int = 0  # experts the decode steps' layer calls needed: distinct per call, summed
     generated_tokens: int = 0
     hits: int = 0
     misses: int = 0
+    cpu_experts: int = 0  # needed experts computed where they lie on the CPU (neither hit nor miss)
     bytes_to_device: int = 0
     schedule_skips: int = 0  # admissions (schedule="routing") of a request other than the oldest waiting
     stalled: int = 0  # requests cancelled because their reader took no piece for their stall_timeout
@@ -365,10 +366,12 @@ class Scheduler:
             t.steps += steps
             if decode:
                 t.decode_steps += steps
-                t.decode_lookups += stats.hits + stats.misses - counted.hits - counted.misses
+                t.decode_lookups += (stats.hits + stats.misses + stats.cpu_experts
+                                     - counted.hits - counted.misses - counted.cpu_experts)
             t.generated_tokens += tokens
             t.hits += stats.hits - counted.hits
             t.misses += stats.misses - counted.misses
+            t.cpu_experts += stats.cpu_experts - counted.cpu_experts
             t.bytes_to_device += stats.bytes_to_device - counted.bytes_to_device
 
 
