@@ -192,9 +192,11 @@ def execute_on_cpu(binding: ExpertsBinding, store, layer_pos: int, routing: Call
     module = binding.module
     device = contributions.device
     # T=tokens routed to the expert, H=hidden
+    hidden = routing.hidden
     for e in experts:
         token_idx, rank = routing.positions(e)
-        x = routing.hidden[torch.as_tensor(token_idx)]
+        # every token of the call (a decode step's one row, and often a few rows'): the host copy itself
+        x = hidden if len(token_idx) == hidden.shape[0] else hidden[torch.as_tensor(token_idx)]
         weights = packed.weights(layer_pos, e) if packs(packed, module) and packable(x) else None
         pieces = store.host_pieces(layer_pos, e) if weights is None and plain_mlp(module) else None
         if weights is not None:
@@ -203,6 +205,9 @@ def execute_on_cpu(binding: ExpertsBinding, store, layer_pos: int, routing: Call
             y = piecewise(module, pieces, x)
         else:
             y = one_expert(binding, store.format, store.host_view(layer_pos, e), x.to(contributions.dtype))
+        if len(token_idx) == 1 and device.type == "cpu":  # one element's copy, not an indexed write
+            contributions[token_idx[0], rank[0]] = y[0]
+            continue
         token_idx, rank = _on(device, token_idx, rank)
         contributions[token_idx, rank] = y.to(device, contributions.dtype, non_blocking=True)
     # The memory map's pages stay mapped, as llama.cpp keeps them: they are clean file pages the kernel may
