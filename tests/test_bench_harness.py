@@ -49,7 +49,11 @@ def test_each_programs_rate_is_read_from_its_own_output():
     bench = json.dumps([{"samples_ts": [10.0, 30.0, 20.0], "avg_ts": 20.0}])
     assert rate_of("llama-bench", bench, "") == 20.0
     assert rate_of("llama-completion", "", PERF) == pytest.approx(20.0)
-    assert rate_of("engine", json.dumps({"stats": {"decode_tokens_per_s": 7.5}}), "") == 7.5
+    assert rate_of("engine", json.dumps({"stats": {"decode_tokens_per_s": 7.5, "misses": 0}}), "") == 7.5
+    # a program meant to hold every expert resident that loaded some is refused, not timed
+    with pytest.raises(SystemExit):
+        rate_of("engine", json.dumps({"stats": {"decode_tokens_per_s": 7.5, "misses": 3}}), "")
+    assert rate_of("engine-cpu-experts", json.dumps({"stats": {"decode_tokens_per_s": 5.0, "misses": 3}}), "") == 5.0
     assert rate_of("transformers", "log line\n" + json.dumps({"decode_tokens_per_s": 3.0}), "") == 3.0
 
 
