@@ -398,7 +398,7 @@ class OffloadEngine:
             tokens = max(len(e) for e in encoded) + steps
             kv = kv_bytes_per_token(self.config, self.store.dtype) * tokens * len(encoded)
             peak = self.plan.non_expert_bytes + self.cache.nbytes + kv
-            if self.plan.experts_packed:  # the packed experts are the slots' stand-in
+            if self.plan.experts_packed and self.runtime.packed is not None:  # the slots' stand-in
                 peak += self.runtime.packed.bytes
         return GenerationStats(
             prompt_tokens=sum(len(e) for e in encoded),

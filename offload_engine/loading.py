@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -308,7 +309,23 @@ def packs_exactly(run: RunConfig, fmt: ExpertFormat, host: str, spec: ModelSpec)
     expert weight's shape packs exactly on this machine."""
     if run.cpu_weights != "packed" or fmt.name != "plain" or host == "direct":
         return False
-    return all(packing_is_exact(fmt.dtype, *p.shape) for p in spec.expert_params if len(p.shape) == 2)
+    # at the run's thread count, as load() runs (and probes) them: make_plan and `plan` call this before load
+    # sets them, and oneDNN's choice of kernel may depend on them (a plan packing what load does not)
+    with compute_threads(run.threads):
+        return all(packing_is_exact(fmt.dtype, *p.shape) for p in spec.expert_params if len(p.shape) == 2)
+
+
+@contextmanager
+def compute_threads(threads: int):
+    """torch's intra-op threads set to `threads` for the block, then set back."""
+    before = torch.get_num_threads()
+    if before != threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        if before != threads:
+            torch.set_num_threads(before)
 
 
 def layers_packed_at_load(run: RunConfig, plan: MemoryPlan, num_layers: int) -> range:
@@ -400,11 +417,14 @@ def load(inspected: Inspected, run: RunConfig, plan: MemoryPlan):
     store = ExpertStore(inspected.tensors, inspected.layout, spec, inspected.format,
                         host_mode(run, plan, encoded=not inspected.format.stored_on_disk), run.progress)
     policy = make_policy(run.policy, spec.num_moe_layers, spec.num_experts, spec.top_k)
-    cache = ExpertCache(store, 0 if plan.experts_packed else plan.expert_slots, run.device, policy)
-    cuda = run.device.type == "cuda"
     capacity = packed_capacity(run, store.format, store.mode, spec, plan)
+    # the plan's packed experts in place of slots, unless nothing packs now after all (the host memory measured
+    # again above chose the direct tier): then the slot pool the plan's bytes were, not every expert streamed
+    in_place = plan.experts_packed and capacity > 0
+    cache = ExpertCache(store, 0 if in_place else plan.expert_slots, run.device, policy)
+    cuda = run.device.type == "cuda"
     runtime = Runtime(cache, spec.num_moe_layers, spec.top_k, predictor, run.prefetch_depth, run.max_batch,
-                      run.cold_experts, spec.num_moe_layers if plan.experts_packed else run.cpu_moe_layers,
+                      run.cold_experts, spec.num_moe_layers if in_place else run.cpu_moe_layers,
                       hardware_of(run.hardware, parallel=cuda,
                                   model=calibrated_model(run.hardware, model_name(inspected.directory),
                                                          store.expert_nbytes(), spec.num_moe_layers, spec.top_k)),

@@ -336,3 +336,50 @@ def test_plan_says_the_experts_are_packed_in_place_of_slots(bf16_model, capsys):
     assert "experts packed for oneDNN" in out and "computed where they lie on the CPU" in out
     assert main(["plan", "--model", str(path), "--expert-slots", "3", "--json"]) == 0
     assert not json.loads(capsys.readouterr().out)["experts_packed"]
+
+
+@needs_exact
+@pytest.mark.parametrize("exact_at", [1, 2])
+def test_the_plan_packs_what_load_packs_whatever_the_threads_before_load(bf16_model, monkeypatch, exact_at):
+    """make_plan runs before load sets the run's threads; packing is decided at the run's threads in both (a
+    shape whose packed product is exact at one thread count only: the plan said packed, load packed nothing,
+    and the stats' peak read runtime.packed.bytes of None)."""
+    import offload_engine.loading as loading
+
+    path, ref_tokens, _ = bf16_model
+    real = loading.packing_is_exact
+    monkeypatch.setattr(loading, "packing_is_exact",
+                        lambda *a, **k: torch.get_num_threads() == exact_at and real(*a, **k))
+    before = torch.get_num_threads()
+    torch.set_num_threads(3 - exact_at)  # the process's threads: not the ones packing is exact at
+    try:
+        engine = OffloadEngine.from_pretrained(path, device="cpu", threads=exact_at, progress=False)
+        assert engine.plan.experts_packed and engine.runtime.packed is not None
+        engine = OffloadEngine.from_pretrained(path, device="cpu", threads=3 - exact_at, progress=False)
+        assert not engine.plan.experts_packed and engine.runtime.packed is None
+        assert engine.cache.num_slots == engine.spec.total_experts
+        result = engine.generate(PROMPT, max_new_tokens=ref_tokens.shape[1], ignore_eos=True)
+        assert result.token_ids == ref_tokens[0].tolist()
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_exact
+def test_a_plan_of_packed_experts_keeps_slots_where_load_finds_the_direct_tier(bf16_model, monkeypatch):
+    """The host memory is measured again at load (after the non-expert weights took theirs): where that turns
+    to the direct tier, nothing packs, and the plan's bytes become the slot pool rather than no slot at all
+    (every expert read around the page cache on every call)."""
+    import offload_engine.loading as loading
+    from offload_engine.run_config import RunConfig
+
+    path, ref_tokens, _ = bf16_model
+    run = RunConfig.build(device="cpu", progress=False)
+    inspected = loading.inspect_checkpoint(path, run)
+    plan = loading.make_plan(inspected, run)
+    assert plan.experts_packed
+    monkeypatch.setattr(loading, "host_mode", lambda *a, **k: "direct")
+    engine = OffloadEngine(inspected, run, plan, None)
+    assert engine.store.mode == "direct" and engine.runtime.packed is None
+    assert engine.cache.num_slots == engine.spec.total_experts
+    result = engine.generate(PROMPT, max_new_tokens=ref_tokens.shape[1], ignore_eos=True)
+    assert result.token_ids == ref_tokens[0].tolist() and result.stats.misses == 0
