@@ -42,9 +42,10 @@ def stats_line(stats) -> str:
     if stats.cpu_experts:  # the packed ones hold RAM from now on: plan shows the most it may come to
         packed = f", {stats.cpu_packed} packed for oneDNN" if stats.cpu_packed else ""
         on_cpu = f" | {stats.cpu_experts} experts on CPU ({stats.cpu_s:.3f} s{packed})"
-    # every expert computed where it lies (a CPU device's packed experts): no slot was looked up
+    # every expert computed where it lies (a CPU device's packed experts, which have no slot; or --cold-experts cpu
+    # or --cpu-moe-layers with slots that none of them used): no slot was looked up
     lookups = f"hit rate {100 * stats.hit_rate:.1f}% ({stats.hits} hits, {stats.misses} misses{prefetched})" \
-        if stats.hits + stats.misses or not stats.cpu_experts else "no expert slots"
+        if stats.hits + stats.misses or not stats.cpu_experts else "no expert slot looked up"
     return (f"TTFT {stats.ttft_s:.3f} s | decode {stats.decode_tokens_per_s:.1f} tok/s | {lookups} | "
             f"moved {format_bytes(stats.bytes_to_device)}{on_cpu} | "
             f"peak device {format_bytes(stats.peak_device_bytes)}")

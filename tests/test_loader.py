@@ -183,3 +183,7 @@ def test_the_summary_line_names_dropped_prefetches():
     assert "5 experts on CPU (0.010 s, 2 packed for oneDNN)" in stats_line(
         SimpleNamespace(**on_cpu, prefetches_dropped=0, cpu_packed=2))
     assert "packed" not in stats_line(SimpleNamespace(**on_cpu, prefetches_dropped=0, cpu_packed=0))
+    # every expert on the CPU: no lookup, which says nothing of whether there are slots (--cold-experts cpu has)
+    none_looked_up = {**on_cpu, "hits": 0, "misses": 0, "hit_rate": 0.0, "prefetches": 0}
+    line = stats_line(SimpleNamespace(**none_looked_up, prefetches_dropped=0, cpu_packed=0))
+    assert "no expert slot looked up" in line and "hit rate" not in line
