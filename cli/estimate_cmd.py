@@ -40,6 +40,8 @@ def run(args: argparse.Namespace) -> int:
     table = strategies(args.hardware, hit_rates, **common)
     chosen = {"stream": "stream-predictive" if run_cfg.predictor != "none" else "stream-lru",
               "cpu": "cpu", "auto": "auto"}[run_cfg.cold_experts]
+    if plan.experts_packed:  # every expert computed where it lies on the CPU, none streamed
+        chosen = "cpu"
     mine = next(s for s in table if s.name == chosen)
     base = base_step_s(args.hardware, **common)
     # a prompt of P tokens needs, per layer, about E (1 - (1 - k/E)^P) distinct experts; the resident share hits

@@ -57,7 +57,8 @@ def run(args) -> int:
     if packed:
         when = "at load" if layers_packed_at_load(run_cfg, plan, spec.num_moe_layers) else "as they first run"
         print(f"               CPU experts are packed for oneDNN {when}: up to {format_bytes(packed)} "
-              "of RAM beside the files (--cpu-weights stored: none)")
+              "of RAM beside the files " + ("(in place of the slots; --cpu-weights stored: the slots instead)"
+                                            if plan.experts_packed else "(--cpu-weights stored: none)"))
     if not fits_in_memory(experts_bytes, memory):
         print("               the model does not fit in memory: "
               + ("experts are read from the files around the page cache, the slot pool is the only cache"

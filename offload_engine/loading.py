@@ -241,6 +241,11 @@ def packs_resident_experts(inspected: Inspected, run: RunConfig, plan: MemoryPla
     module = inspected.model.get_submodule(inspected.spec.experts_paths[0])
     if not plain_mlp(module):
         return False
+    # a prefill's products (more rows than packed ones take) read the experts from the files: room for their
+    # pages beside the packed copies, or every prefill would read them from the disk again
+    memory = memory or host_memory()
+    if not fits_in_memory(plan.total_bytes + plan.total_experts * plan.expert_bytes, memory):
+        return False
     host = host_mode(run, plan, memory, encoded=not inspected.format.stored_on_disk)
     return packs_exactly(run, inspected.format, host, inspected.spec)
 

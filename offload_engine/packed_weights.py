@@ -33,18 +33,24 @@ PACKED_MAX_ROWS = 16  # products of up to this many rows (decode steps, up to 16
 # and what differs between its kernels is the order of summation (measured on this project's VM: at 2048
 # inputs 1 and 2 outputs differ, 768 to 18,992 do not; at 32 inputs, 16 to 128 outputs all differ).
 PROBE_MAX_OUT = 4096
+# Products over fewer inputs are never packed: at 5 to 13 inputs the probe's layouts passed where others of the
+# same shape differ (1 x 5, 1 x 6, 1 x 9, 1 x 13, 2 x 5, 3 x 5: 12 to 25 of 30 other ordered-sum layouts, on this
+# project's VM), and no model's layer is this narrow.
+MIN_PACKED_IN = 32
 
 
 def packing_is_exact(dtype: torch.dtype, out_features: int, in_features: int, bias: bool = False) -> bool:
     """True where a product with a packed [out_features, in_features] weight (and a bias) is bit for bit
     F.linear's for `dtype` on this machine at the current thread count, at every row count up to
-    PACKED_MAX_ROWS: on summation-order probes and on random values (at most PROBE_MAX_OUT outputs)."""
-    if dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available():
+    PACKED_MAX_ROWS: on two summation-order probes and on random values (at most PROBE_MAX_OUT outputs); never
+    for fewer than MIN_PACKED_IN inputs."""
+    if dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available() or in_features < MIN_PACKED_IN:
         return False
     generator = torch.Generator().manual_seed(0)
     out_features = min(out_features, PROBE_MAX_OUT)
     try:
         for weight, b, x in (ordered_sum_probe(out_features, in_features, dtype, generator, bias),
+                             ordered_sum_probe(out_features, in_features, dtype, generator, bias),
                              random_probe(out_features, in_features, dtype, generator, bias)):
             packed = pack(weight)
             for rows in range(1, PACKED_MAX_ROWS + 1):

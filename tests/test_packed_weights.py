@@ -28,9 +28,17 @@ def test_where_the_probe_packs_a_shape_its_products_are_f_linear_bit_for_bit(row
     if not packed.packing_is_exact(torch.bfloat16, out_features, in_features, bias):
         return
     g = torch.Generator().manual_seed(seed)
-    for weight, b, x in [packed.ordered_sum_probe(out_features, in_features, torch.bfloat16, g, bias)] + \
+    for weight, b, x in [packed.ordered_sum_probe(out_features, in_features, torch.bfloat16, g, bias)
+                         for _ in range(8)] + \
             [packed.random_probe(out_features, in_features, torch.bfloat16, g, bias) for _ in range(20)]:
         assert torch.equal(packed.linear(x[:rows], packed.pack(weight), b), F.linear(x[:rows], weight, b))
+
+
+@pytest.mark.parametrize("shape", [(1, 5), (1, 6), (1, 9), (1, 13), (2, 5), (3, 5), (8, 31)])
+def test_narrow_products_are_never_packed(shape):
+    """Shapes where the probe's layouts passed and other layouts of the same shape differ (measured on this
+    project's VM): under MIN_PACKED_IN inputs nothing packs."""
+    assert not packed.packing_is_exact(torch.bfloat16, *shape)
 
 
 @needs_exact
@@ -383,3 +391,33 @@ def test_a_plan_of_packed_experts_keeps_slots_where_load_finds_the_direct_tier(b
     assert engine.cache.num_slots == engine.spec.total_experts
     result = engine.generate(PROMPT, max_new_tokens=ref_tokens.shape[1], ignore_eos=True)
     assert result.token_ids == ref_tokens[0].tolist() and result.stats.misses == 0
+
+
+@needs_exact
+def test_calibrate_refuses_an_engine_without_slots_in_one_line(bf16_model):
+    from offload_engine.errors import ConfigError
+    from offload_engine.planning.calibration import calibrate
+
+    path, _, _ = bf16_model
+    engine = OffloadEngine.from_pretrained(path, device="cpu", progress=False)
+    assert engine.cache.num_slots == 0
+    with pytest.raises(ConfigError, match="expert_slots=N"):
+        calibrate(engine, progress=False)
+
+
+@needs_exact
+def test_no_packing_in_place_where_ram_holds_the_packed_copies_but_not_the_files_pages_beside_them(bf16_model):
+    """A prefill reads the experts from the files: the packed copies in place of slots only where RAM holds both
+    (else every prefill would read the experts from the disk again)."""
+    from offload_engine import loading
+    from offload_engine.planning.host_memory import HostMemory
+
+    path, _, _ = bf16_model
+    run = loading.RunConfig.build(device="cpu", progress=False)
+    inspected = loading.inspect_checkpoint(path, run)
+    plan = loading.make_plan(inspected, run)
+    assert plan.experts_packed
+    experts = plan.total_experts * plan.expert_bytes
+    for total, packs in ((plan.total_bytes + experts, False), (10 * (plan.total_bytes + experts), True)):
+        memory = HostMemory(available_bytes=total, machine_available_bytes=total, limit_bytes=None)
+        assert loading.packs_resident_experts(inspected, run, plan, memory) == packs

@@ -182,7 +182,9 @@ def test_completion_streamed_plain_and_generate_agree(app, engine, log):
     assert usage_chunk["choices"] == [] and usage_chunk["usage"] == plain["usage"]
     without = events(call(app, "POST", "/v1/completions", json={**body, "stream": True}))
     assert all(c["usage"] is None for c in without[:-1])
-    assert any(re.search(r"tokens in, 20 out, TTFT .* tok/s, hit rate", line) for line in log)
+    # the default engine holds every expert packed on a CPU that packs them (no slot, no hit rate)
+    assert any(re.search(r"tokens in, 20 out, TTFT .* tok/s, (hit rate|no expert slot looked up)", line)
+               for line in log)
 
 
 def test_stop_and_unknown_fields(app, engine):

@@ -130,6 +130,11 @@ def calibrate(engine, progress: bool = True, clock: Clock = time.perf_counter) -
     from ..experts.offloaded_experts import one_expert, packed_expert, packs
     from ..packed_weights import packable
 
+    from ..errors import ConfigError
+
+    if engine.cache.num_slots == 0:
+        raise ConfigError("calibrate times expert loads into slots, and this engine holds every expert packed on "
+                          "the CPU with no slot pool; load it with expert_slots=N (the CLI's calibrate does)")
     device, store, spec = engine.run.device, engine.store, engine.spec
     binding = engine.model.get_submodule(spec.experts_paths[0])._offload
     expert_bytes = store.expert_nbytes()

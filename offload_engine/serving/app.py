@@ -348,9 +348,11 @@ def _log(state: ServerState, rid: str, handle: Handle, arrived: float, status: i
         ttft = f"{done.ttft_s:.3f} s" if tokens else "-"
         if tokens:
             state.ttft.observe(done.ttft_s)
+        # every expert computed where it lies (a CPU device's packed experts): no slot looked up, no hit rate
+        lookups = f"hit rate {100 * done.hit_rate:.1f}%" if done.hits + done.misses else "no expert slot looked up"
         state.log(f"{rid} {status} {route}: {handle.prompt_tokens} tokens in, {tokens} out, TTFT {ttft}, "
-                  f"{done.decode_tokens_per_s:.1f} tok/s, hit rate {100 * done.hit_rate:.1f}% "
-                  f"(batch of {done.batch_rows}), {done.finish_reason}, {time.perf_counter() - arrived:.3f} s")
+                  f"{done.decode_tokens_per_s:.1f} tok/s, {lookups} (batch of {done.batch_rows}), "
+                  f"{done.finish_reason}, {time.perf_counter() - arrived:.3f} s")
     else:
         state.log(f"{rid} {status} {route}: {handle.prompt_tokens} tokens in, {tokens} out, "
                   f"{'cancelled while running' if handle.finish_reason is None else 'failed'}, "
