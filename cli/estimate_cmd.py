@@ -23,7 +23,7 @@ def add_parser(subparsers, name: str) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from offload_engine.errors import ConfigError
-    from offload_engine.loading import inspect_checkpoint, make_plan
+    from offload_engine.loading import inspect_checkpoint, make_plan, settle_threads
     from offload_engine.planning.estimate import base_step_s, strategies, ttft_s
     from offload_engine.planning.hardware_profile import model_name
 
@@ -32,6 +32,7 @@ def run(args: argparse.Namespace) -> int:
                           "--out FILE, or one of profiles/hw/)")
     run_cfg = run_config(args)
     inspected = inspect_checkpoint(model_path(args), run_cfg)
+    run_cfg = settle_threads(inspected, run_cfg)
     plan = make_plan(inspected, run_cfg)
     spec = inspected.spec
     hit_rates, source = _hit_rates(args, spec, plan)

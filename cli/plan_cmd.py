@@ -16,12 +16,13 @@ def add_parser(subparsers, name: str):
 
 def run(args) -> int:
     from offload_engine.loading import (fits_in_memory, host_mode, inspect_checkpoint, layers_packed_at_load, make_plan,
-                                        packed_capacity)
+                                        packed_capacity, settle_threads)
     from offload_engine.planning.host_memory import host_memory
     from offload_engine.planning.memory_plan import format_bytes
 
     run_cfg = run_config(args)
     inspected = inspect_checkpoint(model_path(args), run_cfg)
+    run_cfg = settle_threads(inspected, run_cfg)
     plan = make_plan(inspected, run_cfg)
     spec = inspected.spec
     memory = host_memory()
@@ -33,6 +34,7 @@ def run(args) -> int:
         print(json.dumps({
             "model_type": spec.model_type, "moe_layers": len(spec.moe_layers), "experts_per_layer": spec.num_experts,
             "top_k": spec.top_k, "dtype": str(inspected.dtype).removeprefix("torch."), "device": str(run_cfg.device),
+            "threads": run_cfg.threads,
             "budget_bytes": plan.budget_bytes, "non_expert_bytes": plan.non_expert_bytes,
             "mapped_embedding_bytes": plan.mapped_bytes,
             "kv_cache_bytes": plan.kv_cache_bytes, "working_bytes": plan.working_bytes,
@@ -49,7 +51,8 @@ def run(args) -> int:
         return 0
     print(f"model          {spec.architecture} ({spec.model_type}), {len(spec.moe_layers)} MoE layers of "
           f"{spec.num_experts} experts, top-{spec.top_k}")
-    print(f"device, dtype  {run_cfg.device}, {str(inspected.dtype).removeprefix('torch.')}")
+    print(f"device, dtype  {run_cfg.device}, {str(inspected.dtype).removeprefix('torch.')}, "
+          f"{run_cfg.threads} compute thread{'s' if run_cfg.threads > 1 else ''}")
     print(plan.describe())
     limit = f", a cgroup limit of {format_bytes(memory.limit_bytes)}" if memory.limited_by_cgroup else ""
     print(f"host side      {host}: the experts take {format_bytes(experts_bytes)}; this process may use "

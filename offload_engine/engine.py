@@ -19,7 +19,7 @@ import torch
 from .detokenizer import IncrementalDetokenizer
 from .errors import CheckpointError, GenerationInputError
 from .generation import SamplingConfig, decode_stream
-from .loading import Inspected, inspect_checkpoint, load, make_plan
+from .loading import Inspected, inspect_checkpoint, load, make_plan, settle_threads
 from .planning.memory_plan import MemoryPlan, kv_bytes_per_token, kv_head_dims
 from .request import Request, RoutingRecorder
 from .run_config import RunConfig
@@ -165,6 +165,7 @@ class OffloadEngine:
     @classmethod
     def from_run_config(cls, name_or_path: str | Path, run: RunConfig) -> "OffloadEngine":
         inspected = inspect_checkpoint(name_or_path, run)
+        run = settle_threads(inspected, run)
         plan = make_plan(inspected, run)
         return cls(inspected, run, plan, load_tokenizer(inspected.directory))
 

@@ -41,7 +41,7 @@ from .planning.host_memory import HostMemory, host_memory
 from .planning.memory_plan import (MemoryPlan, cuda_allocator_bytes, growing_kv_bytes, kv_bytes_per_token, plan_memory,
                           working_bytes)
 from .packed_weights import pack_linears, packing_is_exact
-from .run_config import DEFAULT_MAX_CONTEXT, RunConfig
+from .run_config import DEFAULT_MAX_CONTEXT, RunConfig, all_cores_pay, usable_cores
 
 CPU_BUDGET_SHARE = 0.5  # of available RAM: the rest stays for the page cache the experts are read from
 CUDA_BUDGET_SHARE = 0.9  # of free GPU memory
@@ -220,6 +220,16 @@ def make_plan(inspected: Inspected, run: RunConfig) -> MemoryPlan:
             if last:
                 raise
         max_context //= 2
+
+
+def settle_threads(inspected: Inspected, run: RunConfig) -> RunConfig:
+    """The run with its default thread count settled for this model, before it is planned (the packing probe
+    runs at the run's threads): on a CPU device, every usable core where experts are large enough for a
+    second thread to pay (run_config.all_cores_pay); one less elsewhere (run_config.default_threads). A GPU run
+    keeps a core for the thread driving it and the expert loader; threads asked for stay as asked."""
+    if run.threads_asked or run.device.type != "cpu" or not all_cores_pay(inspected.format.expert_nbytes()):
+        return run
+    return replace(run, threads=max(run.threads, usable_cores()))
 
 
 def with_packed_experts(inspected: Inspected, run: RunConfig, plan: MemoryPlan) -> MemoryPlan:

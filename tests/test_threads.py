@@ -66,3 +66,43 @@ def test_threads_flag_and_profile_key(tmp_path, capsys, restore_threads):
     with pytest.raises(SystemExit) as exit:  # argparse's one-line error
         main(["generate", "--threads", "0", "--quiet"])
     assert exit.value.code == 2 and "--threads" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("expert_mib,settings,expected", [
+    (9, dict(device="cpu"), 4),                    # megabyte experts: every usable core, as llama.cpp takes them
+    (0.2, dict(device="cpu"), 3),                  # the bundled model's: one core left, as before
+    (9, dict(device="cpu", threads=2), 2),         # asked for: as asked
+    (9, dict(device="cpu", cpu_threads=1), 1),
+])
+def test_the_default_takes_every_core_where_experts_are_large(monkeypatch, expert_mib, settings, expected):
+    from types import SimpleNamespace
+
+    from offload_engine import loading
+
+    monkeypatch.setattr(rc.os, "sched_getaffinity", lambda pid: set(range(4)))
+    monkeypatch.setattr(rc.psutil, "cpu_count", lambda logical=True: 4)
+    monkeypatch.setattr(loading, "usable_cores", lambda: 4)
+    inspected = SimpleNamespace(format=SimpleNamespace(expert_nbytes=lambda: int(expert_mib * 2**20)))
+    run = RunConfig.build(**settings)
+    assert loading.settle_threads(inspected, run).threads == expected
+
+
+def test_a_gpu_run_keeps_a_core_for_its_other_threads(monkeypatch):
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from offload_engine import loading
+
+    monkeypatch.setattr(loading, "usable_cores", lambda: 4)
+    inspected = SimpleNamespace(format=SimpleNamespace(expert_nbytes=lambda: 64 << 20))
+    run = replace(RunConfig.build(device="cpu"), device=torch.device("cuda"), threads=3, threads_asked=False)
+    assert loading.settle_threads(inspected, run).threads == 3
+
+
+def test_plan_shows_the_threads(capsys):
+    import json
+
+    assert main(["plan", "--threads", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["threads"] == 1
+    assert main(["plan", "--threads", "2"]) == 0
+    assert "2 compute threads" in capsys.readouterr().out
