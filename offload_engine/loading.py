@@ -243,9 +243,9 @@ def packs_resident_experts(inspected: Inspected, run: RunConfig, plan: MemoryPla
     instead of in a slot pool: where every expert is resident and no slot count was asked for, and packing
     gives the same bits (packed_capacity's conditions, and experts that packed_expert computes). On a CPU a
     slot is a second copy in RAM that transformers' grouped_mm reorders on every product and loops over empty
-    groups for; the packed copies take the slots' bytes and decode 1.7x faster at Qwen3-30B-A3B's shape
-    (BENCHMARKS.md). `--expert-slots` (a slot pool asked for: calibrate times its loads) or `--cpu-weights
-    stored` keeps the slots."""
+    groups for; the packed copies take the slots' bytes and decode 1.5x faster at Qwen3-30B-A3B's shape and
+    1.6x at Mixtral's (BENCHMARKS.md). `--expert-slots` (a slot pool asked for: calibrate times its loads) or
+    `--cpu-weights stored` keeps the slots."""
     if run.device.type != "cpu" or run.expert_slots is not None or plan.expert_slots < plan.total_experts:
         return False
     module = inspected.model.get_submodule(inspected.spec.experts_paths[0])
