@@ -70,12 +70,11 @@ class Joining:
 
 class RunningBatch:
     """Rows 0..n-1 of `cache` are `rows`; `count(stats, counted, tokens, steps, decode)` adds each forward to
-    the scheduler's totals; `signer` (a schedule.RouterSignature, or None) updates each row's signature."""
+    the scheduler's totals."""
 
-    def __init__(self, engine, max_rows: int, count: Callable, signer=None, prefill_chunk: int = 0):
+    def __init__(self, engine, max_rows: int, count: Callable, prefill_chunk: int = 0):
         self.engine, self.max_rows, self.count = engine, max_rows, count
         self.prefill_chunk = prefill_chunk  # prompt tokens between two decode steps at most; 0: whole prompts
-        self.signer = signer  # schedule="routing": each row's signature follows its routing (schedule.py)
         self.request = Request(0, engine.spec.num_moe_layers, engine.spec.top_k)
         self.rows: list[Row] = []
         self.joining: deque[Joining] = deque()  # admitted, prefilling: each holds a row of max_rows
@@ -233,10 +232,6 @@ class RunningBatch:
             self.fail(error)
             return
         self._count(n, decode=True)
-        if self.signer is not None:
-            for r, row in enumerate(self.rows):
-                if row.handle.signature is not None:
-                    row.handle.signature = self.signer.step(row.handle.signature, self.request.paths.current[r])
         ended, logprobs = [], per_row(*logprobs, asks)
         for r, row in enumerate(self.rows):
             row.token = int(host[r])

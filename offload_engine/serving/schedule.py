@@ -6,8 +6,13 @@ own routers (`model_routers`, next_gate.py) pick for its prompt tokens' input em
 router through that layer's own norm, top-k per token, counted over the prompt's last SIGNATURE_TOKENS tokens
 and divided by their number (each layer sums to k). It is an approximation, next-gate's premise taken to its
 end: the residual stream before any attention is the embedding, and a router read off it guesses the layer's
-routing. Once a request runs, its signature follows what its row routed: after each decode step it becomes
-DECAY * itself + (1 - DECAY) * that step's experts (one-hot, k per layer).
+routing. A request keeps its prompt's signature while it runs. Following what its row routes instead (0.5 x
+the old signature + 0.5 x the step's experts, as an earlier version did where a predictor tracked the rows'
+paths; without one the update was a no-op) moved more bytes: a step is one token's k experts a layer, a
+noisier guess of the row's next steps than the prompt's histogram. In benchmarks/sim_serve.py (16 clients,
+8 runs on each of the first two prompt draws) 3.69 / 3.94 MB per token against 3.59 / 3.61; and signatures
+that were each prompt's own decode routing, known in advance, did no better (3.56 / 3.88): the guess is not
+what limits the schedule, the ageing bound and the queue's mix of domains are (BENCHMARKS.md).
 
 A request's likely experts are the top-k of its signature at each layer. When more requests wait than rows
 are free, each free row goes to the request among the queue's first WINDOW_PER_ROW x max_batch that adds the
@@ -37,11 +42,10 @@ from ..foresight.predictors.next_gate import model_routers
 SCHEDULES = ("fifo", "routing")
 WINDOW_PER_ROW = 4  # the choice looks at the queue's first WINDOW_PER_ROW x max_batch requests
 SIGNATURE_TOKENS = 64  # a prompt's signature counts its last this many tokens
-DECAY = 0.5  # a running row's signature: this much of the old one, the rest from the step it just routed
 
 
 class RouterSignature:
-    """The signatures of prompts and of routed steps for one engine's model (L=MoE layers, E=experts, k=top-k,
+    """The signatures of prompts for one engine's model (L=MoE layers, E=experts, k=top-k,
     P=prompt tokens, H=hidden)."""
 
     def __init__(self, engine):
@@ -62,13 +66,6 @@ class RouterSignature:
                 index = top_experts(router.forward(h), self.top_k)  # [P, k]
                 counts[layer] = torch.bincount(index.reshape(-1), minlength=self.num_experts).cpu().numpy()
         return counts / len(ids)
-
-    def step(self, signature: np.ndarray, routed: np.ndarray) -> np.ndarray:
-        """A running row's signature after a step that routed `routed` [L, k] (-1: unknown, skipped)."""
-        layers, slots = np.nonzero(routed >= 0)
-        now = np.zeros_like(signature)
-        np.add.at(now, (layers, routed[layers, slots]), 1.0)
-        return DECAY * signature + (1.0 - DECAY) * now
 
 
 def top_experts(out, k: int) -> torch.Tensor:

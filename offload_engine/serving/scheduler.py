@@ -207,7 +207,7 @@ class Scheduler:
         prompt tokens; then one step for every row. The KV
         cache holds max_batch rows, so the runtime's admission holds max_batch rows of the plan while any
         request runs (another thread's generate waits for them), and gives them back when the batch empties."""
-        batch = RunningBatch(self.engine, self.max_batch, self._count, self._signer, self.prefill_chunk)
+        batch = RunningBatch(self.engine, self.max_batch, self._count, self.prefill_chunk)
         runtime, held = self.engine.runtime, False
         try:
             while True:
