@@ -65,17 +65,26 @@ def test_the_request_adding_fewest_experts_goes_first_and_the_oldest_seeds_an_em
 
 
 def test_ageing_bound_a_request_that_is_always_worst_waits_at_most_max_skips_admissions():
-    good, bad = [[1, 1, 0, 0]], [[0, 0, 1, 1]]
+    good, bad = [[1, 1, 1, 1, 0, 0, 0, 0]], [[0, 0, 0, 0, 1, 1, 1, 1]]  # k=4: bad adds 4, more than its urgency
     for max_skips in (0, 1, 3):
         waiting = waiting_of(bad, good, good)
         worst = waiting[0]
         admitted_ahead = 0
         while any(w is worst for w in waiting):
-            (pick,), _ = choose(waiting, 1, [np.asarray(good, dtype=np.float32)], 2, 8, max_skips)
+            (pick,), _ = choose(waiting, 1, [np.asarray(good, dtype=np.float32)], 4, 8, max_skips)
             if waiting.pop(pick) is not worst:
                 admitted_ahead += 1
             waiting += waiting_of(good)  # always a better one behind it
         assert admitted_ahead == max_skips
+
+
+def test_a_request_passed_over_takes_a_row_while_it_fits_nearly_as_well():
+    a, c = [[1, 1, 0, 0]], [[1, 0, 1, 0]]  # c adds one expert to a running a; another a adds none
+    waiting = waiting_of(c, a)
+    assert choose(waiting, 1, [np.asarray(a, dtype=np.float32)], 2, 8, 4) == ([1], 1)  # fresh: the best fit
+    waiting = waiting_of(c, a)
+    waiting[0].passed_over = schedule.URGENCY  # once passed over: 1 - 1 ties 0, to the older
+    assert choose(waiting, 1, [np.asarray(a, dtype=np.float32)], 2, 8, 4) == ([0], 0)
 
 
 def test_likely_is_each_layers_top_k_scored_above_zero():
