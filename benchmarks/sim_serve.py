@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_serve import prompts  # noqa: E402
+from bench_serve import percentile, prompts  # noqa: E402
 
 
 def engine_of(max_batch: int, profile: Path):
@@ -75,9 +75,9 @@ def one(args, schedule: str, seed: int, rep: int) -> dict:
     t = scheduler.totals
     scheduler.close()
     engine.close()
-    ttft = sorted(r.ttft_s for r in done)
+    ttft = [r.ttft_s for r in done]
     return {"mb": t.bytes_to_device / t.generated_tokens / 1e6, "experts": t.decode_lookups / t.decode_steps,
-            "skips": t.schedule_skips, "ttft_p50": ttft[len(ttft) // 2], "ttft_p99": ttft[int(0.99 * len(ttft))]}
+            "skips": t.schedule_skips, "ttft_p50": percentile(ttft, 0.5), "ttft_p99": percentile(ttft, 0.99)}
 
 
 def main() -> int:

@@ -309,10 +309,10 @@ def packed_capacity(run: RunConfig, fmt: ExpertFormat, host: str, spec: ModelSpe
     of what is available, less what the plan puts in RAM on a CPU device and the process's own reserve), and
     none in the direct tier (which exists because RAM does not hold the experts). Experts are packed on their
     first call on the CPU, so with --cold-experts stream (calibrate's CPU timings aside) none is."""
+    if plan.experts_packed and host != "direct":  # in place of the slots, which the plan counts; the plan probed
+        return plan.total_experts * plan.expert_bytes  # the shapes at this run's threads (Mixtral's: ~1.3 s)
     if not packs_exactly(run, fmt, host, spec):
         return 0
-    if plan.experts_packed:  # in place of the slots, which the plan counts
-        return plan.total_experts * plan.expert_bytes
     available = int(HOST_RAM_SHARE * (memory or host_memory()).available_bytes) - PROCESS_RESERVE
     if run.device.type == "cpu":  # the slots, KV cache and working memory are RAM too, not all touched yet
         available -= plan.total_bytes

@@ -193,12 +193,13 @@ def execute_on_cpu(binding: ExpertsBinding, store, layer_pos: int, routing: Call
     device = contributions.device
     # T=tokens routed to the expert, H=hidden
     hidden = routing.hidden
+    packing, plain = packs(packed, module), plain_mlp(module)
     for e in experts:
         token_idx, rank = routing.positions(e)
         # every token of the call (a decode step's one row, and often a few rows'): the host copy itself
         x = hidden if len(token_idx) == hidden.shape[0] else hidden[torch.as_tensor(token_idx)]
-        weights = packed.weights(layer_pos, e) if packs(packed, module) and packable(x) else None
-        pieces = store.host_pieces(layer_pos, e) if weights is None and plain_mlp(module) else None
+        weights = packed.weights(layer_pos, e) if packing and packable(x) else None
+        pieces = store.host_pieces(layer_pos, e) if weights is None and plain else None
         if weights is not None:
             y = packed_expert(module, weights, x)
         elif pieces is not None:
